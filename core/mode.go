@@ -1,0 +1,78 @@
+package core
+
+import "errors"
+
+// Names of the sinks the networking modes select.
+const (
+	SinkHostSwitch = "host-switch"
+	SinkWSLProxy   = "wsl-proxy"
+	SinkVTunnel    = "vtunnel"
+)
+
+// Mode is the networking mode, which decides where mappings go.
+type Mode int
+
+// The networking modes.
+const (
+	// ModeLocal (neither admin install nor privileged service): every
+	// binding is moved to localhost and privileged host ports are refused.
+	ModeLocal Mode = iota
+	// ModeTunnel (admin install): mappings go to host-switch's forwarder
+	// API as they are.
+	ModeTunnel
+	// ModePrivileged: mappings go through the vtunnel peer to the privileged
+	// host service.
+	ModePrivileged
+)
+
+// ModeFromFlags picks the mode from the seed's two flags, which exclude
+// each other.
+func ModeFromFlags(adminInstall, privilegedService bool) (Mode, error) {
+	switch {
+	case adminInstall && privilegedService:
+		return 0, errors.New("--adminInstall (network tunnel) and --privilegedService select different networking modes; use one of them")
+	case adminInstall:
+		return ModeTunnel, nil
+	case privilegedService:
+		return ModePrivileged, nil
+	default:
+		return ModeLocal, nil
+	}
+}
+
+// String names the mode.
+func (m Mode) String() string {
+	switch m {
+	case ModeTunnel:
+		return "network-tunnel"
+	case ModePrivileged:
+		return "privileged-service"
+	default:
+		return "localhost"
+	}
+}
+
+// Sinks returns the names of the sinks the mode delivers to; wsl adds the
+// copy to wsl-proxy that WSL integration needs.
+func (m Mode) Sinks(wsl bool) []string {
+	var names []string
+	switch m {
+	case ModePrivileged:
+		names = []string{SinkVTunnel}
+	default:
+		names = []string{SinkHostSwitch}
+	}
+	if wsl && m != ModePrivileged {
+		names = append(names, SinkWSLProxy)
+	}
+	return names
+}
+
+// Policy returns the port policy of the mode, or nil when ports go as
+// they are.
+func (m Mode) Policy() Policy {
+	if m == ModeLocal {
+		return LoopbackOnly
+	}
+	return nil
+}

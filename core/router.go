@@ -1,0 +1,442 @@
+package core
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// RouterConfig configures a Router. Zero values pick sane defaults.
+type RouterConfig struct {
+	// Log receives the router's log lines; nil discards them.
+	Log *zap.Logger
+	// Policy, when set, adjusts or refuses every port before delivery.
+	Policy Policy
+	// Backoff bounds retry delays for failed deliveries and failed sources.
+	Backoff Backoff
+	// SendTimeout bounds one Send or Sync call (default 15s).
+	SendTimeout time.Duration
+	// SyncGrace is how long Syncer sinks wait for every source's first
+	// snapshot before their initial Sync (default 10s).
+	SyncGrace time.Duration
+	// DrainTimeout, when positive, makes Run remove everything it delivered
+	// before it returns, spending at most this long per sink.
+	DrainTimeout time.Duration
+}
+
+// Router keeps the desired state reported by sources and delivers it to
+// sinks. Each sink has its own queue and worker, so a slow or unreachable
+// sink never blocks a source or another sink; failed deliveries are retried
+// with backoff and a sink that comes back gets the full state again.
+type Router struct {
+	cfg     RouterConfig
+	log     *zap.Logger
+	sources []namedSource
+	workers []*sinkWorker
+
+	mu       sync.Mutex
+	running  bool
+	desired  map[Key]Mapping
+	refused  map[Key][]Refusal
+	unsynced map[string]struct{} // sources yet to send a first snapshot
+	ready    chan struct{}       // closed once unsynced is empty
+}
+
+type namedSource struct {
+	name string
+	src  Source
+}
+
+// Refusal is a port that was left out, with the reason.
+type Refusal struct {
+	Key    Key    `json:"key"`
+	Port   Port   `json:"port"`
+	Reason string `json:"reason"`
+}
+
+// NewRouter returns a Router with no sources or sinks.
+func NewRouter(cfg RouterConfig) *Router {
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	if cfg.Backoff.Initial <= 0 {
+		cfg.Backoff = DefaultBackoff
+	}
+	if cfg.SendTimeout <= 0 {
+		cfg.SendTimeout = 15 * time.Second
+	}
+	if cfg.SyncGrace <= 0 {
+		cfg.SyncGrace = 10 * time.Second
+	}
+	return &Router{
+		cfg:      cfg,
+		log:      cfg.Log,
+		desired:  make(map[Key]Mapping),
+		refused:  make(map[Key][]Refusal),
+		unsynced: make(map[string]struct{}),
+		ready:    make(chan struct{}),
+	}
+}
+
+// AddSource registers a source under name; Run runs it. It panics if called
+// after Run started or with a name already in use, which are programming
+// errors.
+func (r *Router) AddSource(name string, s Source) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.running {
+		panic("core: AddSource after Run")
+	}
+	if slices.ContainsFunc(r.sources, func(n namedSource) bool { return n.name == name }) {
+		panic(fmt.Sprintf("core: source %q added twice", name))
+	}
+	r.sources = append(r.sources, namedSource{name, s})
+	r.unsynced[name] = struct{}{}
+}
+
+// AddSink registers a sink under name. accept, when not nil, limits the
+// mappings the sink receives. Like AddSource it must precede Run.
+func (r *Router) AddSink(name string, s Sink, accept func(Key) bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.running {
+		panic("core: AddSink after Run")
+	}
+	if slices.ContainsFunc(r.workers, func(w *sinkWorker) bool { return w.name == name }) {
+		panic(fmt.Sprintf("core: sink %q added twice", name))
+	}
+	if accept == nil {
+		accept = func(Key) bool { return true }
+	}
+	r.workers = append(r.workers, &sinkWorker{
+		name:   name,
+		sink:   s,
+		accept: accept,
+		wake:   make(chan struct{}, 1),
+		acked:  make(map[Key]Mapping),
+		forced: make(map[Key]bool),
+		log:    r.log.With(zap.String("sink", name)),
+	})
+}
+
+// Emitter returns the Emitter through which the named source reports. Run
+// passes it to registered sources; it is exported for callers that feed
+// the Router from elsewhere (tests, embedders).
+func (r *Router) Emitter(source string) Emitter {
+	return &emitter{r: r, source: source}
+}
+
+// Run runs every source and sink worker until ctx is done, then drains if
+// configured. It returns once everything it started has stopped.
+func (r *Router) Run(ctx context.Context) error {
+	r.mu.Lock()
+	if r.running {
+		r.mu.Unlock()
+		return errors.New("core: Router.Run called twice")
+	}
+	r.running = true
+	if len(r.unsynced) == 0 {
+		close(r.ready)
+	}
+	r.mu.Unlock()
+
+	var wg sync.WaitGroup
+	syncGo := make(chan struct{})
+	wg.Go(func() {
+		t := time.NewTimer(r.cfg.SyncGrace)
+		defer t.Stop()
+		select {
+		case <-r.ready:
+		case <-t.C:
+			r.log.Info("not every source reported its state in time; syncing sinks anyway",
+				zap.Strings("waiting_for", r.unsyncedSources()))
+		case <-ctx.Done():
+		}
+		close(syncGo)
+	})
+	for _, s := range r.sources {
+		wg.Go(func() { r.runSource(ctx, s) })
+	}
+	for _, w := range r.workers {
+		if pw, ok := w.sink.(PeerWatcher); ok {
+			wg.Go(func() {
+				pw.WatchPeer(ctx, func() {
+					w.log.Info("peer lost its state; replaying")
+					r.requestResync(w)
+				})
+			})
+		}
+		wg.Go(func() { w.run(ctx, r, syncGo) })
+	}
+	wg.Wait()
+	if r.cfg.DrainTimeout > 0 {
+		r.drain()
+	}
+	return nil
+}
+
+func (r *Router) unsyncedSources() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Sorted(maps.Keys(r.unsynced))
+}
+
+func (r *Router) runSource(ctx context.Context, s namedSource) {
+	log := r.log.With(zap.String("source", s.name))
+	for attempt := 0; ; attempt++ {
+		start := time.Now()
+		err := s.src.Run(ctx, r.Emitter(s.name))
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil {
+			log.Info("source finished")
+			return
+		}
+		if time.Since(start) > r.cfg.Backoff.Max {
+			attempt = 0
+		}
+		delay := r.cfg.Backoff.Delay(attempt)
+		log.Error("source failed; restarting", zap.Error(err), zap.Duration("retry_in", delay))
+		if !Sleep(ctx, delay) {
+			return
+		}
+	}
+}
+
+// Desired returns the mappings that should be exposed, sorted by key.
+func (r *Router) Desired() []Mapping {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.sortedDesired(func(Key) bool { return true })
+}
+
+func (r *Router) sortedDesired(accept func(Key) bool) []Mapping {
+	out := make([]Mapping, 0, len(r.desired))
+	for k, m := range r.desired {
+		if accept(k) {
+			out = append(out, m)
+		}
+	}
+	slices.SortFunc(out, func(a, b Mapping) int { return compareKeys(a.Key, b.Key) })
+	return out
+}
+
+func compareKeys(a, b Key) int {
+	return cmp.Or(cmp.Compare(a.Source, b.Source), cmp.Compare(a.ID, b.ID))
+}
+
+// admit validates m's ports and applies the policy; it returns the ports
+// that may be delivered and the ones refused.
+func (r *Router) admit(m Mapping) (Mapping, []Refusal) {
+	var refused []Refusal
+	kept := make([]Port, 0, len(m.Ports))
+	for _, p := range m.Ports {
+		if err := p.Validate(); err != nil {
+			refused = append(refused, Refusal{Key: m.Key, Port: p, Reason: err.Error()})
+			continue
+		}
+		if r.cfg.Policy != nil {
+			q, err := r.cfg.Policy(p)
+			if err != nil {
+				refused = append(refused, Refusal{Key: m.Key, Port: p, Reason: err.Error()})
+				continue
+			}
+			p = q
+		}
+		kept = append(kept, p)
+	}
+	m.Ports = kept
+	return m.Normalize(), refused
+}
+
+// set records m as desired; the caller holds r.mu.
+func (r *Router) set(m Mapping) {
+	if m.ID == "" {
+		r.log.Error("mapping without an id ignored", zap.String("source", m.Source), zap.Any("ports", m.Ports))
+		return
+	}
+	m, refused := r.admit(m)
+	if !slices.Equal(refused, r.refused[m.Key]) {
+		for _, f := range refused {
+			r.log.Warn("port not exposed", zap.Stringer("key", f.Key), zap.Stringer("port", f.Port), zap.String("reason", f.Reason))
+		}
+	}
+	if len(refused) == 0 {
+		delete(r.refused, m.Key)
+	} else {
+		r.refused[m.Key] = refused
+	}
+	old, had := r.desired[m.Key]
+	switch {
+	case len(m.Ports) == 0:
+		if had {
+			delete(r.desired, m.Key)
+			r.changed(m.Key)
+		}
+	case !had || !old.Equal(m):
+		r.desired[m.Key] = m
+		r.changed(m.Key)
+	}
+}
+
+// remove drops k from the desired state; the caller holds r.mu.
+func (r *Router) remove(k Key) {
+	delete(r.refused, k)
+	if _, ok := r.desired[k]; ok {
+		delete(r.desired, k)
+		r.changed(k)
+	}
+}
+
+// changed queues k for every sink that takes it; the caller holds r.mu.
+func (r *Router) changed(k Key) {
+	for _, w := range r.workers {
+		if w.accept(k) {
+			w.queue.push(k)
+			w.signal()
+		}
+	}
+}
+
+func (r *Router) requestResync(w *sinkWorker) {
+	r.mu.Lock()
+	w.resync = true
+	r.mu.Unlock()
+	w.signal()
+}
+
+func (r *Router) markSynced(source string) {
+	if _, ok := r.unsynced[source]; !ok {
+		return
+	}
+	delete(r.unsynced, source)
+	if len(r.unsynced) == 0 && r.running {
+		close(r.ready)
+	}
+}
+
+// drain removes everything each sink may still expose; workers have stopped.
+func (r *Router) drain() {
+	var wg sync.WaitGroup
+	for _, w := range r.workers {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), r.cfg.DrainTimeout)
+			defer cancel()
+			if s, ok := w.sink.(Syncer); ok {
+				if err := s.Sync(ctx, nil); err != nil {
+					w.log.Warn("could not remove mappings on shutdown", zap.Error(err))
+				}
+				return
+			}
+			r.mu.Lock()
+			pending := maps.Clone(w.acked)
+			for k, m := range r.desired {
+				if w.accept(k) {
+					pending[k] = m
+				}
+			}
+			r.mu.Unlock()
+			for _, k := range slices.SortedFunc(maps.Keys(pending), compareKeys) {
+				m := pending[k]
+				if a, ok := w.acked[k]; ok && len(a.Ports) > 0 {
+					m = a
+				}
+				if err := w.sink.Send(ctx, Change{Remove: true, Mapping: m}); err != nil {
+					w.log.Warn("could not remove mapping on shutdown", zap.Stringer("key", k), zap.Error(err))
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// Status is a point-in-time view of the router, for the status endpoint.
+type Status struct {
+	Mappings []Mapping   `json:"mappings"`
+	Refused  []Refusal   `json:"refused"`
+	Sinks    []SinkStatus `json:"sinks"`
+}
+
+// SinkStatus describes one sink's delivery state.
+type SinkStatus struct {
+	Name        string    `json:"name"`
+	Pending     int       `json:"pending"`
+	Delivered   uint64    `json:"delivered"`
+	Failures    uint64    `json:"failures"`
+	Rejected    uint64    `json:"rejected"`
+	Syncs       uint64    `json:"syncs"`
+	PeerDown    bool      `json:"peerDown"`
+	LastError   string    `json:"lastError,omitempty"`
+	LastErrorAt time.Time `json:"lastErrorAt,omitzero"`
+}
+
+// Status returns the current desired state, refused ports and per-sink
+// delivery counters.
+func (r *Router) Status() Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := Status{Mappings: r.sortedDesired(func(Key) bool { return true }), Refused: []Refusal{}}
+	for _, k := range slices.SortedFunc(maps.Keys(r.refused), compareKeys) {
+		st.Refused = append(st.Refused, r.refused[k]...)
+	}
+	for _, w := range r.workers {
+		s := w.stats
+		s.Name = w.name
+		s.Pending = w.queue.len()
+		if w.resync {
+			s.Pending++
+		}
+		st.Sinks = append(st.Sinks, s)
+	}
+	return st
+}
+
+type emitter struct {
+	r      *Router
+	source string
+}
+
+func (e *emitter) Set(m Mapping) {
+	m.Source = e.source
+	e.r.mu.Lock()
+	defer e.r.mu.Unlock()
+	e.r.set(m)
+}
+
+func (e *emitter) Delete(id string) {
+	e.r.mu.Lock()
+	defer e.r.mu.Unlock()
+	e.r.remove(Key{Source: e.source, ID: id})
+}
+
+func (e *emitter) Snapshot(ms []Mapping) {
+	keep := make(map[string]struct{}, len(ms))
+	for _, m := range ms {
+		keep[m.ID] = struct{}{}
+	}
+	e.r.mu.Lock()
+	defer e.r.mu.Unlock()
+	for _, k := range slices.SortedFunc(maps.Keys(e.r.desired), compareKeys) {
+		if _, ok := keep[k.ID]; k.Source == e.source && !ok {
+			e.r.remove(k)
+		}
+	}
+	for k := range e.r.refused {
+		if _, ok := keep[k.ID]; k.Source == e.source && !ok {
+			delete(e.r.refused, k)
+		}
+	}
+	for _, m := range ms {
+		m.Source = e.source
+		e.r.set(m)
+	}
+	e.r.markSynced(e.source)
+}

@@ -1,0 +1,15 @@
+module github.com/guestagent/guestagent
+
+go 1.26
+
+require (
+	github.com/fsnotify/fsnotify v1.10.1
+	github.com/moby/moby/api v1.56.1
+	github.com/spf13/pflag v1.1.0
+	go.uber.org/zap v1.28.0
+)
+
+require (
+	go.uber.org/multierr v1.10.0 // indirect
+	golang.org/x/sys v0.13.0 // indirect
+)

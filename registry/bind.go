@@ -1,0 +1,106 @@
+package registry
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/spf13/pflag"
+
+	"github.com/guestagent/guestagent/core"
+)
+
+// Group is one plugin's flags, for grouped --help output.
+type Group struct {
+	Kind    string // "source" or "sink"
+	Name    string
+	Summary string
+	Flags   *pflag.FlagSet
+}
+
+// Bound holds every registered plugin with its flags defined on one flag
+// set, ready to build the plugins a command line selects.
+type Bound struct {
+	Groups  []Group
+	sources map[string]SourceFactory
+	sinks   map[string]SinkFactory
+}
+
+// Bind defines the flags of every registered plugin on fs and returns the
+// plugins' factories. Each call gets fresh flag variables, so tests can bind
+// several flag sets independently.
+func Bind(fs *pflag.FlagSet) (*Bound, error) {
+	b := &Bound{sources: map[string]SourceFactory{}, sinks: map[string]SinkFactory{}}
+	for _, p := range Sources() {
+		g := Group{Kind: "source", Name: p.Name, Summary: p.Summary, Flags: pflag.NewFlagSet(p.Name, pflag.ContinueOnError)}
+		b.sources[p.Name] = p.Setup(g.Flags)
+		if err := b.merge(fs, g); err != nil {
+			return nil, err
+		}
+	}
+	for _, p := range Sinks() {
+		g := Group{Kind: "sink", Name: p.Name, Summary: p.Summary, Flags: pflag.NewFlagSet(p.Name, pflag.ContinueOnError)}
+		b.sinks[p.Name] = p.Setup(g.Flags)
+		if err := b.merge(fs, g); err != nil {
+			return nil, err
+		}
+	}
+	return b, nil
+}
+
+// merge adds g's flags to fs, refusing a name that is already taken.
+func (b *Bound) merge(fs *pflag.FlagSet, g Group) error {
+	var err error
+	g.Flags.VisitAll(func(f *pflag.Flag) {
+		if err == nil && fs.Lookup(f.Name) != nil {
+			err = fmt.Errorf("flag --%s of %s %s is already defined", f.Name, g.Kind, g.Name)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	fs.AddFlagSet(g.Flags)
+	b.Groups = append(b.Groups, g)
+	return nil
+}
+
+// SourceNames returns the names of the bound source plugins, sorted.
+func (b *Bound) SourceNames() []string { return keys(b.sources) }
+
+// SinkNames returns the names of the bound sink plugins, sorted.
+func (b *Bound) SinkNames() []string { return keys(b.sinks) }
+
+func keys[T any](m map[string]T) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// NewSource builds the named source.
+func (b *Bound) NewSource(name string, env Env) (core.Source, error) {
+	f, ok := b.sources[name]
+	if !ok {
+		return nil, fmt.Errorf("no source named %q in this build (have: %s)", name, strings.Join(b.SourceNames(), ", "))
+	}
+	s, err := f(env)
+	if err != nil {
+		return nil, fmt.Errorf("source %s: %w", name, err)
+	}
+	return s, nil
+}
+
+// NewSink builds the named sink.
+func (b *Bound) NewSink(name string, env Env) (core.Sink, error) {
+	f, ok := b.sinks[name]
+	if !ok {
+		return nil, fmt.Errorf("no sink named %q in this build (have: %s)", name, strings.Join(b.SinkNames(), ", "))
+	}
+	s, err := f(env)
+	if err != nil {
+		return nil, fmt.Errorf("sink %s: %w", name, err)
+	}
+	return s, nil
+}
