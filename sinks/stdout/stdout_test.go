@@ -1,0 +1,85 @@
+package stdout_test
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"sync"
+	"testing"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/sinktest"
+	"github.com/guestagent/guestagent/sinks/stdout"
+)
+
+// lockedBuffer is the sink's "peer": everything it printed.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) lines(t *testing.T) []stdout.Line {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []stdout.Line
+	sc := bufio.NewScanner(bytes.NewReader(b.buf.Bytes()))
+	for sc.Scan() {
+		var l stdout.Line
+		if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
+			t.Fatalf("line %q is not JSON: %v", sc.Text(), err)
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
+// state replays the printed lines into the set of exposed ports.
+func (b *lockedBuffer) state(t *testing.T) []string {
+	exposed := map[string]bool{}
+	for _, l := range b.lines(t) {
+		ports, err := core.ParsePorts(l.Ports)
+		if err != nil {
+			t.Fatalf("printed ports do not parse: %v", err)
+		}
+		for _, p := range ports {
+			exposed[sinktest.Entry(p)] = !l.Remove
+		}
+	}
+	var out []string
+	for e, on := range exposed {
+		if on {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func TestContract(t *testing.T) {
+	var buf lockedBuffer
+	sinktest.Run(t, sinktest.Harness{
+		New:   func(*testing.T) core.Sink { return stdout.New(&buf) },
+		State: buf.state,
+	})
+}
+
+func TestLineFormat(t *testing.T) {
+	var buf bytes.Buffer
+	m := sinktest.Mapping("docker", "abc", 8080, 1)
+	m.ConnectAddrs = []core.ConnectAddr{{Network: "tcp", Addr: "10.4.0.22:80"}}
+	if err := stdout.New(&buf).Send(t.Context(), core.Change{Remove: true, Mapping: m}); err != nil {
+		t.Fatal(err)
+	}
+	want := `{"source":"docker","id":"abc","remove":true,"ports":{"80/tcp":[{"HostIp":"127.0.0.1","HostPort":"8080"}]},"connectAddrs":[{"network":"tcp","addr":"10.4.0.22:80"}]}` + "\n"
+	if got := buf.String(); got != want {
+		t.Errorf("got  %s\nwant %s", got, want)
+	}
+	if n := bytes.Count(buf.Bytes(), []byte("\n")); n != 1 {
+		t.Errorf("want exactly one line, got %d", n)
+	}
+}
