@@ -6,6 +6,7 @@ package registry
 import (
 	"cmp"
 	"fmt"
+	"io"
 	"net/netip"
 	"slices"
 	"sync"
@@ -21,6 +22,8 @@ import (
 type Env struct {
 	Log     *zap.Logger
 	Options Options
+	// Stdout is the agent's standard output (nil means os.Stdout).
+	Stdout io.Writer
 }
 
 // Options are the agent-wide settings that plugins may read.

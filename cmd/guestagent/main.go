@@ -120,7 +120,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	log := newLogger(cfg.debug, stderr)
 	defer func() { _ = log.Sync() }()
 
-	router, err := build(cfg, bound, log)
+	router, err := build(cfg, bound, log, stdout)
 	if err != nil {
 		fmt.Fprintln(stderr, "guestagent:", err)
 		return 2
@@ -136,7 +136,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 // build checks the configuration and wires the selected plugins into a
 // router.
-func build(cfg *config, bound *registry.Bound, log *zap.Logger) (*core.Router, error) {
+func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer) (*core.Router, error) {
 	mode, err := core.ModeFromFlags(cfg.adminInstall, cfg.privSvc)
 	if err != nil {
 		return nil, err
@@ -148,7 +148,7 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger) (*core.Router, e
 	if cfg.k8sAPIPort < 1 || cfg.k8sAPIPort > 65535 {
 		return nil, fmt.Errorf("--k8sAPIPort %d is out of range 1-65535", cfg.k8sAPIPort)
 	}
-	env := registry.Env{Log: log, Options: registry.Options{
+	env := registry.Env{Log: log, Stdout: stdout, Options: registry.Options{
 		Mode:                   mode,
 		K8sServiceListenerAddr: listener,
 		K8sAPIPort:             uint16(cfg.k8sAPIPort),

@@ -25,7 +25,12 @@ func init() {
 		Name:    Name,
 		Summary: "print every delivered change as a JSON line on standard output",
 		Setup: func(*pflag.FlagSet) registry.SinkFactory {
-			return func(registry.Env) (core.Sink, error) { return New(os.Stdout), nil }
+			return func(env registry.Env) (core.Sink, error) {
+				if env.Stdout == nil {
+					return New(os.Stdout), nil
+				}
+				return New(env.Stdout), nil
+			}
 		},
 	})
 }

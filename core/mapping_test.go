@@ -1,0 +1,159 @@
+package core_test
+
+import (
+	"encoding/json"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/guestagent/guestagent/core"
+)
+
+// referenceJSON is a PortMapping as the reference agent sends it.
+const referenceJSON = `{"remove":false,"ports":{"19090/tcp":[{"HostIp":"127.0.0.1","HostPort":"19090"}]},"connectAddrs":[{"network":"tcp","addr":"10.4.0.22:80"}]}`
+
+func TestWireFormMatchesReference(t *testing.T) {
+	c := core.Change{Mapping: core.Mapping{
+		Key:          core.Key{Source: "docker", ID: "abc"},
+		Ports:        []core.Port{{Protocol: core.TCP, ContainerPort: 19090, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 19090}},
+		ConnectAddrs: []core.ConnectAddr{{Network: "tcp", Addr: "10.4.0.22:80"}},
+	}}
+	got, err := json.Marshal(c.WireForm())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != referenceJSON {
+		t.Errorf("wire form\n got %s\nwant %s", got, referenceJSON)
+	}
+
+	var back core.PortMapping
+	if err := json.Unmarshal([]byte(referenceJSON), &back); err != nil {
+		t.Fatal(err)
+	}
+	ports, err := core.ParsePorts(back.Ports)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ports) != 1 || ports[0] != c.Mapping.Ports[0] {
+		t.Errorf("parsed ports %v, want %v", ports, c.Mapping.Ports)
+	}
+}
+
+func TestWireFormGroupsBindingsAndKeepsNull(t *testing.T) {
+	c := core.Change{Remove: true, Mapping: core.Mapping{Ports: []core.Port{
+		{Protocol: core.TCP, ContainerPort: 80, HostIP: netip.IPv4Unspecified(), HostPort: 8080},
+		{Protocol: core.TCP, ContainerPort: 80, HostIP: netip.IPv6Unspecified(), HostPort: 8080},
+		{Protocol: core.UDP, ContainerPort: 53, HostPort: 5353},
+	}}}
+	got, err := json.Marshal(c.WireForm())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"remove":true,"ports":{"53/udp":[{"HostIp":"","HostPort":"5353"}],"80/tcp":[{"HostIp":"0.0.0.0","HostPort":"8080"},{"HostIp":"::","HostPort":"8080"}]},"connectAddrs":null}`
+	if string(got) != want {
+		t.Errorf("got  %s\nwant %s", got, want)
+	}
+}
+
+func TestParsePortsRejectsBadBindings(t *testing.T) {
+	for _, in := range []string{
+		`{"80/tcp":[{"HostIp":"0.0.0.0","HostPort":""}]}`,
+		`{"80/tcp":[{"HostIp":"0.0.0.0","HostPort":"70000"}]}`,
+		`{"80/tcp":[{"HostIp":"0.0.0.0","HostPort":"0"}]}`,
+		`{"80/tcp":[{"HostIp":"0.0.0.0","HostPort":"http"}]}`,
+		`{"80/icmp":[{"HostIp":"0.0.0.0","HostPort":"80"}]}`,
+	} {
+		var pm core.PortMapping
+		if err := json.Unmarshal([]byte(`{"ports":`+in+`}`), &pm); err != nil {
+			continue // rejected while decoding is fine too
+		}
+		if _, err := core.ParsePorts(pm.Ports); err == nil {
+			t.Errorf("ParsePorts(%s) accepted a bad binding", in)
+		}
+	}
+}
+
+func TestPortValidate(t *testing.T) {
+	ok := core.Port{Protocol: core.SCTP, ContainerPort: 1, HostPort: 65535}
+	if err := ok.Validate(); err != nil {
+		t.Errorf("valid port refused: %v", err)
+	}
+	for _, p := range []core.Port{
+		{Protocol: "icmp", ContainerPort: 1, HostPort: 1},
+		{Protocol: core.TCP, ContainerPort: 0, HostPort: 1},
+		{Protocol: core.TCP, ContainerPort: 1, HostPort: 0},
+		{Protocol: core.TCP, ContainerPort: 1, HostPort: 1, HostIP: netip.MustParseAddr("fe80::1%eth0")},
+	} {
+		if err := p.Validate(); err == nil {
+			t.Errorf("%+v accepted", p)
+		}
+	}
+}
+
+func TestParseProtocol(t *testing.T) {
+	for in, want := range map[string]core.Protocol{"": core.TCP, "TCP": core.TCP, " udp ": core.UDP, "Sctp": core.SCTP} {
+		if got, err := core.ParseProtocol(in); err != nil || got != want {
+			t.Errorf("ParseProtocol(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if _, err := core.ParseProtocol("icmp"); err == nil {
+		t.Error("icmp accepted")
+	}
+}
+
+func TestNormalizeSortsAndDedupes(t *testing.T) {
+	a := core.Port{Protocol: core.TCP, ContainerPort: 80, HostPort: 9000}
+	b := core.Port{Protocol: core.TCP, ContainerPort: 80, HostPort: 8000}
+	m := core.Mapping{Ports: []core.Port{a, b, a}}.Normalize()
+	if len(m.Ports) != 2 || m.Ports[0] != b {
+		t.Errorf("Normalize = %v", m.Ports)
+	}
+	if !m.Equal(core.Mapping{Ports: []core.Port{b, a}}.Normalize()) {
+		t.Error("equal port sets in different order compare unequal")
+	}
+}
+
+func TestModes(t *testing.T) {
+	if _, err := core.ModeFromFlags(true, true); err == nil {
+		t.Error("both modes at once accepted")
+	}
+	tests := []struct {
+		admin, priv, wsl bool
+		want             []string
+		policy           bool
+	}{
+		{false, false, true, []string{core.SinkHostSwitch, core.SinkWSLProxy}, true},
+		{false, false, false, []string{core.SinkHostSwitch}, true},
+		{true, false, true, []string{core.SinkHostSwitch, core.SinkWSLProxy}, false},
+		{false, true, true, []string{core.SinkVTunnel}, false},
+	}
+	for _, tt := range tests {
+		m, err := core.ModeFromFlags(tt.admin, tt.priv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := m.Sinks(tt.wsl); !slices.Equal(got, tt.want) {
+			t.Errorf("%v.Sinks(%v) = %v, want %v", m, tt.wsl, got, tt.want)
+		}
+		if (m.Policy() != nil) != tt.policy {
+			t.Errorf("%v policy set = %v, want %v", m, m.Policy() != nil, tt.policy)
+		}
+	}
+}
+
+func TestBackoffBounds(t *testing.T) {
+	b := core.Backoff{Initial: 100 * time.Millisecond, Max: time.Second}
+	for attempt, base := range []time.Duration{100, 200, 400, 800, 1000, 1000} {
+		base *= time.Millisecond
+		for range 20 {
+			d := b.Delay(attempt)
+			if d < base*8/10 || d > base*12/10 {
+				t.Fatalf("Delay(%d) = %v, want within 20%% of %v", attempt, d, base)
+			}
+		}
+	}
+	if d := b.Delay(1 << 20); d > 1200*time.Millisecond {
+		t.Errorf("Delay of a huge attempt = %v, not capped", d)
+	}
+}

@@ -1,0 +1,105 @@
+package registry_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/spf13/pflag"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/registry"
+)
+
+type nopSource struct{ greeting string }
+
+func (nopSource) Run(ctx context.Context, _ core.Emitter) error { <-ctx.Done(); return nil }
+
+func init() {
+	registry.RegisterSource(registry.Source{
+		Name:    "regtest",
+		Summary: "a source for the registry's tests",
+		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
+			greeting := fs.String("regtestGreeting", "hello", "what to say")
+			return func(registry.Env) (core.Source, error) { return nopSource{*greeting}, nil }
+		},
+	})
+}
+
+func TestBindGivesEachFlagSetItsOwnValues(t *testing.T) {
+	fs1 := pflag.NewFlagSet("one", pflag.ContinueOnError)
+	fs2 := pflag.NewFlagSet("two", pflag.ContinueOnError)
+	b1, err := registry.Bind(fs1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b2, err := registry.Bind(fs2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fs1.Parse([]string{"--regtestGreeting=hi"}); err != nil {
+		t.Fatal(err)
+	}
+	s1, err := b1.NewSource("regtest", registry.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := b2.NewSource("regtest", registry.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := s1.(nopSource).greeting; g != "hi" {
+		t.Errorf("first flag set: %q, want hi", g)
+	}
+	if g := s2.(nopSource).greeting; g != "hello" {
+		t.Errorf("second flag set: %q, want the default", g)
+	}
+	var found bool
+	for _, g := range b1.Groups {
+		if g.Name == "regtest" && g.Kind == "source" && g.Flags.Lookup("regtestGreeting") != nil {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("the plugin's flags are not grouped under it")
+	}
+}
+
+func TestUnknownPluginIsAClearError(t *testing.T) {
+	b, err := registry.Bind(pflag.NewFlagSet("x", pflag.ContinueOnError))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = b.NewSource("nosuch", registry.Env{})
+	if err == nil || !strings.Contains(err.Error(), `"nosuch"`) || !strings.Contains(err.Error(), "regtest") {
+		t.Errorf("err = %v, want it to name the plugin and list what exists", err)
+	}
+	if _, err := b.NewSink("nosuch", registry.Env{}); err == nil {
+		t.Error("unknown sink accepted")
+	}
+}
+
+func TestFlagClashIsAnError(t *testing.T) {
+	fs := pflag.NewFlagSet("x", pflag.ContinueOnError)
+	fs.String("regtestGreeting", "", "taken by the command")
+	if _, err := registry.Bind(fs); err == nil || !strings.Contains(err.Error(), "regtestGreeting") {
+		t.Errorf("err = %v, want a clash on --regtestGreeting", err)
+	}
+}
+
+func TestRegisterMistakesPanic(t *testing.T) {
+	for name, p := range map[string]registry.Source{
+		"duplicate": {Name: "regtest", Setup: func(*pflag.FlagSet) registry.SourceFactory { return nil }},
+		"no name":   {Setup: func(*pflag.FlagSet) registry.SourceFactory { return nil }},
+		"no setup":  {Name: "nosetup"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			defer func() {
+				if recover() == nil {
+					t.Error("no panic")
+				}
+			}()
+			registry.RegisterSource(p)
+		})
+	}
+}
