@@ -2,6 +2,7 @@ package main
 
 // Every plugin built into the agent; adding one is one line here.
 import (
+	_ "github.com/guestagent/guestagent/sinks/hostswitch"
 	_ "github.com/guestagent/guestagent/sinks/stdout"
 	_ "github.com/guestagent/guestagent/sources/static"
 )

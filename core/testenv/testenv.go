@@ -1,0 +1,58 @@
+// Package testenv finds the real engines and peers that the test set-up
+// (make test) installs and starts, for integration tests. Under make test
+// and in CI a missing engine fails the test with a clear message; in a bare
+// `go test` run it skips with the same message.
+package testenv
+
+import (
+	"net"
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// RequireEnv is set to 1 by make test: a missing engine then fails tests.
+const RequireEnv = "GUESTAGENT_REQUIRE_ENGINES"
+
+// Required reports whether missing engines fail tests rather than skip them.
+func Required() bool {
+	return os.Getenv(RequireEnv) == "1" || os.Getenv("CI") == "true"
+}
+
+// Missing fails or skips t because what is not available.
+func Missing(t testing.TB, what string) {
+	t.Helper()
+	msg := what + " is not available; `make test` installs and starts it"
+	if Required() {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+// Binary returns the path of a program named by the environment variable
+// envVar, or found as name on PATH.
+func Binary(t testing.TB, envVar, name string) string {
+	t.Helper()
+	if p := os.Getenv(envVar); p != "" {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+		Missing(t, name+" ("+envVar+"="+p+" does not exist)")
+	}
+	p, err := exec.LookPath(name)
+	if err != nil {
+		Missing(t, name+" (set "+envVar+" or put it on PATH)")
+	}
+	return p
+}
+
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}

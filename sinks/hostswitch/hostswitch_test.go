@@ -1,0 +1,213 @@
+package hostswitch_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/sinktest"
+	"github.com/guestagent/guestagent/sinks/hostswitch"
+)
+
+// scripted is a forwarder API whose answers a test chooses.
+type scripted struct {
+	mu       sync.Mutex
+	requests []string // "path body"
+	answer   func(path string, f hostswitch.Forward) (int, string)
+}
+
+func (s *scripted) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	var f hostswitch.Forward
+	_ = json.Unmarshal(body, &f)
+	s.mu.Lock()
+	s.requests = append(s.requests, r.URL.Path+" "+strings.TrimSpace(string(body)))
+	answer := s.answer
+	s.mu.Unlock()
+	status, text := answer(r.URL.Path, f)
+	w.WriteHeader(status)
+	_, _ = io.WriteString(w, text)
+}
+
+func (s *scripted) log() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.requests...)
+}
+
+func serve(t *testing.T, answer func(string, hostswitch.Forward) (int, string)) (*scripted, string) {
+	s := &scripted{answer: answer}
+	srv := httptest.NewServer(s)
+	t.Cleanup(srv.Close)
+	return s, srv.URL
+}
+
+func ok(string, hostswitch.Forward) (int, string) { return 200, "" }
+
+func port(proto core.Protocol, ip string, hp uint16) core.Port {
+	p := core.Port{Protocol: proto, ContainerPort: 80, HostPort: hp}
+	if ip != "" {
+		p.HostIP = netip.MustParseAddr(ip)
+	}
+	return p
+}
+
+func TestRequestsMatchTheAPI(t *testing.T) {
+	api, url := serve(t, ok)
+	s := newSink(t, url, 0)
+	m := core.Mapping{Key: core.Key{Source: "docker", ID: "c"}, Ports: []core.Port{
+		port(core.TCP, "0.0.0.0", 8080),
+		port(core.UDP, "127.0.0.1", 5353),
+		port(core.TCP, "", 9090),
+	}}
+	if err := s.Send(context.Background(), core.Change{Mapping: m}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(context.Background(), core.Change{Remove: true, Mapping: m}); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		`/services/forwarder/expose {"local":"0.0.0.0:8080","remote":"192.168.127.2:8080","protocol":"tcp"}`,
+		`/services/forwarder/expose {"local":"127.0.0.1:5353","remote":"192.168.127.2:5353","protocol":"udp"}`,
+		`/services/forwarder/expose {"local":"0.0.0.0:9090","remote":"192.168.127.2:9090","protocol":"tcp"}`,
+		`/services/forwarder/unexpose {"local":"0.0.0.0:8080","protocol":"tcp"}`,
+		`/services/forwarder/unexpose {"local":"127.0.0.1:5353","protocol":"udp"}`,
+		`/services/forwarder/unexpose {"local":"0.0.0.0:9090","protocol":"tcp"}`,
+	}
+	if got := api.log(); strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("requests:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+func TestUnsupportedPortsAreReportedNotDropped(t *testing.T) {
+	api, url := serve(t, ok)
+	s := newSink(t, url, 0)
+	m := core.Mapping{Key: core.Key{ID: "c"}, Ports: []core.Port{
+		port(core.TCP, "::", 8080),
+		port(core.SCTP, "0.0.0.0", 9000),
+		port(core.TCP, "0.0.0.0", 8080),
+	}}
+	err := s.Send(context.Background(), core.Change{Mapping: m})
+	if !errors.Is(err, core.ErrPermanent) || !strings.Contains(err.Error(), "IPv4 only") || !strings.Contains(err.Error(), "tcp and udp only") {
+		t.Fatalf("err = %v, want a permanent error naming the IPv6 and sctp ports", err)
+	}
+	if got := api.log(); len(got) != 1 || !strings.Contains(got[0], `"local":"0.0.0.0:8080"`) {
+		t.Errorf("the supported port must still be exposed; requests %v", got)
+	}
+}
+
+func TestSharedForwardStaysUntilLastOwnerGoes(t *testing.T) {
+	api, url := serve(t, ok)
+	s := newSink(t, url, 0)
+	a := sinktest.Mapping("docker", "a", 8080, 1)
+	b := sinktest.Mapping("kubernetes", "b", 8080, 1)
+	ctx := context.Background()
+	for _, c := range []core.Change{{Mapping: a}, {Mapping: b}, {Remove: true, Mapping: a}} {
+		if err := s.Send(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, r := range api.log() {
+		if strings.Contains(r, "unexpose") {
+			t.Fatalf("forward removed while another mapping holds it: %v", api.log())
+		}
+	}
+	if err := s.Send(ctx, core.Change{Remove: true, Mapping: b}); err != nil {
+		t.Fatal(err)
+	}
+	if got := api.log(); !strings.Contains(got[len(got)-1], "unexpose") {
+		t.Errorf("last owner gone but no unexpose: %v", got)
+	}
+}
+
+func TestAnswersAreClassified(t *testing.T) {
+	m := sinktest.Mapping("docker", "a", 8080, 1)
+	tests := []struct {
+		name      string
+		remove    bool
+		answer    func(string, hostswitch.Forward) (int, string)
+		permanent bool
+		fails     bool
+	}{
+		{"server error is retried", false, func(string, hostswitch.Forward) (int, string) { return 500, "boom" }, false, true},
+		{"bad request is permanent", false, func(string, hostswitch.Forward) (int, string) { return 400, "bad" }, true, true},
+		{"unexpose of unknown is success", true, func(string, hostswitch.Forward) (int, string) { return 500, "proxy not found" }, false, false},
+		{"already running with same remote is success", false, func(path string, _ hostswitch.Forward) (int, string) {
+			if strings.HasSuffix(path, "/all") {
+				return 200, `[{"local":"127.0.0.1:8080","remote":"192.168.127.2:8080","protocol":"tcp"}]`
+			}
+			return 500, "proxy already running"
+		}, false, false},
+		{"already running elsewhere is permanent", false, func(path string, _ hostswitch.Forward) (int, string) {
+			if strings.HasSuffix(path, "/all") {
+				return 200, `[{"local":"127.0.0.1:8080","remote":"192.168.127.9:80","protocol":"tcp"}]`
+			}
+			return 500, "proxy already running"
+		}, true, true},
+		{"garbage list is retried", false, func(path string, _ hostswitch.Forward) (int, string) {
+			if strings.HasSuffix(path, "/all") {
+				return 200, `<html>`
+			}
+			return 500, "proxy already running"
+		}, false, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, url := serve(t, tt.answer)
+			err := newSink(t, url, 0).Send(context.Background(), core.Change{Remove: tt.remove, Mapping: m})
+			if (err != nil) != tt.fails {
+				t.Fatalf("err = %v, want failure %v", err, tt.fails)
+			}
+			if errors.Is(err, core.ErrPermanent) != tt.permanent {
+				t.Errorf("err = %v, permanent %v, want %v", err, errors.Is(err, core.ErrPermanent), tt.permanent)
+			}
+		})
+	}
+}
+
+func TestUnreachableAndSlowPeers(t *testing.T) {
+	s := newSink(t, "http://127.0.0.1:1", 0)
+	err := s.Send(context.Background(), core.Change{Mapping: sinktest.Mapping("d", "a", 8080, 1)})
+	if !errors.Is(err, core.ErrPeerDown) {
+		t.Errorf("connection refused: err = %v, want ErrPeerDown", err)
+	}
+
+	release := make(chan struct{})
+	_, url := serve(t, func(string, hostswitch.Forward) (int, string) { <-release; return 200, "" })
+	defer close(release)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- newSink(t, url, 0).Send(ctx, core.Change{Mapping: sinktest.Mapping("d", "a", 8080, 1)}) }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Error("a request that outlived its deadline reported success")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Send ignored its context's deadline")
+	}
+}
+
+func TestConfigValidation(t *testing.T) {
+	for _, cfg := range []hostswitch.Config{
+		{BaseURL: "192.168.127.1", GuestIP: "192.168.127.2"},
+		{BaseURL: "ftp://x", GuestIP: "192.168.127.2"},
+		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "fd00::2"},
+		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "guest"},
+		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "192.168.127.2", CheckInterval: -time.Second},
+	} {
+		if _, err := hostswitch.New(cfg); err == nil {
+			t.Errorf("%+v accepted", cfg)
+		}
+	}
+}
