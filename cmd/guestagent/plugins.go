@@ -4,5 +4,7 @@ package main
 import (
 	_ "github.com/guestagent/guestagent/sinks/hostswitch"
 	_ "github.com/guestagent/guestagent/sinks/stdout"
+	_ "github.com/guestagent/guestagent/sinks/vtunnel"
+	_ "github.com/guestagent/guestagent/sinks/wslproxy"
 	_ "github.com/guestagent/guestagent/sources/static"
 )

@@ -1,0 +1,179 @@
+// Package vtunnel is the sink of the privileged-service mode: each change
+// goes as one PortMapping JSON document to the vtunnel peer, which carries
+// it over AF_VSOCK to the privileged host service. The peer address is a
+// TCP address in the guest (the seed's way) or, to talk AF_VSOCK directly,
+// vsock://CID:PORT.
+package vtunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mdlayher/vsock"
+	"github.com/spf13/pflag"
+	"go.uber.org/zap"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/registry"
+	"github.com/guestagent/guestagent/sinks/internal/oneshot"
+)
+
+// Defaults as in the seed.
+const (
+	DefaultAddr      = "127.0.0.1:3040"
+	DefaultInterface = "eth0"
+)
+
+func init() {
+	registry.RegisterSink(registry.Sink{
+		Name:    core.SinkVTunnel,
+		Summary: "send mappings to the vtunnel peer, which carries them over AF_VSOCK to the privileged host service",
+		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
+			addr := fs.String("vtunnelAddr", DefaultAddr, "vtunnel peer address: HOST:PORT (TCP) or vsock://CID:PORT")
+			iface := fs.String("vtunnelInterface", DefaultInterface, `interface whose addresses the host service connects to ("" keeps each mapping's own backend addresses)`)
+			every := fs.Duration("vtunnelCheckInterval", 5*time.Second, "how often the peer is probed so a restarted one gets the full state again (0 disables)")
+			return func(env registry.Env) (core.Sink, error) {
+				if *every < 0 {
+					return nil, fmt.Errorf("--vtunnelCheckInterval must not be negative, got %s", *every)
+				}
+				return New(*addr, *iface, *every, env.Log)
+			}
+		},
+	})
+}
+
+// Sink sends to the vtunnel peer.
+type Sink struct {
+	dial  oneshot.Dialer
+	addr  string
+	iface string
+	every time.Duration
+	log   *zap.Logger
+
+	warnOnce sync.Once
+}
+
+// New parses addr and returns a Sink. iface names the interface whose
+// addresses are sent as the backend to connect to; every is the probe
+// interval (0 disables probing).
+func New(addr, iface string, every time.Duration, log *zap.Logger) (*Sink, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	dial, err := Dialer(addr)
+	if err != nil {
+		return nil, err
+	}
+	return &Sink{dial: dial, addr: addr, iface: iface, every: every, log: log.With(zap.String("sink", core.SinkVTunnel))}, nil
+}
+
+// Dialer returns how to reach addr: "HOST:PORT" or "tcp://HOST:PORT" for
+// TCP, "vsock://CID:PORT" for AF_VSOCK.
+func Dialer(addr string) (oneshot.Dialer, error) {
+	scheme, rest, found := strings.Cut(addr, "://")
+	if !found {
+		scheme, rest = "tcp", addr
+	}
+	switch scheme {
+	case "tcp":
+		if _, _, err := net.SplitHostPort(rest); err != nil {
+			return nil, fmt.Errorf("--vtunnelAddr %q: %w", addr, err)
+		}
+		return func(ctx context.Context) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", rest)
+		}, nil
+	case "vsock":
+		cidText, portText, ok := strings.Cut(rest, ":")
+		cid, err1 := strconv.ParseUint(cidText, 10, 32)
+		port, err2 := strconv.ParseUint(portText, 10, 32)
+		if !ok || err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("--vtunnelAddr %q: want vsock://CID:PORT with decimal numbers", addr)
+		}
+		return func(context.Context) (net.Conn, error) {
+			return vsock.Dial(uint32(cid), uint32(port), nil)
+		}, nil
+	default:
+		return nil, fmt.Errorf("--vtunnelAddr %q: unknown scheme %q (want tcp or vsock)", addr, scheme)
+	}
+}
+
+// Send delivers c as one PortMapping, with the interface's addresses as
+// the backend when an interface is configured.
+func (s *Sink) Send(ctx context.Context, c core.Change) error {
+	pm := c.WireForm()
+	if s.iface != "" {
+		addrs, err := InterfaceAddrs(s.iface)
+		if err != nil {
+			s.warnOnce.Do(func() {
+				s.log.Warn("cannot read the interface's addresses; sending mappings' own backends", zap.String("interface", s.iface), zap.Error(err))
+			})
+		} else {
+			pm.ConnectAddrs = addrs
+		}
+	}
+	if err := oneshot.Send(ctx, s.dial, pm); err != nil {
+		return fmt.Errorf("vtunnel peer %s: %w", s.addr, err)
+	}
+	return nil
+}
+
+// InterfaceAddrs returns the addresses of the named interface in the form
+// the privileged host service expects ({"network":"ip+net","addr":"IP/LEN"}).
+func InterfaceAddrs(name string) ([]core.ConnectAddr, error) {
+	ifc, err := net.InterfaceByName(name)
+	if err != nil {
+		return nil, err
+	}
+	addrs, err := ifc.Addrs()
+	if err != nil {
+		return nil, err
+	}
+	if len(addrs) == 0 {
+		return nil, errors.New("interface has no addresses")
+	}
+	out := make([]core.ConnectAddr, 0, len(addrs))
+	for _, a := range addrs {
+		out = append(out, core.ConnectAddr{Network: a.Network(), Addr: a.String()})
+	}
+	return out, nil
+}
+
+// WatchPeer probes the peer with a connection every interval; when it
+// answers again after failing, it may have restarted without its state.
+func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
+	if s.every <= 0 {
+		return
+	}
+	t := time.NewTicker(s.every)
+	defer t.Stop()
+	down := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		pctx, cancel := context.WithTimeout(ctx, s.every)
+		conn, err := s.dial(pctx)
+		cancel()
+		if err != nil {
+			if !down && ctx.Err() == nil {
+				s.log.Warn("vtunnel peer not answering", zap.String("addr", s.addr), zap.Error(err))
+			}
+			down = true
+			continue
+		}
+		_ = conn.Close()
+		if down {
+			down = false
+			lost()
+		}
+	}
+}

@@ -1,0 +1,120 @@
+// Package wslproxy is the sink for wsl-proxy: each change goes as one
+// PortMapping JSON document over wsl-proxy's unix socket, and wsl-proxy
+// listens (or stops listening) on the binding in the default namespace so
+// other WSL distributions can reach the port.
+package wslproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/spf13/pflag"
+	"go.uber.org/zap"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/registry"
+	"github.com/guestagent/guestagent/sinks/internal/oneshot"
+)
+
+// DefaultSocket is where wsl-proxy listens.
+const DefaultSocket = "/run/wsl-proxy.sock"
+
+func init() {
+	registry.RegisterSink(registry.Sink{
+		Name:    core.SinkWSLProxy,
+		Summary: "send mappings to wsl-proxy so other WSL distributions reach the ports",
+		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
+			sock := fs.String("wslProxySocket", DefaultSocket, "wsl-proxy's unix socket")
+			every := fs.Duration("wslProxyCheckInterval", 2*time.Second, "how often the socket is checked for a restarted wsl-proxy (0 disables)")
+			return func(env registry.Env) (core.Sink, error) {
+				if *sock == "" {
+					return nil, errors.New("--wslProxySocket is empty")
+				}
+				if *every < 0 {
+					return nil, fmt.Errorf("--wslProxyCheckInterval must not be negative, got %s", *every)
+				}
+				return New(*sock, *every, env.Log), nil
+			}
+		},
+	})
+}
+
+// Sink sends to wsl-proxy.
+type Sink struct {
+	path  string
+	every time.Duration
+	log   *zap.Logger
+}
+
+// New returns a Sink for the socket at path, checked every interval for a
+// restarted peer (0 disables the check).
+func New(path string, every time.Duration, log *zap.Logger) *Sink {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Sink{path: path, every: every, log: log.With(zap.String("sink", core.SinkWSLProxy))}
+}
+
+func (s *Sink) dial(ctx context.Context) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", s.path)
+}
+
+// Send delivers c as one PortMapping.
+func (s *Sink) Send(ctx context.Context, c core.Change) error {
+	return oneshot.Send(ctx, s.dial, c.WireForm())
+}
+
+// socketID identifies the socket file; a restarted wsl-proxy makes a new one.
+type socketID struct {
+	dev, ino uint64
+	ctime    syscall.Timespec // inode numbers are reused at once; the change time is not
+}
+
+func (s *Sink) socket() (socketID, bool) {
+	fi, err := os.Stat(s.path)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			s.log.Debug("cannot stat socket", zap.Error(err))
+		}
+		return socketID{}, false
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return socketID{}, true
+	}
+	return socketID{uint64(st.Dev), st.Ino, st.Ctim}, true
+}
+
+// WatchPeer reports a lost peer when wsl-proxy's socket is replaced or
+// reappears: wsl-proxy keeps no state across restarts.
+func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
+	if s.every <= 0 {
+		return
+	}
+	last, present := s.socket()
+	t := time.NewTicker(s.every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		id, ok := s.socket()
+		switch {
+		case ok && (!present || id != last):
+			s.log.Info("wsl-proxy socket (re)appeared")
+			lost()
+		case !ok && present:
+			s.log.Warn("wsl-proxy socket is gone", zap.String("path", s.path))
+		}
+		last, present = id, ok
+	}
+}

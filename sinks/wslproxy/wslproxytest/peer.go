@@ -1,0 +1,208 @@
+// Package wslproxytest is a wsl-proxy peer for tests. It speaks the
+// documented protocol (one PortMapping JSON document per connection on a
+// unix socket, no reply) and, like the real one, listens on each binding's
+// HostIp:HostPort and forwards TCP connections upstream.
+package wslproxytest
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+
+	"github.com/guestagent/guestagent/core"
+)
+
+// Peer is a running test peer.
+type Peer struct {
+	// Path is the unix socket.
+	Path string
+	// Upstream returns where a connection to host port p is forwarded.
+	Upstream func(hostPort uint16) string
+
+	mu        sync.Mutex
+	ln        net.Listener
+	listeners map[string]io.Closer // "proto ip:port"
+	received  []core.PortMapping
+	errs      []error
+	wg        sync.WaitGroup
+}
+
+// Start listens on p.Path.
+func (p *Peer) Start() error {
+	_ = os.Remove(p.Path)
+	ln, err := net.Listen("unix", p.Path)
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.ln = ln
+	p.listeners = map[string]io.Closer{}
+	p.mu.Unlock()
+	p.wg.Go(func() { p.accept(ln) })
+	return nil
+}
+
+// Stop closes the socket and every listener, losing all state, as a
+// wsl-proxy that exits.
+func (p *Peer) Stop() {
+	p.mu.Lock()
+	ln := p.ln
+	p.ln = nil
+	for _, l := range p.listeners {
+		_ = l.Close()
+	}
+	p.listeners = nil
+	p.mu.Unlock()
+	if ln != nil {
+		_ = ln.Close()
+	}
+	p.wg.Wait()
+	_ = os.Remove(p.Path)
+}
+
+func (p *Peer) accept(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		p.handle(c)
+	}
+}
+
+func (p *Peer) handle(c net.Conn) {
+	defer c.Close()
+	var pm core.PortMapping
+	if err := json.NewDecoder(io.LimitReader(c, 1<<20)).Decode(&pm); err != nil {
+		p.fail(fmt.Errorf("decoding message: %w", err))
+		return
+	}
+	ports, err := core.ParsePorts(pm.Ports)
+	if err != nil {
+		p.fail(err)
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.received = append(p.received, pm)
+	if p.listeners == nil {
+		return
+	}
+	for _, port := range ports {
+		key := Entry(port)
+		if pm.Remove {
+			if l, ok := p.listeners[key]; ok {
+				_ = l.Close()
+				delete(p.listeners, key)
+			}
+			continue
+		}
+		if _, ok := p.listeners[key]; ok {
+			continue
+		}
+		l, err := p.listen(port)
+		if err != nil {
+			p.errs = append(p.errs, err)
+			continue
+		}
+		p.listeners[key] = l
+	}
+}
+
+func (p *Peer) fail(err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.errs = append(p.errs, err)
+}
+
+// Entry renders a port as "proto ip:port", the peer's state entries.
+func Entry(port core.Port) string {
+	ip := port.HostIP
+	if !ip.IsValid() {
+		ip = netip.IPv4Unspecified()
+	}
+	return fmt.Sprintf("%s %s", port.Protocol, netip.AddrPortFrom(ip, port.HostPort))
+}
+
+func (p *Peer) listen(port core.Port) (io.Closer, error) {
+	addr := netip.AddrPortFrom(port.HostIP, port.HostPort).String()
+	if !port.HostIP.IsValid() {
+		addr = fmt.Sprintf(":%d", port.HostPort)
+	}
+	switch port.Protocol {
+	case core.UDP:
+		return net.ListenPacket("udp", addr)
+	case core.TCP:
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		p.wg.Go(func() { p.forward(ln, port.HostPort) })
+		return ln, nil
+	default:
+		return nil, fmt.Errorf("unsupported protocol %s", port.Protocol)
+	}
+}
+
+func (p *Peer) forward(ln net.Listener, hostPort uint16) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		p.wg.Go(func() {
+			defer c.Close()
+			if p.Upstream == nil {
+				return
+			}
+			up, err := net.Dial("tcp", p.Upstream(hostPort))
+			if err != nil {
+				return
+			}
+			defer up.Close()
+			done := make(chan struct{})
+			go func() {
+				_, _ = io.Copy(up, c)
+				if cw, ok := up.(interface{ CloseWrite() error }); ok {
+					_ = cw.CloseWrite()
+				}
+				close(done)
+			}()
+			_, _ = io.Copy(c, up)
+			<-done
+		})
+	}
+}
+
+// State returns the bindings the peer listens on.
+func (p *Peer) State() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]string, 0, len(p.listeners))
+	for k := range p.listeners {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Received returns every message the peer decoded, in order.
+func (p *Peer) Received() []core.PortMapping {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.received)
+}
+
+// Err returns the errors the peer met (undecodable messages, ports it could
+// not listen on), joined.
+func (p *Peer) Err() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return errors.Join(p.errs...)
+}
