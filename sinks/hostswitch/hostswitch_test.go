@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -179,6 +180,26 @@ func TestUnreachableAndSlowPeers(t *testing.T) {
 	err := s.Send(context.Background(), core.Change{Mapping: sinktest.Mapping("d", "a", 8080, 1)})
 	if !errors.Is(err, core.ErrPeerDown) {
 		t.Errorf("connection refused: err = %v, want ErrPeerDown", err)
+	}
+
+	// A peer that accepts and hangs up without answering.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	err = newSink(t, "http://"+ln.Addr().String(), 0).Send(context.Background(), core.Change{Mapping: sinktest.Mapping("d", "a", 8080, 1)})
+	if !errors.Is(err, core.ErrPeerDown) {
+		t.Errorf("closed connection: err = %v, want ErrPeerDown", err)
 	}
 
 	release := make(chan struct{})

@@ -24,6 +24,9 @@ type Peer struct {
 	Path string
 	// Upstream returns where a connection to host port p is forwarded.
 	Upstream func(hostPort uint16) string
+	// RecordOnly keeps the state without binding the ports, for tests in
+	// which another peer binds them on the same machine.
+	RecordOnly bool
 
 	mu        sync.Mutex
 	ln        net.Listener
@@ -106,7 +109,10 @@ func (p *Peer) handle(c net.Conn) {
 		if _, ok := p.listeners[key]; ok {
 			continue
 		}
-		l, err := p.listen(port)
+		var l io.Closer = nopCloser{}
+		if !p.RecordOnly {
+			l, err = p.listen(port)
+		}
 		if err != nil {
 			p.errs = append(p.errs, err)
 			continue
@@ -114,6 +120,10 @@ func (p *Peer) handle(c net.Conn) {
 		p.listeners[key] = l
 	}
 }
+
+type nopCloser struct{}
+
+func (nopCloser) Close() error { return nil }
 
 func (p *Peer) fail(err error) {
 	p.mu.Lock()
