@@ -1,0 +1,79 @@
+package testenv
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// NewNetns creates the network namespace name with its loopback up. The
+// tests' NAT rules and engines live there, never in the machine's own
+// tables. The returned function deletes it.
+func NewNetns(name string) (func(), error) {
+	if os.Geteuid() != 0 {
+		return nil, fmt.Errorf("network namespaces need root")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return nil, fmt.Errorf("ip (iproute2) not found: %w", err)
+	}
+	_ = exec.Command("ip", "netns", "delete", name).Run()
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("ip netns add %s: %v: %s", name, err, out)
+	}
+	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		_ = exec.Command("ip", "netns", "delete", name).Run()
+		return nil, fmt.Errorf("loopback up in %s: %v: %s", name, err, out)
+	}
+	return func() { _ = exec.Command("ip", "netns", "delete", name).Run() }, nil
+}
+
+// Netns creates a network namespace for t, or reports it missing.
+func Netns(t testing.TB) string {
+	t.Helper()
+	name := fmt.Sprintf("gatest-%d-%d", os.Getpid(), nsCounter.Add(1))
+	cleanup, err := NewNetns(name)
+	if err != nil {
+		Missing(t, "a network namespace ("+err.Error()+")")
+	}
+	t.Cleanup(cleanup)
+	return name
+}
+
+// InNetns returns the command line that runs argv inside ns (entering only
+// its network namespace, so cgroups and mounts stay as they are).
+func InNetns(ns string, argv ...string) []string {
+	return append([]string{"nsenter", "--net=/var/run/netns/" + ns, "--"}, argv...)
+}
+
+// IptablesWrapper writes, into dir, a script that runs iptables inside ns
+// and returns its path, for components that take an iptables command.
+func IptablesWrapper(dir, ns string) (string, error) {
+	path := filepath.Join(dir, "iptables-"+ns)
+	script := "#!/bin/sh\nexec " + strings.Join(InNetns(ns, "iptables"), " ") + " \"$@\"\n"
+	return path, os.WriteFile(path, []byte(script), 0o755)
+}
+
+// NatRules returns `iptables -t nat -S` inside ns.
+func NatRules(t testing.TB, ns string) string {
+	t.Helper()
+	argv := InNetns(ns, "iptables", "-t", "nat", "-S")
+	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("iptables -t nat -S in %s: %v: %s", ns, err, out)
+	}
+	return string(out)
+}
+
+// RunIn runs argv inside ns and fails t on error.
+func RunIn(t testing.TB, ns string, argv ...string) string {
+	t.Helper()
+	full := InNetns(ns, argv...)
+	out, err := exec.Command(full[0], full[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s in %s: %v: %s", strings.Join(argv, " "), ns, err, out)
+	}
+	return string(out)
+}
