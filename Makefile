@@ -11,7 +11,7 @@ GVPROXY_VERSION := v0.8.9
 # Extra flags for `make run`, e.g. make run RUN_ARGS=--debug
 RUN_ARGS    ?=
 # The demo source: the static file, plus Docker when its socket is there.
-RUN_SOURCES := static$(if $(wildcard /var/run/docker.sock),$(if $(wildcard sources/docker),$(comma)docker))
+RUN_SOURCES := static$(if $(wildcard /var/run/docker.sock),$(comma)docker --dockerLoopbackNAT=false)
 comma       := ,
 
 .PHONY: help build run test lint vet staticcheck unit engines bench clean
@@ -32,8 +32,24 @@ unit: engines ## every test with -race, against the real engines and peers
 	GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) \
 		$(GO) test -race -count=1 ./...
 
-# The real peers and engines the integration tests use.
+# Debian packages of the engines the integration tests start (on private
+# sockets, in network namespaces of their own).
+APT_PACKAGES := docker.io containerd runc iptables nftables iproute2 util-linux \
+	containernetworking-plugins conntrack
+ENGINE_BINARIES := dockerd containerd runc iptables nft ip nsenter
+
+# The real peers and engines the integration tests use; installed with
+# apt-get when run as root and missing.
 engines: $(GVPROXY)
+	@missing=""; for b in $(ENGINE_BINARIES); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing engines (missing:$$missing)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+		else \
+			echo "missing:$$missing; run make test as root to install them" >&2; \
+		fi; \
+	fi
 
 $(GVPROXY):
 	GOBIN=$(BIN) $(GO) install github.com/containers/gvisor-tap-vsock/cmd/gvproxy@$(GVPROXY_VERSION)

@@ -1,0 +1,193 @@
+package testenv
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// WebImage is the image StartDockerd builds: the static test web server.
+const WebImage = "guestagent-test/web:latest"
+
+// Dockerd is a dockerd from Debian's docker.io, run inside its own network
+// namespace (so its bridge and NAT rules stay there) with private socket
+// and state directories.
+type Dockerd struct {
+	Netns string
+	Dir   string
+	// Host is the DOCKER_HOST of the daemon's socket.
+	Host string
+
+	cleanupNetns func()
+	cmd          *exec.Cmd
+	exited       chan struct{}
+}
+
+// StartDockerd starts a daemon under dir and builds WebImage in it.
+func StartDockerd(dir string) (*Dockerd, error) {
+	for _, bin := range []string{"dockerd", "docker", "nsenter", "go"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return nil, fmt.Errorf("%s not found: %w", bin, err)
+		}
+	}
+	ns := fmt.Sprintf("gadocker-%d", os.Getpid())
+	cleanup, err := NewNetns(ns)
+	if err != nil {
+		return nil, err
+	}
+	d := &Dockerd{Netns: ns, Dir: dir, Host: "unix://" + filepath.Join(dir, "docker.sock"), cleanupNetns: cleanup}
+	if err := d.Start(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if err := d.buildImage(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// Start starts the daemon (again) and waits until it answers.
+func (d *Dockerd) Start() error {
+	log, err := os.OpenFile(filepath.Join(d.Dir, "dockerd.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	defer log.Close()
+	argv := InNetns(d.Netns, "dockerd",
+		"-H", d.Host,
+		"--data-root", filepath.Join(d.Dir, "root"),
+		"--exec-root", filepath.Join(d.Dir, "exec"),
+		"--pidfile", filepath.Join(d.Dir, "dockerd.pid"),
+		"--bip", "198.18.0.1/24",
+		"--default-address-pool", "base=198.18.64.0/18,size=24")
+	d.cmd = exec.Command(argv[0], argv[1:]...)
+	d.cmd.Stdout, d.cmd.Stderr = log, log
+	if err := d.cmd.Start(); err != nil {
+		return fmt.Errorf("starting dockerd: %w", err)
+	}
+	d.exited = make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) { _ = cmd.Wait(); close(done) }(d.cmd, d.exited)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if _, err := d.Docker("version", "--format", "{{.Server.APIVersion}}"); err == nil {
+			return nil
+		}
+		select {
+		case <-d.exited:
+			out, _ := os.ReadFile(filepath.Join(d.Dir, "dockerd.log"))
+			return fmt.Errorf("dockerd exited during start-up:\n%s", tail(out))
+		default:
+		}
+		if time.Now().After(deadline) {
+			return errors.New("dockerd did not answer within 60s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Stop stops the daemon with SIGTERM and waits for it.
+func (d *Dockerd) Stop() {
+	if d.cmd == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(60 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-d.exited
+	}
+	d.cmd = nil
+}
+
+// Close removes every container, stops the daemon and deletes its
+// namespace and state.
+func (d *Dockerd) Close() {
+	if d.cmd != nil {
+		if ids, err := d.Docker("ps", "-aq"); err == nil && strings.TrimSpace(ids) != "" {
+			_, _ = d.Docker(append([]string{"rm", "-f"}, strings.Fields(ids)...)...)
+		}
+	}
+	d.Stop()
+	_ = exec.Command("umount", "-R", filepath.Join(d.Dir, "root")).Run()
+	_ = exec.Command("umount", "-R", filepath.Join(d.Dir, "exec")).Run()
+	d.cleanupNetns()
+}
+
+// Docker runs the docker CLI against the daemon.
+func (d *Dockerd) Docker(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "docker", args...)
+	cmd.Env = append(os.Environ(), "DOCKER_HOST="+d.Host)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out), fmt.Errorf("docker %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+// buildImage compiles the test web server and imports it as WebImage.
+func (d *Dockerd) buildImage() error {
+	bin, err := BuildWebServer(d.Dir)
+	if err != nil {
+		return err
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	if err := tw.WriteHeader(&tar.Header{Name: "web", Mode: 0o755, Size: int64(len(data)), Typeflag: tar.TypeReg}); err != nil {
+		return err
+	}
+	if _, err := tw.Write(data); err != nil {
+		return err
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	cmd := exec.Command("docker", "import", "-c", `ENTRYPOINT ["/web"]`, "-c", "EXPOSE 80", "-", WebImage)
+	cmd.Env = append(os.Environ(), "DOCKER_HOST="+d.Host)
+	cmd.Stdin = &buf
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("docker import: %w: %s", err, out)
+	}
+	return nil
+}
+
+// BuildWebServer compiles testdata/webserver statically into dir.
+func BuildWebServer(dir string) (string, error) {
+	root, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	out := filepath.Join(dir, "web")
+	cmd := exec.Command("go", "build", "-o", out, "./testdata/webserver")
+	cmd.Dir = filepath.Dir(strings.TrimSpace(string(root)))
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("building the test web server: %w: %s", err, b)
+	}
+	return out, nil
+}
+
+func tail(b []byte) string {
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) > 15 {
+		lines = lines[len(lines)-15:]
+	}
+	return strings.Join(lines, "\n")
+}

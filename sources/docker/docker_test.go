@@ -1,0 +1,276 @@
+package docker_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/moby/moby/api/types/network"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/sources/docker"
+	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
+)
+
+// engine is the dockerd TestMain started, or why there is none.
+var (
+	engine    *testenv.Dockerd
+	engineErr error
+	wrapper   string
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "guestagent-dockerd-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	engine, engineErr = testenv.StartDockerd(dir)
+	if engineErr == nil {
+		wrapper, engineErr = testenv.IptablesWrapper(dir, engine.Netns)
+	}
+	code := m.Run()
+	if engine != nil {
+		engine.Close()
+	}
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func requireEngine(t *testing.T) *testenv.Dockerd {
+	t.Helper()
+	if engineErr != nil {
+		testenv.Missing(t, "dockerd ("+engineErr.Error()+")")
+	}
+	return engine
+}
+
+func newSource(t *testing.T) core.Source {
+	t.Helper()
+	nat, err := loopbacknat.New(loopbacknat.Config{Iptables: wrapper, Chain: "DOCKER", Interface: "eth0",
+		GuestIP: netip.MustParseAddr("192.168.127.2")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := docker.New(docker.Config{Host: engine.Host, NAT: nat,
+		Backoff: core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// inspectPorts asks the engine which ports a container published: the
+// ground truth the source must report.
+func inspectPorts(t *testing.T, d *testenv.Dockerd, id string) []core.Port {
+	t.Helper()
+	out, err := d.Docker("inspect", "--format", "{{json .NetworkSettings.Ports}}", id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pm network.PortMap
+	if err := json.Unmarshal([]byte(out), &pm); err != nil {
+		t.Fatalf("inspect output %q: %v", out, err)
+	}
+	for k, v := range pm {
+		if len(v) == 0 {
+			delete(pm, k)
+		}
+	}
+	ports, err := core.ParsePorts(pm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ports
+}
+
+var seq atomic.Int64
+
+// run starts a container of the test image and returns its id.
+func run(t *testing.T, d *testenv.Dockerd, args ...string) string {
+	t.Helper()
+	name := fmt.Sprintf("t%d", seq.Add(1))
+	argv := append([]string{"run", "-d", "--name", name}, args...)
+	id, err := d.Docker(append(argv, testenv.WebImage)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func TestContract(t *testing.T) {
+	d := requireEngine(t)
+	var removals atomic.Int64
+	sourcetest.Run(t, sourcetest.Harness{
+		New: newSource,
+		Expose: func(t *testing.T, name string, variant int) core.Mapping {
+			base := 20000 + int(seq.Add(1))*10
+			var args []string
+			switch variant {
+			case sourcetest.NoPorts:
+			case 0:
+				args = []string{"-p", fmt.Sprintf("127.0.0.1:%d:80", base), "-p", fmt.Sprintf("%d:81/udp", base+1)}
+			default:
+				args = []string{"-p", fmt.Sprintf("%d-%d:80-81", base+2, base+3)}
+			}
+			id := run(t, d, args...)
+			return core.Mapping{Key: core.Key{ID: id}, Ports: inspectPorts(t, d, id)}
+		},
+		Unexpose: func(t *testing.T, m core.Mapping) {
+			// Alternate between a stop (stop and die events) and a kill
+			// (die only), then remove the container.
+			verb := "stop"
+			if removals.Add(1)%2 == 0 {
+				verb = "kill"
+			}
+			if _, err := d.Docker(verb, m.ID); err != nil && !strings.Contains(err.Error(), "is not running") {
+				t.Fatal(err)
+			}
+			if _, err := d.Docker("rm", "-f", m.ID); err != nil {
+				t.Fatal(err)
+			}
+		},
+		Outage: func(t *testing.T, during func()) {
+			d.Stop()
+			if err := d.Start(); err != nil {
+				t.Fatal(err)
+			}
+			during()
+		},
+		Timeout: 60 * time.Second,
+	})
+}
+
+// TestPortSpecs checks what the source reports for the usual -p forms,
+// independently of the engine's own inspect output.
+func TestPortSpecs(t *testing.T) {
+	d := requireEngine(t)
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- newSource(t).Run(ctx, r.Emitter(docker.Name)) }()
+	defer func() { cancel(); <-done }()
+
+	tests := []struct {
+		args []string
+		want []string // a subset of the reported ports (IPv6 twins vary with the host)
+		none bool
+	}{
+		{args: []string{"-p", "18080:80"}, want: []string{"0.0.0.0:18080->80/tcp"}},
+		{args: []string{"-p", "127.0.0.1:18081:80"}, want: []string{"127.0.0.1:18081->80/tcp"}},
+		{args: []string{"-p", "18082:80/udp"}, want: []string{"0.0.0.0:18082->80/udp"}},
+		{args: []string{"-p", "18090-18092:80-82"}, want: []string{"0.0.0.0:18090->80/tcp", "0.0.0.0:18091->81/tcp", "0.0.0.0:18092->82/tcp"}},
+		{args: []string{"-P"}, want: []string{"->80/tcp"}},
+		{args: nil, none: true},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			id := run(t, d, tt.args...)
+			defer func() { _, _ = d.Docker("rm", "-f", id) }()
+			if tt.none {
+				marker := run(t, d, "-p", "18099:80")
+				defer func() { _, _ = d.Docker("rm", "-f", marker) }()
+				waitDesired(t, r, marker, func(m core.Mapping, ok bool) bool { return ok })
+				if _, ok := find(r, id); ok {
+					t.Error("a container without published ports was reported")
+				}
+				return
+			}
+			waitDesired(t, r, id, func(m core.Mapping, ok bool) bool {
+				got := " " + ports(m) + " "
+				for _, w := range tt.want {
+					if !strings.Contains(got, w) {
+						return false
+					}
+				}
+				return ok
+			})
+		})
+	}
+}
+
+// TestLoopbackNATRules checks the rules next to Docker's own, in the
+// engine's namespace, and their removal.
+func TestLoopbackNATRules(t *testing.T) {
+	d := requireEngine(t)
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- newSource(t).Run(ctx, r.Emitter(docker.Name)) }()
+	defer func() { cancel(); <-done }()
+
+	id := run(t, d, "-p", "127.0.0.1:18181:80")
+	waitDesired(t, r, id, func(_ core.Mapping, ok bool) bool { return ok })
+	ip, err := d.Docker("inspect", "--format", "{{.NetworkSettings.Networks.bridge.IPAddress}}", id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		"-A PREROUTING -d 192.168.127.2/32 -p tcp -m tcp --dport 18181 -m comment --comment guestagent-loopback -j DNAT --to-destination 127.0.0.1:18181",
+		"-A POSTROUTING -s 127.0.0.1/32 -o eth0 -p tcp -m tcp --sport 18181 -m comment --comment guestagent-loopback -j MASQUERADE",
+		"-A DOCKER -p tcp -m tcp --dport 18181 -m comment --comment guestagent-loopback -j DNAT --to-destination " + ip + ":80",
+	}
+	dockerOwn := "-A DOCKER -d 127.0.0.1/32 ! -i docker0 -p tcp -m tcp --dport 18181 -j DNAT --to-destination " + ip + ":80"
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		rules := testenv.NatRules(t, d.Netns)
+		ok := strings.Contains(rules, dockerOwn)
+		for _, w := range want {
+			ok = ok && strings.Contains(rules, w)
+		}
+		if ok {
+			if strings.Index(rules, want[2]) < strings.Index(rules, dockerOwn) {
+				t.Errorf("our DNAT rule precedes Docker's:\n%s", rules)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rules not in place:\n%s", rules)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := d.Docker("stop", id); err != nil {
+		t.Fatal(err)
+	}
+	waitDesired(t, r, id, func(_ core.Mapping, ok bool) bool { return !ok })
+	deadline = time.Now().Add(30 * time.Second)
+	for strings.Contains(testenv.NatRules(t, d.Netns), loopbacknat.Comment) {
+		if time.Now().After(deadline) {
+			t.Fatalf("rules left after stop:\n%s", testenv.NatRules(t, d.Netns))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	_, _ = d.Docker("rm", "-f", id)
+}
+
+func find(r *core.Router, id string) (core.Mapping, bool) {
+	for _, m := range r.Desired() {
+		if m.ID == id {
+			return m, true
+		}
+	}
+	return core.Mapping{}, false
+}
+
+func waitDesired(t *testing.T, r *core.Router, id string, cond func(core.Mapping, bool) bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		m, ok := find(r, id)
+		if cond(m, ok) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("container %s: reported %v (present %v)", id[:12], ports(m), ok)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
