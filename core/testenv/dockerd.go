@@ -68,7 +68,8 @@ func (d *Dockerd) Start() error {
 		"--exec-root", filepath.Join(d.Dir, "exec"),
 		"--pidfile", filepath.Join(d.Dir, "dockerd.pid"),
 		"--bip", "198.18.0.1/24",
-		"--default-address-pool", "base=198.18.64.0/18,size=24")
+		"--default-address-pool", "base=198.18.64.0/18,size=24",
+		"--live-restore")
 	d.cmd = exec.Command(argv[0], argv[1:]...)
 	d.cmd.Stdout, d.cmd.Stderr = log, log
 	if err := d.cmd.Start(); err != nil {

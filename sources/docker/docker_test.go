@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -273,4 +274,31 @@ func waitDesired(t *testing.T, r *core.Router, id string, cond func(core.Mapping
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// TestDaemonNotRunningYet starts the source before its socket exists and
+// checks that it connects once the socket appears.
+func TestDaemonNotRunningYet(t *testing.T) {
+	d := requireEngine(t)
+	link := filepath.Join(t.TempDir(), "later.sock")
+	s, err := docker.New(docker.Config{Host: "unix://" + link,
+		Backoff: core.Backoff{Initial: 20 * time.Millisecond, Max: 200 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := run(t, d, "-p", "18281:80")
+	defer func() { _, _ = d.Docker("rm", "-f", id) }()
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx, r.Emitter(docker.Name)) }()
+	defer func() { cancel(); <-done }()
+	time.Sleep(300 * time.Millisecond) // several failed attempts
+	if len(r.Desired()) != 0 {
+		t.Fatal("reported containers without a daemon")
+	}
+	if err := os.Symlink(strings.TrimPrefix(d.Host, "unix://"), link); err != nil {
+		t.Fatal(err)
+	}
+	waitDesired(t, r, id, func(_ core.Mapping, ok bool) bool { return ok })
 }
