@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sinks/stdout"
 )
 
@@ -271,5 +272,30 @@ func TestSignalShutdown(t *testing.T) {
 				t.Error("--debug produced no debug log lines")
 			}
 		})
+	}
+}
+
+// TestPluginFlags checks the seed's flags that belong to plugins, with the
+// seed's defaults.
+func TestPluginFlags(t *testing.T) {
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	defineFlags(fs)
+	if _, err := registry.Bind(fs); err != nil {
+		t.Fatal(err)
+	}
+	for name, def := range map[string]string{
+		"containerdSock": "/run/k3s/containerd/containerd.sock",
+		"vtunnelAddr":    "127.0.0.1:3040",
+		"wslProxySocket": "/run/wsl-proxy.sock",
+		"hostSwitchURL":  "http://192.168.127.1:80",
+	} {
+		f := fs.Lookup(name)
+		if f == nil {
+			t.Errorf("flag --%s missing", name)
+			continue
+		}
+		if f.DefValue != def {
+			t.Errorf("--%s defaults to %q, want %q", name, f.DefValue, def)
+		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	_ "github.com/guestagent/guestagent/sinks/stdout"
 	_ "github.com/guestagent/guestagent/sinks/vtunnel"
 	_ "github.com/guestagent/guestagent/sinks/wslproxy"
+	_ "github.com/guestagent/guestagent/sources/containerd"
 	_ "github.com/guestagent/guestagent/sources/docker"
 	_ "github.com/guestagent/guestagent/sources/static"
 )

@@ -12,6 +12,7 @@
 package loopbacknat
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -35,13 +36,17 @@ type Binding struct {
 	Protocol core.Protocol
 	HostPort uint16
 	Backend  netip.AddrPort // the container's address and port
+	// Chain, when set, is where the engine wrote this binding's DNAT rule
+	// (CNI's per-container CNI-DN-* chain); otherwise Config.Chain.
+	Chain string
 }
 
 // Config configures a Manager.
 type Config struct {
 	// Iptables is the iptables command (name on PATH or path).
 	Iptables string
-	// Chain is where the engine writes its DNAT rules (DOCKER for dockerd).
+	// Chain is where the engine writes its DNAT rules (DOCKER for dockerd;
+	// empty when every binding names its own chain).
 	Chain string
 	// Interface is the guest's interface toward the host (eth0).
 	Interface string
@@ -113,6 +118,7 @@ type rule struct {
 func (r rule) String() string { return "-A " + r.chain + " " + strings.Join(r.spec, " ") }
 
 func (m *Manager) rules(b Binding) []rule {
+	chain := cmp.Or(b.Chain, m.cfg.Chain)
 	proto := string(b.Protocol)
 	port := strconv.Itoa(int(b.HostPort))
 	tag := []string{"-m", "comment", "--comment", Comment}
@@ -123,7 +129,7 @@ func (m *Manager) rules(b Binding) []rule {
 			[]string{"-j", "DNAT", "--to-destination", "127.0.0.1:" + port})},
 		{"POSTROUTING", join([]string{"-s", "127.0.0.1/32", "-o", m.cfg.Interface}, match("--sport"), tag,
 			[]string{"-j", "MASQUERADE"})},
-		{m.cfg.Chain, join(match("--dport"), tag,
+		{chain, join(match("--dport"), tag,
 			[]string{"-j", "DNAT", "--to-destination", b.Backend.String()})},
 	}
 }
@@ -203,7 +209,9 @@ func (m *Manager) Sync(all map[string][]Binding) error {
 		}
 	}
 	var errs []error
-	for _, chain := range []string{"PREROUTING", "POSTROUTING", m.cfg.Chain} {
+	// Per-container chains go with their containers; the shared ones are
+	// searched for leftovers.
+	for _, chain := range slices.DeleteFunc([]string{"PREROUTING", "POSTROUTING", m.cfg.Chain}, func(c string) bool { return c == "" }) {
 		listed, err := m.ipt.List("nat", chain)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("listing nat %s: %w", chain, err))

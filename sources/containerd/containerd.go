@@ -1,0 +1,418 @@
+// Package containerd is the source that watches the containerd API for
+// /tasks/start, /containers/update and /tasks/exit in every namespace, and
+// reads each container's ports from what nerdctl records (its state
+// directory's network-config.json, or the nerdctl/ports label).
+//
+// All namespaces are watched: nerdctl uses "default" unless told
+// otherwise, and containers of other namespaces (k8s.io, buildkit) carry no
+// nerdctl port data, so they cost one label read and nothing else.
+package containerd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"time"
+
+	apievents "github.com/containerd/containerd/api/events"
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	cerrdefs "github.com/containerd/errdefs"
+	"github.com/containerd/typeurl/v2"
+	cniutils "github.com/containernetworking/plugins/pkg/utils"
+	"github.com/spf13/pflag"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/registry"
+	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
+)
+
+// Name is the source's registry name.
+const Name = "containerd"
+
+// DefaultSocket is where k3s's containerd listens.
+const DefaultSocket = "/run/k3s/containerd/containerd.sock"
+
+// Event topics the source follows.
+const (
+	topicTaskStart       = "/tasks/start"
+	topicContainerUpdate = "/containers/update"
+	topicTaskExit        = "/tasks/exit"
+)
+
+func init() {
+	registry.RegisterSource(registry.Source{
+		Name:    Name,
+		Summary: "containers' ports from the containerd API and nerdctl's port data",
+		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
+			sock := fs.String("containerdSock", DefaultSocket, "containerd socket path")
+			nat := loopbacknat.Flags(fs, "containerd", "")
+			return func(env registry.Env) (core.Source, error) {
+				m, err := nat(env.Log)
+				if err != nil {
+					return nil, err
+				}
+				return New(Config{Socket: *sock, NAT: m, Log: env.Log})
+			}
+		},
+	})
+}
+
+// Config configures a Source.
+type Config struct {
+	// Socket is containerd's socket path.
+	Socket string
+	// NAT, when set, keeps loopback NAT rules for 127.0.0.1 bindings, next
+	// to the CNI portmap plugin's rules.
+	NAT *loopbacknat.Manager
+	// Backoff bounds reconnect delays (default core.DefaultBackoff, capped
+	// at 10s).
+	Backoff core.Backoff
+	// Log receives the source's log lines; nil discards them.
+	Log *zap.Logger
+}
+
+// Source watches one containerd.
+type Source struct {
+	cfg Config
+	log *zap.Logger
+}
+
+// New checks cfg and returns a Source.
+func New(cfg Config) (*Source, error) {
+	if cfg.Socket == "" {
+		return nil, errors.New("--containerdSock is empty")
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	if cfg.Backoff.Initial <= 0 {
+		cfg.Backoff = core.Backoff{Initial: core.DefaultBackoff.Initial, Max: 10 * time.Second}
+	}
+	return &Source{cfg: cfg, log: cfg.Log.With(zap.String("source", Name))}, nil
+}
+
+// ID returns the mapping id of a container: ids are unique per namespace.
+func ID(namespace, container string) string { return namespace + "/" + container }
+
+// Run watches containerd until ctx is done, reconnecting with backoff.
+func (s *Source) Run(ctx context.Context, out core.Emitter) error {
+	failures := 0
+	for {
+		connected, err := s.session(ctx, out)
+		if ctx.Err() != nil {
+			return nil
+		}
+		switch {
+		case connected:
+			failures = 0
+			s.log.Warn("lost the containerd event stream; reconnecting", zap.Error(err))
+		case failures == 0:
+			s.log.Warn("containerd not reachable; retrying with backoff", zap.String("socket", s.cfg.Socket), zap.Error(err))
+		default:
+			s.log.Debug("containerd still not reachable", zap.Error(err))
+		}
+		delay := s.cfg.Backoff.Delay(failures)
+		failures++
+		if !core.Sleep(ctx, delay) {
+			return nil
+		}
+	}
+}
+
+func (s *Source) session(ctx context.Context, out core.Emitter) (connected bool, err error) {
+	if _, err := os.Stat(s.cfg.Socket); err != nil {
+		return false, err
+	}
+	cli, err := containerd.New(s.cfg.Socket, containerd.WithTimeout(5*time.Second))
+	if err != nil {
+		return false, err
+	}
+	defer cli.Close()
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	serving, err := cli.IsServing(sctx)
+	cancel()
+	if err != nil || !serving {
+		return false, fmt.Errorf("containerd is not serving: %w", err)
+	}
+	ectx, stop := context.WithCancel(ctx)
+	defer stop()
+	// Subscribe before listing, so that nothing starting in between is lost.
+	envelopes, errs := cli.Subscribe(ectx,
+		`topic=="`+topicTaskStart+`"`, `topic=="`+topicContainerUpdate+`"`, `topic=="`+topicTaskExit+`"`)
+	if err := s.resync(ctx, cli, out); err != nil {
+		return true, err
+	}
+	s.log.Info("watching containerd events", zap.String("socket", s.cfg.Socket))
+	for {
+		select {
+		case <-ctx.Done():
+			return true, nil
+		case err := <-errs:
+			if err == nil {
+				err = errors.New("event stream closed")
+			}
+			return true, err
+		case env := <-envelopes:
+			if env != nil {
+				s.handle(ctx, cli, out, env)
+			}
+		}
+	}
+}
+
+// resync reports every container with a running task, in every namespace.
+func (s *Source) resync(ctx context.Context, cli *containerd.Client, out core.Emitter) error {
+	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	nss, err := cli.NamespaceService().List(lctx)
+	if err != nil {
+		return fmt.Errorf("listing namespaces: %w", err)
+	}
+	var ms []core.Mapping
+	rules := map[string][]loopbacknat.Binding{}
+	running := 0
+	for _, ns := range nss {
+		nctx := namespaces.WithNamespace(lctx, ns)
+		ctrs, err := cli.Containers(nctx)
+		if err != nil {
+			return fmt.Errorf("listing containers in %s: %w", ns, err)
+		}
+		for _, c := range ctrs {
+			task, err := c.Task(nctx, nil)
+			if cerrdefs.IsNotFound(err) {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("task of %s/%s: %w", ns, c.ID(), err)
+			}
+			st, err := task.Status(nctx)
+			if err != nil || st.Status != containerd.Running {
+				continue
+			}
+			running++
+			labels, err := c.Labels(nctx)
+			if err != nil {
+				return fmt.Errorf("labels of %s/%s: %w", ns, c.ID(), err)
+			}
+			m, bindings := s.mapping(ns, c.ID(), labels, task.Pid())
+			if len(m.Ports) > 0 {
+				ms = append(ms, m)
+			}
+			if len(bindings) > 0 {
+				rules[m.ID] = bindings
+			}
+		}
+	}
+	if s.cfg.NAT != nil {
+		if err := s.cfg.NAT.Sync(rules); err != nil {
+			s.log.Error("loopback NAT rules", zap.Error(err))
+		}
+	}
+	out.Snapshot(ms)
+	s.log.Info("synced running containers", zap.Int("namespaces", len(nss)), zap.Int("running", running), zap.Int("with_ports", len(ms)))
+	return nil
+}
+
+func (s *Source) handle(ctx context.Context, cli *containerd.Client, out core.Emitter, env *events.Envelope) {
+	if env.Event == nil {
+		s.log.Warn("event without payload ignored", zap.String("topic", env.Topic))
+		return
+	}
+	payload, err := typeurl.UnmarshalAny(env.Event)
+	if err != nil {
+		s.log.Warn("undecodable event ignored", zap.String("topic", env.Topic), zap.Error(err))
+		return
+	}
+	nctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, env.Namespace), 10*time.Second)
+	defer cancel()
+	switch ev := payload.(type) {
+	case *apievents.TaskStart:
+		s.refresh(nctx, cli, out, env.Namespace, ev.ContainerID)
+	case *apievents.ContainerUpdate:
+		s.refresh(nctx, cli, out, env.Namespace, ev.ID)
+	case *apievents.TaskExit:
+		if ev.ID != "" && ev.ID != ev.ContainerID {
+			return // an exec'd process, not the container's own
+		}
+		s.remove(out, ID(env.Namespace, ev.ContainerID))
+	default:
+		s.log.Debug("event ignored", zap.String("topic", env.Topic))
+	}
+}
+
+// refresh reports a container as it is now: its ports if its task runs,
+// nothing otherwise. An update of labels thus becomes a remove of the old
+// ports and an add of the new in the router.
+func (s *Source) refresh(ctx context.Context, cli *containerd.Client, out core.Emitter, ns, id string) {
+	key := ID(ns, id)
+	c, err := cli.LoadContainer(ctx, id)
+	if cerrdefs.IsNotFound(err) {
+		s.remove(out, key)
+		return
+	}
+	if err != nil {
+		s.log.Error("loading container", zap.String("container", key), zap.Error(err))
+		return
+	}
+	task, err := c.Task(ctx, nil)
+	if err != nil {
+		if !cerrdefs.IsNotFound(err) {
+			s.log.Error("loading task", zap.String("container", key), zap.Error(err))
+		}
+		s.remove(out, key)
+		return
+	}
+	st, err := task.Status(ctx)
+	if err != nil || st.Status != containerd.Running {
+		s.remove(out, key)
+		return
+	}
+	labels, err := c.Labels(ctx)
+	if err != nil {
+		s.log.Error("reading labels", zap.String("container", key), zap.Error(err))
+		return
+	}
+	m, bindings := s.mapping(ns, id, labels, task.Pid())
+	out.Set(m)
+	if s.cfg.NAT != nil {
+		if err := s.cfg.NAT.Set(key, bindings); err != nil {
+			s.log.Error("loopback NAT rules", zap.Error(err))
+		}
+	}
+}
+
+func (s *Source) remove(out core.Emitter, key string) {
+	out.Delete(key)
+	if s.cfg.NAT != nil {
+		if err := s.cfg.NAT.Remove(key); err != nil {
+			s.log.Error("loopback NAT rules", zap.Error(err))
+		}
+	}
+}
+
+// mapping builds a container's mapping and, for its 127.0.0.1 bindings,
+// the loopback NAT bindings, logging what it has to skip.
+func (s *Source) mapping(ns, id string, labels map[string]string, pid uint32) (core.Mapping, []loopbacknat.Binding) {
+	key := ID(ns, id)
+	m := core.Mapping{Key: core.Key{Source: Name, ID: key}}
+	ports, skipped, err := PortsFromLabels(labels)
+	if err != nil {
+		s.log.Error("container's port data unusable; container skipped", zap.String("container", key), zap.Error(err))
+		return m, nil
+	}
+	for _, e := range skipped {
+		s.log.Warn("port mapping skipped", zap.String("container", key), zap.Error(e))
+	}
+	m.Ports = ports
+	if s.cfg.NAT == nil {
+		return m, nil
+	}
+	return m, s.loopback(ns, id, labels, pid, ports)
+}
+
+var localhost = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+
+// loopback returns the NAT bindings for ports on 127.0.0.1: one per CNI
+// network of the container, in the chain the portmap plugin made for it.
+func (s *Source) loopback(ns, id string, labels map[string]string, pid uint32, ports []core.Port) []loopbacknat.Binding {
+	var want []core.Port
+	for _, p := range ports {
+		if p.HostIP == localhost {
+			want = append(want, p)
+		}
+	}
+	if len(want) == 0 {
+		return nil
+	}
+	nets, err := Networks(labels)
+	if err == nil && len(nets) == 0 {
+		err = errors.New("no networks in its labels")
+	}
+	var ip netip.Addr
+	if err == nil {
+		ip, err = TaskIPv4(pid, "eth0")
+	}
+	if err != nil {
+		s.log.Warn("no loopback NAT rules for container", zap.String("container", ID(ns, id)), zap.Error(err))
+		return nil
+	}
+	var out []loopbacknat.Binding
+	for _, n := range nets {
+		chain := cniutils.MustFormatChainNameWithPrefix(n, ns+"-"+id, "DN-")
+		for _, p := range want {
+			out = append(out, loopbacknat.Binding{Protocol: p.Protocol, HostPort: p.HostPort,
+				Backend: netip.AddrPortFrom(ip, p.ContainerPort), Chain: chain})
+		}
+	}
+	return out
+}
+
+// TaskIPv4 returns the first IPv4 address of interface iface inside the
+// network namespace of process pid.
+func TaskIPv4(pid uint32, iface string) (netip.Addr, error) {
+	if pid == 0 {
+		return netip.Addr{}, errors.New("task has no pid")
+	}
+	target, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", pid))
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	defer target.Close()
+
+	type result struct {
+		ip  netip.Addr
+		err error
+	}
+	done := make(chan result, 1)
+	// The namespace switch happens on a thread of its own, which is thrown
+	// away if it cannot be switched back.
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
+		if err != nil {
+			runtime.UnlockOSThread()
+			done <- result{err: err}
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			done <- result{err: fmt.Errorf("entering the task's network namespace: %w", err)}
+			return
+		}
+		ip, err := firstIPv4(iface)
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		done <- result{ip, err}
+	}()
+	r := <-done
+	return r.ip, r.err
+}
+
+func firstIPv4(name string) (netip.Addr, error) {
+	ifc, err := net.InterfaceByName(name)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	addrs, err := ifc.Addrs()
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap().Is4() {
+				return ip.Unmap(), nil
+			}
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("%s has no IPv4 address", name)
+}

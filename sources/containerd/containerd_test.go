@@ -1,0 +1,268 @@
+package containerd_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	cniutils "github.com/containernetworking/plugins/pkg/utils"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/sources/containerd"
+	"github.com/guestagent/guestagent/sources/containerd/containerdtest"
+	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
+)
+
+var (
+	engine    *containerdtest.Containerd
+	engineErr error
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "guestagent-containerd-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	engine, engineErr = containerdtest.StartContainerd(dir)
+	code := m.Run()
+	if engine != nil {
+		engine.Close()
+	}
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func requireEngine(t *testing.T) *containerdtest.Containerd {
+	t.Helper()
+	if engineErr != nil {
+		testenv.Missing(t, "containerd ("+engineErr.Error()+")")
+	}
+	return engine
+}
+
+func newSource(t *testing.T, nat *loopbacknat.Manager) core.Source {
+	t.Helper()
+	s, err := containerd.New(containerd.Config{Socket: engine.Socket, NAT: nat,
+		Backoff: core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+var seq atomic.Int64
+
+func portsLabel(entries ...containerd.PortEntry) map[string]string {
+	b, _ := json.Marshal(entries)
+	return map[string]string{containerd.LabelPorts: string(b)}
+}
+
+func expected(ns, id string, labels map[string]string) core.Mapping {
+	ports, _, _ := containerd.PortsFromLabels(labels)
+	return core.Mapping{Key: core.Key{ID: containerd.ID(ns, id)}, Ports: ports}
+}
+
+// labelsFor is the nerdctl port label of variant v at base port base.
+func labelsFor(variant, base int) map[string]string {
+	switch variant {
+	case sourcetest.NoPorts:
+		return nil
+	case 0:
+		return portsLabel(
+			containerd.PortEntry{HostPort: base, ContainerPort: 80, Protocol: "tcp", HostIP: "0.0.0.0"},
+			containerd.PortEntry{HostPort: base + 1, ContainerPort: 53, Protocol: "udp", HostIP: "127.0.0.1"})
+	default:
+		return portsLabel(containerd.PortEntry{HostPort: base + 2, ContainerPort: 80, Protocol: "tcp", HostIP: "0.0.0.0"})
+	}
+}
+
+type ref struct{ ns, id string }
+
+func split(m core.Mapping) ref {
+	ns, id, _ := strings.Cut(m.ID, "/")
+	return ref{ns, id}
+}
+
+// TestContract runs the suite with containers spread over two namespaces.
+func TestContract(t *testing.T) {
+	c := requireEngine(t)
+	bases := map[string]int{}
+	sourcetest.Run(t, sourcetest.Harness{
+		New: func(t *testing.T) core.Source { return newSource(t, nil) },
+		Expose: func(t *testing.T, name string, variant int) core.Mapping {
+			n := int(seq.Add(1))
+			ns := "default"
+			if n%2 == 0 {
+				ns = "guestagent-test"
+			}
+			id := fmt.Sprintf("%s-%d", name, n)
+			base := 21000 + n*10
+			bases[id] = base
+			labels := labelsFor(variant, base)
+			if err := c.RunContainer(ns, id, labels, ""); err != nil {
+				t.Fatal(err)
+			}
+			return expected(ns, id, labels)
+		},
+		Unexpose: func(t *testing.T, m core.Mapping) {
+			r := split(m)
+			if err := c.StopContainer(r.ns, r.id); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.RemoveContainer(r.ns, r.id); err != nil {
+				t.Fatal(err)
+			}
+		},
+		Update: func(t *testing.T, m core.Mapping, variant int) core.Mapping {
+			r := split(m)
+			labels := labelsFor(variant, bases[r.id])
+			if err := c.SetLabels(r.ns, r.id, labels); err != nil {
+				t.Fatal(err)
+			}
+			return expected(r.ns, r.id, labels)
+		},
+		Repeat: func(t *testing.T, m core.Mapping) {
+			r := split(m)
+			ctx := context.Background()
+			ctr, err := c.Client.LoadContainer(nsCtx(ctx, r.ns), r.id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			labels, err := ctr.Labels(nsCtx(ctx, r.ns))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.SetLabels(r.ns, r.id, labels); err != nil { // an update with nothing changed
+				t.Fatal(err)
+			}
+		},
+		Outage: func(t *testing.T, during func()) {
+			c.Stop()
+			if err := c.Start(); err != nil {
+				t.Fatal(err)
+			}
+			during()
+		},
+		Timeout: 60 * time.Second,
+	})
+}
+
+// TestMalformedLabelIsSkipped checks that a container with garbage port
+// data is logged and skipped while the next one is still reported.
+func TestMalformedLabelIsSkipped(t *testing.T) {
+	c := requireEngine(t)
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- newSource(t, nil).Run(ctx, r.Emitter(containerd.Name)) }()
+	defer func() { cancel(); <-done }()
+
+	bad, good := fmt.Sprintf("bad-%d", seq.Add(1)), fmt.Sprintf("good-%d", seq.Add(1))
+	if err := c.RunContainer("default", bad, map[string]string{containerd.LabelPorts: `[{"HostPort":`}, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.RemoveContainer("default", bad) }()
+	labels := labelsFor(0, 22500)
+	if err := c.RunContainer("default", good, labels, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.RemoveContainer("default", good) }()
+	want := expected("default", good, labels)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var ids []string
+		for _, m := range r.Desired() {
+			ids = append(ids, m.ID)
+		}
+		if strings.Contains(strings.Join(ids, " "), want.ID) {
+			if strings.Contains(strings.Join(ids, " "), bad) {
+				t.Errorf("the malformed container was reported: %v", ids)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the good container never showed up: %v", ids)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestLoopbackNATNextToCNI runs a container whose task has an eth0 (in a
+// namespace the test made), with a 127.0.0.1 port, and checks the rules
+// appended after the portmap-style rule in its CNI-DN chain.
+func TestLoopbackNATNextToCNI(t *testing.T) {
+	c := requireEngine(t)
+	natNS := testenv.Netns(t)
+	taskNS := testenv.Netns(t)
+	testenv.RunIn(t, taskNS, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+	testenv.RunIn(t, taskNS, "ip", "addr", "add", "198.18.20.2/24", "dev", "eth0")
+	testenv.RunIn(t, taskNS, "ip", "link", "set", "eth0", "up")
+
+	id := fmt.Sprintf("lo-%d", seq.Add(1))
+	chain := cniutils.MustFormatChainNameWithPrefix("bridge", "default-"+id, "DN-")
+	// What the CNI portmap plugin writes for -p 127.0.0.1:22601:80.
+	testenv.RunIn(t, natNS, "iptables", "-t", "nat", "-N", chain)
+	testenv.RunIn(t, natNS, "iptables", "-t", "nat", "-A", chain, "-d", "127.0.0.1/32", "-p", "tcp", "-m", "tcp",
+		"--dport", "22601", "-j", "DNAT", "--to-destination", "198.18.20.2:80")
+
+	wrapper, err := testenv.IptablesWrapper(t.TempDir(), natNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nat, err := loopbacknat.New(loopbacknat.Config{Iptables: wrapper, Interface: "eth0", GuestIP: netip.MustParseAddr("192.168.127.2")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- newSource(t, nat).Run(ctx, r.Emitter(containerd.Name)) }()
+	defer func() { cancel(); <-done }()
+
+	labels := portsLabel(containerd.PortEntry{HostPort: 22601, ContainerPort: 80, Protocol: "tcp", HostIP: "127.0.0.1"})
+	labels[containerd.LabelNetworks] = `["bridge"]`
+	if err := c.RunContainer("default", id, labels, "/var/run/netns/"+taskNS); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.RemoveContainer("default", id) }()
+
+	cni := "-A " + chain + " -d 127.0.0.1/32 -p tcp -m tcp --dport 22601 -j DNAT --to-destination 198.18.20.2:80"
+	ours := "-A " + chain + " -p tcp -m tcp --dport 22601 -m comment --comment guestagent-loopback -j DNAT --to-destination 198.18.20.2:80"
+	pre := "-A PREROUTING -d 192.168.127.2/32 -p tcp -m tcp --dport 22601 -m comment --comment guestagent-loopback -j DNAT --to-destination 127.0.0.1:22601"
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		rules := testenv.NatRules(t, natNS)
+		if strings.Contains(rules, ours) && strings.Contains(rules, pre) {
+			if strings.Index(rules, ours) < strings.Index(rules, cni) {
+				t.Errorf("our rule precedes CNI's:\n%s", rules)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rules not in place:\n%s", rules)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := c.StopContainer("default", id); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for strings.Contains(testenv.NatRules(t, natNS), loopbacknat.Comment) {
+		if time.Now().After(deadline) {
+			t.Fatalf("rules left after exit:\n%s", testenv.NatRules(t, natNS))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func nsCtx(ctx context.Context, ns string) context.Context { return namespaces.WithNamespace(ctx, ns) }
