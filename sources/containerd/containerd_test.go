@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -266,3 +267,44 @@ func TestLoopbackNATNextToCNI(t *testing.T) {
 }
 
 func nsCtx(ctx context.Context, ns string) context.Context { return namespaces.WithNamespace(ctx, ns) }
+
+// TestSocketAbsentAtStart starts the source before its socket exists.
+func TestSocketAbsentAtStart(t *testing.T) {
+	c := requireEngine(t)
+	link := filepath.Join(t.TempDir(), "later.sock")
+	s, err := containerd.New(containerd.Config{Socket: link,
+		Backoff: core.Backoff{Initial: 20 * time.Millisecond, Max: 200 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := fmt.Sprintf("late-%d", seq.Add(1))
+	labels := labelsFor(0, 22700)
+	if err := c.RunContainer("default", id, labels, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.RemoveContainer("default", id) }()
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx, r.Emitter(containerd.Name)) }()
+	defer func() { cancel(); <-done }()
+	time.Sleep(300 * time.Millisecond) // several failed attempts
+	if len(r.Desired()) != 0 {
+		t.Fatal("reported containers without a daemon")
+	}
+	if err := os.Symlink(c.Socket, link); err != nil {
+		t.Fatal(err)
+	}
+	want := containerd.ID("default", id)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ds := r.Desired()
+		if len(ds) == 1 && ds[0].ID == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("desired %v, want only %s", ds, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
