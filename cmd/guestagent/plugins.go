@@ -8,5 +8,6 @@ import (
 	_ "github.com/guestagent/guestagent/sinks/wslproxy"
 	_ "github.com/guestagent/guestagent/sources/containerd"
 	_ "github.com/guestagent/guestagent/sources/docker"
+	_ "github.com/guestagent/guestagent/sources/iptables"
 	_ "github.com/guestagent/guestagent/sources/static"
 )

@@ -1,0 +1,276 @@
+package iptables
+
+import (
+	"cmp"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/guestagent/guestagent/core"
+)
+
+// Kinds of service ports.
+const (
+	KindNodePort = "nodeport" // kube-proxy NodePort
+	KindExternal = "external" // kube-proxy LoadBalancer / external IP
+	KindHostPort = "hostport" // CNI portmap hostPort
+)
+
+// ServicePort is a port that kube-proxy or the CNI portmap plugin exposes
+// through DNAT.
+type ServicePort struct {
+	Protocol core.Protocol
+	Port     uint16
+	// HostIP is set for hostPorts bound to one address (127.0.0.1, say).
+	HostIP netip.Addr
+	Kind   string
+}
+
+// ID is the mapping id of p: the same port found by two scans, or in two
+// rule sets, has the same id.
+func (p ServicePort) ID() string {
+	if p.HostIP.IsValid() {
+		return fmt.Sprintf("%s/%s", p.Protocol, netip.AddrPortFrom(p.HostIP, p.Port))
+	}
+	return fmt.Sprintf("%s/%d", p.Protocol, p.Port)
+}
+
+func compareServicePorts(a, b ServicePort) int {
+	return cmp.Or(cmp.Compare(a.Protocol, b.Protocol), cmp.Compare(a.Port, b.Port), a.HostIP.Compare(b.HostIP), cmp.Compare(a.Kind, b.Kind))
+}
+
+// dedupe sorts ports and drops repeats of the same id (a NodePort has a
+// KUBE-MARK-MASQ and a KUBE-EXT rule in older kube-proxies, say).
+func dedupe(ports []ServicePort) []ServicePort {
+	slices.SortFunc(ports, compareServicePorts)
+	return slices.CompactFunc(ports, func(a, b ServicePort) bool { return a.ID() == b.ID() })
+}
+
+// Fields splits an `iptables -S` line into its arguments, honouring the
+// double quotes iptables puts around comments with spaces.
+func Fields(line string) []string {
+	var out []string
+	eachToken(line, func(tok string, quoted bool) bool {
+		if quoted {
+			tok = unescape(tok)
+		}
+		out = append(out, tok)
+		return true
+	})
+	return out
+}
+
+// eachToken calls fn with each argument of line, without its quotes and
+// without copying; quoted tells whether it may hold backslash escapes. It
+// stops when fn returns false.
+func eachToken(line string, fn func(tok string, quoted bool) bool) {
+	i := 0
+	for i < len(line) {
+		for i < len(line) && (line[i] == ' ' || line[i] == '\t') {
+			i++
+		}
+		if i == len(line) {
+			return
+		}
+		if line[i] == '"' {
+			j := i + 1
+			for j < len(line) && line[j] != '"' {
+				if line[j] == '\\' {
+					j++
+				}
+				j++
+			}
+			if !fn(line[i+1:min(j, len(line))], true) {
+				return
+			}
+			i = j + 1
+			continue
+		}
+		j := i
+		for j < len(line) && line[j] != ' ' && line[j] != '\t' {
+			j++
+		}
+		if !fn(line[i:j], false) {
+			return
+		}
+		i = j
+	}
+}
+
+func unescape(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+1 < len(s) {
+			i++
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// rule is the part of an iptables rule the parser needs.
+type rule struct {
+	chain, proto, target, dest, dport string
+}
+
+func parseRule(line string) (rule, bool) {
+	var r rule
+	n := 0
+	var prev string
+	ok := true
+	eachToken(line, func(tok string, _ bool) bool {
+		switch {
+		case n == 0:
+			ok = tok == "-A"
+		case n == 1:
+			r.chain = tok
+		default:
+			switch prev {
+			case "-p", "--protocol":
+				r.proto = tok
+			case "-j", "--jump", "-g", "--goto":
+				r.target = tok
+			case "-d", "--destination":
+				r.dest = tok
+			case "--dport", "--destination-port":
+				r.dport = tok
+			}
+		}
+		prev = tok
+		n++
+		return ok
+	})
+	return r, ok && n >= 2
+}
+
+// ParseIptables finds the service ports in `iptables -t nat -S` lines of
+// the chains KUBE-NODEPORTS, KUBE-SERVICES and CNI-DN-*; other lines are
+// ignored. It also returns the CNI-DN-* chains that CNI-HOSTPORT-DNAT jumps
+// to, so that the caller can list them.
+func ParseIptables(lines []string) (ports []ServicePort, cniChains []string) {
+	for _, line := range lines {
+		r, ok := parseRule(line)
+		if !ok {
+			continue
+		}
+		switch {
+		case r.chain == "KUBE-NODEPORTS":
+			if strings.HasPrefix(r.target, "KUBE-EXT-") || strings.HasPrefix(r.target, "KUBE-SVC-") {
+				ports = appendPort(ports, r.proto, r.dport, netip.Addr{}, KindNodePort)
+			}
+		case r.chain == "KUBE-SERVICES":
+			if strings.HasPrefix(r.target, "KUBE-EXT-") {
+				ports = appendPort(ports, r.proto, r.dport, netip.Addr{}, KindExternal)
+			}
+		case r.chain == "CNI-HOSTPORT-DNAT":
+			if strings.HasPrefix(r.target, "CNI-DN-") && !slices.Contains(cniChains, r.target) {
+				cniChains = append(cniChains, r.target)
+			}
+		case strings.HasPrefix(r.chain, "CNI-DN-"):
+			if r.target == "DNAT" {
+				ports = appendPort(ports, r.proto, r.dport, hostIP(r.dest), KindHostPort)
+			}
+		}
+	}
+	return dedupe(ports), cniChains
+}
+
+func appendPort(ports []ServicePort, proto, port string, ip netip.Addr, kind string) []ServicePort {
+	p, err := core.ParseProtocol(proto)
+	if err != nil || proto == "" {
+		return ports
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || n == 0 {
+		return ports
+	}
+	return append(ports, ServicePort{Protocol: p, Port: uint16(n), HostIP: ip, Kind: kind})
+}
+
+// hostIP returns the single address of a "-d" match, if it is one.
+func hostIP(dest string) netip.Addr {
+	if dest == "" {
+		return netip.Addr{}
+	}
+	if p, err := netip.ParsePrefix(dest); err == nil && p.IsSingleIP() {
+		return p.Addr()
+	}
+	if a, err := netip.ParseAddr(dest); err == nil {
+		return a
+	}
+	return netip.Addr{}
+}
+
+// NftElement is one element of a kube-proxy verdict map: its key bytes
+// and the chain its verdict jumps or goes to.
+type NftElement struct {
+	Key   []byte
+	Chain string
+}
+
+// nft concatenations pad every field to a multiple of four bytes.
+const nftReg = 4
+
+// ParseNodePorts decodes the elements of kube-proxy's service-nodeports
+// map ("inet_proto . inet_service : verdict").
+func ParseNodePorts(elems []NftElement) []ServicePort {
+	var out []ServicePort
+	for _, e := range elems {
+		if len(e.Key) < 2*nftReg || !strings.HasPrefix(e.Chain, "external-") {
+			continue
+		}
+		if p, ok := protoPort(e.Key[0], e.Key[nftReg:nftReg+2]); ok {
+			out = append(out, ServicePort{Protocol: p.Protocol, Port: p.Port, Kind: KindNodePort})
+		}
+	}
+	return dedupe(out)
+}
+
+// ParseServiceIPs decodes the elements of kube-proxy's service-ips map
+// ("ipv4_addr|ipv6_addr . inet_proto . inet_service : verdict") and keeps
+// the LoadBalancer and external IPs (verdicts to external-* chains).
+func ParseServiceIPs(elems []NftElement, addrLen int) []ServicePort {
+	var out []ServicePort
+	a := (addrLen + nftReg - 1) / nftReg * nftReg
+	for _, e := range elems {
+		if len(e.Key) < a+2*nftReg || !strings.HasPrefix(e.Chain, "external-") {
+			continue
+		}
+		if p, ok := protoPort(e.Key[a], e.Key[a+nftReg:a+nftReg+2]); ok {
+			out = append(out, ServicePort{Protocol: p.Protocol, Port: p.Port, Kind: KindExternal})
+		}
+	}
+	return dedupe(out)
+}
+
+// IP protocol numbers.
+const (
+	ipprotoTCP  = 6
+	ipprotoUDP  = 17
+	ipprotoSCTP = 132
+)
+
+func protoPort(proto byte, port []byte) (ServicePort, bool) {
+	var p core.Protocol
+	switch proto {
+	case ipprotoTCP:
+		p = core.TCP
+	case ipprotoUDP:
+		p = core.UDP
+	case ipprotoSCTP:
+		p = core.SCTP
+	default:
+		return ServicePort{}, false
+	}
+	n := binary.BigEndian.Uint16(port)
+	if n == 0 {
+		return ServicePort{}, false
+	}
+	return ServicePort{Protocol: p, Port: n}, true
+}
