@@ -1,0 +1,272 @@
+package kubernetes_test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
+	k8s "k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/sources/kubernetes"
+)
+
+var lo = netip.MustParseAddr("127.0.0.1")
+
+var seq atomic.Int64
+
+// service builds a service of type typ with one port per entry of ports
+// (port, node port); uid is set as the API server would.
+func service(name string, typ corev1.ServiceType, ports ...[2]int32) *corev1.Service {
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", UID: types.UID("uid-" + name)},
+		Spec:       corev1.ServiceSpec{Type: typ},
+	}
+	for i, p := range ports {
+		proto := corev1.ProtocolTCP
+		if i == 1 {
+			proto = corev1.ProtocolUDP
+		}
+		svc.Spec.Ports = append(svc.Spec.Ports, corev1.ServicePort{Name: fmt.Sprint("p", i), Protocol: proto, Port: p[0], NodePort: p[1]})
+	}
+	return svc
+}
+
+func expect(svc *corev1.Service) core.Mapping {
+	m := kubernetes.Convert(svc, lo)
+	m.Source = ""
+	return m
+}
+
+func fakeSource(cs k8s.Interface) core.Source {
+	return kubernetes.New(kubernetes.Config{
+		NewClient:  func([]byte) (k8s.Interface, error) { return cs, nil },
+		Check:      20 * time.Millisecond,
+		ListenAddr: lo,
+	})
+}
+
+func TestContractFakeClientset(t *testing.T) {
+	cs := fake.NewClientset()
+	ctx := context.Background()
+	svcs := cs.CoreV1().Services("default")
+	sourcetest.Run(t, sourcetest.Harness{
+		New: func(*testing.T) core.Source { return fakeSource(cs) },
+		Expose: func(t *testing.T, name string, variant int) core.Mapping {
+			n := int32(seq.Add(1))
+			var svc *corev1.Service
+			switch variant {
+			case sourcetest.NoPorts:
+				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeClusterIP, [2]int32{80, 0})
+			case 0:
+				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeNodePort, [2]int32{80, 30000 + n}, [2]int32{53, 30100 + n})
+			default:
+				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeLoadBalancer, [2]int32{8000 + n, 30200 + n})
+			}
+			if _, err := svcs.Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			return expect(svc)
+		},
+		Unexpose: func(t *testing.T, m core.Mapping) {
+			if err := svcs.Delete(ctx, string(m.ID)[len("uid-"):], metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		},
+		Update: func(t *testing.T, m core.Mapping, variant int) core.Mapping {
+			svc, err := svcs.Get(ctx, string(m.ID)[len("uid-"):], metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := int32(seq.Add(1))
+			// A type change: NodePort to LoadBalancer, ports move.
+			svc.Spec.Type = corev1.ServiceTypeLoadBalancer
+			svc.Spec.Ports = []corev1.ServicePort{{Name: "p0", Protocol: corev1.ProtocolTCP, Port: 9000 + n, NodePort: 30300 + n}}
+			if _, err := svcs.Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			return expect(svc)
+		},
+		Repeat: func(t *testing.T, m core.Mapping) {
+			svc, err := svcs.Get(ctx, string(m.ID)[len("uid-"):], metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			svc.Labels = map[string]string{"touched": fmt.Sprint(seq.Add(1))} // an update that changes no port
+			if _, err := svcs.Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		},
+	})
+}
+
+// controlledWatches lets a test end the informer's watch, as an API server
+// does when a watch expires; the informer then relists.
+type controlledWatches struct {
+	mu      sync.Mutex
+	watches []watch.Interface
+}
+
+func (c *controlledWatches) install(cs *fake.Clientset) {
+	tracker := cs.Tracker()
+	cs.PrependWatchReactor("services", func(action k8stesting.Action) (bool, watch.Interface, error) {
+		w, err := tracker.Watch(action.GetResource(), action.GetNamespace())
+		if err != nil {
+			return true, nil, err
+		}
+		c.mu.Lock()
+		c.watches = append(c.watches, w)
+		c.mu.Unlock()
+		return true, w, nil
+	})
+}
+
+func (c *controlledWatches) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.watches)
+}
+
+func (c *controlledWatches) expire() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, w := range c.watches {
+		w.Stop()
+	}
+	c.watches = nil
+}
+
+// TestRelistAfterWatchExpiry changes services while no watch is open and
+// checks that the relist delivers the removal and the new service once,
+// and re-adds nothing that was already there.
+func TestRelistAfterWatchExpiry(t *testing.T) {
+	cs := fake.NewClientset(service("kept", corev1.ServiceTypeNodePort, [2]int32{80, 31001}), service("gone", corev1.ServiceTypeNodePort, [2]int32{80, 31002}))
+	cw := &controlledWatches{}
+	cw.install(cs)
+	sink := &countingSink{}
+	r := core.NewRouter(core.RouterConfig{})
+	r.AddSink("count", sink, nil)
+	ctx, cancel := context.WithCancel(t.Context())
+	rdone := make(chan error, 1)
+	go func() { rdone <- r.Run(ctx) }()
+	done := make(chan error, 1)
+	go func() { done <- fakeSource(cs).Run(ctx, r.Emitter(kubernetes.Name)) }()
+	defer func() { cancel(); <-done; <-rdone }()
+
+	eventually(t, "two services", func() bool { return len(r.Desired()) == 2 && cw.count() > 0 })
+	waitQuiet(t, sink, 2)
+	cw.expire()
+	// While the watch is down: one service goes, one comes, without events.
+	tracker := cs.Tracker()
+	gvr := corev1.SchemeGroupVersion.WithResource("services")
+	if err := tracker.Delete(gvr, "default", "gone"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tracker.Create(gvr, service("new", corev1.ServiceTypeLoadBalancer, [2]int32{8080, 31003}), "default"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the relist", func() bool {
+		ids := ""
+		for _, m := range r.Desired() {
+			ids += m.ID + " "
+		}
+		return ids == "uid-kept uid-new "
+	})
+	waitQuiet(t, sink, 4)
+	if adds, removes := sink.counts(); adds != 3 || removes != 1 {
+		t.Errorf("adds %d removes %d; want 3 adds (kept, gone, new) and 1 remove", adds, removes)
+	}
+}
+
+func TestKubeconfigAppearsLaterAndChanges(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/k3s.yaml"
+	clusters := map[string]*fake.Clientset{
+		"one": fake.NewClientset(service("a", corev1.ServiceTypeNodePort, [2]int32{80, 31101})),
+		"two": fake.NewClientset(service("b", corev1.ServiceTypeNodePort, [2]int32{80, 31102})),
+	}
+	src := kubernetes.New(kubernetes.Config{
+		Path:  path,
+		Check: 20 * time.Millisecond,
+		NewClient: func(data []byte) (k8s.Interface, error) {
+			cs, ok := clusters[string(data)]
+			if !ok {
+				return nil, fmt.Errorf("unknown cluster %q", data)
+			}
+			return cs, nil
+		},
+		ListenAddr: lo,
+	})
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, r.Emitter(kubernetes.Name)) }()
+	defer func() { cancel(); <-done }()
+	time.Sleep(100 * time.Millisecond)
+	if len(r.Desired()) != 0 {
+		t.Fatal("services without a kubeconfig")
+	}
+	write := func(s string) {
+		if err := writeFile(path, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("one")
+	eventually(t, "cluster one", func() bool { d := r.Desired(); return len(d) == 1 && d[0].ID == "uid-a" })
+	write("garbage")
+	time.Sleep(100 * time.Millisecond)
+	if d := r.Desired(); len(d) != 1 || d[0].ID != "uid-a" {
+		t.Errorf("an unusable kubeconfig dropped the services: %v", d)
+	}
+	write("two")
+	eventually(t, "cluster two replacing one", func() bool { d := r.Desired(); return len(d) == 1 && d[0].ID == "uid-b" })
+}
+
+func TestConvert(t *testing.T) {
+	tests := []struct {
+		svc  *corev1.Service
+		want string
+	}{
+		{service("np", corev1.ServiceTypeNodePort, [2]int32{80, 30080}, [2]int32{53, 30053}), "127.0.0.1:30080->30080/tcp 127.0.0.1:30053->30053/udp"},
+		{service("lb", corev1.ServiceTypeLoadBalancer, [2]int32{8080, 30081}), "127.0.0.1:8080->8080/tcp"},
+		{service("cip", corev1.ServiceTypeClusterIP, [2]int32{80, 0}), ""},
+		{service("ext", corev1.ServiceTypeExternalName), ""},
+		{service("np-unallocated", corev1.ServiceTypeNodePort, [2]int32{80, 0}), ""},
+	}
+	sctp := service("sctp", corev1.ServiceTypeNodePort, [2]int32{80, 30090})
+	sctp.Spec.Ports[0].Protocol = corev1.ProtocolSCTP
+	tests = append(tests, struct {
+		svc  *corev1.Service
+		want string
+	}{sctp, "127.0.0.1:30090->30090/sctp"})
+	for _, tt := range tests {
+		m := kubernetes.Convert(tt.svc, lo)
+		var got string
+		for i, p := range m.Ports {
+			if i > 0 {
+				got += " "
+			}
+			got += p.String()
+		}
+		if got != tt.want && !sameSet(got, tt.want) {
+			t.Errorf("%s: %q, want %q", tt.svc.Name, got, tt.want)
+		}
+		if m.ID != string(tt.svc.UID) {
+			t.Errorf("%s: id %q", tt.svc.Name, m.ID)
+		}
+	}
+}
+
+var _ runtime.Object = (*corev1.Service)(nil)
