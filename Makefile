@@ -8,6 +8,10 @@ STATICCHECK := $(BIN)/staticcheck
 STATICCHECK_VERSION := v0.8.2
 GVPROXY     := $(BIN)/gvproxy
 GVPROXY_VERSION := v0.8.9
+# kube-apiserver takes minutes to build, so it is cached across runs.
+KUBE_VERSION   := v1.37.2
+KUBE_CACHE     ?= $(HOME)/.cache/guestagent/k8s-$(KUBE_VERSION)
+KUBE_APISERVER := $(KUBE_CACHE)/kube-apiserver
 # Extra flags for `make run`, e.g. make run RUN_ARGS=--debug
 RUN_ARGS    ?=
 # The demo source: the static file, plus Docker when its socket is there.
@@ -29,18 +33,18 @@ run: build ## run the agent on the demo mappings, printing every change as JSON
 test: lint unit ## vet, staticcheck, then every test with -race
 
 unit: engines ## every test with -race, against the real engines and peers
-	GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) \
-		$(GO) test -race -count=1 ./...
+	GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER) \
+		$(GO) test -race -count=1 -timeout 20m ./...
 
 # Debian packages of the engines the integration tests start (on private
 # sockets, in network namespaces of their own).
 APT_PACKAGES := docker.io containerd runc iptables nftables iproute2 util-linux \
-	containernetworking-plugins conntrack
-ENGINE_BINARIES := dockerd containerd runc iptables nft ip nsenter
+	containernetworking-plugins conntrack etcd-server
+ENGINE_BINARIES := dockerd containerd runc iptables nft ip nsenter etcd
 
 # The real peers and engines the integration tests use; installed with
 # apt-get when run as root and missing.
-engines: $(GVPROXY)
+engines: $(GVPROXY) $(KUBE_APISERVER)
 	@missing=""; for b in $(ENGINE_BINARIES); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -50,6 +54,9 @@ engines: $(GVPROXY)
 			echo "missing:$$missing; run make test as root to install them" >&2; \
 		fi; \
 	fi
+
+$(KUBE_APISERVER):
+	.ci/build-kube $(KUBE_VERSION) $(KUBE_CACHE)
 
 $(GVPROXY):
 	GOBIN=$(BIN) $(GO) install github.com/containers/gvisor-tap-vsock/cmd/gvproxy@$(GVPROXY_VERSION)

@@ -288,6 +288,7 @@ func TestPluginFlags(t *testing.T) {
 		"vtunnelAddr":    "127.0.0.1:3040",
 		"wslProxySocket": "/run/wsl-proxy.sock",
 		"hostSwitchURL":  "http://192.168.127.1:80",
+		"kubeconfig":     "/etc/rancher/k3s/k3s.yaml",
 	} {
 		f := fs.Lookup(name)
 		if f == nil {

@@ -168,3 +168,34 @@ func TestNetworkingModes(t *testing.T) {
 		})
 	}
 }
+
+// TestK8sAPIMappingGoesToWSLProxyOnly runs the agent with --kubernetes (no
+// cluster yet) in network-tunnel mode: wsl-proxy gets 127.0.0.1:<k8sAPIPort>,
+// host-switch does not.
+func TestK8sAPIMappingGoesToWSLProxyOnly(t *testing.T) {
+	gv := gvproxytest.Start(t)
+	wsl := &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), RecordOnly: true}
+	if err := wsl.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer wsl.Stop()
+	args := []string{"--adminInstall", "--kubernetes", "--iptables=false", "--k8sAPIPort=16443",
+		"--kubeconfig=" + filepath.Join(t.TempDir(), "absent.yaml"),
+		"--hostSwitchURL=" + gv.URL(), "--wslProxySocket=" + wsl.Path}
+	var out, errOut syncBuffer
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan int, 1)
+	go func() { done <- run(ctx, args, &out, &errOut) }()
+	waitFor(t, "the API port on wsl-proxy", func() bool { return slices.Equal(wsl.State(), []string{"tcp 127.0.0.1:16443"}) })
+	time.Sleep(200 * time.Millisecond)
+	if got := ourForwards(t, gv.URL()); len(got) != 0 {
+		t.Errorf("host-switch got %v", got)
+	}
+	cancel()
+	if code := <-done; code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut.String())
+	}
+	if !strings.Contains(errOut.String(), "waiting for the kubeconfig") {
+		t.Errorf("no log line about the missing kubeconfig:\n%s", errOut.String())
+	}
+}

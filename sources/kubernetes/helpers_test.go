@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
 )
 
 // countingSink counts the adds and removes it is sent.
@@ -67,3 +69,5 @@ func sameSet(a, b string) bool {
 	slices.Sort(y)
 	return slices.Equal(x, y)
 }
+
+func testLogger(t *testing.T) *zap.Logger { return zaptest.NewLogger(t) }

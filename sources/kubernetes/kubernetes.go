@@ -23,6 +23,8 @@ import (
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/informers"
 	k8s "k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
@@ -187,12 +189,40 @@ func (s *Source) readKubeconfig() ([]byte, error) {
 	return os.ReadFile(s.cfg.Path)
 }
 
-// watch runs a service informer until ctx is done. It reports the complete
-// set once the informer has synced; from then on every add, update and
-// delete goes through, and the informer's relists after a watch expiry come
-// as updates and deletes of what changed.
+// watch follows the services of one cluster until ctx is done. When the
+// connection to a synced informer breaks (an API server restart, or a
+// cluster reset behind the same kubeconfig), the informer is replaced by a
+// fresh one, whose full list corrects whatever changed meanwhile; an
+// informer resuming its old watch could wait a long time on a reset
+// cluster's resource versions.
 func (s *Source) watch(ctx context.Context, cs k8s.Interface, out core.Emitter) {
+	for attempt := 0; ; attempt++ {
+		synced := s.informer(ctx, cs, out)
+		if ctx.Err() != nil {
+			return
+		}
+		if synced {
+			attempt = 0
+		}
+		s.log.Info("lost the Kubernetes API; relisting once it answers")
+		if !core.Sleep(ctx, core.Backoff{Initial: 500 * time.Millisecond, Max: 10 * time.Second}.Delay(attempt)) {
+			return
+		}
+	}
+}
+
+// informer runs one service informer. It reports the complete set once
+// synced; then every add, update and delete goes through, and relists after
+// a watch expiry come as updates and deletes of what changed. It returns
+// when ctx is done or, once synced, when the watch fails for a reason other
+// than expiry; synced tells whether it got that far.
+func (s *Source) informer(ctx context.Context, cs k8s.Interface, out core.Emitter) (synced bool) {
+	ictx, cancel := context.WithCancel(ctx)
 	factory := informers.NewSharedInformerFactory(cs, s.cfg.Resync)
+	defer func() {
+		cancel() // Shutdown waits for the informers, which stop on ictx
+		factory.Shutdown()
+	}()
 	informer := factory.Core().V1().Services().Informer()
 	_, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { s.report(out, obj) },
@@ -208,16 +238,31 @@ func (s *Source) watch(ctx context.Context, cs k8s.Interface, out core.Emitter) 
 	})
 	if err != nil {
 		s.log.Error("cannot watch services", zap.Error(err))
-		return
+		return false
 	}
+	lost := make(chan struct{}, 1)
 	_ = informer.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
-		s.log.Debug("service watch interrupted; the informer retries", zap.Error(err))
+		if apierrors.IsResourceExpired(err) || apierrors.IsGone(err) {
+			s.log.Debug("service watch expired; the informer relists", zap.Error(err))
+			return
+		}
+		s.log.Debug("service watch failed", zap.Error(err))
+		select {
+		case lost <- struct{}{}:
+		default:
+		}
 	})
-	factory.Start(ctx.Done())
-	defer factory.Shutdown()
+	// A cluster reset behind the same address shows as a new UID of the
+	// "default" namespace, which the old watch would not notice. The UID is
+	// read before the list, so that it names the cluster that was listed.
 	s.log.Info("connecting to the Kubernetes API")
-	if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
-		return
+	identity, err := waitIdentity(ictx, cs)
+	if err != nil {
+		return false
+	}
+	factory.Start(ictx.Done())
+	if !cache.WaitForCacheSync(ictx.Done(), informer.HasSynced) {
+		return false
 	}
 	var all []core.Mapping
 	for _, obj := range informer.GetStore().List() {
@@ -227,7 +272,50 @@ func (s *Source) watch(ctx context.Context, cs k8s.Interface, out core.Emitter) 
 	}
 	out.Snapshot(all)
 	s.log.Info("watching Kubernetes services", zap.Int("exposed", len(all)))
-	<-ctx.Done()
+	ticker := time.NewTicker(s.cfg.Check)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-lost:
+			return true
+		case <-ctx.Done():
+			return true
+		case <-ticker.C:
+			if identity == "" {
+				continue
+			}
+			if id, err := clusterIdentity(ictx, cs); err == nil && id != identity {
+				s.log.Info("the cluster was reset; relisting")
+				return true
+			}
+		}
+	}
+}
+
+// waitIdentity reads the cluster identity, retrying until the API answers.
+// A cluster without a "default" namespace (a fake one) has identity "".
+func waitIdentity(ctx context.Context, cs k8s.Interface) (string, error) {
+	for attempt := 0; ; attempt++ {
+		id, err := clusterIdentity(ctx, cs)
+		if err == nil || apierrors.IsNotFound(err) {
+			return id, nil
+		}
+		if !core.Sleep(ctx, core.Backoff{Initial: 200 * time.Millisecond, Max: 5 * time.Second}.Delay(attempt)) {
+			return "", ctx.Err()
+		}
+	}
+}
+
+// clusterIdentity returns the UID of the "default" namespace, which every
+// API server creates and which changes when the cluster is recreated.
+func clusterIdentity(ctx context.Context, cs k8s.Interface) (string, error) {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	ns, err := cs.CoreV1().Namespaces().Get(cctx, metav1.NamespaceDefault, metav1.GetOptions{})
+	if err != nil {
+		return "", err
+	}
+	return string(ns.UID), nil
 }
 
 func (s *Source) report(out core.Emitter, obj any) {

@@ -1,0 +1,171 @@
+package kubernetes_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/sources/kubernetes"
+	"github.com/guestagent/guestagent/sources/kubernetes/apiservertest"
+)
+
+var (
+	server    *apiservertest.Server
+	serverErr error
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "guestagent-apiserver-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	server, serverErr = apiservertest.Start(dir)
+	code := m.Run()
+	if server != nil {
+		server.Stop()
+	}
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func requireServer(t *testing.T) *apiservertest.Server {
+	t.Helper()
+	if serverErr != nil {
+		testenv.Missing(t, "kube-apiserver ("+serverErr.Error()+")")
+	}
+	return server
+}
+
+func realSource(path string) core.Source {
+	return kubernetes.New(kubernetes.Config{
+		NewClient:  kubernetes.FromKubeconfig(path),
+		Path:       path,
+		Check:      100 * time.Millisecond,
+		ListenAddr: lo,
+	})
+}
+
+// TestContractRealAPIServer runs the suite against kube-apiserver: the
+// services are created, changed and deleted through the API, and the
+// server is restarted for the outage.
+func TestContractRealAPIServer(t *testing.T) {
+	s := requireServer(t)
+	ctx := context.Background()
+	svcs := s.Client.CoreV1().Services("default")
+	create := func(t *testing.T, svc *corev1.Service) core.Mapping {
+		svc.UID = ""
+		created, err := svcs.Create(ctx, svc, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return expect(created)
+	}
+	names := map[string]string{} // uid → name
+	sourcetest.Run(t, sourcetest.Harness{
+		New: func(*testing.T) core.Source { return realSource(s.Kubeconfig) },
+		Expose: func(t *testing.T, name string, variant int) core.Mapping {
+			n := int32(seq.Add(1))
+			var svc *corev1.Service
+			switch variant {
+			case sourcetest.NoPorts:
+				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeClusterIP, [2]int32{80, 0})
+			case 0:
+				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeNodePort, [2]int32{80, 30000 + n}, [2]int32{53, 30100 + n})
+			default:
+				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeLoadBalancer, [2]int32{8000 + n, 30200 + n})
+			}
+			m := create(t, svc)
+			names[m.ID] = svc.Name
+			return m
+		},
+		Unexpose: func(t *testing.T, m core.Mapping) {
+			if err := svcs.Delete(ctx, names[m.ID], metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		},
+		Update: func(t *testing.T, m core.Mapping, variant int) core.Mapping {
+			svc, err := svcs.Get(ctx, names[m.ID], metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := int32(seq.Add(1))
+			svc.Spec.Type = corev1.ServiceTypeLoadBalancer
+			svc.Spec.Ports = []corev1.ServicePort{{Name: "p0", Protocol: corev1.ProtocolTCP, Port: 9000 + n, NodePort: 30300 + n}}
+			updated, err := svcs.Update(ctx, svc, metav1.UpdateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return expect(updated)
+		},
+		Repeat: func(t *testing.T, m core.Mapping) {
+			svc, err := svcs.Get(ctx, names[m.ID], metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			svc.Labels = map[string]string{"touched": fmt.Sprint(seq.Add(1))}
+			if _, err := svcs.Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		},
+		Outage: func(t *testing.T, during func()) {
+			s.Stop()
+			if err := s.Start(); err != nil {
+				t.Fatal(err)
+			}
+			during()
+		},
+		Timeout: 90 * time.Second,
+	})
+}
+
+// TestClusterReset empties the cluster behind an unchanged kubeconfig (a
+// desktop's "reset Kubernetes") and checks that the old services go and
+// the new cluster's come.
+func TestClusterReset(t *testing.T) {
+	s := requireServer(t)
+	ctx := context.Background()
+	svcs := s.Client.CoreV1().Services("default")
+	old, err := svcs.Create(ctx, service("before-reset", corev1.ServiceTypeNodePort, [2]int32{80, 32001}), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := core.NewRouter(core.RouterConfig{})
+	rctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	src := kubernetes.New(kubernetes.Config{NewClient: kubernetes.FromKubeconfig(s.Kubeconfig), Path: s.Kubeconfig,
+		Check: 100 * time.Millisecond, ListenAddr: lo, Log: testLogger(t)})
+	go func() { done <- src.Run(rctx, r.Emitter(kubernetes.Name)) }()
+	defer func() { cancel(); <-done }()
+	has := func(uid string) bool {
+		for _, m := range r.Desired() {
+			if m.ID == uid {
+				return true
+			}
+		}
+		return false
+	}
+	eventually(t, "the service before the reset", func() bool { return has(string(old.UID)) })
+	if err := s.Reset(); err != nil {
+		t.Fatal(err)
+	}
+	fresh, err := svcs.Create(ctx, service("after-reset", corev1.ServiceTypeNodePort, [2]int32{80, 32002}), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for has(string(old.UID)) || !has(string(fresh.UID)) {
+		if time.Now().After(deadline) {
+			t.Fatalf("after the reset: %v (old %s, new %s)", r.Desired(), old.UID, fresh.UID)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
