@@ -28,6 +28,7 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
+	"github.com/guestagent/guestagent/sinks/internal/peerwatch"
 )
 
 // Defaults of the seed's virtual network.
@@ -405,33 +406,13 @@ func compareFwd(a, b fwdKey) int {
 // when one this sink holds is missing, or when the API answers again after
 // being unreachable.
 func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
-	if s.every <= 0 {
-		return
-	}
-	t := time.NewTicker(s.every)
-	defer t.Stop()
-	down := false
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		lctx, cancel := context.WithTimeout(ctx, s.every)
-		all, err := s.List(lctx)
-		cancel()
+	peerwatch.Run(ctx, s.every, s.log, "forwarder API", func(ctx context.Context) (bool, error) {
+		all, err := s.List(ctx)
 		if err != nil {
-			if ctx.Err() == nil && !down {
-				s.log.Warn("forwarder API not answering", zap.Error(err))
-			}
-			down = true
-			continue
+			return false, err
 		}
-		if down || s.missing(all) {
-			down = false
-			lost()
-		}
-	}
+		return s.missing(all), nil
+	}, lost)
 }
 
 // missing reports whether a forward this sink holds is not in all.

@@ -22,6 +22,7 @@ import (
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sinks/internal/oneshot"
+	"github.com/guestagent/guestagent/sinks/internal/peerwatch"
 )
 
 // Defaults as in the seed.
@@ -148,32 +149,12 @@ func InterfaceAddrs(name string) ([]core.ConnectAddr, error) {
 // WatchPeer probes the peer with a connection every interval; when it
 // answers again after failing, it may have restarted without its state.
 func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
-	if s.every <= 0 {
-		return
-	}
-	t := time.NewTicker(s.every)
-	defer t.Stop()
-	down := false
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		pctx, cancel := context.WithTimeout(ctx, s.every)
-		conn, err := s.dial(pctx)
-		cancel()
+	peerwatch.Run(ctx, s.every, s.log.With(zap.String("addr", s.addr)), "vtunnel peer", func(ctx context.Context) (bool, error) {
+		conn, err := s.dial(ctx)
 		if err != nil {
-			if !down && ctx.Err() == nil {
-				s.log.Warn("vtunnel peer not answering", zap.String("addr", s.addr), zap.Error(err))
-			}
-			down = true
-			continue
+			return false, err
 		}
 		_ = conn.Close()
-		if down {
-			down = false
-			lost()
-		}
-	}
+		return false, nil
+	}, lost)
 }

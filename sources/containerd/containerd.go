@@ -32,6 +32,7 @@ import (
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
+	"github.com/guestagent/guestagent/sources/internal/reconnect"
 )
 
 // Name is the source's registry name.
@@ -104,27 +105,9 @@ func ID(namespace, container string) string { return namespace + "/" + container
 
 // Run watches containerd until ctx is done, reconnecting with backoff.
 func (s *Source) Run(ctx context.Context, out core.Emitter) error {
-	failures := 0
-	for {
-		connected, err := s.session(ctx, out)
-		if ctx.Err() != nil {
-			return nil
-		}
-		switch {
-		case connected:
-			failures = 0
-			s.log.Warn("lost the containerd event stream; reconnecting", zap.Error(err))
-		case failures == 0:
-			s.log.Warn("containerd not reachable; retrying with backoff", zap.String("socket", s.cfg.Socket), zap.Error(err))
-		default:
-			s.log.Debug("containerd still not reachable", zap.Error(err))
-		}
-		delay := s.cfg.Backoff.Delay(failures)
-		failures++
-		if !core.Sleep(ctx, delay) {
-			return nil
-		}
-	}
+	reconnect.Loop(ctx, s.log.With(zap.String("socket", s.cfg.Socket)), s.cfg.Backoff, "containerd",
+		func(ctx context.Context) (bool, error) { return s.session(ctx, out) })
+	return nil
 }
 
 func (s *Source) session(ctx context.Context, out core.Emitter) (connected bool, err error) {

@@ -106,7 +106,7 @@ func TestContract(t *testing.T) {
 			if n%2 == 0 {
 				ns = "guestagent-test"
 			}
-			id := fmt.Sprintf("%s-%d", name, n)
+			id := uniqueID(fmt.Sprintf("%s-%d", name, n))
 			base := 21000 + n*10
 			bases[id] = base
 			labels := labelsFor(variant, base)
@@ -168,7 +168,7 @@ func TestMalformedLabelIsSkipped(t *testing.T) {
 	go func() { done <- newSource(t, nil).Run(ctx, r.Emitter(containerd.Name)) }()
 	defer func() { cancel(); <-done }()
 
-	bad, good := fmt.Sprintf("bad-%d", seq.Add(1)), fmt.Sprintf("good-%d", seq.Add(1))
+	bad, good := uniqueID(fmt.Sprintf("bad-%d", seq.Add(1))), uniqueID(fmt.Sprintf("good-%d", seq.Add(1)))
 	if err := c.RunContainer("default", bad, map[string]string{containerd.LabelPorts: `[{"HostPort":`}, ""); err != nil {
 		t.Fatal(err)
 	}
@@ -209,7 +209,7 @@ func TestLoopbackNATNextToCNI(t *testing.T) {
 	testenv.RunIn(t, taskNS, "ip", "addr", "add", "198.18.20.2/24", "dev", "eth0")
 	testenv.RunIn(t, taskNS, "ip", "link", "set", "eth0", "up")
 
-	id := fmt.Sprintf("lo-%d", seq.Add(1))
+	id := uniqueID(fmt.Sprintf("lo-%d", seq.Add(1)))
 	chain := cniutils.MustFormatChainNameWithPrefix("bridge", "default-"+id, "DN-")
 	// What the CNI portmap plugin writes for -p 127.0.0.1:22601:80.
 	testenv.RunIn(t, natNS, "iptables", "-t", "nat", "-N", chain)
@@ -277,7 +277,7 @@ func TestSocketAbsentAtStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := fmt.Sprintf("late-%d", seq.Add(1))
+	id := uniqueID(fmt.Sprintf("late-%d", seq.Add(1)))
 	labels := labelsFor(0, 22700)
 	if err := c.RunContainer("default", id, labels, ""); err != nil {
 		t.Fatal(err)
@@ -308,3 +308,7 @@ func TestSocketAbsentAtStart(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// uniqueID makes a container id unique on the machine: runc keeps its state
+// under /run/containerd/runc whatever containerd's own directories are.
+func uniqueID(id string) string { return fmt.Sprintf("%s-%d", id, os.Getpid()) }

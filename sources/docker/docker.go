@@ -28,6 +28,7 @@ import (
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
+	"github.com/guestagent/guestagent/sources/internal/reconnect"
 )
 
 // Name is the source's registry name.
@@ -101,26 +102,9 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		return fmt.Errorf("docker client: %w", err)
 	}
 	defer cli.Close()
-	failures := 0
-	for {
-		connected, err := s.session(ctx, cli, out)
-		if ctx.Err() != nil {
-			return nil
-		}
-		if connected {
-			failures = 0
-			s.log.Warn("lost the Docker event stream; reconnecting", zap.Error(err))
-		} else if failures == 0 {
-			s.log.Warn("Docker API not reachable; retrying with backoff", zap.String("host", s.cfg.Host), zap.Error(err))
-		} else {
-			s.log.Debug("Docker API still not reachable", zap.Error(err))
-		}
-		delay := s.cfg.Backoff.Delay(failures)
-		failures++
-		if !core.Sleep(ctx, delay) {
-			return nil
-		}
-	}
+	reconnect.Loop(ctx, s.log.With(zap.String("host", s.cfg.Host)), s.cfg.Backoff, "Docker API",
+		func(ctx context.Context) (bool, error) { return s.session(ctx, cli, out) })
+	return nil
 }
 
 // session subscribes to events, reports every running container, then
