@@ -326,3 +326,21 @@ func (r *recordingSink) changesFor(k core.Key) []core.Change {
 	defer r.mu.Unlock()
 	return slices.Clone(r.changes[k])
 }
+
+// Start runs src under name into a new Router (with no sinks) until the
+// test ends, and returns the Router, whose Desired shows what src reports.
+// The test fails if Run returns an error.
+func Start(t testing.TB, name string, src core.Source) *core.Router {
+	t.Helper()
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, r.Emitter(name)) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("%s: Run returned %v", name, err)
+		}
+	})
+	return r
+}

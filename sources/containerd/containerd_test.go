@@ -162,11 +162,7 @@ func TestContract(t *testing.T) {
 // data is logged and skipped while the next one is still reported.
 func TestMalformedLabelIsSkipped(t *testing.T) {
 	c := requireEngine(t)
-	r := core.NewRouter(core.RouterConfig{})
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- newSource(t, nil).Run(ctx, r.Emitter(containerd.Name)) }()
-	defer func() { cancel(); <-done }()
+	r := sourcetest.Start(t, containerd.Name, newSource(t, nil))
 
 	bad, good := uniqueID(fmt.Sprintf("bad-%d", seq.Add(1))), uniqueID(fmt.Sprintf("good-%d", seq.Add(1)))
 	if err := c.RunContainer("default", bad, map[string]string{containerd.LabelPorts: `[{"HostPort":`}, ""); err != nil {
@@ -224,11 +220,7 @@ func TestLoopbackNATNextToCNI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := core.NewRouter(core.RouterConfig{})
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- newSource(t, nat).Run(ctx, r.Emitter(containerd.Name)) }()
-	defer func() { cancel(); <-done }()
+	sourcetest.Start(t, containerd.Name, newSource(t, nat))
 
 	labels := portsLabel(containerd.PortEntry{HostPort: 22601, ContainerPort: 80, Protocol: "tcp", HostIP: "127.0.0.1"})
 	labels[containerd.LabelNetworks] = `["bridge"]`
@@ -283,11 +275,7 @@ func TestSocketAbsentAtStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = c.RemoveContainer("default", id) }()
-	r := core.NewRouter(core.RouterConfig{})
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx, r.Emitter(containerd.Name)) }()
-	defer func() { cancel(); <-done }()
+	r := sourcetest.Start(t, containerd.Name, s)
 	time.Sleep(300 * time.Millisecond) // several failed attempts
 	if len(r.Desired()) != 0 {
 		t.Fatal("reported containers without a daemon")

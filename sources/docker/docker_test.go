@@ -1,7 +1,6 @@
 package docker_test
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -154,11 +153,7 @@ func TestContract(t *testing.T) {
 // independently of the engine's own inspect output.
 func TestPortSpecs(t *testing.T) {
 	d := requireEngine(t)
-	r := core.NewRouter(core.RouterConfig{})
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- newSource(t).Run(ctx, r.Emitter(docker.Name)) }()
-	defer func() { cancel(); <-done }()
+	r := sourcetest.Start(t, docker.Name, newSource(t))
 
 	tests := []struct {
 		args []string
@@ -202,11 +197,7 @@ func TestPortSpecs(t *testing.T) {
 // engine's namespace, and their removal.
 func TestLoopbackNATRules(t *testing.T) {
 	d := requireEngine(t)
-	r := core.NewRouter(core.RouterConfig{})
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- newSource(t).Run(ctx, r.Emitter(docker.Name)) }()
-	defer func() { cancel(); <-done }()
+	r := sourcetest.Start(t, docker.Name, newSource(t))
 
 	id := run(t, d, "-p", "127.0.0.1:18181:80")
 	waitDesired(t, r, id, func(_ core.Mapping, ok bool) bool { return ok })
@@ -288,11 +279,7 @@ func TestDaemonNotRunningYet(t *testing.T) {
 	}
 	id := run(t, d, "-p", "18281:80")
 	defer func() { _, _ = d.Docker("rm", "-f", id) }()
-	r := core.NewRouter(core.RouterConfig{})
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx, r.Emitter(docker.Name)) }()
-	defer func() { cancel(); <-done }()
+	r := sourcetest.Start(t, docker.Name, s)
 	time.Sleep(300 * time.Millisecond) // several failed attempts
 	if len(r.Desired()) != 0 {
 		t.Fatal("reported containers without a daemon")
