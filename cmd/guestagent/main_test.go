@@ -47,10 +47,20 @@ func runCLI(t *testing.T, args ...string) (int, string, string) {
 	return code, out.String(), errOut.String()
 }
 
+// TestSeedFlagsAndDefaults checks every flag of the seed, the command's own
+// and those its plugins define, with the seed's defaults.
 func TestSeedFlagsAndDefaults(t *testing.T) {
 	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 	defineFlags(fs)
+	if _, err := registry.Bind(fs); err != nil {
+		t.Fatal(err)
+	}
 	for name, def := range map[string]string{
+		"containerdSock":         "/run/k3s/containerd/containerd.sock",
+		"kubeconfig":             "/etc/rancher/k3s/k3s.yaml",
+		"vtunnelAddr":            "127.0.0.1:3040",
+		"wslProxySocket":         "/run/wsl-proxy.sock",
+		"hostSwitchURL":          "http://192.168.127.1:80",
 		"debug":                  "false",
 		"docker":                 "false",
 		"containerd":             "false",
@@ -272,31 +282,5 @@ func TestSignalShutdown(t *testing.T) {
 				t.Error("--debug produced no debug log lines")
 			}
 		})
-	}
-}
-
-// TestPluginFlags checks the seed's flags that belong to plugins, with the
-// seed's defaults.
-func TestPluginFlags(t *testing.T) {
-	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
-	defineFlags(fs)
-	if _, err := registry.Bind(fs); err != nil {
-		t.Fatal(err)
-	}
-	for name, def := range map[string]string{
-		"containerdSock": "/run/k3s/containerd/containerd.sock",
-		"vtunnelAddr":    "127.0.0.1:3040",
-		"wslProxySocket": "/run/wsl-proxy.sock",
-		"hostSwitchURL":  "http://192.168.127.1:80",
-		"kubeconfig":     "/etc/rancher/k3s/k3s.yaml",
-	} {
-		f := fs.Lookup(name)
-		if f == nil {
-			t.Errorf("flag --%s missing", name)
-			continue
-		}
-		if f.DefValue != def {
-			t.Errorf("--%s defaults to %q, want %q", name, f.DefValue, def)
-		}
 	}
 }

@@ -73,16 +73,7 @@ func TestContractRealAPIServer(t *testing.T) {
 	sourcetest.Run(t, sourcetest.Harness{
 		New: func(*testing.T) core.Source { return realSource(s.Kubeconfig) },
 		Expose: func(t *testing.T, name string, variant int) core.Mapping {
-			n := int32(seq.Add(1))
-			var svc *corev1.Service
-			switch variant {
-			case sourcetest.NoPorts:
-				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeClusterIP, [2]int32{80, 0})
-			case 0:
-				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeNodePort, [2]int32{80, 30000 + n}, [2]int32{53, 30100 + n})
-			default:
-				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeLoadBalancer, [2]int32{8000 + n, 30200 + n})
-			}
+			svc := variantService(name, variant)
 			m := create(t, svc)
 			names[m.ID] = svc.Name
 			return m

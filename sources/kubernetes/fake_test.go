@@ -44,6 +44,21 @@ func service(name string, typ corev1.ServiceType, ports ...[2]int32) *corev1.Ser
 	return svc
 }
 
+// variantService is the suite's workload: a NodePort service with a tcp
+// and a udp port (variant 0), a LoadBalancer service (variant 1), or a
+// ClusterIP service, which exposes nothing (NoPorts).
+func variantService(name string, variant int) *corev1.Service {
+	n := int32(seq.Add(1))
+	switch variant {
+	case sourcetest.NoPorts:
+		return service(fmt.Sprint(name, n), corev1.ServiceTypeClusterIP, [2]int32{80, 0})
+	case 0:
+		return service(fmt.Sprint(name, n), corev1.ServiceTypeNodePort, [2]int32{80, 30000 + n}, [2]int32{53, 30100 + n})
+	default:
+		return service(fmt.Sprint(name, n), corev1.ServiceTypeLoadBalancer, [2]int32{8000 + n, 30200 + n})
+	}
+}
+
 func expect(svc *corev1.Service) core.Mapping {
 	m := kubernetes.Convert(svc, lo)
 	m.Source = ""
@@ -65,16 +80,7 @@ func TestContractFakeClientset(t *testing.T) {
 	sourcetest.Run(t, sourcetest.Harness{
 		New: func(*testing.T) core.Source { return fakeSource(cs) },
 		Expose: func(t *testing.T, name string, variant int) core.Mapping {
-			n := int32(seq.Add(1))
-			var svc *corev1.Service
-			switch variant {
-			case sourcetest.NoPorts:
-				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeClusterIP, [2]int32{80, 0})
-			case 0:
-				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeNodePort, [2]int32{80, 30000 + n}, [2]int32{53, 30100 + n})
-			default:
-				svc = service(fmt.Sprint(name, n), corev1.ServiceTypeLoadBalancer, [2]int32{8000 + n, 30200 + n})
-			}
+			svc := variantService(name, variant)
 			if _, err := svcs.Create(ctx, svc, metav1.CreateOptions{}); err != nil {
 				t.Fatal(err)
 			}
