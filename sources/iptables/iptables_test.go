@@ -274,6 +274,9 @@ func TestFixturesInNamespaces(t *testing.T) {
 		{"nftables", "iptables-nft", func(r *rig, t *testing.T) {
 			r.nft(t, "-f", filepath.Join(fixture, "kube-proxy.nft"))
 		}, []string{"tcp/30081", "tcp/8088", "udp/30053"}},
+		{"nftables dump of kube-proxy v1.37.2", "iptables-nft", func(r *rig, t *testing.T) {
+			r.nft(t, "-f", filepath.Join(fixture, "kube-proxy-v1.37.2.nft"))
+		}, []string{"tcp/30081", "tcp/30088", "tcp/8088", "udp/30053"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -47,6 +47,17 @@ func TestParseIptablesFixture(t *testing.T) {
 	}
 }
 
+// TestParseRealDump parses `iptables-save -t nat` of kube-proxy v1.37.2
+// (iptables mode) for a NodePort tcp, a NodePort udp, a LoadBalancer and a
+// ClusterIP service; the localhost NodePort rules carry an nfacct match.
+func TestParseRealDump(t *testing.T) {
+	ports, _ := iptables.ParseIptables(ruleLines(t, "kube-proxy-v1.37.2-iptables.rules"))
+	want := "tcp/8088(external) tcp/30081(nodeport) tcp/30088(nodeport) udp/30053(nodeport)"
+	if got := ids(ports); got != want {
+		t.Errorf("ports\n got %s\nwant %s", got, want)
+	}
+}
+
 func TestParseIptablesOddLines(t *testing.T) {
 	lines := []string{
 		"",
