@@ -18,7 +18,7 @@ RUN_ARGS    ?=
 RUN_SOURCES := static$(if $(wildcard /var/run/docker.sock),$(comma)docker --dockerLoopbackNAT=false)
 comma       := ,
 
-.PHONY: help build run test lint vet staticcheck unit engines bench clean
+.PHONY: help build run test lint vet staticcheck unit engines fuzz bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -71,6 +71,17 @@ $(STATICCHECK):
 
 staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
+
+FUZZTIME ?= 30s
+FUZZ_TARGETS := core:FuzzPortMapping core:FuzzLoopbackOnly sources/static:FuzzParse \
+	sources/containerd:FuzzPortData sources/iptables:FuzzParseIptables sources/iptables:FuzzParseNft
+
+fuzz: ## run every fuzz target for FUZZTIME (default 30s) each
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t#*:}; \
+		echo "== $$pkg $$name"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) ./$$pkg/ || exit 1; \
+	done
 
 bench: ## run the benchmarks and print their figures
 	$(GO) test -run '^$$' -bench . -benchmem ./...
