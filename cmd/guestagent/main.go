@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -61,6 +62,7 @@ type config struct {
 	k8sListener             string
 	k8sAPIPort              int
 	unexposeOnExit          bool
+	statusAddr              string
 	seeds                   map[string]*bool
 	general, mode, enabling *pflag.FlagSet
 }
@@ -73,6 +75,7 @@ func defineFlags(fs *pflag.FlagSet) *config {
 	c.general.StringSliceVar(&c.sources, "sources", nil, "more sources to enable by name, comma-separated (see the list below)")
 	c.general.StringSliceVar(&c.sinks, "sinks", []string{"auto"}, `sinks to deliver to by name, comma-separated; "auto" means the ones the networking mode selects`)
 	c.general.BoolVar(&c.unexposeOnExit, "unexposeOnExit", true, "on SIGINT/SIGTERM, remove every exposed port before exiting")
+	c.general.StringVar(&c.statusAddr, "statusAddr", "", "serve GET /status (current mappings, JSON) and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9901; empty: off")
 
 	c.mode = pflag.NewFlagSet("mode", pflag.ContinueOnError)
 	c.mode.BoolVar(&c.adminInstall, "adminInstall", false, "network-tunnel mode: forward to host-switch's API as bound (the agent runs in its own network namespace)")
@@ -126,6 +129,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	log.Info("guestagent starting", zap.String("version", versionString()))
+	if cfg.statusAddr != "" {
+		ln, err := net.Listen("tcp", cfg.statusAddr)
+		if err != nil {
+			fmt.Fprintf(stderr, "guestagent: --statusAddr: %v\n", err)
+			return 2
+		}
+		sctx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); serveStatus(sctx, ln, router, log) }()
+		defer func() { stop(); <-done }()
+	}
 	if err := router.Run(ctx); err != nil {
 		log.Error("stopped with an error", zap.Error(err))
 		return 1

@@ -125,6 +125,7 @@ func TestBadConfigurationIsRejected(t *testing.T) {
 		{[]string{"--nosuchflag"}, "unknown flag"},
 		{[]string{"--sources=static", "extra"}, "unexpected arguments"},
 		{[]string{"--sources=static", "--staticPollInterval=0s", "--sinks=stdout"}, "must be positive"},
+		{[]string{"--sources=static", "--sinks=stdout", "--statusAddr=nonsense"}, "--statusAddr"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

@@ -1,0 +1,94 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+
+	"github.com/guestagent/guestagent/core"
+)
+
+// statusHandler serves /status (the router's state as JSON) and /metrics
+// (the same, for Prometheus).
+func statusHandler(r *core.Router) http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(routerCollector{r})
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(r.Status())
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	return mux
+}
+
+// serveStatus serves the status endpoints on ln until ctx is done.
+func serveStatus(ctx context.Context, ln net.Listener, r *core.Router, log *zap.Logger) {
+	srv := &http.Server{Handler: statusHandler(r), ReadHeaderTimeout: 5 * time.Second}
+	stop := context.AfterFunc(ctx, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	})
+	defer stop()
+	log.Info("serving status", zap.String("addr", ln.Addr().String()))
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.Error("status server stopped", zap.Error(err))
+	}
+}
+
+var (
+	descMappings  = prometheus.NewDesc("guestagent_mappings", "Mappings that should be exposed, by source.", []string{"source"}, nil)
+	descPorts     = prometheus.NewDesc("guestagent_ports", "Ports that should be exposed, by source.", []string{"source"}, nil)
+	descRefused   = prometheus.NewDesc("guestagent_refused_ports", "Ports left out by validation or the networking mode's policy.", nil, nil)
+	descPending   = prometheus.NewDesc("guestagent_sink_pending", "Changes waiting for delivery, by sink.", []string{"sink"}, nil)
+	descDelivered = prometheus.NewDesc("guestagent_sink_delivered_total", "Changes delivered, by sink.", []string{"sink"}, nil)
+	descFailures  = prometheus.NewDesc("guestagent_sink_failures_total", "Failed deliveries (retried), by sink.", []string{"sink"}, nil)
+	descRejected  = prometheus.NewDesc("guestagent_sink_rejected_total", "Changes a sink can never apply, by sink.", []string{"sink"}, nil)
+	descSyncs     = prometheus.NewDesc("guestagent_sink_syncs_total", "Full-state replays, by sink.", []string{"sink"}, nil)
+	descPeerDown  = prometheus.NewDesc("guestagent_sink_peer_down", "1 while a sink's peer cannot be reached.", []string{"sink"}, nil)
+)
+
+// routerCollector reads the router's status at each scrape.
+type routerCollector struct{ r *core.Router }
+
+func (routerCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descMappings, descPorts, descRefused, descPending, descDelivered, descFailures, descRejected, descSyncs, descPeerDown} {
+		ch <- d
+	}
+}
+
+func (c routerCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.r.Status()
+	mappings, ports := map[string]int{}, map[string]int{}
+	for _, m := range st.Mappings {
+		mappings[m.Source]++
+		ports[m.Source] += len(m.Ports)
+	}
+	for src, n := range mappings {
+		ch <- prometheus.MustNewConstMetric(descMappings, prometheus.GaugeValue, float64(n), src)
+		ch <- prometheus.MustNewConstMetric(descPorts, prometheus.GaugeValue, float64(ports[src]), src)
+	}
+	ch <- prometheus.MustNewConstMetric(descRefused, prometheus.GaugeValue, float64(len(st.Refused)))
+	for _, s := range st.Sinks {
+		down := 0.0
+		if s.PeerDown {
+			down = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(s.Pending), s.Name)
+		ch <- prometheus.MustNewConstMetric(descDelivered, prometheus.CounterValue, float64(s.Delivered), s.Name)
+		ch <- prometheus.MustNewConstMetric(descFailures, prometheus.CounterValue, float64(s.Failures), s.Name)
+		ch <- prometheus.MustNewConstMetric(descRejected, prometheus.CounterValue, float64(s.Rejected), s.Name)
+		ch <- prometheus.MustNewConstMetric(descSyncs, prometheus.CounterValue, float64(s.Syncs), s.Name)
+		ch <- prometheus.MustNewConstMetric(descPeerDown, prometheus.GaugeValue, down, s.Name)
+	}
+}
