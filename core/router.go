@@ -360,8 +360,8 @@ func (r *Router) drain() {
 
 // Status is a point-in-time view of the router, for the status endpoint.
 type Status struct {
-	Mappings []Mapping   `json:"mappings"`
-	Refused  []Refusal   `json:"refused"`
+	Mappings []Mapping    `json:"mappings"`
+	Refused  []Refusal    `json:"refused"`
 	Sinks    []SinkStatus `json:"sinks"`
 }
 

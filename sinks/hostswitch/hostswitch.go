@@ -316,8 +316,18 @@ func (s *Sink) List(ctx context.Context) ([]Forward, error) {
 		body, _ := io.ReadAll(io.LimitReader(res.Body, 4096))
 		return nil, fmt.Errorf("list forwards: HTTP %d: %s", res.StatusCode, bytes.TrimSpace(body))
 	}
+	all, err := DecodeForwards(res.Body)
+	// Read what follows the list (a newline, say) so the connection is
+	// reused rather than closed.
+	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, maxBody))
+	return all, err
+}
+
+// DecodeForwards reads the API's answer to a list request: a JSON list of
+// forwards, at most maxBody bytes of it.
+func DecodeForwards(r io.Reader) ([]Forward, error) {
 	var all []Forward
-	if err := json.NewDecoder(io.LimitReader(res.Body, maxBody)).Decode(&all); err != nil {
+	if err := json.NewDecoder(io.LimitReader(r, maxBody)).Decode(&all); err != nil {
 		return nil, fmt.Errorf("list forwards: answer is not a JSON list of forwards: %w", err)
 	}
 	return all, nil

@@ -208,7 +208,9 @@ func TestUnreachableAndSlowPeers(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	done := make(chan error, 1)
-	go func() { done <- newSink(t, url, 0).Send(ctx, core.Change{Mapping: sinktest.Mapping("d", "a", 8080, 1)}) }()
+	go func() {
+		done <- newSink(t, url, 0).Send(ctx, core.Change{Mapping: sinktest.Mapping("d", "a", 8080, 1)})
+	}()
 	select {
 	case err := <-done:
 		if err == nil {
