@@ -23,37 +23,23 @@ import (
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 )
 
-var (
-	engine    *containerdtest.Containerd
-	engineErr error
-)
+// engine is the containerd the tests share.
+var engine = testenv.NewShared("containerd", containerdtest.StartContainerd, (*containerdtest.Containerd).Close)
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "guestagent-containerd-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	engine, engineErr = containerdtest.StartContainerd(dir)
 	code := m.Run()
-	if engine != nil {
-		engine.Close()
-	}
-	_ = os.RemoveAll(dir)
+	engine.Close()
 	os.Exit(code)
 }
 
 func requireEngine(t *testing.T) *containerdtest.Containerd {
 	t.Helper()
-	if engineErr != nil {
-		testenv.Missing(t, "containerd ("+engineErr.Error()+")")
-	}
-	return engine
+	return engine.Get(t)
 }
 
 func newSource(t *testing.T, nat *loopbacknat.Manager) core.Source {
 	t.Helper()
-	s, err := containerd.New(containerd.Config{Socket: engine.Socket, NAT: nat,
+	s, err := containerd.New(containerd.Config{Socket: requireEngine(t).Socket, NAT: nat,
 		Backoff: core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
 	if err != nil {
 		t.Fatal(err)

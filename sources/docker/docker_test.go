@@ -20,37 +20,32 @@ import (
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 )
 
-// engine is the dockerd TestMain started, or why there is none.
+// engine is the dockerd the tests share; wrapper runs iptables in its
+// namespace.
 var (
-	engine    *testenv.Dockerd
-	engineErr error
-	wrapper   string
+	engine = testenv.NewShared("dockerd", func(dir string) (*testenv.Dockerd, error) {
+		d, err := testenv.StartDockerd(dir)
+		if err != nil {
+			return nil, err
+		}
+		if wrapper, err = testenv.IptablesWrapper(dir, d.Netns); err != nil {
+			d.Close()
+			return nil, err
+		}
+		return d, nil
+	}, (*testenv.Dockerd).Close)
+	wrapper string
 )
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "guestagent-dockerd-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	engine, engineErr = testenv.StartDockerd(dir)
-	if engineErr == nil {
-		wrapper, engineErr = testenv.IptablesWrapper(dir, engine.Netns)
-	}
 	code := m.Run()
-	if engine != nil {
-		engine.Close()
-	}
-	_ = os.RemoveAll(dir)
+	engine.Close()
 	os.Exit(code)
 }
 
 func requireEngine(t *testing.T) *testenv.Dockerd {
 	t.Helper()
-	if engineErr != nil {
-		testenv.Missing(t, "dockerd ("+engineErr.Error()+")")
-	}
-	return engine
+	return engine.Get(t)
 }
 
 func newSource(t *testing.T) core.Source {
@@ -60,7 +55,7 @@ func newSource(t *testing.T) core.Source {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := docker.New(docker.Config{Host: engine.Host, NAT: nat,
+	s, err := docker.New(docker.Config{Host: requireEngine(t).Host, NAT: nat,
 		Backoff: core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
 	if err != nil {
 		t.Fatal(err)

@@ -17,32 +17,18 @@ import (
 	"github.com/guestagent/guestagent/sources/kubernetes/apiservertest"
 )
 
-var (
-	server    *apiservertest.Server
-	serverErr error
-)
+// server is the API server the tests share.
+var server = testenv.NewShared("kube-apiserver", apiservertest.Start, (*apiservertest.Server).Stop)
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "guestagent-apiserver-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	server, serverErr = apiservertest.Start(dir)
 	code := m.Run()
-	if server != nil {
-		server.Stop()
-	}
-	_ = os.RemoveAll(dir)
+	server.Close()
 	os.Exit(code)
 }
 
 func requireServer(t *testing.T) *apiservertest.Server {
 	t.Helper()
-	if serverErr != nil {
-		testenv.Missing(t, "kube-apiserver ("+serverErr.Error()+")")
-	}
-	return server
+	return server.Get(t)
 }
 
 func realSource(path string) core.Source {
