@@ -18,7 +18,7 @@ RUN_ARGS    ?=
 RUN_SOURCES := static$(if $(wildcard /var/run/docker.sock),$(comma)docker --dockerLoopbackNAT=false)
 comma       := ,
 
-.PHONY: help build run test lint vet staticcheck unit engines fuzz bench clean
+.PHONY: help build run test test-faults fuzz-short lint vet staticcheck unit engines fuzz bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -30,11 +30,17 @@ run: build ## run the agent on the demo mappings, printing every change as JSON
 	$(BIN)/guestagent --sinks=stdout --sources=$(RUN_SOURCES) \
 		--staticFile=testdata/static/demo.json $(RUN_ARGS)
 
-test: lint unit ## vet, staticcheck, then every test with -race
+test: lint unit fuzz-short ## vet, staticcheck, every test with -race, then each fuzz target briefly
 
 unit: engines ## every test with -race, against the real engines and peers
 	GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER) \
 		$(GO) test -race -count=1 -timeout 20m ./...
+
+FAULT_ROUNDS ?= 30
+
+test-faults: engines ## the fault-injection convergence suite, FAULT_ROUNDS rounds (default 30), with its summary table
+	GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER) \
+		GUESTAGENT_FAULT_ROUNDS=$(FAULT_ROUNDS) $(GO) test -race -count=1 -timeout 60m -v -run '^TestFaultConvergence$$' ./cmd/guestagent/
 
 # Debian packages of the engines the integration tests start (on private
 # sockets, in network namespaces of their own).
@@ -74,7 +80,9 @@ staticcheck: $(STATICCHECK)
 
 FUZZTIME ?= 30s
 FUZZ_TARGETS := core:FuzzPortMapping core:FuzzLoopbackOnly sources/static:FuzzParse \
-	sources/containerd:FuzzPortData sources/iptables:FuzzParseIptables sources/iptables:FuzzParseNft
+	sources/containerd:FuzzPortData sources/iptables:FuzzParseIptables sources/iptables:FuzzParseNft \
+	sources/docker:FuzzConvert sources/kubernetes:FuzzConvertService sources/kubernetes:FuzzKubeconfig \
+	sinks/hostswitch:FuzzSyncAnswer
 
 fuzz: ## run every fuzz target for FUZZTIME (default 30s) each
 	@for t in $(FUZZ_TARGETS); do \
@@ -82,6 +90,9 @@ fuzz: ## run every fuzz target for FUZZTIME (default 30s) each
 		echo "== $$pkg $$name"; \
 		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) ./$$pkg/ || exit 1; \
 	done
+
+fuzz-short: ## run every fuzz target for 3s each (part of make test)
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=3s
 
 bench: ## run the benchmarks and print their figures
 	$(GO) test -run '^$$' -bench . -benchmem ./...

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -96,11 +97,31 @@ func (d *Dockerd) Start() error {
 }
 
 // Stop stops the daemon with SIGTERM and waits for it.
-func (d *Dockerd) Stop() {
+func (d *Dockerd) Stop() { d.stop(syscall.SIGTERM) }
+
+// Kill kills the daemon and the containerd it started with SIGKILL, as a
+// crash would, and waits for the daemon. Containers keep running under
+// their shims (the daemon runs with --live-restore).
+func (d *Dockerd) Kill() {
+	d.stop(syscall.SIGKILL)
+	pidFile := filepath.Join(d.Dir, "exec", "containerd", "containerd.pid")
+	pid, err := os.ReadFile(pidFile)
+	if err != nil {
+		return
+	}
+	if n, err := strconv.Atoi(strings.TrimSpace(string(pid))); err == nil && n > 1 {
+		_ = syscall.Kill(n, syscall.SIGKILL)
+	}
+	// Where PID 1 does not reap orphans the killed containerd stays a
+	// zombie, which a restarted dockerd would take for a live one.
+	_ = os.Remove(pidFile)
+}
+
+func (d *Dockerd) stop(sig syscall.Signal) {
 	if d.cmd == nil {
 		return
 	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	_ = d.cmd.Process.Signal(sig)
 	select {
 	case <-d.exited:
 	case <-time.After(60 * time.Second):

@@ -122,7 +122,13 @@ func (c *Containerd) Start() error {
 
 // Stop stops containerd with SIGTERM. Running tasks keep running under
 // their shims, as in a real daemon restart.
-func (c *Containerd) Stop() {
+func (c *Containerd) Stop() { c.stop(syscall.SIGTERM) }
+
+// Kill kills containerd with SIGKILL, as a crash would; tasks keep running
+// under their shims.
+func (c *Containerd) Kill() { c.stop(syscall.SIGKILL) }
+
+func (c *Containerd) stop(sig syscall.Signal) {
 	if c.Client != nil {
 		c.Client.Close()
 		c.Client = nil
@@ -130,7 +136,7 @@ func (c *Containerd) Stop() {
 	if c.cmd == nil {
 		return
 	}
-	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	_ = c.cmd.Process.Signal(sig)
 	select {
 	case <-c.exited:
 	case <-time.After(30 * time.Second):

@@ -209,11 +209,11 @@ func waitChan(cmd *exec.Cmd) chan struct{} {
 	return done
 }
 
-func stop(cmd *exec.Cmd, done chan struct{}) {
+func stop(cmd *exec.Cmd, done chan struct{}, sig syscall.Signal) {
 	if cmd == nil {
 		return
 	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
+	_ = cmd.Process.Signal(sig)
 	select {
 	case <-done:
 	case <-time.After(30 * time.Second):
@@ -223,9 +223,15 @@ func stop(cmd *exec.Cmd, done chan struct{}) {
 }
 
 // Stop stops the API server and etcd.
-func (s *Server) Stop() {
-	stop(s.api, s.apiDone)
-	stop(s.etcd, s.etcdDone)
+func (s *Server) Stop() { s.stop(syscall.SIGTERM) }
+
+// Kill kills the API server and etcd with SIGKILL, as a crash would; Start
+// brings them back with the same store.
+func (s *Server) Kill() { s.stop(syscall.SIGKILL) }
+
+func (s *Server) stop(sig syscall.Signal) {
+	stop(s.api, s.apiDone, sig)
+	stop(s.etcd, s.etcdDone, sig)
 	s.api, s.etcd = nil, nil
 }
 
