@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -208,7 +209,7 @@ var faults = []fault{
 // faultBed holds the engines, the peer, the agent and what the test
 // started in the engines.
 type faultBed struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	rng    *rand.Rand
 	docker *testenv.Dockerd
@@ -217,6 +218,9 @@ type faultBed struct {
 	gv     *gvproxytest.Gvproxy
 	proxy  *cuttingProxy
 
+	// agentBin is the agent's binary; empty means this test binary.
+	agentBin  string
+	agentArgs []string // added to the agent's command line
 	agent     *exec.Cmd
 	agentDone chan struct{}
 	agentCode int
@@ -230,7 +234,7 @@ type faultBed struct {
 	lastTruth        []string
 }
 
-func newFaultBed(t *testing.T, seed uint64) *faultBed {
+func newFaultBed(t testing.TB, seed uint64) *faultBed {
 	b := &faultBed{t: t, dir: t.TempDir(), rng: rand.New(rand.NewPCG(seed, seed>>1|1)), ports: map[int]bool{}}
 	for _, d := range []string{"docker", "containerd", "kube"} {
 		if err := os.MkdirAll(filepath.Join(b.dir, d), 0o755); err != nil {
@@ -534,11 +538,13 @@ func (b *faultBed) startAgent() {
 	log, err := os.OpenFile(filepath.Join(b.dir, "agent.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	b.must(err)
 	defer log.Close()
-	cmd := exec.Command(os.Args[0],
-		"--docker", "--dockerHost="+b.docker.Host, "--dockerLoopbackNAT=false",
-		"--containerd", "--containerdSock="+b.ctrd.Socket, "--containerdLoopbackNAT=false",
-		"--kubernetes", "--kubeconfig="+b.kube.Kubeconfig, "--iptables=false",
-		"--sinks=host-switch", "--hostSwitchURL="+b.proxy.URL, "--hostSwitchCheckInterval=1s")
+	bin := cmp.Or(b.agentBin, os.Args[0])
+	cmd := exec.Command(bin, append([]string{
+		"--docker", "--dockerHost=" + b.docker.Host, "--dockerLoopbackNAT=false",
+		"--containerd", "--containerdSock=" + b.ctrd.Socket, "--containerdLoopbackNAT=false",
+		"--kubernetes", "--kubeconfig=" + b.kube.Kubeconfig, "--iptables=false",
+		"--sinks=host-switch", "--hostSwitchURL=" + b.proxy.URL, "--hostSwitchCheckInterval=1s"},
+		b.agentArgs...)...)
 	cmd.Env = append(os.Environ(), agentEnv+"=1")
 	cmd.Stdout, cmd.Stderr = log, log
 	b.must(cmd.Start())
@@ -593,7 +599,7 @@ type cuttingProxy struct {
 	n, cut   atomic.Int64
 }
 
-func newCuttingProxy(t *testing.T, upstream string) *cuttingProxy {
+func newCuttingProxy(t testing.TB, upstream string) *cuttingProxy {
 	u, err := url.Parse(upstream)
 	if err != nil {
 		t.Fatal(err)

@@ -32,12 +32,12 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func requireEngine(t *testing.T) *containerdtest.Containerd {
+func requireEngine(t testing.TB) *containerdtest.Containerd {
 	t.Helper()
 	return engine.Get(t)
 }
 
-func newSource(t *testing.T, nat *loopbacknat.Manager) core.Source {
+func newSource(t testing.TB, nat *loopbacknat.Manager) core.Source {
 	t.Helper()
 	s, err := containerd.New(containerd.Config{Socket: requireEngine(t).Socket, NAT: nat,
 		Backoff: core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})

@@ -43,12 +43,12 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func requireEngine(t *testing.T) *testenv.Dockerd {
+func requireEngine(t testing.TB) *testenv.Dockerd {
 	t.Helper()
 	return engine.Get(t)
 }
 
-func newSource(t *testing.T) core.Source {
+func newSource(t testing.TB) core.Source {
 	t.Helper()
 	nat, err := loopbacknat.New(loopbacknat.Config{Iptables: wrapper, Chain: "DOCKER", Interface: "eth0",
 		GuestIP: netip.MustParseAddr("192.168.127.2")})
@@ -90,7 +90,7 @@ func inspectPorts(t *testing.T, d *testenv.Dockerd, id string) []core.Port {
 var seq atomic.Int64
 
 // run starts a container of the test image and returns its id.
-func run(t *testing.T, d *testenv.Dockerd, args ...string) string {
+func run(t testing.TB, d *testenv.Dockerd, args ...string) string {
 	t.Helper()
 	name := fmt.Sprintf("t%d", seq.Add(1))
 	argv := append([]string{"run", "-d", "--name", name}, args...)
@@ -105,7 +105,7 @@ func TestContract(t *testing.T) {
 	d := requireEngine(t)
 	var removals atomic.Int64
 	sourcetest.Run(t, sourcetest.Harness{
-		New: newSource,
+		New: func(t *testing.T) core.Source { return newSource(t) },
 		Expose: func(t *testing.T, name string, variant int) core.Mapping {
 			base := 20000 + int(seq.Add(1))*10
 			var args []string

@@ -27,7 +27,7 @@ type rig struct {
 	wrapper string
 }
 
-func newRig(t *testing.T, command string) *rig {
+func newRig(t testing.TB, command string) *rig {
 	t.Helper()
 	ns := testenv.Netns(t)
 	if _, err := exec.LookPath(command); err != nil {
@@ -41,7 +41,7 @@ func newRig(t *testing.T, command string) *rig {
 	return &rig{ns: ns, wrapper: path}
 }
 
-func (r *rig) source(t *testing.T, listen bool, interval time.Duration) core.Source {
+func (r *rig) source(t testing.TB, listen bool, interval time.Duration) core.Source {
 	t.Helper()
 	s, err := iptables.New(iptables.Config{
 		Commands: []string{r.wrapper}, Interval: interval, Listen: listen,
@@ -53,7 +53,7 @@ func (r *rig) source(t *testing.T, listen bool, interval time.Duration) core.Sou
 	return s
 }
 
-func (r *rig) run(t *testing.T, args ...string) {
+func (r *rig) run(t testing.TB, args ...string) {
 	t.Helper()
 	out, err := exec.Command(r.wrapper, args...).CombinedOutput()
 	if err != nil {
@@ -70,7 +70,7 @@ func (r *rig) runLenient(t *testing.T, args ...string) {
 	}
 }
 
-func (r *rig) nft(t *testing.T, args ...string) {
+func (r *rig) nft(t testing.TB, args ...string) {
 	t.Helper()
 	testenv.RunIn(t, r.ns, append([]string{"nft"}, args...)...)
 }

@@ -15,7 +15,7 @@ import (
 // real iptables command, or reading the nftables maps over netlink, then
 // parsing) of n NodePort services in a private namespace.
 func BenchmarkScan(b *testing.B) {
-	for _, n := range []int{1000, 10000} {
+	for _, n := range []int{1000, 10000, 50000} {
 		b.Run(fmt.Sprintf("iptables-nft/%d", n), func(b *testing.B) {
 			s := benchRig(b, "iptables-nft", func(ns, dir string) error {
 				return restore(ns, dir, n)
@@ -69,7 +69,7 @@ func restore(ns, dir string, n int) error {
 		fmt.Fprintf(&sb, ":KUBE-EXT-%016X - [0:0]\n:KUBE-SVC-%016X - [0:0]\n", i, i)
 	}
 	for i := range n {
-		fmt.Fprintf(&sb, "-A KUBE-NODEPORTS -p tcp -m comment --comment \"ns/svc-%d:http\" -m tcp --dport %d -j KUBE-EXT-%016X\n", i, 20000+i, i)
+		fmt.Fprintf(&sb, "-A KUBE-NODEPORTS -p tcp -m comment --comment \"ns/svc-%d:http\" -m tcp --dport %d -j KUBE-EXT-%016X\n", i, 10000+i, i)
 		fmt.Fprintf(&sb, "-A KUBE-SERVICES -d 10.43.%d.%d/32 -p tcp -m comment --comment \"ns/svc-%d:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-%016X\n", i/256, i%256, i, i)
 		fmt.Fprintf(&sb, "-A KUBE-EXT-%016X -j KUBE-SVC-%016X\n", i, i)
 	}
@@ -96,7 +96,7 @@ func nftLoad(ns, dir string, n int) error {
 		if i > 0 {
 			sb.WriteString(",\n\t\t\t")
 		}
-		fmt.Fprintf(&sb, "tcp . %d : goto external-%08X-ns/svc-%d/tcp/http", 20000+i, i, i)
+		fmt.Fprintf(&sb, "tcp . %d : goto external-%08X-ns/svc-%d/tcp/http", 10000+i, i, i)
 	}
 	sb.WriteString(" }\n\t}\n}\n")
 	path := filepath.Join(dir, "ruleset.nft")

@@ -26,7 +26,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func requireServer(t *testing.T) *apiservertest.Server {
+func requireServer(t testing.TB) *apiservertest.Server {
 	t.Helper()
 	return server.Get(t)
 }
