@@ -99,8 +99,8 @@ fuzz-short: ## run every fuzz target for 3s each (part of make test)
 # the measurements against the real engines (one run each: event-to-sink
 # latency per source, a burst of containers, idle cost of the agent).
 BENCH_ENV   := GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER)
-BENCH_MICRO := Scan|Parse
-BENCH_MACRO := DeliveryLatency|Burst|Idle
+BENCH_MICRO := ^Benchmark(Scan|Parse)
+BENCH_MACRO := ^Benchmark(DeliveryLatency|Burst|Idle)
 
 bench: engines ## run the benchmarks against the real engines and print a table of their figures (also in bin/bench.txt)
 	@mkdir -p $(BIN)

@@ -2,6 +2,7 @@ package sourcetest
 
 import (
 	"context"
+	"math"
 	"slices"
 	"sync"
 	"testing"
@@ -71,20 +72,40 @@ func Deliver(tb testing.TB, name string, src core.Source) *Arrivals {
 	return a
 }
 
-// ReportLatency reports the median and 99th percentile of ds, in
-// milliseconds, as the benchmark's metrics p50-ms and p99-ms.
-func ReportLatency(b *testing.B, ds []time.Duration) {
+// LatencySamples is how many changes one latency measurement makes.
+const LatencySamples = 30
+
+// MeasureLatency makes LatencySamples changes per benchmark iteration, one
+// at a time, and reports the delivery-latency percentiles. publish makes
+// the engine publish a new host port (i counts from 1) and returns the port
+// and the moment the change happened (the engine's own event stamp, where
+// it has one); the latency runs until a has the port.
+func MeasureLatency(b *testing.B, a *Arrivals, publish func(i int) (port uint16, at time.Time)) {
 	b.Helper()
-	if len(ds) == 0 {
+	var lat []time.Duration
+	i := 0
+	for b.Loop() {
+		for range LatencySamples {
+			i++
+			port, at := publish(i)
+			lat = append(lat, a.Wait(b, port, 30*time.Second).Sub(at))
+		}
+	}
+	if len(lat) == 0 {
 		b.Fatal("no latency measured")
 	}
+	b.ReportMetric(ms(Percentile(lat, 0.50)), "p50-ms")
+	b.ReportMetric(ms(Percentile(lat, 0.99)), "p99-ms")
+	b.ReportMetric(float64(len(lat)), "samples")
+}
+
+// Percentile returns the q-quantile (0 < q <= 1) of ds by the nearest-rank
+// method; ds must not be empty.
+func Percentile(ds []time.Duration, q float64) time.Duration {
 	s := slices.Clone(ds)
 	slices.Sort(s)
-	pick := func(q float64) float64 {
-		i := int(q*float64(len(s))+0.5) - 1
-		return float64(s[min(max(i, 0), len(s)-1)]) / float64(time.Millisecond)
-	}
-	b.ReportMetric(pick(0.50), "p50-ms")
-	b.ReportMetric(pick(0.99), "p99-ms")
-	b.ReportMetric(float64(len(s)), "samples")
+	i := int(math.Ceil(q*float64(len(s)))) - 1
+	return s[min(max(i, 0), len(s)-1)]
 }
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

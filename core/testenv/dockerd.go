@@ -68,7 +68,7 @@ func (d *Dockerd) Start() error {
 		"--data-root", filepath.Join(d.Dir, "root"),
 		"--exec-root", filepath.Join(d.Dir, "exec"),
 		"--pidfile", filepath.Join(d.Dir, "dockerd.pid"),
-		"--bip", "198.18.0.1/24",
+		"--bip", "198.18.0.1/22", // room for the burst benchmark's 500 containers
 		"--default-address-pool", "base=198.18.64.0/18,size=24",
 		"--live-restore")
 	d.cmd = exec.Command(argv[0], argv[1:]...)

@@ -14,9 +14,6 @@ import (
 	"github.com/guestagent/guestagent/sources/containerd"
 )
 
-// latencySamples is how many containers one latency measurement starts.
-const latencySamples = 30
-
 // BenchmarkDeliveryLatency measures, against the real containerd, the time
 // from a task's /tasks/start event (stamped by containerd) to the delivery
 // of the port its nerdctl/ports label publishes, one container at a time.
@@ -33,32 +30,27 @@ func BenchmarkDeliveryLatency(b *testing.B) {
 			_ = c.RemoveContainer("bench", id)
 		}
 	}()
-	var lat []time.Duration
-	port := 42000
-	for b.Loop() {
-		for range latencySamples {
-			port++
-			id := fmt.Sprintf("bench-%d-%d", os.Getpid(), seq.Add(1))
-			labels := portsLabel(containerd.PortEntry{HostPort: port, ContainerPort: 80, Protocol: "tcp", HostIP: "0.0.0.0"})
-			if err := c.RunContainer("bench", id, labels, ""); err != nil {
-				b.Fatal(err)
-			}
-			ids = append(ids, id)
-			for started[id].IsZero() {
-				select {
-				case env := <-envelopes:
-					ev, err := typeurl.UnmarshalAny(env.Event)
-					if start, ok := ev.(*apievents.TaskStart); err == nil && ok {
-						started[start.ContainerID] = env.Timestamp
-					}
-				case err := <-errs:
-					b.Fatalf("event stream: %v", err)
-				case <-time.After(30 * time.Second):
-					b.Fatalf("no start event for %s", id)
-				}
-			}
-			lat = append(lat, arrivals.Wait(b, uint16(port), 30*time.Second).Sub(started[id]))
+	sourcetest.MeasureLatency(b, arrivals, func(i int) (uint16, time.Time) {
+		port := 42000 + i
+		id := fmt.Sprintf("bench-%d-%d", os.Getpid(), seq.Add(1))
+		labels := portsLabel(containerd.PortEntry{HostPort: port, ContainerPort: 80, Protocol: "tcp", HostIP: "0.0.0.0"})
+		if err := c.RunContainer("bench", id, labels, ""); err != nil {
+			b.Fatal(err)
 		}
-	}
-	sourcetest.ReportLatency(b, lat)
+		ids = append(ids, id)
+		for started[id].IsZero() {
+			select {
+			case env := <-envelopes:
+				ev, err := typeurl.UnmarshalAny(env.Event)
+				if start, ok := ev.(*apievents.TaskStart); err == nil && ok {
+					started[start.ContainerID] = env.Timestamp
+				}
+			case err := <-errs:
+				b.Fatalf("event stream: %v", err)
+			case <-time.After(30 * time.Second):
+				b.Fatalf("no start event for %s", id)
+			}
+		}
+		return uint16(port), started[id]
+	})
 }

@@ -3,7 +3,6 @@ package docker_test
 import (
 	"context"
 	"fmt"
-	"strings"
 	"testing"
 	"time"
 
@@ -13,9 +12,6 @@ import (
 	"github.com/guestagent/guestagent/core/sourcetest"
 	"github.com/guestagent/guestagent/sources/docker"
 )
-
-// latencySamples is how many containers one latency measurement starts.
-const latencySamples = 30
 
 // BenchmarkDeliveryLatency measures, against the real dockerd, the time
 // from a container's start event (stamped by the daemon) to the delivery
@@ -39,25 +35,20 @@ func BenchmarkDeliveryLatency(b *testing.B) {
 			_, _ = d.Docker(append([]string{"rm", "-f"}, ids...)...)
 		}
 	}()
-	var lat []time.Duration
-	port := 41000
-	for b.Loop() {
-		for range latencySamples {
-			port++
-			id := run(b, d, "-p", fmt.Sprintf("127.0.0.1:%d:80", port))
-			ids = append(ids, id)
-			for started[id].IsZero() {
-				select {
-				case msg := <-stream.Messages:
-					started[msg.Actor.ID] = time.Unix(0, msg.TimeNano)
-				case err := <-stream.Err:
-					b.Fatalf("event stream: %v", err)
-				case <-time.After(30 * time.Second):
-					b.Fatalf("no start event for %s", strings.TrimSpace(id))
-				}
+	sourcetest.MeasureLatency(b, arrivals, func(i int) (uint16, time.Time) {
+		port := 41000 + i
+		id := run(b, d, "-p", fmt.Sprintf("127.0.0.1:%d:80", port))
+		ids = append(ids, id)
+		for started[id].IsZero() {
+			select {
+			case msg := <-stream.Messages:
+				started[msg.Actor.ID] = time.Unix(0, msg.TimeNano)
+			case err := <-stream.Err:
+				b.Fatalf("event stream: %v", err)
+			case <-time.After(30 * time.Second):
+				b.Fatalf("no start event for %s", id)
 			}
-			lat = append(lat, arrivals.Wait(b, uint16(port), 30*time.Second).Sub(started[id]))
 		}
-	}
-	sourcetest.ReportLatency(b, lat)
+		return uint16(port), started[id]
+	})
 }

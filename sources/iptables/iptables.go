@@ -41,7 +41,7 @@ func init() {
 		Summary: "service ports in kube-proxy's and CNI's NAT rules (iptables and nftables), with listeners",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			cmds := fs.StringSlice("iptablesCommands", nil, "iptables commands to scan (default: iptables-nft and iptables-legacy where installed, else iptables)")
-			every := fs.Duration("iptablesScanInterval", 3*time.Second, "longest time between two scans; nftables changes trigger a scan at once")
+			every := fs.Duration("iptablesScanInterval", 3*time.Second, "time between two periodic scans, or 20 times what a scan takes if longer; nftables changes trigger a scan at once")
 			listen := fs.Bool("iptablesListeners", true, "open a listener on each service port found, as kubelet no longer does")
 			netns := fs.String("iptablesNetns", "", "network namespace (path) whose rules are scanned; empty for the agent's own")
 			return func(env registry.Env) (core.Source, error) {
@@ -62,7 +62,8 @@ type Config struct {
 	// Commands are the iptables commands to scan; empty picks iptables-nft
 	// and iptables-legacy where installed, else iptables.
 	Commands []string
-	// Interval is the longest time between scans.
+	// Interval is the time between periodic scans; it stretches to
+	// scanCostFactor times a scan's duration when that is longer.
 	Interval time.Duration
 	// Listen opens a listener on each port found.
 	Listen bool
@@ -133,14 +134,19 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 	defer ls.closeAll()
 	changed, stop := s.watchNftables(ctx)
 	defer stop()
-	ticker := time.NewTicker(s.cfg.Interval)
-	defer ticker.Stop()
+	periodic := time.NewTimer(s.cfg.Interval)
+	defer periodic.Stop()
 	debounce := time.NewTimer(time.Hour)
 	debounce.Stop()
 	defer debounce.Stop()
 
 	st := &scanState{}
-	s.scan(out, ls, st)
+	scan := func() {
+		start := time.Now()
+		s.scan(out, ls, st)
+		periodic.Reset(nextScan(s.cfg.Interval, time.Since(start)))
+	}
+	scan()
 	for {
 		select {
 		case <-ctx.Done():
@@ -148,11 +154,22 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		case <-changed:
 			debounce.Reset(50 * time.Millisecond) // a rule update arrives as a burst
 		case <-debounce.C:
-			s.scan(out, ls, st)
-		case <-ticker.C:
-			s.scan(out, ls, st)
+			scan()
+		case <-periodic.C:
+			scan()
 		}
 	}
+}
+
+// scanCostFactor bounds the periodic scans to about 1/scanCostFactor of a
+// core: with tens of thousands of rules one scan takes seconds.
+const scanCostFactor = 20
+
+// nextScan is the wait before the next periodic scan, after one that took
+// took: the interval, or longer when scans are costly. Change
+// notifications still trigger a scan at once.
+func nextScan(interval, took time.Duration) time.Duration {
+	return max(interval, scanCostFactor*took)
 }
 
 // scanState is what the previous scan saw.

@@ -11,9 +11,6 @@ import (
 	"github.com/guestagent/guestagent/sources/iptables"
 )
 
-// latencySamples is how many service ports one latency measurement adds.
-const latencySamples = 30
-
 // BenchmarkDeliveryLatency measures, in a private namespace, the time from
 // the start of the command that writes a kube-proxy node port rule to the
 // delivery of that port to a sink, with the default 3s scan interval (so
@@ -46,15 +43,10 @@ func BenchmarkDeliveryLatency(b *testing.B) {
 
 func benchLatency(b *testing.B, r *rig, add func(port int)) {
 	arrivals := sourcetest.Deliver(b, iptables.Name, r.source(b, false, 3*time.Second))
-	var lat []time.Duration
-	port := 30000
-	for b.Loop() {
-		for range latencySamples {
-			port++
-			start := time.Now()
-			add(port)
-			lat = append(lat, arrivals.Wait(b, uint16(port), 30*time.Second).Sub(start))
-		}
-	}
-	sourcetest.ReportLatency(b, lat)
+	sourcetest.MeasureLatency(b, arrivals, func(i int) (uint16, time.Time) {
+		port := 30000 + i
+		start := time.Now()
+		add(port)
+		return uint16(port), start
+	})
 }

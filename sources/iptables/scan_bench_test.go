@@ -6,8 +6,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
+	"github.com/guestagent/guestagent/core/sourcetest"
 	"github.com/guestagent/guestagent/core/testenv"
 )
 
@@ -108,4 +111,42 @@ func nftLoad(ns, dir string, n int) error {
 		return fmt.Errorf("%v: %s", err, out)
 	}
 	return nil
+}
+
+// idleScanWindow is how long BenchmarkIdleScanCPU watches the source.
+const idleScanWindow = 30 * time.Second
+
+// BenchmarkIdleScanCPU runs the source with the default interval over 10k
+// NodePort services that do not change, in a private namespace, and reports
+// the CPU that it and the iptables commands it runs use, as a share of one
+// core.
+func BenchmarkIdleScanCPU(b *testing.B) {
+	const n = 10000
+	s := benchRig(b, "iptables-nft", func(ns, dir string) error { return restore(ns, dir, n) })
+	r := sourcetest.Start(b, Name, s)
+	deadline := time.Now().Add(time.Minute)
+	for len(r.Desired()) < n {
+		if time.Now().After(deadline) {
+			b.Fatalf("the source reported %d of %d services", len(r.Desired()), n)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for b.Loop() {
+		before := cpuUsed(b)
+		time.Sleep(idleScanWindow)
+		b.ReportMetric(100*(cpuUsed(b)-before).Seconds()/idleScanWindow.Seconds(), "cpu-%")
+	}
+}
+
+// cpuUsed is the CPU time this process and its finished children used.
+func cpuUsed(b *testing.B) time.Duration {
+	var total time.Duration
+	for _, who := range []int{syscall.RUSAGE_SELF, syscall.RUSAGE_CHILDREN} {
+		var ru syscall.Rusage
+		if err := syscall.Getrusage(who, &ru); err != nil {
+			b.Fatal(err)
+		}
+		total += time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	return total
 }
