@@ -80,7 +80,7 @@ func BenchmarkBurst(b *testing.B) {
 	}
 }
 
-// removeAll removes the named containers, fifty at a time on eight
+// removeAll removes the named containers, ten at a time on eight
 // workers; a container left over is removed when the daemon is closed.
 func removeAll(b *testing.B, bed *faultBed, names []string) {
 	batches := make(chan []string)
@@ -94,7 +94,7 @@ func removeAll(b *testing.B, bed *faultBed, names []string) {
 			}
 		})
 	}
-	for chunk := range slices.Chunk(names, 50) {
+	for chunk := range slices.Chunk(names, 10) {
 		batches <- chunk
 	}
 	close(batches)

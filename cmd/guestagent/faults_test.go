@@ -32,7 +32,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/guestagent/guestagent/core/testenv"
-	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
 	ctrd "github.com/guestagent/guestagent/sources/containerd"
 	"github.com/guestagent/guestagent/sources/containerd/containerdtest"
@@ -466,26 +465,9 @@ func (b *faultBed) truth() ([]string, error) {
 	return out, nil
 }
 
-// forwards lists gvproxy's forwards that the agent owns (to the guest
-// address on the same port), as "proto local", read from gvproxy itself.
-func (b *faultBed) forwards() []string {
-	s, err := hostswitch.New(hostswitch.Config{BaseURL: b.gv.URL(), GuestIP: hostswitch.DefaultGuestIP})
-	b.must(err)
-	defer s.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	all, err := s.List(ctx)
-	b.must(err)
-	var out []string
-	for _, f := range all {
-		_, port, _ := net.SplitHostPort(f.Local)
-		if f.Remote == net.JoinHostPort(hostswitch.DefaultGuestIP, port) {
-			out = append(out, f.Protocol+" "+f.Local)
-		}
-	}
-	slices.Sort(out)
-	return out
-}
+// forwards lists gvproxy's forwards that the agent owns, read from gvproxy
+// itself (not through the proxy).
+func (b *faultBed) forwards() []string { return ourForwards(b.t, b.gv.URL()) }
 
 // converge waits until gvproxy's forwards equal the engines' truth and stay
 // so for stableFor. It returns the time to the first lasting match, or, at

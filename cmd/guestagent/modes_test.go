@@ -17,20 +17,25 @@ import (
 	"github.com/guestagent/guestagent/sinks/wslproxy/wslproxytest"
 )
 
-// ourForwards lists gvproxy's forwards to the guest, as "proto local".
-func ourForwards(t *testing.T, url string) []string {
+// ourForwards lists gvproxy's forwards that the agent owns (to the guest
+// address, on the port they listen on), as "proto local".
+func ourForwards(t testing.TB, url string) []string {
+	t.Helper()
 	s, err := hostswitch.New(hostswitch.Config{BaseURL: url, GuestIP: hostswitch.DefaultGuestIP})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	all, err := s.List(context.Background())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	all, err := s.List(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var out []string
 	for _, f := range all {
-		if !strings.HasSuffix(f.Remote, ":22") {
+		_, port, _ := net.SplitHostPort(f.Local)
+		if f.Remote == net.JoinHostPort(hostswitch.DefaultGuestIP, port) {
 			out = append(out, f.Protocol+" "+f.Local)
 		}
 	}
