@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -75,30 +74,11 @@ func BenchmarkBurst(b *testing.B) {
 		b.ReportMetric(started.Sub(start).Seconds(), "s-engine-started-all")
 		b.ReportMetric(exposed.Sub(started).Seconds(), "s-exposed-after-last-start")
 		b.StopTimer()
-		removeAll(b, bed, names)
+		if err := bed.docker.RemoveAll(names); err != nil {
+			b.Logf("removing the containers: %v", err)
+		}
 		b.StartTimer()
 	}
-}
-
-// removeAll removes the named containers, ten at a time on eight
-// workers; a container left over is removed when the daemon is closed.
-func removeAll(b *testing.B, bed *faultBed, names []string) {
-	batches := make(chan []string)
-	var wg sync.WaitGroup
-	for range 8 {
-		wg.Go(func() {
-			for batch := range batches {
-				if _, err := bed.docker.Docker(append([]string{"rm", "-f"}, batch...)...); err != nil {
-					b.Logf("removing containers: %v", err)
-				}
-			}
-		})
-	}
-	for chunk := range slices.Chunk(names, 10) {
-		batches <- chunk
-	}
-	close(batches)
-	wg.Wait()
 }
 
 // BenchmarkIdle builds the agent as `make build` does and runs it with

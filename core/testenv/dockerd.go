@@ -9,8 +9,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -135,14 +137,46 @@ func (d *Dockerd) stop(sig syscall.Signal) {
 // namespace and state.
 func (d *Dockerd) Close() {
 	if d.cmd != nil {
-		if ids, err := d.Docker("ps", "-aq"); err == nil && strings.TrimSpace(ids) != "" {
-			_, _ = d.Docker(append([]string{"rm", "-f"}, strings.Fields(ids)...)...)
+		if ids, err := d.Docker("ps", "-aq"); err == nil {
+			_ = d.RemoveAll(strings.Fields(ids))
 		}
 	}
 	d.Stop()
+	// The daemon runs with --live-restore: containers it failed to remove
+	// would outlive it, so their shims and processes are killed.
+	killShims(filepath.Join(d.Dir, "exec"))
+	nsFiles, _ := filepath.Glob(filepath.Join(d.Dir, "exec", "netns", "*"))
+	for _, f := range nsFiles {
+		_ = exec.Command("umount", f).Run() // the namespaces of killed containers
+	}
 	_ = exec.Command("umount", "-R", filepath.Join(d.Dir, "root")).Run()
 	_ = exec.Command("umount", "-R", filepath.Join(d.Dir, "exec")).Run()
 	d.cleanupNetns()
+}
+
+// RemoveAll force-removes the named containers, ten to a command and
+// eight commands at a time, so that hundreds of them are gone within the
+// time one command may take. It returns the first error.
+func (d *Dockerd) RemoveAll(names []string) error {
+	batches := make(chan []string)
+	var wg sync.WaitGroup
+	var once sync.Once
+	var first error
+	for range 8 {
+		wg.Go(func() {
+			for batch := range batches {
+				if _, err := d.Docker(append([]string{"rm", "-f"}, batch...)...); err != nil {
+					once.Do(func() { first = err })
+				}
+			}
+		})
+	}
+	for chunk := range slices.Chunk(names, 10) {
+		batches <- chunk
+	}
+	close(batches)
+	wg.Wait()
+	return first
 }
 
 // Docker runs the docker CLI against the daemon.
@@ -212,4 +246,37 @@ func tail(b []byte) string {
 		lines = lines[len(lines)-15:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// killShims kills the containerd shims whose command line names dir, and
+// the container processes they run.
+func killShims(dir string) {
+	procs, _ := filepath.Glob("/proc/[0-9]*")
+	shims := map[int]bool{}
+	parent := map[int]int{}
+	for _, p := range procs {
+		pid, err := strconv.Atoi(filepath.Base(p))
+		if err != nil {
+			continue
+		}
+		if cmdline, err := os.ReadFile(p + "/cmdline"); err == nil &&
+			bytes.Contains(cmdline, []byte("containerd-shim")) && bytes.Contains(cmdline, []byte(dir)) {
+			shims[pid] = true
+		}
+		if stat, err := os.ReadFile(p + "/stat"); err == nil {
+			// The field after the parenthesised command name is the state,
+			// then the parent's pid.
+			if f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:])); len(f) > 1 {
+				parent[pid], _ = strconv.Atoi(f[1])
+			}
+		}
+	}
+	for pid, ppid := range parent {
+		if shims[ppid] {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	for pid := range shims {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
 }
