@@ -293,14 +293,16 @@ func (s *Source) informer(ctx context.Context, cs k8s.Interface, out core.Emitte
 }
 
 // waitIdentity reads the cluster identity, retrying until the API answers.
-// A cluster without a "default" namespace (a fake one) has identity "".
+// The request is cheap, so the retries stay at most 2 s apart: a restarted
+// API server is relisted soon after it is back. A cluster without a
+// "default" namespace (a fake one) has identity "".
 func waitIdentity(ctx context.Context, cs k8s.Interface) (string, error) {
 	for attempt := 0; ; attempt++ {
 		id, err := clusterIdentity(ctx, cs)
 		if err == nil || apierrors.IsNotFound(err) {
 			return id, nil
 		}
-		if !core.Sleep(ctx, core.Backoff{Initial: 200 * time.Millisecond, Max: 5 * time.Second}.Delay(attempt)) {
+		if !core.Sleep(ctx, core.Backoff{Initial: 200 * time.Millisecond, Max: 2 * time.Second}.Delay(attempt)) {
 			return "", ctx.Err()
 		}
 	}
