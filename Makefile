@@ -34,15 +34,16 @@ run: build ## run the agent on the demo mappings, printing every change as JSON
 
 test: lint unit fuzz-short ## vet, staticcheck, every test with -race, then each fuzz target briefly
 
+# Where the tests find the engines; a missing one fails them.
+ENGINE_ENV  := GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER)
+
 unit: engines ## every test with -race, against the real engines and peers
-	GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER) \
-		$(GO) test -race -count=1 -timeout 20m ./...
+	$(ENGINE_ENV) $(GO) test -race -count=1 -timeout 20m ./...
 
 FAULT_ROUNDS ?= 30
 
 test-faults: engines ## the fault-injection convergence suite, FAULT_ROUNDS rounds (default 30), with its summary table
-	GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER) \
-		GUESTAGENT_FAULT_ROUNDS=$(FAULT_ROUNDS) $(GO) test -race -count=1 -timeout 60m -v -run '^TestFaultConvergence$$' ./cmd/guestagent/
+	$(ENGINE_ENV) GUESTAGENT_FAULT_ROUNDS=$(FAULT_ROUNDS) $(GO) test -race -count=1 -timeout 60m -v -run '^TestFaultConvergence$$' ./cmd/guestagent/
 
 # Debian packages of the engines the integration tests start (on private
 # sockets, in network namespaces of their own).
@@ -98,14 +99,13 @@ fuzz-short: ## run every fuzz target for 3s each (part of make test)
 # Benchmarks: the NAT rule scan and parse (timed by the benchmark loop), then
 # the measurements against the real engines (one run each: event-to-sink
 # latency per source, a burst of containers, idle cost of the agent).
-BENCH_ENV   := GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER)
 BENCH_MICRO := ^Benchmark(Scan|Parse)
 BENCH_MACRO := ^Benchmark(DeliveryLatency|Burst|Idle)
 
 bench: engines ## run the benchmarks against the real engines and print a table of their figures (also in bin/bench.txt)
 	@mkdir -p $(BIN)
-	$(BENCH_ENV) $(GO) test -run '^$$' -bench '$(BENCH_MICRO)' -benchmem -timeout 60m ./... | tee $(BIN)/bench.txt
-	$(BENCH_ENV) $(GO) test -run '^$$' -bench '$(BENCH_MACRO)' -benchtime 1x -timeout 60m ./... | tee -a $(BIN)/bench.txt
+	$(ENGINE_ENV) $(GO) test -run '^$$' -bench '$(BENCH_MICRO)' -benchmem -timeout 60m ./... | tee $(BIN)/bench.txt
+	$(ENGINE_ENV) $(GO) test -run '^$$' -bench '$(BENCH_MACRO)' -benchtime 1x -timeout 60m ./... | tee -a $(BIN)/bench.txt
 	@.ci/bench-table $(BIN)/bench.txt
 
 clean:

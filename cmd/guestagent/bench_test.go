@@ -7,7 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -32,35 +32,24 @@ func BenchmarkBurst(b *testing.B) {
 		b.Fatalf("agent did not settle: %d lost, %d leaked", lost, leaked)
 	}
 	for b.Loop() {
-		ports := make([]int, burstSize)
+		ports := make(map[string]int, burstSize)
 		names := make([]string, burstSize)
-		for i := range ports {
-			ports[i], names[i] = bed.hostPort(20000, 29999), fmt.Sprintf("burst%d", bed.next())
+		for i := range names {
+			names[i] = fmt.Sprintf("burst%d", bed.next())
+			ports[names[i]] = bed.hostPort(20000, 29999)
 		}
-		jobs := make(chan int)
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		var failed []error
+		var failed atomic.Int64
 		start := time.Now()
-		for range 8 {
-			wg.Go(func() {
-				for i := range jobs {
-					if _, err := bed.docker.Docker("run", "-d", "--name", names[i], "-p", fmt.Sprintf("127.0.0.1:%d:80", ports[i]), testenv.WebImage); err != nil {
-						mu.Lock()
-						failed = append(failed, err)
-						mu.Unlock()
-					}
-				}
-			})
-		}
-		for i := range ports {
-			jobs <- i
-		}
-		close(jobs)
-		wg.Wait()
+		err := testenv.ForEach(8, names, func(name string) error {
+			_, err := bed.docker.Docker("run", "-d", "--name", name, "-p", fmt.Sprintf("127.0.0.1:%d:80", ports[name]), testenv.WebImage)
+			if err != nil {
+				failed.Add(1)
+			}
+			return err
+		})
 		started := time.Now()
-		if len(failed) > 0 {
-			b.Fatalf("%d containers failed to start, first: %v", len(failed), failed[0])
+		if err != nil {
+			b.Fatalf("%d containers failed to start, first: %v", failed.Load(), err)
 		}
 		deadline := started.Add(5 * time.Minute)
 		for len(bed.forwards()) < burstSize {
@@ -126,16 +115,14 @@ func BenchmarkIdle(b *testing.B) {
 
 // cpuTicks returns the user plus system CPU time of pid, in userHZ ticks.
 func cpuTicks(b *testing.B, pid int) int64 {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	f, err := testenv.ProcStat(pid)
 	if err != nil {
 		b.Fatal(err)
 	}
-	// The fields after the command name, which is in parentheses.
-	fields := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
-	utime, err1 := strconv.ParseInt(fields[11], 10, 64)
-	stime, err2 := strconv.ParseInt(fields[12], 10, 64)
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
 	if err1 != nil || err2 != nil {
-		b.Fatalf("unexpected /proc/%d/stat: %s", pid, data)
+		b.Fatalf("unexpected CPU times in /proc/%d/stat: %q %q", pid, f[11], f[12])
 	}
 	return utime + stime
 }

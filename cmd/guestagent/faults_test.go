@@ -161,24 +161,9 @@ type fault struct {
 }
 
 var faults = []fault{
-	{"kill dockerd", func(b *faultBed) {
-		b.docker.Kill()
-		b.churn(false, true, true)
-		b.must(b.docker.Start())
-		b.churn(true, false, false)
-	}},
-	{"kill containerd", func(b *faultBed) {
-		b.ctrd.Kill()
-		b.churn(true, false, true)
-		b.must(b.ctrd.Start())
-		b.churn(false, true, false)
-	}},
-	{"kill apiserver", func(b *faultBed) {
-		b.kube.Kill()
-		b.churn(true, true, false)
-		b.must(b.kube.Start())
-		b.churn(false, false, true)
-	}},
+	{"kill dockerd", func(b *faultBed) { b.killAndRestart(b.docker.Kill, b.docker.Start, true, false, false) }},
+	{"kill containerd", func(b *faultBed) { b.killAndRestart(b.ctrd.Kill, b.ctrd.Start, false, true, false) }},
+	{"kill apiserver", func(b *faultBed) { b.killAndRestart(b.kube.Kill, b.kube.Start, false, false, true) }},
 	{"kill gvproxy", func(b *faultBed) {
 		b.gv.Stop()
 		b.churn(true, true, true)
@@ -203,6 +188,16 @@ var faults = []fault{
 			b.t.Fatal("the proxy cut no connection: the agent sent nothing during the fault")
 		}
 	}},
+}
+
+// killAndRestart kills one engine (the one whose flag is set), changes the
+// others while it is down, restarts it and changes it at once.
+func (b *faultBed) killAndRestart(kill func(), start func() error, docker, containerd, kube bool) {
+	b.t.Helper()
+	kill()
+	b.churn(!docker, !containerd, !kube)
+	b.must(start())
+	b.churn(docker, containerd, kube)
 }
 
 // faultBed holds the engines, the peer, the agent and what the test

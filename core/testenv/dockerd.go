@@ -12,7 +12,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 )
@@ -158,25 +157,10 @@ func (d *Dockerd) Close() {
 // eight commands at a time, so that hundreds of them are gone within the
 // time one command may take. It returns the first error.
 func (d *Dockerd) RemoveAll(names []string) error {
-	batches := make(chan []string)
-	var wg sync.WaitGroup
-	var once sync.Once
-	var first error
-	for range 8 {
-		wg.Go(func() {
-			for batch := range batches {
-				if _, err := d.Docker(append([]string{"rm", "-f"}, batch...)...); err != nil {
-					once.Do(func() { first = err })
-				}
-			}
-		})
-	}
-	for chunk := range slices.Chunk(names, 10) {
-		batches <- chunk
-	}
-	close(batches)
-	wg.Wait()
-	return first
+	return ForEach(8, slices.Collect(slices.Chunk(names, 10)), func(batch []string) error {
+		_, err := d.Docker(append([]string{"rm", "-f"}, batch...)...)
+		return err
+	})
 }
 
 // Docker runs the docker CLI against the daemon.
@@ -263,12 +247,8 @@ func killShims(dir string) {
 			bytes.Contains(cmdline, []byte("containerd-shim")) && bytes.Contains(cmdline, []byte(dir)) {
 			shims[pid] = true
 		}
-		if stat, err := os.ReadFile(p + "/stat"); err == nil {
-			// The field after the parenthesised command name is the state,
-			// then the parent's pid.
-			if f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:])); len(f) > 1 {
-				parent[pid], _ = strconv.Atoi(f[1])
-			}
+		if f, err := ProcStat(pid); err == nil {
+			parent[pid], _ = strconv.Atoi(f[1])
 		}
 	}
 	for pid, ppid := range parent {
