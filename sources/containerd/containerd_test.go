@@ -202,7 +202,7 @@ func TestLoopbackNATNextToCNI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nat, err := loopbacknat.New(loopbacknat.Config{Iptables: wrapper, Interface: "eth0", GuestIP: netip.MustParseAddr("192.168.127.2")})
+	nat, err := loopbacknat.New(loopbacknat.Config{Owner: "containerd", Iptables: wrapper, Interface: "eth0", GuestIP: netip.MustParseAddr("192.168.127.2")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -216,8 +216,8 @@ func TestLoopbackNATNextToCNI(t *testing.T) {
 	defer func() { _ = c.RemoveContainer("default", id) }()
 
 	cni := "-A " + chain + " -d 127.0.0.1/32 -p tcp -m tcp --dport 22601 -j DNAT --to-destination 198.18.20.2:80"
-	ours := "-A " + chain + " -p tcp -m tcp --dport 22601 -m comment --comment guestagent-loopback -j DNAT --to-destination 198.18.20.2:80"
-	pre := "-A PREROUTING -d 192.168.127.2/32 -p tcp -m tcp --dport 22601 -m comment --comment guestagent-loopback -j DNAT --to-destination 127.0.0.1:22601"
+	ours := "-A " + chain + ` -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 22601 -m comment --comment "guestagent-loopback:containerd" -j DNAT --to-destination 198.18.20.2:80`
+	pre := `-A PREROUTING -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 22601 -m comment --comment "guestagent-loopback:containerd" -j DNAT --to-destination 127.0.0.1:22601`
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		rules := testenv.NatRules(t, natNS)
@@ -236,7 +236,7 @@ func TestLoopbackNATNextToCNI(t *testing.T) {
 		t.Fatal(err)
 	}
 	deadline = time.Now().Add(30 * time.Second)
-	for strings.Contains(testenv.NatRules(t, natNS), loopbacknat.Comment) {
+	for strings.Contains(testenv.NatRules(t, natNS), loopbacknat.CommentPrefix) {
 		if time.Now().After(deadline) {
 			t.Fatalf("rules left after exit:\n%s", testenv.NatRules(t, natNS))
 		}

@@ -50,7 +50,7 @@ func requireEngine(t testing.TB) *testenv.Dockerd {
 
 func newSource(t testing.TB) core.Source {
 	t.Helper()
-	nat, err := loopbacknat.New(loopbacknat.Config{Iptables: wrapper, Chain: "DOCKER", Interface: "eth0",
+	nat, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: wrapper, Chain: "DOCKER", Interface: "eth0",
 		GuestIP: netip.MustParseAddr("192.168.127.2")})
 	if err != nil {
 		t.Fatal(err)
@@ -201,9 +201,9 @@ func TestLoopbackNATRules(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{
-		"-A PREROUTING -d 192.168.127.2/32 -p tcp -m tcp --dport 18181 -m comment --comment guestagent-loopback -j DNAT --to-destination 127.0.0.1:18181",
-		"-A POSTROUTING -s 127.0.0.1/32 -o eth0 -p tcp -m tcp --sport 18181 -m comment --comment guestagent-loopback -j MASQUERADE",
-		"-A DOCKER -p tcp -m tcp --dport 18181 -m comment --comment guestagent-loopback -j DNAT --to-destination " + ip + ":80",
+		`-A PREROUTING -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 18181 -m comment --comment "guestagent-loopback:docker" -j DNAT --to-destination 127.0.0.1:18181`,
+		`-A POSTROUTING -s 127.0.0.1/32 -o eth0 -p tcp -m tcp --sport 18181 -m comment --comment "guestagent-loopback:docker" -j MASQUERADE`,
+		`-A DOCKER -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 18181 -m comment --comment "guestagent-loopback:docker" -j DNAT --to-destination ` + ip + ":80",
 	}
 	dockerOwn := "-A DOCKER -d 127.0.0.1/32 ! -i docker0 -p tcp -m tcp --dport 18181 -j DNAT --to-destination " + ip + ":80"
 	deadline := time.Now().Add(30 * time.Second)
@@ -229,7 +229,7 @@ func TestLoopbackNATRules(t *testing.T) {
 	}
 	waitDesired(t, r, id, func(_ core.Mapping, ok bool) bool { return !ok })
 	deadline = time.Now().Add(30 * time.Second)
-	for strings.Contains(testenv.NatRules(t, d.Netns), loopbacknat.Comment) {
+	for strings.Contains(testenv.NatRules(t, d.Netns), loopbacknat.CommentPrefix) {
 		if time.Now().After(deadline) {
 			t.Fatalf("rules left after stop:\n%s", testenv.NatRules(t, d.Netns))
 		}

@@ -1,14 +1,30 @@
 // Package loopbacknat manages the NAT rules that let traffic forwarded from
-// the host reach container ports published on 127.0.0.1. For each such
-// binding (protocol, host port P, backend C:c) it keeps three rules in the
-// nat table, tagged with a comment so that leftovers can be found:
+// the host reach container ports published on 127.0.0.1. The host side
+// reaches the guest through one interface (IFACE, the tunnel: eth0) at one
+// address (GUEST); for each binding (protocol, host port P, backend C:c) the
+// manager keeps three rules in the nat table, and every one of them matches
+// only traffic of that path:
 //
-//	PREROUTING  -d GUEST/32 -p tcp -m tcp --dport P -j DNAT --to-destination 127.0.0.1:P
-//	POSTROUTING -s 127.0.0.1/32 -o IFACE -p tcp -m tcp --sport P -j MASQUERADE
-//	<chain>     -p tcp -m tcp --dport P -j DNAT --to-destination C:c   (appended after the engine's own rule)
+//	PREROUTING  -d GUEST/32 -i IFACE -p tcp -m tcp --dport P -m comment --comment "guestagent-loopback:OWNER" -j DNAT --to-destination 127.0.0.1:P
+//	POSTROUTING -s 127.0.0.1/32 -o IFACE -p tcp -m tcp --sport P -m comment --comment "guestagent-loopback:OWNER" -j MASQUERADE
+//	<chain>     -d GUEST/32 -i IFACE -p tcp -m tcp --dport P -m comment --comment "guestagent-loopback:OWNER" -j DNAT --to-destination C:c
 //
-// The engine's own rule only matches traffic to 127.0.0.1; the appended one
-// matches any destination, so traffic arriving on the guest's address lands.
+// The last one is appended to the engine's chain (DOCKER, or CNI's
+// per-container CNI-DN-* chain), after the engine's own rule, which matches
+// only traffic to 127.0.0.1. A port published on 127.0.0.1 thus answers on
+// the guest's address for connections that come in through the tunnel, and
+// stays refused, as without these rules, for connections from the bridge
+// networks, from the guest's other interfaces, to the guest's other
+// addresses (a bridge gateway), and from the guest itself (locally made
+// packets have no input interface). POSTROUTING cannot match an input
+// interface; its rule is bound to packets from 127.0.0.1:P leaving on IFACE.
+//
+// OWNER names the source the manager works for (docker, containerd), so
+// that the managers of two sources on one guest never delete each other's
+// rules. Rules tagged "guestagent-loopback" alone, without an owner, were
+// written by earlier versions of the agent, which matched traffic from any
+// interface to any address; every manager deletes them when it syncs (see
+// Manager.Sync).
 package loopbacknat
 
 import (
@@ -28,8 +44,22 @@ import (
 	"github.com/guestagent/guestagent/core"
 )
 
-// Comment tags every rule this package writes.
-const Comment = "guestagent-loopback"
+// CommentPrefix starts the comment of every rule this package writes. The
+// full comment is CommentPrefix + ":" + the manager's owner; earlier
+// versions wrote CommentPrefix alone.
+const CommentPrefix = "guestagent-loopback"
+
+// OwnerComment returns the comment of the rules owner's manager writes.
+func OwnerComment(owner string) string { return CommentPrefix + ":" + owner }
+
+// IsOwnRule reports whether comment, the unquoted argument of a rule's
+// --comment, marks a rule written by a loopback NAT manager, of any owner
+// or of none. Readers of the NAT rules use it to tell these rules from the
+// engines' own.
+func IsOwnRule(comment string) bool {
+	rest, ok := strings.CutPrefix(comment, CommentPrefix)
+	return ok && (rest == "" || rest[0] == ':')
+}
 
 // Binding is one port published on 127.0.0.1.
 type Binding struct {
@@ -43,14 +73,21 @@ type Binding struct {
 
 // Config configures a Manager.
 type Config struct {
-	// Iptables is the iptables command (name on PATH or path).
+	// Owner names the source whose rules these are (docker, containerd):
+	// letters, digits, '-' and '_'. It goes into every rule's comment, and
+	// a manager deletes only rules of its own owner. Required.
+	Owner string
+	// Iptables is the iptables command (name on PATH or path); empty for
+	// "iptables".
 	Iptables string
 	// Chain is where the engine writes its DNAT rules (DOCKER for dockerd;
 	// empty when every binding names its own chain).
 	Chain string
-	// Interface is the guest's interface toward the host (eth0).
+	// Interface is the guest's interface toward the host (eth0): the rules
+	// match only traffic that comes in, or goes out, through it. Required.
 	Interface string
-	// GuestIP is the guest's address toward the host (192.168.127.2).
+	// GuestIP is the guest's IPv4 address toward the host (192.168.127.2):
+	// the DNAT rules match only traffic to it. Required.
 	GuestIP netip.Addr
 	// Log receives the manager's log lines; nil discards them.
 	Log *zap.Logger
@@ -58,7 +95,8 @@ type Config struct {
 
 // Flags defines the loopback NAT flags of one source, named with prefix
 // (e.g. "docker" gives --dockerLoopbackNAT), and returns a function that
-// reads them: it returns nil when the rules are turned off.
+// reads them: it returns nil when the rules are turned off. The prefix is
+// also the owner of the rules.
 func Flags(fs *pflag.FlagSet, prefix, chain string) func(*zap.Logger) (*Manager, error) {
 	on := fs.Bool(prefix+"LoopbackNAT", true, "add NAT rules so forwarded traffic reaches ports published on 127.0.0.1")
 	cmd := fs.String(prefix+"Iptables", "iptables", "iptables command for the loopback NAT rules")
@@ -75,7 +113,7 @@ func Flags(fs *pflag.FlagSet, prefix, chain string) func(*zap.Logger) (*Manager,
 		if *iface == "" {
 			return nil, fmt.Errorf("--%sNATInterface is empty", prefix)
 		}
-		m, err := New(Config{Iptables: *cmd, Chain: chain, Interface: *iface, GuestIP: ip, Log: log})
+		m, err := New(Config{Owner: prefix, Iptables: *cmd, Chain: chain, Interface: *iface, GuestIP: ip, Log: log})
 		if err != nil {
 			return nil, fmt.Errorf("%w (turn the rules off with --%sLoopbackNAT=false)", err, prefix)
 		}
@@ -83,17 +121,18 @@ func Flags(fs *pflag.FlagSet, prefix, chain string) func(*zap.Logger) (*Manager,
 	}
 }
 
-// Manager keeps the rules of every owner (a container id).
+// Manager keeps the rules of every owner (a container id) of one source.
 type Manager struct {
-	cfg Config
-	ipt *iptables.IPTables
-	log *zap.Logger
+	cfg     Config
+	comment string
+	ipt     *iptables.IPTables
+	log     *zap.Logger
 
 	mu     sync.Mutex
-	owners map[string][]Binding
+	owners map[string][]Binding // mu
 }
 
-// New checks that iptables runs and returns a Manager.
+// New checks cfg and that iptables runs, and returns a Manager.
 func New(cfg Config) (*Manager, error) {
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
@@ -101,12 +140,26 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Iptables == "" {
 		cfg.Iptables = "iptables"
 	}
+	if cfg.Owner == "" || strings.ContainsFunc(cfg.Owner, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_')
+	}) {
+		return nil, fmt.Errorf("loopback NAT owner %q is not a name of letters, digits, '-' and '_'", cfg.Owner)
+	}
+	if !cfg.GuestIP.Is4() {
+		return nil, fmt.Errorf("loopback NAT guest address %q is not an IPv4 address", cfg.GuestIP)
+	}
+	if cfg.Interface == "" {
+		return nil, errors.New("loopback NAT rules need the interface toward the host")
+	}
 	ipt, err := iptables.New(iptables.Timeout(5), iptables.Path(cfg.Iptables))
 	if err != nil {
 		return nil, fmt.Errorf("loopback NAT rules need iptables: %w", err)
 	}
-	return &Manager{cfg: cfg, ipt: ipt, log: cfg.Log, owners: map[string][]Binding{}}, nil
+	return &Manager{cfg: cfg, comment: OwnerComment(cfg.Owner), ipt: ipt, log: cfg.Log, owners: map[string][]Binding{}}, nil
 }
+
+// Comment returns the comment on the manager's rules.
+func (m *Manager) Comment() string { return m.comment }
 
 // rule is one iptables rule: its chain and spec.
 type rule struct {
@@ -114,22 +167,24 @@ type rule struct {
 	spec  []string
 }
 
-// String renders r as `iptables -t nat -S` prints it.
+// String renders r as `iptables -t nat -S` prints it, but without quotes.
 func (r rule) String() string { return "-A " + r.chain + " " + strings.Join(r.spec, " ") }
 
 func (m *Manager) rules(b Binding) []rule {
 	chain := cmp.Or(b.Chain, m.cfg.Chain)
 	proto := string(b.Protocol)
 	port := strconv.Itoa(int(b.HostPort))
-	tag := []string{"-m", "comment", "--comment", Comment}
+	// In the order iptables prints them, so that Sync recognises them.
+	fromHost := []string{"-d", m.cfg.GuestIP.String() + "/32", "-i", m.cfg.Interface}
+	tag := []string{"-m", "comment", "--comment", m.comment}
 	match := func(dir string) []string { return []string{"-p", proto, "-m", proto, dir, port} }
 	join := func(parts ...[]string) []string { return slices.Concat(parts...) }
 	return []rule{
-		{"PREROUTING", join([]string{"-d", m.cfg.GuestIP.String() + "/32"}, match("--dport"), tag,
+		{"PREROUTING", join(fromHost, match("--dport"), tag,
 			[]string{"-j", "DNAT", "--to-destination", "127.0.0.1:" + port})},
 		{"POSTROUTING", join([]string{"-s", "127.0.0.1/32", "-o", m.cfg.Interface}, match("--sport"), tag,
 			[]string{"-j", "MASQUERADE"})},
-		{chain, join(match("--dport"), tag,
+		{chain, join(fromHost, match("--dport"), tag,
 			[]string{"-j", "DNAT", "--to-destination", b.Backend.String()})},
 	}
 }
@@ -193,41 +248,55 @@ func (m *Manager) apply(b Binding, add bool) []error {
 // Remove deletes owner's rules.
 func (m *Manager) Remove(owner string) error { return m.Set(owner, nil) }
 
-// Sync makes the rules match all, owner by owner, and deletes every rule
-// with this package's comment that no owner wants (left by an earlier run).
+// Sync makes the rules match all, owner by owner, and deletes the rules
+// that no owner wants: those with the manager's own comment (left by an
+// earlier run), and those with the bare CommentPrefix. The latter come
+// from agent versions that tagged no owner; no running manager writes
+// them, and they match traffic from anywhere, so whichever manager syncs
+// first removes them (the other then finds them gone). Rules of other
+// owners are left alone. The chains searched are PREROUTING, POSTROUTING,
+// Config.Chain and the chains of the bindings in all; the per-container
+// chains of containers that are gone went with them.
 func (m *Manager) Sync(all map[string][]Binding) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	want := map[string]bool{}
+	chains := []string{"PREROUTING", "POSTROUTING"}
+	if m.cfg.Chain != "" {
+		chains = append(chains, m.cfg.Chain)
+	}
 	for _, bs := range all {
 		for _, b := range bs {
-			if Valid(b) {
-				for _, r := range m.rules(b) {
-					want[r.String()] = true
-				}
+			if !Valid(b) {
+				continue
+			}
+			for _, r := range m.rules(b) {
+				want[r.String()] = true
+			}
+			if b.Chain != "" && !slices.Contains(chains, b.Chain) {
+				chains = append(chains, b.Chain)
 			}
 		}
 	}
 	var errs []error
-	// Per-container chains go with their containers; the shared ones are
-	// searched for leftovers.
-	for _, chain := range slices.DeleteFunc([]string{"PREROUTING", "POSTROUTING", m.cfg.Chain}, func(c string) bool { return c == "" }) {
+	for _, chain := range chains {
 		listed, err := m.ipt.List("nat", chain)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("listing nat %s: %w", chain, err))
 			continue
 		}
 		for _, line := range listed {
-			if !strings.Contains(line, Comment) || want[line] {
+			f := fields(line)
+			if len(f) < 3 || f[0] != "-A" || want[strings.Join(f, " ")] {
 				continue
 			}
-			fields := strings.Fields(line)
-			if len(fields) < 3 || fields[0] != "-A" {
+			if c, _ := commentOf(f); c != m.comment && c != CommentPrefix {
 				continue
 			}
 			m.log.Info("removing leftover loopback NAT rule", zap.String("rule", line))
-			if err := m.ipt.DeleteIfExists("nat", fields[1], fields[2:]...); err != nil {
-				errs = append(errs, err)
+			// Another manager may have deleted an untagged rule just now.
+			if err := m.ipt.Delete("nat", f[1], f[2:]...); err != nil && !isNotExist(err) {
+				errs = append(errs, fmt.Errorf("deleting %s: %w", line, err))
 			}
 		}
 	}
@@ -243,4 +312,51 @@ func (m *Manager) Sync(all map[string][]Binding) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func isNotExist(err error) bool {
+	var e *iptables.Error
+	return errors.As(err, &e) && e.IsNotExist()
+}
+
+// commentOf returns the argument of the --comment in a rule's fields.
+func commentOf(fields []string) (string, bool) {
+	i := slices.Index(fields, "--comment")
+	if i < 0 || i+1 >= len(fields) {
+		return "", false
+	}
+	return fields[i+1], true
+}
+
+// fields splits a line of `iptables -S` into its arguments, without the
+// double quotes and backslash escapes iptables puts into comments that
+// hold anything but letters, digits, '-' and '_'.
+func fields(line string) []string {
+	var out []string
+	var b strings.Builder
+	in, quoted := false, false
+	for i := 0; i < len(line); i++ {
+		c := line[i]
+		switch {
+		case quoted && c == '\\' && i+1 < len(line):
+			i++
+			b.WriteByte(line[i])
+		case c == '"':
+			quoted = !quoted
+			in = true
+		case !quoted && (c == ' ' || c == '\t'):
+			if in {
+				out = append(out, b.String())
+				b.Reset()
+				in = false
+			}
+		default:
+			b.WriteByte(c)
+			in = true
+		}
+	}
+	if in {
+		out = append(out, b.String())
+	}
+	return out
 }

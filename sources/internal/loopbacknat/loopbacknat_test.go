@@ -2,6 +2,7 @@ package loopbacknat_test
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -10,35 +11,46 @@ import (
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 )
 
+var guest = netip.MustParseAddr("192.168.127.2")
+
+// setup makes a namespace with the rule dockerd writes for
+// -p 127.0.0.1:8081:80, and a manager for the docker source in it.
 func setup(t *testing.T) (string, *loopbacknat.Manager) {
+	t.Helper()
 	ns := testenv.Netns(t)
+	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-N", "DOCKER")
+	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-A", "DOCKER", "-d", "127.0.0.1/32", "!", "-i", "docker0",
+		"-p", "tcp", "-m", "tcp", "--dport", "8081", "-j", "DNAT", "--to-destination", "198.18.0.2:80")
+	return ns, manager(t, ns, "docker", "DOCKER")
+}
+
+func manager(t *testing.T, ns, owner, chain string) *loopbacknat.Manager {
+	t.Helper()
 	wrapper, err := testenv.IptablesWrapper(t.TempDir(), ns)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// What dockerd writes for -p 127.0.0.1:8081:80.
-	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-N", "DOCKER")
-	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-A", "DOCKER", "-d", "127.0.0.1/32", "!", "-i", "docker0",
-		"-p", "tcp", "-m", "tcp", "--dport", "8081", "-j", "DNAT", "--to-destination", "198.18.0.2:80")
-	m, err := loopbacknat.New(loopbacknat.Config{Iptables: wrapper, Chain: "DOCKER", Interface: "eth0", GuestIP: netip.MustParseAddr("192.168.127.2")})
+	m, err := loopbacknat.New(loopbacknat.Config{Owner: owner, Iptables: wrapper, Chain: chain, Interface: "eth0", GuestIP: guest})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return ns, m
+	return m
 }
 
 var b8081 = loopbacknat.Binding{Protocol: core.TCP, HostPort: 8081, Backend: netip.MustParseAddrPort("198.18.0.2:80")}
 
 var rules8081 = []string{
-	"-A PREROUTING -d 192.168.127.2/32 -p tcp -m tcp --dport 8081 -m comment --comment guestagent-loopback -j DNAT --to-destination 127.0.0.1:8081",
-	"-A POSTROUTING -s 127.0.0.1/32 -o eth0 -p tcp -m tcp --sport 8081 -m comment --comment guestagent-loopback -j MASQUERADE",
-	"-A DOCKER -p tcp -m tcp --dport 8081 -m comment --comment guestagent-loopback -j DNAT --to-destination 198.18.0.2:80",
+	`-A PREROUTING -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 8081 -m comment --comment "guestagent-loopback:docker" -j DNAT --to-destination 127.0.0.1:8081`,
+	`-A POSTROUTING -s 127.0.0.1/32 -o eth0 -p tcp -m tcp --sport 8081 -m comment --comment "guestagent-loopback:docker" -j MASQUERADE`,
+	`-A DOCKER -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 8081 -m comment --comment "guestagent-loopback:docker" -j DNAT --to-destination 198.18.0.2:80`,
 }
 
-func ours(rules string) []string {
+// ours returns the lines of rules that carry comment (any loopback NAT
+// comment when it is empty).
+func ours(rules, comment string) []string {
 	var out []string
 	for l := range strings.Lines(rules) {
-		if strings.Contains(l, loopbacknat.Comment) {
+		if strings.Contains(l, `--comment "`+comment) || comment == "" && strings.Contains(l, loopbacknat.CommentPrefix) {
 			out = append(out, strings.TrimSpace(l))
 		}
 	}
@@ -53,22 +65,46 @@ func TestRulesAddedAfterDockersAndRemoved(t *testing.T) {
 		}
 	}
 	all := testenv.NatRules(t, ns)
-	if got := strings.Join(ours(all), "\n"); got != strings.Join(rules8081, "\n") {
+	if got := strings.Join(ours(all, ""), "\n"); got != strings.Join(rules8081, "\n") {
 		t.Fatalf("rules:\n%s\nwant:\n%s", got, strings.Join(rules8081, "\n"))
 	}
 	docker := strings.Index(all, "-A DOCKER -d 127.0.0.1/32")
 	appended := strings.Index(all, rules8081[2])
 	if docker < 0 || appended < docker {
-		t.Errorf("the any-destination rule must come after Docker's own:\n%s", all)
+		t.Errorf("the guest-address rule must come after Docker's own:\n%s", all)
 	}
 	if err := m.Remove("c1"); err != nil {
 		t.Fatal(err)
 	}
-	if got := ours(testenv.NatRules(t, ns)); len(got) != 0 {
+	if got := ours(testenv.NatRules(t, ns), ""); len(got) != 0 {
 		t.Errorf("rules left after removal: %v", got)
 	}
 	if !strings.Contains(testenv.NatRules(t, ns), "-A DOCKER -d 127.0.0.1/32") {
 		t.Error("Docker's own rule was touched")
+	}
+}
+
+// TestEveryRuleIsBoundToTheTunnel pins the narrowness: each DNAT rule
+// matches only the guest address and the tunnel interface, and the
+// masquerade only packets leaving through the tunnel.
+func TestEveryRuleIsBoundToTheTunnel(t *testing.T) {
+	ns, m := setup(t)
+	udp := loopbacknat.Binding{Protocol: core.UDP, HostPort: 5353, Backend: netip.MustParseAddrPort("198.18.0.2:53"), Chain: "DOCKER"}
+	if err := m.Set("c1", []loopbacknat.Binding{b8081, udp}); err != nil {
+		t.Fatal(err)
+	}
+	got := ours(testenv.NatRules(t, ns), "")
+	if len(got) != 6 {
+		t.Fatalf("%d rules, want 6: %v", len(got), got)
+	}
+	for _, r := range got {
+		bound := strings.Contains(r, " -d 192.168.127.2/32 -i eth0 ")
+		if strings.HasPrefix(r, "-A POSTROUTING ") {
+			bound = strings.Contains(r, " -s 127.0.0.1/32 -o eth0 ")
+		}
+		if !bound {
+			t.Errorf("rule not bound to the tunnel: %s", r)
+		}
 	}
 }
 
@@ -78,13 +114,13 @@ func TestSetReplacesChangedBindings(t *testing.T) {
 	if err := m.Set("c1", []loopbacknat.Binding{b8081, udp}); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(ours(testenv.NatRules(t, ns))); n != 6 {
+	if n := len(ours(testenv.NatRules(t, ns), "")); n != 6 {
 		t.Fatalf("%d rules, want 6", n)
 	}
 	if err := m.Set("c1", []loopbacknat.Binding{udp}); err != nil {
 		t.Fatal(err)
 	}
-	got := ours(testenv.NatRules(t, ns))
+	got := ours(testenv.NatRules(t, ns), "")
 	if len(got) != 3 || strings.Contains(strings.Join(got, ""), "8081") {
 		t.Errorf("after dropping 8081: %v", got)
 	}
@@ -100,16 +136,123 @@ func TestSyncRemovesLeftovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A new manager, as after an agent restart, knows only what runs now.
-	wrapper, _ := testenv.IptablesWrapper(t.TempDir(), ns)
-	fresh, err := loopbacknat.New(loopbacknat.Config{Iptables: wrapper, Chain: "DOCKER", Interface: "eth0", GuestIP: netip.MustParseAddr("192.168.127.2")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	fresh := manager(t, ns, "docker", "DOCKER")
 	if err := fresh.Sync(map[string][]loopbacknat.Binding{"c1": {b8081}}); err != nil {
 		t.Fatal(err)
 	}
-	if got := strings.Join(ours(testenv.NatRules(t, ns)), "\n"); got != strings.Join(rules8081, "\n") {
+	if got := strings.Join(ours(testenv.NatRules(t, ns), ""), "\n"); got != strings.Join(rules8081, "\n") {
 		t.Errorf("after Sync:\n%s\nwant:\n%s", got, strings.Join(rules8081, "\n"))
+	}
+}
+
+// TestSyncLeavesOtherOwnersRules runs the managers of the docker and the
+// containerd source in one namespace, as with --docker --containerd: the
+// Sync of either deletes neither the other's rules in the shared chains
+// nor those in the other's engine chains, and both delete untagged rules
+// of earlier agent versions.
+func TestSyncLeavesOtherOwnersRules(t *testing.T) {
+	ns, docker := setup(t)
+	containerd := manager(t, ns, "containerd", "")
+	const cniChain = "CNI-DN-0123456789abcdef01234"
+	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-N", cniChain)
+	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-A", cniChain, "-d", "127.0.0.1/32", "-p", "tcp", "-m", "tcp",
+		"--dport", "9090", "-j", "DNAT", "--to-destination", "198.18.20.2:80")
+	cni := loopbacknat.Binding{Protocol: core.TCP, HostPort: 9090, Backend: netip.MustParseAddrPort("198.18.20.2:80"), Chain: cniChain}
+	// What an earlier version wrote for both: any interface, any address.
+	legacy := [][]string{
+		{"PREROUTING", "-d", "192.168.127.2/32", "-p", "tcp", "-m", "tcp", "--dport", "7070", "-m", "comment", "--comment", loopbacknat.CommentPrefix, "-j", "DNAT", "--to-destination", "127.0.0.1:7070"},
+		{"DOCKER", "-p", "tcp", "-m", "tcp", "--dport", "8081", "-m", "comment", "--comment", loopbacknat.CommentPrefix, "-j", "DNAT", "--to-destination", "198.18.0.2:80"},
+		{cniChain, "-p", "tcp", "-m", "tcp", "--dport", "9090", "-m", "comment", "--comment", loopbacknat.CommentPrefix, "-j", "DNAT", "--to-destination", "198.18.20.2:80"},
+	}
+	for _, r := range legacy {
+		testenv.RunIn(t, ns, append([]string{"iptables", "-t", "nat", "-A"}, r...)...)
+	}
+	// Another tool's rule whose comment merely starts alike.
+	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "6060",
+		"-m", "comment", "--comment", loopbacknat.CommentPrefix+"s", "-j", "ACCEPT")
+
+	if err := docker.Set("c1", []loopbacknat.Binding{b8081}); err != nil {
+		t.Fatal(err)
+	}
+	if err := containerd.Set("default/c2", []loopbacknat.Binding{cni}); err != nil {
+		t.Fatal(err)
+	}
+	cniRules := ours(testenv.NatRules(t, ns), containerd.Comment())
+	if len(cniRules) != 3 {
+		t.Fatalf("containerd's rules: %v", cniRules)
+	}
+
+	check := func(step string, wantDocker bool) {
+		t.Helper()
+		all := testenv.NatRules(t, ns)
+		if got := ours(all, containerd.Comment()); !slices.Equal(got, cniRules) {
+			t.Errorf("%s: containerd's rules\n%s\nwant\n%s", step, strings.Join(got, "\n"), strings.Join(cniRules, "\n"))
+		}
+		want := rules8081
+		if !wantDocker {
+			want = nil
+		}
+		if got := ours(all, docker.Comment()); !slices.Equal(got, want) {
+			t.Errorf("%s: docker's rules\n%s\nwant\n%s", step, strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+		if !strings.Contains(all, "--comment "+loopbacknat.CommentPrefix+"s ") {
+			t.Errorf("%s: a rule with another comment was deleted", step)
+		}
+	}
+	if err := docker.Sync(map[string][]loopbacknat.Binding{"c1": {b8081}}); err != nil {
+		t.Fatal(err)
+	}
+	check("docker's Sync", true)
+	if err := containerd.Sync(map[string][]loopbacknat.Binding{"default/c2": {cni}}); err != nil {
+		t.Fatal(err)
+	}
+	check("containerd's Sync", true)
+	if err := docker.Sync(nil); err != nil {
+		t.Fatal(err)
+	}
+	check("docker's Sync with no containers", false)
+	all := testenv.NatRules(t, ns)
+	for l := range strings.Lines(all) {
+		if strings.Contains(l, "--comment "+loopbacknat.CommentPrefix+" ") {
+			t.Errorf("untagged rule of an earlier version left: %s", strings.TrimSpace(l))
+		}
+	}
+}
+
+func TestIsOwnRule(t *testing.T) {
+	for comment, want := range map[string]bool{
+		"guestagent-loopback":            true,
+		"guestagent-loopback:docker":     true,
+		"guestagent-loopback:containerd": true,
+		"guestagent-loopbacks":           false,
+		"guestagent":                     false,
+		"":                               false,
+		`dnat name: "cbr0" id: "8e1c"`:   false,
+	} {
+		if got := loopbacknat.IsOwnRule(comment); got != want {
+			t.Errorf("IsOwnRule(%q) = %v", comment, got)
+		}
+	}
+	if c := loopbacknat.OwnerComment("docker"); !loopbacknat.IsOwnRule(c) {
+		t.Errorf("OwnerComment gives %q, not recognised", c)
+	}
+}
+
+func TestNewChecksConfig(t *testing.T) {
+	good := loopbacknat.Config{Owner: "docker", Interface: "eth0", GuestIP: guest}
+	for name, edit := range map[string]func(*loopbacknat.Config){
+		"no owner":      func(c *loopbacknat.Config) { c.Owner = "" },
+		"owner a:b":     func(c *loopbacknat.Config) { c.Owner = "a:b" },
+		"owner a b":     func(c *loopbacknat.Config) { c.Owner = "a b" },
+		"no interface":  func(c *loopbacknat.Config) { c.Interface = "" },
+		"no guest IP":   func(c *loopbacknat.Config) { c.GuestIP = netip.Addr{} },
+		"IPv6 guest IP": func(c *loopbacknat.Config) { c.GuestIP = netip.MustParseAddr("fd00::2") },
+	} {
+		cfg := good
+		edit(&cfg)
+		if _, err := loopbacknat.New(cfg); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
 	}
 }
 
