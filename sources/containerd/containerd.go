@@ -71,7 +71,8 @@ type Config struct {
 	// Socket is containerd's socket path.
 	Socket string
 	// NAT, when set, keeps loopback NAT rules for 127.0.0.1 bindings, next
-	// to the CNI portmap plugin's rules.
+	// to the CNI portmap plugin's rules in each container's CNI-DN chain, so
+	// that they answer on the guest's address through the host's tunnel.
 	NAT *loopbacknat.Manager
 	// Backoff bounds reconnect delays (default core.DefaultBackoff, capped
 	// at 10s).

@@ -2,7 +2,9 @@
 // start, stop and die events, and the published ports of running
 // containers. After every (re)connect it lists the running containers and
 // reports them all, so nothing that happened while it was away is missed or
-// leaked. Ports published on 127.0.0.1 also get loopback NAT rules.
+// leaked. Ports published on 127.0.0.1 also get loopback NAT rules, which
+// let them answer on the guest's address for traffic from the host's tunnel
+// and nothing else (see sources/internal/loopbacknat).
 package docker
 
 import (

@@ -1,0 +1,136 @@
+package docker_test
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/sources/docker"
+	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
+	"github.com/guestagent/guestagent/sources/internal/loopbacknat/loopbacknattest"
+)
+
+// TestLoopbackPortAnswersOnlyThroughTheTunnel sends real connections to a
+// port published on 127.0.0.1, with the source's loopback NAT rules in
+// place, in dockerd's namespace (the guest). The guest has a tunnel
+// interface whose far end is in a namespace acting as the host side, and a
+// second interface toward another namespace (a LAN). Only a connection
+// that comes in through the tunnel to the guest's address reaches the
+// container; one from a container on the bridge, from the LAN, to the
+// bridge gateway or the guest's other address, or from the guest itself
+// to those addresses, is refused, as it is without the rules.
+func TestLoopbackPortAnswersOnlyThroughTheTunnel(t *testing.T) {
+	d := requireEngine(t)
+	n := seq.Add(1)
+	const (
+		guestIP = "198.18.240.2" // the guest's address toward the host
+		hostIP  = "198.18.240.1"
+		otherIP = "198.18.241.2" // the guest's address on the LAN
+		lanIP   = "198.18.241.1"
+	)
+	tunnel := fmt.Sprintf("gatun%d", n)
+	host, lan := testenv.Netns(t), testenv.Netns(t)
+	loopbacknattest.Link(t, loopbacknattest.End{Netns: d.Netns, Iface: tunnel, Addr: guestIP + "/24"},
+		loopbacknattest.End{Netns: host, Iface: "eth0", Addr: hostIP + "/24"})
+	loopbacknattest.Link(t, loopbacknattest.End{Netns: d.Netns, Iface: fmt.Sprintf("galan%d", n), Addr: otherIP + "/24"},
+		loopbacknattest.End{Netns: lan, Iface: "eth0", Addr: lanIP + "/24"})
+	testenv.RunIn(t, host, "ip", "route", "add", "198.18.0.0/16", "via", guestIP)
+	testenv.RunIn(t, lan, "ip", "route", "add", "198.18.0.0/16", "via", otherIP)
+
+	nat, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: wrapper, Chain: "DOCKER",
+		Interface: tunnel, GuestIP: netip.MustParseAddr(guestIP)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := docker.New(docker.Config{Host: d.Host, NAT: nat,
+		Backoff: core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := sourcetest.Start(t, docker.Name, s)
+
+	port := 18300 + int(n)
+	id := run(t, d, "-p", fmt.Sprintf("127.0.0.1:%d:80", port))
+	defer func() { _, _ = d.Docker("rm", "-f", id) }()
+	client := run(t, d) // a container on the same bridge network
+	defer func() { _, _ = d.Docker("rm", "-f", client) }()
+	waitDesired(t, r, id, func(_ core.Mapping, ok bool) bool { return ok })
+	ip, err := d.Docker("inspect", "--format", "{{.NetworkSettings.Networks.bridge.IPAddress}}", id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gateway, err := d.Docker("inspect", "--format", "{{.NetworkSettings.Networks.bridge.Gateway}}", client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := d.Docker("inspect", "--format", "{{.State.Pid}}", client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours := fmt.Sprintf(`-A DOCKER -d %s/32 -i %s -p tcp -m tcp --dport %d -m comment --comment "%s" -j DNAT --to-destination %s:80`,
+		guestIP, tunnel, port, nat.Comment(), ip)
+	waitRule(t, d.Netns, ours)
+
+	hostNS, lanNS, guestNS := loopbacknattest.NetnsPath(host), loopbacknattest.NetnsPath(lan), loopbacknattest.NetnsPath(d.Netns)
+	containerNS := "/proc/" + pid + "/ns/net"
+	at := func(addr string) string { return fmt.Sprintf("%s:%d", addr, port) }
+
+	// The port is up on 127.0.0.1 (docker-proxy) and through the tunnel.
+	for _, c := range []struct{ what, ns, addr string }{
+		{"the guest to 127.0.0.1", guestNS, "127.0.0.1"},
+		{"the host side through the tunnel to the guest address", hostNS, guestIP},
+	} {
+		body, err := loopbacknattest.Get(c.ns, at(c.addr))
+		if err != nil {
+			t.Fatalf("%s: %v", c.what, err)
+		}
+		if body != id[:12] {
+			t.Errorf("%s: answered %q, want the container's hostname %q", c.what, body, id[:12])
+		}
+	}
+	for _, c := range []struct{ what, ns, addr string }{
+		{"a container on the bridge to the bridge gateway", containerNS, gateway},
+		{"a container on the bridge to the guest address", containerNS, guestIP},
+		{"the LAN to the guest's LAN address", lanNS, otherIP},
+		{"the LAN to the guest address", lanNS, guestIP},
+		{"the LAN to the bridge gateway", lanNS, gateway},
+		{"the host side through the tunnel to the bridge gateway", hostNS, gateway},
+		{"the host side through the tunnel to the guest's LAN address", hostNS, otherIP},
+		{"the guest to its own tunnel address", guestNS, guestIP},
+		{"the guest to the bridge gateway", guestNS, gateway},
+	} {
+		loopbacknattest.Refused(t, c.what, c.ns, at(c.addr))
+	}
+
+	if _, err := d.Docker("rm", "-f", id); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for strings.Contains(testenv.NatRules(t, d.Netns), fmt.Sprintf("--dport %d ", port)+`-m comment --comment "`+nat.Comment()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("rules left after the container went:\n%s", testenv.NatRules(t, d.Netns))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitRule waits until `iptables -t nat -S` in ns prints rule.
+func waitRule(t *testing.T, ns, rule string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		rules := testenv.NatRules(t, ns)
+		if strings.Contains(rules, rule+"\n") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rule %q not in place:\n%s", rule, rules)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
