@@ -11,7 +11,7 @@ import (
 // FuzzParseIptables feeds arbitrary rule text to the parser: no panic, and
 // every port found has a protocol and a non-zero port.
 func FuzzParseIptables(f *testing.F) {
-	for _, name := range []string{"kube-proxy-iptables.rules", "kube-proxy-v1.37.2-iptables.rules"} {
+	for _, name := range []string{"kube-proxy-iptables.rules", "kube-proxy-v1.37.2-iptables.rules", "cni-portmap-loopback.rules"} {
 		f.Add(strings.Join(ruleLines(f, name), "\n"))
 	}
 	f.Add(`-A KUBE-NODEPORTS -p tcp -m comment --comment "a \"b\"" --dport 1 -j KUBE-EXT-X`)

@@ -3,7 +3,8 @@
 // KUBE-SERVICES, through go-iptables, on the nft and legacy back-ends) and
 // in nftables mode (the kube-proxy table's service-nodeports and
 // service-ips maps, over netlink) — and the hostPorts of the CNI portmap
-// plugin. It rescans at once when nftables reports a change and at least
+// plugin, leaving out the loopback NAT rules the container sources add to
+// CNI's chains. It rescans at once when nftables reports a change and at least
 // every scan interval, re-parses only when the rules changed, and opens
 // the listeners kubelet no longer creates for the ports it finds.
 package iptables

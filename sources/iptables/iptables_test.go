@@ -271,6 +271,12 @@ func TestFixturesInNamespaces(t *testing.T) {
 		{"iptables-legacy", "iptables-legacy", func(r *rig, t *testing.T) {
 			testenv.RunIn(t, r.ns, "iptables-legacy-restore", filepath.Join(fixture, "kube-proxy-iptables.rules"))
 		}, []string{"tcp/127.0.0.1:9090", "tcp/30081", "tcp/8088", "tcp/8443", "udp/30053"}},
+		{"CNI portmap and loopback NAT, iptables-nft", "iptables-nft", func(r *rig, t *testing.T) {
+			testenv.RunIn(t, r.ns, "iptables-nft-restore", filepath.Join(fixture, "cni-portmap-loopback.rules"))
+		}, []string{"tcp/127.0.0.1:9090", "tcp/8443"}},
+		{"CNI portmap and loopback NAT, iptables-legacy", "iptables-legacy", func(r *rig, t *testing.T) {
+			testenv.RunIn(t, r.ns, "iptables-legacy-restore", filepath.Join(fixture, "cni-portmap-loopback.rules"))
+		}, []string{"tcp/127.0.0.1:9090", "tcp/8443"}},
 		{"nftables", "iptables-nft", func(r *rig, t *testing.T) {
 			r.nft(t, "-f", filepath.Join(fixture, "kube-proxy.nft"))
 		}, []string{"tcp/30081", "tcp/8088", "udp/30053"}},

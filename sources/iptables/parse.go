@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 )
 
 // Kinds of service ports.
@@ -116,7 +117,7 @@ func unescape(s string) string {
 
 // rule is the part of an iptables rule the parser needs.
 type rule struct {
-	chain, proto, target, dest, dport string
+	chain, proto, target, dest, dport, comment string
 }
 
 func parseRule(line string) (rule, bool) {
@@ -124,7 +125,7 @@ func parseRule(line string) (rule, bool) {
 	n := 0
 	var prev string
 	ok := true
-	eachToken(line, func(tok string, _ bool) bool {
+	eachToken(line, func(tok string, quoted bool) bool {
 		switch {
 		case n == 0:
 			ok = tok == "-A"
@@ -140,6 +141,11 @@ func parseRule(line string) (rule, bool) {
 				r.dest = tok
 			case "--dport", "--destination-port":
 				r.dport = tok
+			case "--comment":
+				if quoted {
+					tok = unescape(tok)
+				}
+				r.comment = tok
 			}
 		}
 		prev = tok
@@ -151,12 +157,18 @@ func parseRule(line string) (rule, bool) {
 
 // ParseIptables finds the service ports in `iptables -t nat -S` lines of
 // the chains KUBE-NODEPORTS, KUBE-SERVICES and CNI-DN-*; other lines are
-// ignored. It also returns the CNI-DN-* chains that CNI-HOSTPORT-DNAT jumps
-// to, so that the caller can list them.
+// ignored, and so are the rules of the container sources' loopback NAT
+// (loopbacknat.IsOwnRule), which the agent appends to CNI-DN-* chains: they
+// forward what the host sends to a 127.0.0.1 hostPort, and read as
+// hostPorts of their own they would widen that port to the guest's address,
+// or to every address (the rules of earlier versions). A
+// hostPort rule matching one destination address ("-d 127.0.0.1/32") has
+// that address as its HostIP. ParseIptables also returns the CNI-DN-*
+// chains that CNI-HOSTPORT-DNAT jumps to, so that the caller can list them.
 func ParseIptables(lines []string) (ports []ServicePort, cniChains []string) {
 	for _, line := range lines {
 		r, ok := parseRule(line)
-		if !ok {
+		if !ok || loopbacknat.IsOwnRule(r.comment) {
 			continue
 		}
 		switch {

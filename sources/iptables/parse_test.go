@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 	"github.com/guestagent/guestagent/sources/iptables"
 )
 
@@ -55,6 +56,52 @@ func TestParseRealDump(t *testing.T) {
 	want := "tcp/8088(external) tcp/30081(nodeport) tcp/30088(nodeport) udp/30053(nodeport)"
 	if got := ids(ports); got != want {
 		t.Errorf("ports\n got %s\nwant %s", got, want)
+	}
+}
+
+// TestParseCNIHostPortsBesideLoopbackNAT parses a dump of the nat table
+// with the real portmap plugin's rules for a container run with
+// -p 127.0.0.1:9090:80 -p 8443:443, the containerd source's loopback NAT
+// rules for 9090, and one untagged rule as earlier agent versions wrote
+// it. The hostPort on 127.0.0.1 stays on 127.0.0.1, and no rule of the
+// agent adds a port, whatever its chain or address match.
+func TestParseCNIHostPortsBesideLoopbackNAT(t *testing.T) {
+	dump := ruleLines(t, "cni-portmap-loopback.rules")
+	agents := func(keep bool) []string {
+		return slices.DeleteFunc(slices.Clone(dump), func(l string) bool {
+			return strings.Contains(l, loopbacknat.CommentPrefix) != keep
+		})
+	}
+	if n := len(agents(true)); n != 4 {
+		t.Fatalf("the fixture has %d loopback NAT rules, want 4", n)
+	}
+	const hostPorts = "tcp/8443(hostport) tcp/127.0.0.1:9090(hostport)"
+	tests := []struct {
+		name  string
+		lines []string
+		want  string
+	}{
+		{"the whole dump", dump, hostPorts},
+		{"portmap's rules alone", agents(false), hostPorts},
+		{"the agent's rules alone", agents(true), ""},
+		// The same rules under another comment would be hostPorts: the
+		// comment is what tells them apart.
+		{"the agent's rules under another comment", slices.Collect(func(yield func(string) bool) {
+			for _, l := range agents(true) {
+				l = strings.ReplaceAll(l, `"`+loopbacknat.OwnerComment("containerd")+`"`, "other")
+				if !yield(strings.ReplaceAll(l, "--comment "+loopbacknat.CommentPrefix+" ", "--comment other ")) {
+					return
+				}
+			}
+		}), "tcp/9090(hostport) tcp/192.168.127.2:9090(hostport)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ports, _ := iptables.ParseIptables(tt.lines)
+			if got := ids(ports); got != tt.want {
+				t.Errorf("ports\n got %s\nwant %s", got, tt.want)
+			}
+		})
 	}
 }
 
