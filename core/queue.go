@@ -1,17 +1,17 @@
 package core
 
-// keyQueue is a FIFO of keys in which each key appears at most once: a key
-// that changes again while queued keeps its place, and its delivery uses the
+// keyQueue is a FIFO in which each key appears at most once: a key that
+// changes again while queued keeps its place, and its delivery uses the
 // latest desired state.
-type keyQueue struct {
-	items []Key
+type keyQueue[K comparable] struct {
+	items []K
 	head  int
-	in    map[Key]struct{}
+	in    map[K]struct{}
 }
 
-func (q *keyQueue) push(k Key) {
+func (q *keyQueue[K]) push(k K) {
 	if q.in == nil {
-		q.in = make(map[Key]struct{})
+		q.in = make(map[K]struct{})
 	}
 	if _, ok := q.in[k]; ok {
 		return
@@ -20,12 +20,13 @@ func (q *keyQueue) push(k Key) {
 	q.items = append(q.items, k)
 }
 
-func (q *keyQueue) pop() (Key, bool) {
+func (q *keyQueue[K]) pop() (K, bool) {
+	var zero K
 	if q.head == len(q.items) {
-		return Key{}, false
+		return zero, false
 	}
 	k := q.items[q.head]
-	q.items[q.head] = Key{}
+	q.items[q.head] = zero
 	q.head++
 	if q.head == len(q.items) {
 		q.items, q.head = q.items[:0], 0
@@ -37,4 +38,9 @@ func (q *keyQueue) pop() (Key, bool) {
 	return k, true
 }
 
-func (q *keyQueue) len() int { return len(q.items) - q.head }
+func (q *keyQueue[K]) len() int { return len(q.items) - q.head }
+
+func (q *keyQueue[K]) has(k K) bool {
+	_, ok := q.in[k]
+	return ok
+}

@@ -19,8 +19,16 @@ type RouterConfig struct {
 	Log *zap.Logger
 	// Policy, when set, adjusts or refuses every port before delivery.
 	Policy Policy
-	// Backoff bounds retry delays for failed deliveries and failed sources.
+	// Backoff bounds retry delays while a sink's peer is unreachable and
+	// for failed sources.
 	Backoff Backoff
+	// PortBackoff bounds retry delays of one port a peer refused (a host
+	// port in use, say); it never delays other ports (default 250ms to 8s).
+	PortBackoff Backoff
+	// StateDir, when set, holds each sink's ownership record: the ports
+	// this agent exposed there, so that a restarted agent removes exactly
+	// its own leftovers. Empty keeps the record in memory only.
+	StateDir string
 	// SendTimeout bounds one Send or Sync call (default 15s).
 	SendTimeout time.Duration
 	// SyncGrace is how long Syncer sinks wait for every source's first
@@ -43,7 +51,8 @@ type Router struct {
 
 	mu       sync.Mutex
 	running  bool
-	desired  map[Key]Mapping
+	desired  map[Key]Mapping // admitted mappings, by key
+	ledger   *ledger         // the claims of desired, by host port
 	refused  map[Key][]Refusal
 	unsynced map[string]struct{} // sources yet to send a first snapshot
 	ready    chan struct{}       // closed once unsynced is empty
@@ -69,6 +78,9 @@ func NewRouter(cfg RouterConfig) *Router {
 	if cfg.Backoff.Initial <= 0 {
 		cfg.Backoff = DefaultBackoff
 	}
+	if cfg.PortBackoff.Initial <= 0 {
+		cfg.PortBackoff = Backoff{Initial: 250 * time.Millisecond, Max: 8 * time.Second}
+	}
 	if cfg.SendTimeout <= 0 {
 		cfg.SendTimeout = 15 * time.Second
 	}
@@ -79,6 +91,7 @@ func NewRouter(cfg RouterConfig) *Router {
 		cfg:      cfg,
 		log:      cfg.Log,
 		desired:  make(map[Key]Mapping),
+		ledger:   newLedger(),
 		refused:  make(map[Key][]Refusal),
 		unsynced: make(map[string]struct{}),
 		ready:    make(chan struct{}),
@@ -115,15 +128,9 @@ func (r *Router) AddSink(name string, s Sink, accept func(Key) bool) {
 	if accept == nil {
 		accept = func(Key) bool { return true }
 	}
-	r.workers = append(r.workers, &sinkWorker{
-		name:   name,
-		sink:   s,
-		accept: accept,
-		wake:   make(chan struct{}, 1),
-		acked:  make(map[Key]Mapping),
-		forced: make(map[Key]bool),
-		log:    r.log.With(zap.String("sink", name)),
-	})
+	w := newSinkWorker(name, s, accept, r.log)
+	w.record = newRecord(r.cfg.StateDir, name)
+	r.workers = append(r.workers, w)
 }
 
 // Emitter returns the Emitter through which the named source reports. Run
@@ -144,6 +151,9 @@ func (r *Router) Run(ctx context.Context) error {
 	r.running = true
 	if len(r.unsynced) == 0 {
 		close(r.ready)
+	}
+	for _, w := range r.workers {
+		w.loadRecord()
 	}
 	r.mu.Unlock()
 
@@ -168,7 +178,7 @@ func (r *Router) Run(ctx context.Context) error {
 		if pw, ok := w.sink.(PeerWatcher); ok {
 			wg.Go(func() {
 				pw.WatchPeer(ctx, func() {
-					w.log.Info("peer lost its state; replaying")
+					w.log.Debug("peer check asks for a reconcile")
 					r.requestResync(w)
 				})
 			})
@@ -279,31 +289,62 @@ func (r *Router) set(m Mapping) {
 	case len(m.Ports) == 0:
 		if had {
 			delete(r.desired, m.Key)
-			r.changed(m.Key)
+			r.changed(m.Key, r.ledger.update(m.Key, old, Mapping{}))
 		}
 	case !had || !old.Equal(m):
 		r.desired[m.Key] = m
-		r.changed(m.Key)
+		r.changed(m.Key, r.ledger.update(m.Key, old, m))
 	}
 }
 
 // remove drops k from the desired state; the caller holds r.mu.
 func (r *Router) remove(k Key) {
 	delete(r.refused, k)
-	if _, ok := r.desired[k]; ok {
+	if old, ok := r.desired[k]; ok {
 		delete(r.desired, k)
-		r.changed(k)
+		r.changed(k, r.ledger.update(k, old, Mapping{}))
 	}
 }
 
-// changed queues k for every sink that takes it; the caller holds r.mu.
-func (r *Router) changed(k Key) {
+// changed queues the touched ports of k for every sink that takes k; the
+// caller holds r.mu.
+func (r *Router) changed(k Key, touched []Port) {
 	for _, w := range r.workers {
-		if w.accept(k) {
-			w.queue.push(k)
-			w.signal()
+		if !w.accept(k) {
+			continue
 		}
+		for _, p := range touched {
+			if err := w.supports(p); err != nil {
+				r.logUnsupported(w, k, p, err)
+				continue
+			}
+			sk := w.keyOf(p)
+			if f := w.failing[sk]; f != nil {
+				delete(w.failing, sk) // what it wants changed: try at once
+			}
+			w.dirty.push(sk)
+		}
+		w.signal()
 	}
+}
+
+// logUnsupported says once, when a claim arrives, that a sink cannot take
+// its port: at debug level when the claim's own IPv4 twin (the 0.0.0.0 of
+// a [::] binding, say) goes instead, as a warning otherwise. The caller
+// holds r.mu.
+func (r *Router) logUnsupported(w *sinkWorker, k Key, p Port, err error) {
+	m, ok := r.desired[k]
+	if !ok || !slices.Contains(m.Ports, p) {
+		return // the claim went
+	}
+	twin := slices.ContainsFunc(m.Ports, func(q Port) bool {
+		return q.Protocol == p.Protocol && q.HostPort == p.HostPort && q != p && w.supports(q) == nil
+	})
+	if twin {
+		w.log.Debug("port not supported by this sink; its twin is exposed", zap.Stringer("key", k), zap.Stringer("port", p), zap.Error(err))
+		return
+	}
+	w.log.Warn("port not exposed: not supported by this sink", zap.Stringer("key", k), zap.Stringer("port", p), zap.Error(err))
 }
 
 func (r *Router) requestResync(w *sinkWorker) {
@@ -323,80 +364,42 @@ func (r *Router) markSynced(source string) {
 	}
 }
 
-// drain removes everything each sink may still expose; workers have stopped.
+// drain removes every port each sink holds from this agent, and only
+// those; workers have stopped.
 func (r *Router) drain() {
 	var wg sync.WaitGroup
 	for _, w := range r.workers {
 		wg.Go(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), r.cfg.DrainTimeout)
 			defer cancel()
-			if s, ok := w.sink.(Syncer); ok {
-				if err := s.Sync(ctx, nil); err != nil {
-					w.log.Warn("could not remove mappings on shutdown", zap.Error(err))
-				}
-				return
-			}
 			r.mu.Lock()
-			pending := maps.Clone(w.acked)
-			for k, m := range r.desired {
-				if w.accept(k) {
-					pending[k] = m
-				}
-			}
+			keys := slices.SortedFunc(maps.Keys(w.acked), compareSinkKeys)
 			r.mu.Unlock()
-			for _, k := range slices.SortedFunc(maps.Keys(pending), compareKeys) {
-				m := pending[k]
-				if a, ok := w.acked[k]; ok && len(a.Ports) > 0 {
-					m = a
+			left := 0
+			for _, sk := range keys {
+				r.mu.Lock()
+				e := w.acked[sk]
+				r.mu.Unlock()
+				err := w.send(ctx, r, e.change(true))
+				if err != nil && !errors.Is(err, ErrPermanent) {
+					left++
+					if left == 1 {
+						w.log.Warn("could not remove a port on shutdown; it stays in the ownership record", zap.Stringer("port", e.Port), zap.Error(err))
+					}
+					continue
 				}
-				if err := w.sink.Send(ctx, Change{Remove: true, Mapping: m}); err != nil {
-					w.log.Warn("could not remove mapping on shutdown", zap.Stringer("key", k), zap.Error(err))
-				}
+				r.mu.Lock()
+				delete(w.acked, sk)
+				w.recordDirty = true
+				r.mu.Unlock()
+			}
+			w.flushRecord(r)
+			if left > 0 {
+				w.log.Warn("ports left on the sink after shutdown", zap.Int("ports", left))
 			}
 		})
 	}
 	wg.Wait()
-}
-
-// Status is a point-in-time view of the router, for the status endpoint.
-type Status struct {
-	Mappings []Mapping    `json:"mappings"`
-	Refused  []Refusal    `json:"refused"`
-	Sinks    []SinkStatus `json:"sinks"`
-}
-
-// SinkStatus describes one sink's delivery state.
-type SinkStatus struct {
-	Name        string    `json:"name"`
-	Pending     int       `json:"pending"`
-	Delivered   uint64    `json:"delivered"`
-	Failures    uint64    `json:"failures"`
-	Rejected    uint64    `json:"rejected"`
-	Syncs       uint64    `json:"syncs"`
-	PeerDown    bool      `json:"peerDown"`
-	LastError   string    `json:"lastError,omitempty"`
-	LastErrorAt time.Time `json:"lastErrorAt,omitzero"`
-}
-
-// Status returns the current desired state, refused ports and per-sink
-// delivery counters.
-func (r *Router) Status() Status {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	st := Status{Mappings: r.sortedDesired(func(Key) bool { return true }), Refused: []Refusal{}}
-	for _, k := range slices.SortedFunc(maps.Keys(r.refused), compareKeys) {
-		st.Refused = append(st.Refused, r.refused[k]...)
-	}
-	for _, w := range r.workers {
-		s := w.stats
-		s.Name = w.name
-		s.Pending = w.queue.len()
-		if w.resync {
-			s.Pending++
-		}
-		st.Sinks = append(st.Sinks, s)
-	}
-	return st
 }
 
 type emitter struct {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -14,23 +16,49 @@ import (
 	"github.com/guestagent/guestagent/core"
 )
 
-// fakePeer is an in-memory peer behind a controllable sink.
+// fakePeer is an in-memory peer, as strict as the real ones: it keys ports
+// as its keying says (a remove closes whatever holds the key), refuses an
+// add of a key held at another address, and counts every removal of an
+// entry another party made as a violation.
 type fakePeer struct {
-	mu      sync.Mutex
-	exposed map[string]bool // "source/id proto hostport"
-	log     []core.Change
-	down    bool          // every Send fails with PeerDown
-	failN   int           // the next failN sends fail (transient)
-	reject  uint16        // adds of this host port fail permanently
-	block   chan struct{} // when set, Send waits for it to close
-	sends   atomic.Int64
+	keying core.PeerKeying
+
+	mu         sync.Mutex
+	held       map[string]heldEntry // by peer key
+	log        []core.Change
+	violations []string
+	down       bool          // every call fails with PeerDown
+	failN      int           // the next failN sends fail (transient)
+	busy       uint16        // adds of this host port fail (transient) while set
+	reject     uint16        // adds of this host port fail permanently
+	block      chan struct{} // when set, Send waits for it to close
+	sends      atomic.Int64
 }
 
-func newFakePeer() *fakePeer { return &fakePeer{exposed: map[string]bool{}} }
-
-func entry(k core.Key, p core.Port) string {
-	return fmt.Sprintf("%s %s %s:%d", k, p.Protocol, p.HostIP, p.HostPort)
+type heldEntry struct {
+	port    core.Port
+	foreign bool
+	target  string // for foreign entries: "guest" matches what the agent would make
 }
+
+func newFakePeer() *fakePeer { return &fakePeer{held: map[string]heldEntry{}} }
+
+func entry(p core.Port) string {
+	ip := p.HostIP
+	if !ip.IsValid() {
+		ip = netip.IPv4Unspecified()
+	}
+	return fmt.Sprintf("%s %s", p.Protocol, netip.AddrPortFrom(ip, p.HostPort))
+}
+
+func (f *fakePeer) key(p core.Port) string {
+	if f.keying == core.ByPort {
+		return fmt.Sprintf("%s %d", p.Protocol, p.HostPort)
+	}
+	return entry(p)
+}
+
+func (f *fakePeer) PeerKeying() core.PeerKeying { return f.keying }
 
 func (f *fakePeer) Send(ctx context.Context, c core.Change) error {
 	f.sends.Add(1)
@@ -53,28 +81,45 @@ func (f *fakePeer) Send(ctx context.Context, c core.Change) error {
 		f.failN--
 		return errors.New("HTTP 500")
 	}
+	if len(c.Mapping.Ports) != 1 {
+		f.violations = append(f.violations, fmt.Sprintf("change with %d ports: %v", len(c.Mapping.Ports), c))
+	}
 	for _, p := range c.Mapping.Ports {
-		if !c.Remove && p.HostPort == f.reject {
-			return core.Permanent(fmt.Errorf("cannot expose %v", p))
+		k := f.key(p)
+		e, ok := f.held[k]
+		if c.Remove {
+			if ok && e.foreign {
+				f.violations = append(f.violations, "removed another party's "+entry(e.port))
+			}
+			delete(f.held, k)
+			continue
 		}
+		switch {
+		case p.HostPort == f.reject:
+			return core.Permanent(fmt.Errorf("cannot expose %v", p))
+		case p.HostPort == f.busy:
+			return fmt.Errorf("listen %s: address already in use", entry(p))
+		case ok && e.foreign && e.target == "guest":
+			return core.HeldElsewhere(fmt.Errorf("%s already forwarded", entry(p)))
+		case ok && e.foreign:
+			return core.Conflict(fmt.Errorf("%s already forwarded to %s", entry(p), e.target))
+		case ok && entry(e.port) != entry(p):
+			f.violations = append(f.violations, fmt.Sprintf("add of %s while %s holds the port", entry(p), entry(e.port)))
+			return fmt.Errorf("port %d already listening", p.HostPort)
+		}
+		f.held[k] = heldEntry{port: p}
 	}
 	f.log = append(f.log, c)
-	for _, p := range c.Mapping.Ports {
-		if c.Remove {
-			delete(f.exposed, entry(c.Mapping.Key, p))
-		} else {
-			f.exposed[entry(c.Mapping.Key, p)] = true
-		}
-	}
 	return nil
 }
 
+// state is what the peer holds, as "proto ip:port", foreign entries too.
 func (f *fakePeer) state() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var out []string
-	for e := range f.exposed {
-		out = append(out, e)
+	for _, e := range f.held {
+		out = append(out, entry(e.port))
 	}
 	slices.Sort(out)
 	return out
@@ -92,43 +137,75 @@ func (f *fakePeer) changes() []core.Change {
 	return slices.Clone(f.log)
 }
 
-// syncPeer adds Sync to fakePeer.
-type syncPeer struct {
+func (f *fakePeer) checkNoViolations(t *testing.T) {
+	t.Helper()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, v := range f.violations {
+		t.Error("peer: " + v)
+	}
+}
+
+// hold adds an entry another party made.
+func (f *fakePeer) hold(p core.Port, target string) {
+	f.set(func(f *fakePeer) { f.held[f.key(p)] = heldEntry{port: p, foreign: true, target: target} })
+}
+
+// listPeer adds List to fakePeer.
+type listPeer struct {
 	*fakePeer
-	syncs atomic.Int64
+	lists atomic.Int64
 }
 
-func (s *syncPeer) Sync(_ context.Context, desired []core.Mapping) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.down {
-		return core.PeerDown(errors.New("connection refused"))
+func (l *listPeer) List(context.Context) ([]core.Held, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.down {
+		return nil, core.PeerDown(errors.New("connection refused"))
 	}
-	s.syncs.Add(1)
-	clear(s.exposed)
-	for _, m := range desired {
-		for _, p := range m.Ports {
-			s.exposed[entry(m.Key, p)] = true
-		}
+	l.lists.Add(1)
+	var out []core.Held
+	for _, e := range l.held {
+		out = append(out, core.Held{Port: e.port, Target: e.target, Matches: !e.foreign || e.target == "guest"})
 	}
-	return nil
+	return out, nil
 }
 
-// watchPeer adds WatchPeer to fakePeer: a value on lost triggers a report.
+// watchPeer adds WatchPeer to fakePeer: a value on check triggers a report.
 type watchPeer struct {
 	*fakePeer
-	lost chan struct{}
+	check chan struct{}
 }
 
-func (w *watchPeer) WatchPeer(ctx context.Context, lost func()) {
+func (w *watchPeer) WatchPeer(ctx context.Context, check func()) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-w.lost:
-			lost()
+		case <-w.check:
+			check()
 		}
 	}
+}
+
+// listWatchPeer is a listPeer with WatchPeer.
+type listWatchPeer struct {
+	*listPeer
+	check chan struct{}
+}
+
+func (w *listWatchPeer) WatchPeer(ctx context.Context, check func()) {
+	(&watchPeer{check: w.check}).WatchPeer(ctx, check)
+}
+
+// ipv4Peer adds a PortFilter that refuses IPv6 addresses.
+type ipv4Peer struct{ *fakePeer }
+
+func (ipv4Peer) Supports(p core.Port) error {
+	if p.HostIP.Is6() {
+		return fmt.Errorf("%s: IPv4 only", p)
+	}
+	return nil
 }
 
 var lo = netip.MustParseAddr("127.0.0.1")
@@ -141,16 +218,20 @@ func mapping(id string, ports ...uint16) core.Mapping {
 	return m
 }
 
-func want(source string, ms ...core.Mapping) []string {
+func tcp(ip string, port uint16) core.Port {
+	return core.Port{Protocol: core.TCP, ContainerPort: 80, HostIP: netip.MustParseAddr(ip), HostPort: port}
+}
+
+// want returns the peer state the ports of ms make.
+func want(ms ...core.Mapping) []string {
 	var out []string
 	for _, m := range ms {
-		m.Source = source
 		for _, p := range m.Ports {
-			out = append(out, entry(m.Key, p))
+			out = append(out, entry(p))
 		}
 	}
 	slices.Sort(out)
-	return out
+	return slices.Compact(out)
 }
 
 func eventually(t *testing.T, what string, cond func() bool) {
@@ -177,8 +258,9 @@ type harness struct {
 
 func fastConfig() core.RouterConfig {
 	return core.RouterConfig{
-		Backoff:   core.Backoff{Initial: 5 * time.Millisecond, Max: 20 * time.Millisecond},
-		SyncGrace: 20 * time.Millisecond,
+		Backoff:     core.Backoff{Initial: 5 * time.Millisecond, Max: 20 * time.Millisecond},
+		PortBackoff: core.Backoff{Initial: 5 * time.Millisecond, Max: 20 * time.Millisecond},
+		SyncGrace:   20 * time.Millisecond,
 	}
 }
 
@@ -203,38 +285,64 @@ func (h *harness) stop() {
 	<-h.done
 }
 
+// portAt returns the status of addr at sink.
+func portAt(st core.Status, addr core.Port, sink string) (core.PortStatus, core.PortAtSink, bool) {
+	for _, ps := range st.Ports {
+		if ps.Protocol == addr.Protocol && ps.HostIP == addr.HostIP && ps.HostPort == addr.HostPort {
+			for _, s := range ps.Sinks {
+				if s.Sink == sink {
+					return ps, s, true
+				}
+			}
+			return ps, core.PortAtSink{}, false
+		}
+	}
+	return core.PortStatus{}, core.PortAtSink{}, false
+}
+
+func waitPortState(t *testing.T, h *harness, addr core.Port, sink, state string) core.PortAtSink {
+	t.Helper()
+	var at core.PortAtSink
+	eventually(t, fmt.Sprintf("%s at %s to be %s", entry(addr), sink, state), func() bool {
+		_, at, _ = portAt(h.r.Status(), addr, sink)
+		return at.State == state
+	})
+	return at
+}
+
 func TestAddUpdateRemove(t *testing.T) {
 	p := newFakePeer()
 	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
 	out := h.r.Emitter("src")
 
 	out.Set(mapping("a", 8080, 8081))
-	waitState(t, p, want("src", mapping("a", 8080, 8081)))
+	waitState(t, p, want(mapping("a", 8080, 8081)))
 
 	out.Set(mapping("a", 8081, 8082))
-	waitState(t, p, want("src", mapping("a", 8081, 8082)))
+	waitState(t, p, want(mapping("a", 8081, 8082)))
 	log := p.changes()
-	if len(log) != 3 || !log[1].Remove || log[2].Remove {
-		t.Fatalf("update should be add, remove(went), add(came); got %v", log)
+	if len(log) != 4 || !log[2].Remove || log[3].Remove {
+		t.Fatalf("update should send remove(went) then add(came), one port each; got %v", log)
 	}
-	if got := log[1].Mapping.Ports; len(got) != 1 || got[0].HostPort != 8080 {
-		t.Errorf("remove should carry only the port that went, got %v", got)
+	if got := log[2].Mapping.Ports; got[0].HostPort != 8080 {
+		t.Errorf("remove should carry the port that went, got %v", got)
 	}
-	if got := log[2].Mapping.Ports; len(got) != 1 || got[0].HostPort != 8082 {
-		t.Errorf("add should carry only the port that came, got %v", got)
+	if got := log[3].Mapping.Ports; got[0].HostPort != 8082 {
+		t.Errorf("add should carry the port that came, got %v", got)
 	}
 
 	out.Set(mapping("a", 8082, 8081)) // same ports, other order: no change
 	out.Delete("unknown")             // nothing to do
 	out.Set(mapping("b", 9000))
-	waitState(t, p, want("src", mapping("a", 8081, 8082), mapping("b", 9000)))
-	if n := len(p.changes()); n != 4 {
-		t.Errorf("duplicate set or unknown delete produced changes: %v", p.changes()[3:])
+	waitState(t, p, want(mapping("a", 8081, 8082), mapping("b", 9000)))
+	if n := len(p.changes()); n != 5 {
+		t.Errorf("duplicate set or unknown delete produced changes: %v", p.changes()[4:])
 	}
 	out.Delete("a")
-	waitState(t, p, want("src", mapping("b", 9000)))
+	waitState(t, p, want(mapping("b", 9000)))
 	out.Set(mapping("b")) // no ports left is a removal
 	waitState(t, p, nil)
+	p.checkNoViolations(t)
 }
 
 func TestConnectAddrChangeReplacesPorts(t *testing.T) {
@@ -244,7 +352,7 @@ func TestConnectAddrChangeReplacesPorts(t *testing.T) {
 	m := mapping("a", 8080)
 	m.ConnectAddrs = []core.ConnectAddr{{Network: "tcp", Addr: "198.18.0.2:80"}}
 	out.Set(m)
-	waitState(t, p, want("src", m))
+	waitState(t, p, want(m))
 	m.ConnectAddrs = []core.ConnectAddr{{Network: "tcp", Addr: "198.18.0.3:80"}}
 	out.Set(m)
 	eventually(t, "remove and re-add", func() bool { return len(p.changes()) == 3 })
@@ -261,11 +369,81 @@ func TestSnapshotReplacesOnlyItsSource(t *testing.T) {
 	one.Set(mapping("a", 8080))
 	one.Set(mapping("b", 8081))
 	two.Set(mapping("a", 9090))
-	waitState(t, p, append(want("one", mapping("a", 8080), mapping("b", 8081)), want("two", mapping("a", 9090))...))
+	waitState(t, p, want(mapping("a", 8080), mapping("b", 8081), mapping("a", 9090)))
 	one.Snapshot([]core.Mapping{mapping("b", 8081), mapping("c", 8082)})
-	w := append(want("one", mapping("b", 8081), mapping("c", 8082)), want("two", mapping("a", 9090))...)
-	slices.Sort(w)
-	waitState(t, p, w)
+	waitState(t, p, want(mapping("b", 8081), mapping("c", 8082), mapping("a", 9090)))
+}
+
+func TestSharedPortStaysUntilLastClaimGoes(t *testing.T) {
+	for _, keying := range []core.PeerKeying{core.ByAddress, core.ByPort} {
+		t.Run(fmt.Sprint("keying ", keying), func(t *testing.T) {
+			p := newFakePeer()
+			p.keying = keying
+			h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
+			k8s, nat := h.r.Emitter("kubernetes"), h.r.Emitter("iptables")
+			k8s.Set(mapping("svc-uid", 30080))
+			nat.Set(mapping("tcp/30080", 30080))
+			waitState(t, p, want(mapping("x", 30080)))
+			k8s.Delete("svc-uid")
+			nat.Set(mapping("tcp/30081", 30081)) // a later change, to know the delete was processed
+			waitState(t, p, want(mapping("x", 30080, 30081)))
+			for _, c := range p.changes() {
+				if c.Remove {
+					t.Errorf("a port another claim still wants was removed: %v", c)
+				}
+			}
+			nat.Delete("tcp/30080")
+			waitState(t, p, want(mapping("x", 30081)))
+			p.checkNoViolations(t)
+		})
+	}
+}
+
+// A peer that keys by port alone gets one address per port: a second
+// claim on another address of the same port is not sent, and when the
+// first goes the port moves to the second's address.
+func TestByPortPeerGetsOneAddressPerPort(t *testing.T) {
+	p := newFakePeer()
+	p.keying = core.ByPort
+	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
+	local := core.Mapping{Key: core.Key{ID: "local"}, Ports: []core.Port{tcp("127.0.0.1", 8080)}}
+	all := core.Mapping{Key: core.Key{ID: "all"}, Ports: []core.Port{tcp("0.0.0.0", 8080)}}
+	h.r.Emitter("containerd").Set(local)
+	waitState(t, p, want(local))
+	h.r.Emitter("docker").Set(all)
+	h.r.Emitter("docker").Set(mapping("probe", 9000))
+	waitState(t, p, want(local, mapping("probe", 9000)))
+	h.r.Emitter("containerd").Delete("local")
+	waitState(t, p, want(all, mapping("probe", 9000)))
+	h.r.Emitter("docker").Delete("all")
+	waitState(t, p, want(mapping("probe", 9000)))
+	p.checkNoViolations(t)
+}
+
+func TestConflictingClaimWaitsForTheFirst(t *testing.T) {
+	p := newFakePeer()
+	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
+	first, second := mapping("first", 8080), mapping("second", 8080)
+	first.ConnectAddrs = []core.ConnectAddr{{Network: "tcp", Addr: "198.18.0.2:80"}}
+	second.ConnectAddrs = []core.ConnectAddr{{Network: "tcp", Addr: "198.18.0.3:80"}}
+	h.r.Emitter("static").Set(first)
+	waitState(t, p, want(first))
+	h.r.Emitter("static").Set(second)
+	var ps core.PortStatus
+	eventually(t, "the conflict in status", func() bool {
+		ps, _, _ = portAt(h.r.Status(), first.Ports[0], "p")
+		return len(ps.Claims) == 2
+	})
+	if ps.Claims[0].Key.ID != "first" || ps.Claims[0].Conflict != "" || ps.Claims[1].Conflict == "" {
+		t.Errorf("claims = %+v, want first holding and second in conflict", ps.Claims)
+	}
+	h.r.Emitter("static").Delete("first")
+	eventually(t, "the second claim to take over", func() bool {
+		log := p.changes()
+		last := log[len(log)-1]
+		return !last.Remove && last.Mapping.ID == "second" && last.Mapping.ConnectAddrs[0].Addr == "198.18.0.3:80"
+	})
+	waitState(t, p, want(second))
 }
 
 func TestSlowSinkBlocksNothing(t *testing.T) {
@@ -292,18 +470,17 @@ func TestSlowSinkBlocksNothing(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the source was blocked by a stuck sink")
 	}
-	var w []string
+	var w []core.Mapping
 	for i := 250; i < 500; i++ {
-		w = append(w, want("src", mapping(fmt.Sprint(i), uint16(20000+i)))...)
+		w = append(w, mapping(fmt.Sprint(i), uint16(20000+i)))
 	}
-	slices.Sort(w)
-	waitState(t, fast, w)
+	waitState(t, fast, want(w...))
 	close(release)
-	waitState(t, slow, w)
+	waitState(t, slow, want(w...))
 	// The stuck sink's queue coalesced: it never exposed the ports that went
 	// while it was stuck, apart from the one it was holding.
 	if n := slow.sends.Load(); n > 252 {
-		t.Errorf("slow sink got %d sends for 250 surviving mappings; queue did not coalesce", n)
+		t.Errorf("slow sink got %d sends for 250 surviving ports; queue did not coalesce", n)
 	}
 }
 
@@ -312,11 +489,55 @@ func TestRetryAfterTransientFailure(t *testing.T) {
 	p.failN = 3
 	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
 	h.r.Emitter("src").Set(mapping("a", 8080))
-	waitState(t, p, want("src", mapping("a", 8080)))
+	waitState(t, p, want(mapping("a", 8080)))
 	st := h.r.Status().Sinks[0]
 	if st.Failures != 3 || st.Delivered != 1 || st.LastError == "" {
 		t.Errorf("status = %+v, want 3 failures, 1 delivery and the last error", st)
 	}
+}
+
+// One port the peer cannot bind is retried on its own: it delays no other
+// port of the same mapping or of others, and is exposed once it frees.
+func TestBusyPortDelaysNoOtherPort(t *testing.T) {
+	p := &listWatchPeer{listPeer: &listPeer{fakePeer: newFakePeer()}, check: make(chan struct{})}
+	p.busy = 2223
+	cfg := fastConfig()
+	cfg.PortBackoff = core.Backoff{Initial: time.Hour, Max: time.Hour} // a retry would never come in time
+	h := startRouter(t, cfg, func(r *core.Router) { r.AddSink("p", p, nil) })
+	out := h.r.Emitter("docker")
+	out.Set(mapping("a", 2222, 2223, 2224))
+	out.Set(mapping("b", 9000))
+	waitState(t, p.fakePeer, want(mapping("x", 2222, 2224, 9000)))
+	at := waitPortState(t, h, tcp("127.0.0.1", 2223), "p", core.PortRetrying)
+	if at.Error == "" || at.NextRetry.IsZero() {
+		t.Errorf("status of the busy port = %+v, want the peer's error and the next retry", at)
+	}
+	// Later changes are not held up either.
+	out.Set(mapping("c", 9001))
+	waitState(t, p.fakePeer, want(mapping("x", 2222, 2224, 9000, 9001)))
+	// The peer restarts empty: a reconcile restores every other port.
+	p.set(func(f *fakePeer) { clear(f.held) })
+	p.check <- struct{}{}
+	waitState(t, p.fakePeer, want(mapping("x", 2222, 2224, 9000, 9001)))
+	// A change of the port's claim tries it again at once.
+	p.set(func(f *fakePeer) { f.busy = 0 })
+	m := mapping("a", 2222, 2223, 2224)
+	m.Ports[1].ContainerPort = 81
+	out.Set(m)
+	waitState(t, p.fakePeer, want(mapping("x", 2222, 2223, 2224, 9000, 9001)))
+	p.checkNoViolations(t)
+}
+
+func TestBusyPortIsRetriedOnItsOwnBackoff(t *testing.T) {
+	p := newFakePeer()
+	p.busy = 8081
+	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
+	h.r.Emitter("src").Set(mapping("a", 8080, 8081))
+	waitState(t, p, want(mapping("a", 8080)))
+	eventually(t, "a few retries", func() bool { return h.r.Status().Sinks[0].Failures >= 3 })
+	p.set(func(f *fakePeer) { f.busy = 0 })
+	waitState(t, p, want(mapping("a", 8080, 8081)))
+	waitPortState(t, h, tcp("127.0.0.1", 8081), "p", core.PortExposed)
 }
 
 func TestReplayAfterPeerDown(t *testing.T) {
@@ -325,20 +546,19 @@ func TestReplayAfterPeerDown(t *testing.T) {
 	out := h.r.Emitter("src")
 	out.Set(mapping("a", 8080))
 	out.Set(mapping("b", 8081))
-	waitState(t, p, want("src", mapping("a", 8080), mapping("b", 8081)))
+	waitState(t, p, want(mapping("a", 8080), mapping("b", 8081)))
 
 	// The peer goes down and comes back empty (it restarted).
 	p.set(func(f *fakePeer) { f.down = true })
 	out.Set(mapping("c", 8082))
 	out.Delete("b")
 	eventually(t, "a failed delivery", func() bool { return h.r.Status().Sinks[0].PeerDown })
-	p.set(func(f *fakePeer) { f.down = false; clear(f.exposed) })
-	waitState(t, p, want("src", mapping("a", 8080), mapping("c", 8082)))
+	p.set(func(f *fakePeer) { f.down = false; clear(f.held) })
+	waitState(t, p, want(mapping("a", 8080), mapping("c", 8082)))
 }
 
-func TestSyncerGetsFullState(t *testing.T) {
-	p := &syncPeer{fakePeer: newFakePeer()}
-	p.exposed["src/leftover tcp 127.0.0.1:7000"] = true // from a previous agent
+func TestListerReconcilesAfterPeerDown(t *testing.T) {
+	p := &listPeer{fakePeer: newFakePeer()}
 	h := startRouter(t, fastConfig(), func(r *core.Router) {
 		r.AddSink("p", p, nil)
 		r.AddSource("src", core.SourceFunc(func(ctx context.Context, out core.Emitter) error {
@@ -347,45 +567,168 @@ func TestSyncerGetsFullState(t *testing.T) {
 			return nil
 		}))
 	})
-	waitState(t, p.fakePeer, want("src", mapping("a", 8080)))
-	if p.syncs.Load() != 1 {
-		t.Errorf("initial syncs = %d, want 1", p.syncs.Load())
-	}
+	waitState(t, p.fakePeer, want(mapping("a", 8080)))
 	p.set(func(f *fakePeer) { f.down = true })
 	h.r.Emitter("src").Set(mapping("b", 8081))
 	eventually(t, "a failed delivery", func() bool { return h.r.Status().Sinks[0].PeerDown })
-	p.set(func(f *fakePeer) { f.down = false; clear(f.exposed) })
-	waitState(t, p.fakePeer, want("src", mapping("a", 8080), mapping("b", 8081)))
-	if p.syncs.Load() < 2 {
-		t.Errorf("no Sync after the peer came back")
+	p.set(func(f *fakePeer) { f.down = false; clear(f.held) })
+	waitState(t, p.fakePeer, want(mapping("a", 8080), mapping("b", 8081)))
+	p.checkNoViolations(t)
+}
+
+// Forwards the agent did not create are never removed: not at start, not
+// at a reconcile, not at the drain, even when a source wants the port.
+func TestForeignForwardsAreNeverTouched(t *testing.T) {
+	p := &listPeer{fakePeer: newFakePeer()}
+	p.hold(tcp("127.0.0.1", 6443), "guest")            // host-switch's static API forward
+	p.hold(tcp("127.0.0.1", 2222), "192.168.127.2:22") // gvproxy's SSH forward
+	p.hold(tcp("127.0.0.1", 7000), "guest")            // a user's, matching what the agent would make
+	cfg := fastConfig()
+	cfg.DrainTimeout = 5 * time.Second
+	w := &listWatchPeer{listPeer: p, check: make(chan struct{})}
+	h := startRouter(t, cfg, func(r *core.Router) { r.AddSink("p", w, nil) })
+	out := h.r.Emitter("src")
+	out.Set(mapping("api", 6443))  // wanted, held by the peer already: works
+	out.Set(mapping("ssh", 2222))  // wanted, held with another target: conflict
+	out.Set(mapping("mine", 8080)) // the agent's own
+	foreign := []string{"tcp 127.0.0.1:2222", "tcp 127.0.0.1:6443", "tcp 127.0.0.1:7000"}
+	waitState(t, p.fakePeer, append(slices.Clone(foreign), "tcp 127.0.0.1:8080"))
+	waitPortState(t, h, tcp("127.0.0.1", 6443), "p", core.PortElsewhere)
+	waitPortState(t, h, tcp("127.0.0.1", 2222), "p", core.PortConflict)
+	w.check <- struct{}{} // a reconcile
+	out.Delete("api")
+	out.Delete("ssh")
+	out.Set(mapping("probe", 8081))
+	waitState(t, p.fakePeer, append(slices.Clone(foreign), "tcp 127.0.0.1:8080", "tcp 127.0.0.1:8081"))
+	h.stop()
+	if got := p.state(); !slices.Equal(got, foreign) {
+		t.Errorf("after the drain the peer has %q, want only the others' %q", got, foreign)
 	}
+	p.checkNoViolations(t)
+}
+
+func TestOwnershipRecordCleansUpAfterAKilledAgent(t *testing.T) {
+	dir := t.TempDir()
+	p := &listPeer{fakePeer: newFakePeer()}
+	p.hold(tcp("127.0.0.1", 6443), "guest")
+	cfg := fastConfig()
+	cfg.StateDir = dir
+	first := startRouter(t, cfg, func(r *core.Router) { r.AddSink("p", p, nil) })
+	first.r.Emitter("src").Set(mapping("a", 8080))
+	first.r.Emitter("src").Set(mapping("b", 8081))
+	waitState(t, p.fakePeer, want(mapping("x", 6443, 8080, 8081)))
+	first.stop() // no drain: as if killed
+	if _, err := os.Stat(filepath.Join(dir, "p.json")); err != nil {
+		t.Fatalf("no ownership record: %v", err)
+	}
+
+	// The next run wants only a: b is its own leftover, 6443 is not.
+	cfg.DrainTimeout = 5 * time.Second
+	second := startRouter(t, cfg, func(r *core.Router) {
+		r.AddSink("p", p, nil)
+		r.AddSource("src", core.SourceFunc(func(ctx context.Context, out core.Emitter) error {
+			out.Snapshot([]core.Mapping{mapping("a", 8080)})
+			<-ctx.Done()
+			return nil
+		}))
+	})
+	waitState(t, p.fakePeer, want(mapping("x", 6443, 8080)))
+	waitPortState(t, second, tcp("127.0.0.1", 8080), "p", core.PortExposed)
+	second.stop()
+	waitState(t, p.fakePeer, want(mapping("x", 6443)))
+	p.checkNoViolations(t)
+	adds := 0
+	for _, c := range p.changes() {
+		if !c.Remove && c.Mapping.Ports[0].HostPort == 8080 {
+			adds++
+		}
+	}
+	if adds != 1 {
+		t.Errorf("8080 was added %d times, want once: the second run must take the peer's for its own: %v", adds, p.changes())
+	}
+}
+
+func TestOwnershipRecordForPlainSinks(t *testing.T) {
+	dir := t.TempDir()
+	p := newFakePeer()
+	p.keying = core.ByPort
+	cfg := fastConfig()
+	cfg.StateDir = dir
+	first := startRouter(t, cfg, func(r *core.Router) { r.AddSink("wsl", p, nil) })
+	first.r.Emitter("src").Set(mapping("a", 8080, 8081))
+	waitState(t, p, want(mapping("a", 8080, 8081)))
+	first.stop()
+
+	second := startRouter(t, cfg, func(r *core.Router) {
+		r.AddSink("wsl", p, nil)
+		r.AddSource("src", core.SourceFunc(func(ctx context.Context, out core.Emitter) error {
+			out.Snapshot([]core.Mapping{mapping("a", 8081)})
+			<-ctx.Done()
+			return nil
+		}))
+	})
+	waitState(t, p, want(mapping("a", 8081)))
+	waitPortState(t, second, tcp("127.0.0.1", 8081), "wsl", core.PortExposed)
+	p.checkNoViolations(t)
 }
 
 func TestPeerWatcherTriggersReplay(t *testing.T) {
-	p := &watchPeer{fakePeer: newFakePeer(), lost: make(chan struct{})}
+	p := &watchPeer{fakePeer: newFakePeer(), check: make(chan struct{})}
 	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
 	h.r.Emitter("src").Set(mapping("a", 8080))
-	waitState(t, p.fakePeer, want("src", mapping("a", 8080)))
-	p.set(func(f *fakePeer) { clear(f.exposed) })
-	p.lost <- struct{}{}
-	waitState(t, p.fakePeer, want("src", mapping("a", 8080)))
+	waitState(t, p.fakePeer, want(mapping("a", 8080)))
+	p.set(func(f *fakePeer) { clear(f.held) })
+	p.check <- struct{}{}
+	waitState(t, p.fakePeer, want(mapping("a", 8080)))
 }
 
-func TestPermanentFailureIsNotRetried(t *testing.T) {
+// A permanent refusal of one port leaves the other ports of the same
+// change exposed, and is never counted as delivered.
+func TestPermanentRefusalKeepsTheOtherPorts(t *testing.T) {
 	p := newFakePeer()
-	p.reject = 8081
+	p.reject = 2222
 	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
 	out := h.r.Emitter("src")
-	out.Set(mapping("bad", 8081))
-	out.Set(mapping("good", 8082))
-	waitState(t, p, want("src", mapping("good", 8082)))
+	out.Set(mapping("a", 2222, 2223))
+	waitState(t, p, want(mapping("a", 2223)))
+	at := waitPortState(t, h, tcp("127.0.0.1", 2222), "p", core.PortRejected)
+	if at.Error == "" {
+		t.Error("the rejected port's status has no error")
+	}
 	time.Sleep(50 * time.Millisecond) // several backoff periods
 	st := h.r.Status().Sinks[0]
-	if st.Rejected != 1 || st.Failures != 0 {
-		t.Errorf("status = %+v, want one rejection and no retries", st)
+	if st.Rejected != 1 || st.Failures != 0 || st.Delivered != 1 {
+		t.Errorf("status = %+v, want one rejection, no retries, one delivery", st)
 	}
 	if n := p.sends.Load(); n != 2 {
-		t.Errorf("sends = %d, want 2 (no retry of the rejected change)", n)
+		t.Errorf("sends = %d, want 2 (no retry of the rejected port)", n)
+	}
+	out.Delete("a")
+	waitState(t, p, nil)
+	for _, c := range p.changes() {
+		if c.Remove && c.Mapping.Ports[0].HostPort == 2222 {
+			t.Errorf("the port the peer refused was removed: %v", c)
+		}
+	}
+}
+
+// An IPv6 binding a peer cannot take, beside its IPv4 twin, is not a
+// failure.
+func TestUnsupportedTwinIsNotAFailure(t *testing.T) {
+	p := ipv4Peer{newFakePeer()}
+	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
+	m := core.Mapping{Key: core.Key{ID: "a"}, Ports: []core.Port{tcp("0.0.0.0", 8080), tcp("::", 8080)}}
+	h.r.Emitter("docker").Set(m)
+	waitState(t, p.fakePeer, []string{"tcp 0.0.0.0:8080"})
+	waitPortState(t, h, tcp("::", 8080), "p", core.PortUnsupported)
+	h.r.Emitter("docker").Delete("a")
+	waitState(t, p.fakePeer, nil)
+	st := h.r.Status().Sinks[0]
+	if st.Rejected != 0 || st.Failures != 0 || st.LastError != "" {
+		t.Errorf("status = %+v, want no rejection, failure or error", st)
+	}
+	if n := p.sends.Load(); n != 2 {
+		t.Errorf("sends = %d, want 2 (the IPv6 binding is never sent)", n)
 	}
 }
 
@@ -401,9 +744,9 @@ func TestLoopbackPolicy(t *testing.T) {
 	}}
 	h.r.Emitter("src").Set(m)
 	waitState(t, p, []string{
-		"src/a tcp 127.0.0.1:8080",
-		"src/a tcp ::1:8080",
-		"src/a udp 127.0.0.1:5353",
+		"tcp 127.0.0.1:8080",
+		"tcp [::1]:8080",
+		"udp 127.0.0.1:5353",
 	})
 	refused := h.r.Status().Refused
 	if len(refused) != 2 || refused[0].Port.HostPort != 80 || refused[1].Port.HostPort != 0 {
@@ -419,8 +762,8 @@ func TestAcceptFilter(t *testing.T) {
 	})
 	h.r.Emitter("private").Set(mapping("a", 6443))
 	h.r.Emitter("src").Set(mapping("b", 8080))
-	waitState(t, all, append(want("private", mapping("a", 6443)), want("src", mapping("b", 8080))...))
-	waitState(t, some, want("src", mapping("b", 8080)))
+	waitState(t, all, want(mapping("a", 6443), mapping("b", 8080)))
+	waitState(t, some, want(mapping("b", 8080)))
 }
 
 func TestDrainOnShutdown(t *testing.T) {
@@ -429,7 +772,7 @@ func TestDrainOnShutdown(t *testing.T) {
 	cfg.DrainTimeout = 5 * time.Second
 	h := startRouter(t, cfg, func(r *core.Router) { r.AddSink("p", p, nil) })
 	h.r.Emitter("src").Set(mapping("a", 8080, 8081))
-	waitState(t, p, want("src", mapping("a", 8080, 8081)))
+	waitState(t, p, want(mapping("a", 8080, 8081)))
 	h.stop()
 	if s := p.state(); len(s) != 0 {
 		t.Errorf("after shutdown the peer still exposes %v", s)
@@ -439,7 +782,7 @@ func TestDrainOnShutdown(t *testing.T) {
 func TestFailingSourceIsRestarted(t *testing.T) {
 	p := newFakePeer()
 	var runs atomic.Int64
-	h := startRouter(t, fastConfig(), func(r *core.Router) {
+	startRouter(t, fastConfig(), func(r *core.Router) {
 		r.AddSink("p", p, nil)
 		r.AddSource("flaky", core.SourceFunc(func(ctx context.Context, out core.Emitter) error {
 			if runs.Add(1) < 3 {
@@ -450,11 +793,10 @@ func TestFailingSourceIsRestarted(t *testing.T) {
 			return nil
 		}))
 	})
-	waitState(t, p, want("flaky", mapping("a", 8080)))
+	waitState(t, p, want(mapping("a", 8080)))
 	if runs.Load() != 3 {
 		t.Errorf("runs = %d, want 3", runs.Load())
 	}
-	_ = h
 }
 
 func TestMappingWithoutIDIsIgnored(t *testing.T) {
@@ -462,7 +804,7 @@ func TestMappingWithoutIDIsIgnored(t *testing.T) {
 	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
 	h.r.Emitter("src").Set(mapping("", 8080))
 	h.r.Emitter("src").Set(mapping("ok", 8081))
-	waitState(t, p, want("src", mapping("ok", 8081)))
+	waitState(t, p, want(mapping("ok", 8081)))
 	if len(h.r.Desired()) != 1 {
 		t.Errorf("desired = %v", h.r.Desired())
 	}

@@ -5,39 +5,96 @@ import (
 	"errors"
 )
 
-// Sink delivers changes to a peer that exposes ports.
+// Sink delivers changes to a peer that exposes ports. The Router sends one
+// host port per Change: Mapping.Ports holds exactly one port, and
+// Mapping.Key names the claim it came from (for logs). It keeps the
+// bookkeeping of which ports are wanted and by whom, so a sink never needs
+// reference counts of its own.
 type Sink interface {
 	// Send delivers c to the peer. It must be idempotent: adding a port the
-	// peer already has, or removing one it does not have, succeeds. A failure
-	// is retried by the Router with backoff unless it is marked Permanent.
-	// Errors that mean the peer could not be reached should be marked with
-	// PeerDown, so that the full state is replayed once it is back.
+	// peer already has with the same target succeeds (or, from a peer that
+	// cannot tell whose it is, fails with HeldElsewhere), and removing one
+	// it does not have succeeds. Failures are retried per port with backoff unless marked
+	// Permanent; errors that mean the peer could not be reached at all are
+	// marked PeerDown, so that the full state is replayed once it is back.
+	// A port another party holds is reported with HeldElsewhere or
+	// Conflict.
 	Send(ctx context.Context, c Change) error
 }
 
-// Syncer is implemented by sinks that can read their peer's actual state.
-// The Router calls Sync instead of replaying adds: once at start (after the
-// sources have reported or a grace period passed), after the peer was down,
-// and when a PeerWatcher reports a lost peer. Sync makes the peer expose
-// exactly what desired says, removing anything this agent left behind.
-type Syncer interface {
-	Sync(ctx context.Context, desired []Mapping) error
+// Held is one port a sink's peer holds, as the peer lists it.
+type Held struct {
+	// Port is the protocol, host address and host port of the entry; its
+	// container port is unknown and zero.
+	Port Port
+	// Target is where the peer sends the port's traffic, for status and
+	// logs (e.g. "192.168.127.2:8080").
+	Target string
+	// Matches is true when the entry is exactly what the sink would create
+	// for Port, so that it may be this agent's own.
+	Matches bool
+}
+
+// Lister is implemented by sinks that can read their peer's actual state.
+// The Router lists the peer at start, after the peer was down and when a
+// PeerWatcher asks for a check, and reconciles per port: it exposes what is
+// missing, removes what this agent created and no longer wants, and never
+// touches entries it did not create (the ownership record says which).
+type Lister interface {
+	List(ctx context.Context) ([]Held, error)
 }
 
 // PeerWatcher is implemented by sinks that can notice, without a pending
-// change, that their peer lost its state (it restarted, say). WatchPeer runs
-// until ctx is done and calls lost each time; the Router then replays the
-// full desired state to the sink.
+// change, that their peer may have lost or changed its state (it restarted,
+// say). WatchPeer runs until ctx is done and calls check each time; the
+// Router then reconciles the sink: through List where the sink has it, by
+// replaying every port otherwise.
 type PeerWatcher interface {
-	WatchPeer(ctx context.Context, lost func())
+	WatchPeer(ctx context.Context, check func())
 }
 
-// ErrPermanent marks a change a sink can never apply (an IPv6 binding on an
-// IPv4-only API, say); the Router logs it and does not retry.
-var ErrPermanent = errors.New("permanent failure")
+// PeerKeying says which parts of a port a sink's peer uses to tell ports
+// apart. The Router sends a peer at most one port per peer key, and removes
+// it only when no claim for that key remains.
+type PeerKeying int
 
-// ErrPeerDown marks a failure to reach the peer at all.
-var ErrPeerDown = errors.New("peer unreachable")
+// The ways peers key ports.
+const (
+	// ByAddress: protocol, host IP and host port (the forwarder API).
+	ByAddress PeerKeying = iota
+	// ByPort: protocol and host port only; a remove closes the port
+	// whatever its address (wsl-proxy).
+	ByPort
+)
+
+// Keyer is implemented by sinks whose peer keys ports other than ByAddress.
+type Keyer interface {
+	PeerKeying() PeerKeying
+}
+
+// PortFilter is implemented by sinks whose peer cannot take every port (an
+// IPv4-only API, say). Ports it refuses are never sent; the status shows
+// them as not supported by the sink.
+type PortFilter interface {
+	// Supports returns nil when p can be sent, or an error saying why not.
+	Supports(p Port) error
+}
+
+// Marks of sink errors, tested with errors.Is.
+var (
+	// ErrPermanent marks a change a sink can never apply; it is reported
+	// per port and not retried until the port changes.
+	ErrPermanent = errors.New("permanent failure")
+	// ErrPeerDown marks a failure to reach the peer at all.
+	ErrPeerDown = errors.New("peer unreachable")
+	// ErrHeldElsewhere marks an add of a port the peer already holds for
+	// another party, with the same target: the port works, but it is not
+	// this agent's and is never removed by it.
+	ErrHeldElsewhere = errors.New("held by another party")
+	// ErrConflict marks an add of a port another party holds with another
+	// target; it is reported and checked again at the next reconcile.
+	ErrConflict = errors.New("held by another party with another target")
+)
 
 type markedError struct {
 	mark error
@@ -47,18 +104,23 @@ type markedError struct {
 func (e *markedError) Error() string   { return e.err.Error() }
 func (e *markedError) Unwrap() []error { return []error{e.mark, e.err} }
 
-// Permanent marks err as one that retrying will not fix.
-func Permanent(err error) error {
+func mark(m, err error) error {
 	if err == nil {
 		return nil
 	}
-	return &markedError{mark: ErrPermanent, err: err}
+	return &markedError{mark: m, err: err}
 }
 
+// Permanent marks err as one that retrying will not fix.
+func Permanent(err error) error { return mark(ErrPermanent, err) }
+
 // PeerDown marks err as a failure to reach the peer.
-func PeerDown(err error) error {
-	if err == nil {
-		return nil
-	}
-	return &markedError{mark: ErrPeerDown, err: err}
-}
+func PeerDown(err error) error { return mark(ErrPeerDown, err) }
+
+// HeldElsewhere marks err as the answer to adding a port another party
+// already holds with the same target.
+func HeldElsewhere(err error) error { return mark(ErrHeldElsewhere, err) }
+
+// Conflict marks err as the answer to adding a port another party holds
+// with another target.
+func Conflict(err error) error { return mark(ErrConflict, err) }

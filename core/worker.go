@@ -1,31 +1,84 @@
 package core
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"fmt"
+	"maps"
 	"slices"
 	"time"
 
 	"go.uber.org/zap"
 )
 
-// sinkWorker delivers the router's desired state to one sink. Fields marked
+// batchSize bounds the ports one round of a worker plans, so that a large
+// change is recorded and delivered in steps and status stays fresh.
+const batchSize = 256
+
+// sinkWorker delivers the ledger to one sink, port by port. Fields marked
 // "mu" are guarded by Router.mu; the others belong to the run goroutine
 // (and to drain, once run has returned).
 type sinkWorker struct {
 	name   string
 	sink   Sink
+	lister Lister     // nil when the peer cannot be listed
+	filter PortFilter // nil when the peer takes every port
+	keying PeerKeying
 	accept func(Key) bool
 	log    *zap.Logger
 	wake   chan struct{}
+	record *record // nil without a state directory
 
-	queue  keyQueue   // mu
-	resync bool       // mu
-	stats  SinkStatus // mu
+	dirty       keyQueue[sinkKey]        // mu: keys to look at
+	resync      bool                     // mu: a reconcile is due
+	synced      bool                     // mu: the first full reconcile ran, so inherited leftovers may go
+	stats       SinkStatus               // mu
+	acked       map[sinkKey]exposure     // mu: what the peer holds from this agent (the ownership record)
+	inherited   map[sinkKey]bool         // mu: acked entries read from the record, not yet seen this run
+	foreign     map[sinkKey]foreignHold  // mu: ports the peer holds for other parties
+	failing     map[sinkKey]*portFailure // mu: ports the peer refused, with their retry schedule
+	forced      map[sinkKey]bool         // mu: keys to add again although acked (the peer lost them)
+	recordDirty bool                     // mu: acked changed since the record was written
 
-	acked  map[Key]Mapping // what the peer was last told, per key
-	forced map[Key]bool    // keys whose ports must be re-added in full
-	down   bool            // the last failure was ErrPeerDown
+	down bool // the last failure was ErrPeerDown
+}
+
+// foreignHold is a port the peer holds for another party.
+type foreignHold struct {
+	target string
+	same   bool // with the target this agent would use: the port works
+}
+
+// portFailure is a port the peer refused.
+type portFailure struct {
+	exp       exposure
+	err       string
+	attempt   int
+	next      time.Time // zero when permanent
+	permanent bool
+	since     time.Time
+}
+
+func newSinkWorker(name string, s Sink, accept func(Key) bool, log *zap.Logger) *sinkWorker {
+	w := &sinkWorker{
+		name:      name,
+		sink:      s,
+		accept:    accept,
+		log:       log.With(zap.String("sink", name)),
+		wake:      make(chan struct{}, 1),
+		acked:     map[sinkKey]exposure{},
+		inherited: map[sinkKey]bool{},
+		foreign:   map[sinkKey]foreignHold{},
+		failing:   map[sinkKey]*portFailure{},
+		forced:    map[sinkKey]bool{},
+	}
+	w.lister, _ = s.(Lister)
+	w.filter, _ = s.(PortFilter)
+	if k, ok := s.(Keyer); ok {
+		w.keying = k.PeerKeying()
+	}
+	return w
 }
 
 func (w *sinkWorker) signal() {
@@ -35,201 +88,539 @@ func (w *sinkWorker) signal() {
 	}
 }
 
-type job struct {
-	resync bool
-	key    Key
+// keyOf is the key of p at the granularity of the sink's peer.
+func (w *sinkWorker) keyOf(p Port) sinkKey {
+	if w.keying == ByPort {
+		return sinkKey{proto: p.Protocol, port: p.HostPort}
+	}
+	return sinkKey{p.Protocol, hostAddr(p), p.HostPort}
 }
 
-func (r *Router) nextJob(w *sinkWorker) (job, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if w.resync {
-		w.resync = false
-		return job{resync: true}, true
+func (w *sinkWorker) supports(p Port) error {
+	if w.filter == nil {
+		return nil
 	}
-	k, ok := w.queue.pop()
-	return job{key: k}, ok
+	return w.filter.Supports(p)
 }
 
-func (r *Router) requeue(w *sinkWorker, j job, err error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if j.resync {
-		w.resync = true
-	} else {
-		w.queue.push(j.key)
+// takes reports whether c may go to this sink.
+func (w *sinkWorker) takes(c claim) bool { return w.accept(c.key) && w.supports(c.port) == nil }
+
+// loadRecord reads the ownership record into acked; Run calls it before
+// the worker starts.
+func (w *sinkWorker) loadRecord() {
+	if w.record == nil {
+		return
 	}
-	w.stats.Failures++
-	w.stats.LastError = err.Error()
-	w.stats.LastErrorAt = time.Now()
-	w.stats.PeerDown = errors.Is(err, ErrPeerDown)
+	es, err := w.record.load()
+	if err != nil {
+		w.log.Warn("ignoring the ownership record; ports a previous run left on this sink cannot be removed", zap.Error(err))
+		return
+	}
+	for _, e := range es {
+		sk := w.keyOf(e.Port)
+		w.acked[sk] = e
+		w.inherited[sk] = true
+	}
+	if len(es) > 0 {
+		w.log.Info("ownership record read", zap.Int("ports", len(es)), zap.String("path", w.record.path))
+	}
+}
+
+// want returns the claim the sink should hold for sk: the earliest one it
+// takes.
+func (r *Router) want(w *sinkWorker, sk sinkKey) (claim, bool) {
+	for _, c := range r.ledger.byPort[portKey{sk.proto, sk.port}] {
+		if (w.keying == ByPort || hostAddr(c.port) == sk.ip) && w.takes(c) {
+			return c, true
+		}
+	}
+	return claim{}, false
+}
+
+// pushAll queues every key the sink holds or should hold; the caller holds
+// r.mu.
+func (r *Router) pushAll(w *sinkWorker) {
+	for _, k := range slices.SortedFunc(maps.Keys(w.acked), compareSinkKeys) {
+		w.dirty.push(k)
+	}
+	for _, pk := range slices.SortedFunc(maps.Keys(r.ledger.byPort), comparePortKeys) {
+		for _, c := range r.ledger.byPort[pk] {
+			if w.takes(c) {
+				w.dirty.push(w.keyOf(c.port))
+			}
+		}
+	}
+}
+
+func compareSinkKeys(a, b sinkKey) int {
+	return cmp.Or(cmp.Compare(a.proto, b.proto), cmp.Compare(a.port, b.port), a.ip.Compare(b.ip))
+}
+
+func comparePortKeys(a, b portKey) int {
+	return cmp.Or(cmp.Compare(a.proto, b.proto), cmp.Compare(a.port, b.port))
 }
 
 func (w *sinkWorker) run(ctx context.Context, r *Router, syncGo <-chan struct{}) {
-	_, isSyncer := w.sink.(Syncer)
-	if !isSyncer {
-		syncGo = nil // plain sinks start from an empty peer and need no initial sync
+	if w.lister != nil {
+		// Look at the peer before the first add, so that ports other
+		// parties hold are known and never taken for this agent's.
+		r.requestResync(w)
 	}
 	attempt := 0
 	for ctx.Err() == nil {
-		j, ok := r.nextJob(w)
-		if !ok {
-			select {
-			case <-ctx.Done():
-				return
-			case <-w.wake:
-			case <-syncGo:
-				syncGo = nil
-				r.requestResync(w)
-			}
-			continue
+		r.mu.Lock()
+		resync := w.resync
+		w.resync = false
+		r.pushDue(w, time.Now())
+		r.mu.Unlock()
+		var err error
+		progressed := false
+		if resync {
+			err = w.reconcile(ctx, r)
+			progressed = err == nil
 		}
-		err := w.do(ctx, r, j)
+		if err == nil {
+			var p bool
+			p, err = w.deliverBatch(ctx, r)
+			progressed = progressed || p
+		}
 		if ctx.Err() != nil {
 			return
 		}
 		if err != nil {
-			r.requeue(w, j, err)
-			w.down = w.down || errors.Is(err, ErrPeerDown)
+			r.mu.Lock()
+			if resync {
+				w.resync = true
+			}
+			w.stats.PeerDown = true
+			w.noteError(err)
+			r.mu.Unlock()
+			w.down = true
 			delay := r.cfg.Backoff.Delay(attempt)
 			attempt++
-			w.log.Warn("delivery failed; will retry", zap.Error(err), zap.Duration("retry_in", delay), zap.Bool("peer_down", w.down))
+			w.log.Warn("peer unreachable; will retry", zap.Error(err), zap.Duration("retry_in", delay))
 			if !Sleep(ctx, delay) {
 				return
 			}
+			if w.lister != nil {
+				r.requestResync(w) // listing is the probe, and the replay
+			}
 			continue
 		}
-		attempt = 0
-		if w.down {
+		if w.down && progressed {
 			w.down = false
-			w.log.Info("peer reachable again; replaying full state")
+			attempt = 0
 			r.mu.Lock()
 			w.stats.PeerDown = false
-			w.resync = true
+			if w.lister == nil || !resync {
+				w.log.Info("peer reachable again; replaying every port")
+				w.resync = true
+			} else {
+				w.log.Info("peer reachable again; reconciled")
+			}
 			r.mu.Unlock()
-		}
-	}
-}
-
-func (w *sinkWorker) do(ctx context.Context, r *Router, j job) error {
-	if j.resync {
-		return w.doResync(ctx, r)
-	}
-	r.mu.Lock()
-	d, wanted := r.desired[j.key]
-	r.mu.Unlock()
-	return w.deliver(ctx, r, j.key, d, wanted)
-}
-
-// doResync makes the peer match the desired state again, through Sync where
-// the sink has it and by re-adding every mapping otherwise.
-func (w *sinkWorker) doResync(ctx context.Context, r *Router) error {
-	r.mu.Lock()
-	desired := r.sortedDesired(w.accept)
-	r.mu.Unlock()
-	if s, ok := w.sink.(Syncer); ok {
-		sctx, cancel := context.WithTimeout(ctx, r.cfg.SendTimeout)
-		defer cancel()
-		if err := s.Sync(sctx, desired); err != nil {
-			return err
-		}
-		clear(w.acked)
-		clear(w.forced)
-		for _, m := range desired {
-			w.acked[m.Key] = m
+			continue
 		}
 		r.mu.Lock()
-		w.stats.Syncs++
+		busy := w.resync || w.dirty.len() > 0
+		next := w.nextRetry()
 		r.mu.Unlock()
+		if busy {
+			continue
+		}
+		if w.wait(ctx, r, next, &syncGo) {
+			return
+		}
+	}
+}
+
+// wait blocks until there is work: a signal, a retry that is due, or the
+// initial sync. It reports whether ctx is done.
+func (w *sinkWorker) wait(ctx context.Context, r *Router, next time.Time, syncGo *<-chan struct{}) bool {
+	var retry <-chan time.Time
+	if !next.IsZero() {
+		t := time.NewTimer(time.Until(next))
+		defer t.Stop()
+		retry = t.C
+	}
+	select {
+	case <-ctx.Done():
+		return true
+	case <-w.wake:
+	case <-retry:
+	case <-*syncGo:
+		*syncGo = nil
+		r.mu.Lock()
+		w.synced = true
+		if w.lister != nil {
+			w.resync = true
+		} else {
+			// The peer cannot be listed: add again what a previous run
+			// left (it may have restarted since), and remove what no
+			// source wants any more.
+			for _, sk := range slices.SortedFunc(maps.Keys(w.inherited), compareSinkKeys) {
+				w.forced[sk] = true
+				w.dirty.push(sk)
+			}
+		}
+		r.mu.Unlock()
+	}
+	return false
+}
+
+// nextRetry is when the earliest failing port is due; the caller holds
+// r.mu.
+func (w *sinkWorker) nextRetry() time.Time {
+	var next time.Time
+	for _, f := range w.failing {
+		if !f.permanent && (next.IsZero() || f.next.Before(next)) {
+			next = f.next
+		}
+	}
+	return next
+}
+
+// pushDue queues the failing ports whose retry is due; the caller holds
+// r.mu.
+func (r *Router) pushDue(w *sinkWorker, now time.Time) {
+	for sk, f := range w.failing {
+		if !f.permanent && !f.next.After(now) {
+			w.dirty.push(sk)
+		}
+	}
+}
+
+// noteError records err as the sink's last error; the caller holds r.mu.
+func (w *sinkWorker) noteError(err error) {
+	w.stats.LastError = err.Error()
+	w.stats.LastErrorAt = time.Now()
+}
+
+// reconcile looks at the whole state again: through List, it learns which
+// ports the peer holds, drops from the record what the peer lost, notes
+// what other parties hold, and queues every key; without List it adds
+// every held port again (the peer may have restarted empty).
+func (w *sinkWorker) reconcile(ctx context.Context, r *Router) error {
+	if w.lister == nil {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for sk := range w.acked {
+			w.forced[sk] = true
+		}
+		r.pushAll(w)
+		w.stats.Syncs++
 		return nil
+	}
+	lctx, cancel := context.WithTimeout(ctx, r.cfg.SendTimeout)
+	held, err := w.lister.List(lctx)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil && !errors.Is(err, ErrPeerDown) {
+			err = PeerDown(err)
+		}
+		return err
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, m := range desired {
-		w.forced[m.Key] = true
-		w.queue.push(m.Key)
+	peer := make(map[sinkKey]Held, len(held))
+	for _, h := range held {
+		sk := w.keyOf(h.Port)
+		if _, dup := peer[sk]; !dup {
+			peer[sk] = h
+		}
 	}
-	for k := range w.acked {
-		w.queue.push(k)
+	lost := 0
+	for sk, a := range w.acked {
+		h, ok := peer[sk]
+		if ok && h.Matches && hostAddr(h.Port) == hostAddr(a.Port) {
+			continue
+		}
+		delete(w.acked, sk)
+		delete(w.inherited, sk)
+		w.recordDirty = true
+		lost++
 	}
+	clear(w.foreign)
+	for sk, h := range peer {
+		if _, ours := w.acked[sk]; !ours {
+			w.foreign[sk] = foreignHold{target: h.Target, same: h.Matches}
+		}
+	}
+	if lost > 0 {
+		w.log.Info("peer no longer holds ports this agent exposed; exposing them again", zap.Int("ports", lost))
+	}
+	r.pushAll(w)
 	w.stats.Syncs++
 	return nil
 }
 
-// deliver sends what changed for key k: a remove of the ports that went,
-// then an add of those that came.
-func (w *sinkWorker) deliver(ctx context.Context, r *Router, k Key, d Mapping, wanted bool) error {
-	a := w.acked[k]
-	if !wanted {
-		d = Mapping{Key: k}
-	}
-	went, came := diffPorts(a, d, w.forced[k])
-	if len(went) > 0 {
-		err := w.send(ctx, r, Change{Remove: true, Mapping: Mapping{Key: k, Ports: went, ConnectAddrs: a.ConnectAddrs}})
-		if err != nil {
-			return err
-		}
-		a.Ports = slices.DeleteFunc(slices.Clone(a.Ports), func(p Port) bool { return slices.Contains(went, p) })
-		w.acked[k] = a
-	}
-	if len(came) > 0 {
-		err := w.send(ctx, r, Change{Mapping: Mapping{Key: k, Ports: came, ConnectAddrs: d.ConnectAddrs}})
-		if err != nil {
-			return err
-		}
-	}
-	if len(d.Ports) == 0 {
-		delete(w.acked, k)
-	} else {
-		w.acked[k] = d
-	}
-	delete(w.forced, k)
-	return nil
+// step is what one key needs: a remove, an add, or both (in that order).
+type step struct {
+	key         sinkKey
+	remove, add *exposure
 }
 
-// send delivers one change; a permanent failure is logged, counted and
-// treated as done, so it is not retried.
-func (w *sinkWorker) send(ctx context.Context, r *Router, c Change) error {
-	sctx, cancel := context.WithTimeout(ctx, r.cfg.SendTimeout)
-	defer cancel()
-	err := w.sink.Send(sctx, c)
+func (s step) sameAs(o step) bool {
+	same := func(a, b *exposure) bool {
+		return (a == nil) == (b == nil) && (a == nil || a.same(*b) && a.Claim == b.Claim && a.Port == b.Port)
+	}
+	return s.key == o.key && same(s.remove, o.remove) && same(s.add, o.add)
+}
+
+// plan decides what sk needs; the caller holds r.mu.
+func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
+	if f := w.failing[sk]; f != nil && !f.permanent && f.next.After(now) {
+		return step{}, false // its retry timer brings it back
+	}
+	c, wanted := r.want(w, sk)
+	a, had := w.acked[sk]
+	st := step{key: sk}
+	switch {
+	case wanted && had:
+		e := c.exposure()
+		if a.same(e) {
+			if !w.forced[sk] {
+				delete(w.failing, sk)
+				return step{}, false
+			}
+		} else {
+			st.remove = &a
+		}
+		st.add = &e
+	case wanted:
+		if _, other := w.foreign[sk]; other {
+			delete(w.failing, sk)
+			return step{}, false
+		}
+		e := c.exposure()
+		if f := w.failing[sk]; f != nil && f.permanent && f.exp.same(e) {
+			return step{}, false // refused for good until the port changes
+		}
+		st.add = &e
+	case had:
+		if w.inherited[sk] && !w.synced {
+			return step{}, false // a source may still report it
+		}
+		st.remove = &a
+	default:
+		delete(w.failing, sk)
+		delete(w.forced, sk)
+		return step{}, false
+	}
+	return st, true
+}
+
+// deliverBatch plans and sends up to batchSize keys. It returns an error
+// only when the peer is unreachable (or ctx is done); the keys not done go
+// back to the queue.
+func (w *sinkWorker) deliverBatch(ctx context.Context, r *Router) (bool, error) {
+	now := time.Now()
+	r.mu.Lock()
+	var plan []step
+	adds := false
+	for len(plan) < batchSize {
+		sk, ok := w.dirty.pop()
+		if !ok {
+			break
+		}
+		if st, ok := r.plan(w, sk, now); ok {
+			plan = append(plan, st)
+			adds = adds || st.add != nil
+		}
+	}
+	var intent []exposure
+	if w.record != nil && adds {
+		// Record the adds before sending them, so that an agent killed
+		// in between still knows them for its own.
+		intent = slices.Collect(maps.Values(w.acked))
+		for _, st := range plan {
+			if st.add != nil {
+				intent = append(intent, *st.add)
+			}
+		}
+	}
+	r.mu.Unlock()
+	if len(plan) == 0 {
+		return false, nil
+	}
+	if intent != nil {
+		w.saveRecord(r, intent)
+		r.mu.Lock()
+		w.recordDirty = true // the intent is rewritten with what the peer took
+		r.mu.Unlock()
+	}
+	defer w.flushRecord(r)
+	for i, st := range plan {
+		// What a key needs may have changed while earlier keys were sent;
+		// a key whose need changed waits for the next round, whose record
+		// covers it.
+		r.mu.Lock()
+		fresh, ok := r.plan(w, st.key, time.Now())
+		if ok && !fresh.sameAs(st) {
+			w.dirty.push(st.key)
+			ok = false
+		}
+		r.mu.Unlock()
+		if !ok {
+			continue
+		}
+		if err := w.execute(ctx, r, st); err != nil {
+			r.mu.Lock()
+			for _, rest := range plan[i:] {
+				w.dirty.push(rest.key)
+			}
+			r.mu.Unlock()
+			return i > 0, err
+		}
+	}
+	return true, nil
+}
+
+// execute sends st; it returns an error only when the peer is unreachable
+// or ctx is done.
+func (w *sinkWorker) execute(ctx context.Context, r *Router, st step) error {
+	if st.remove != nil {
+		err := w.send(ctx, r, st.remove.change(true))
+		r.mu.Lock()
+		switch {
+		case err == nil || errors.Is(err, ErrPermanent):
+			if err != nil {
+				w.stats.Rejected++
+				w.noteError(err)
+				w.log.Warn("peer refused to remove a port; no longer tracked", zap.Stringer("port", st.remove.Port), zap.Error(err))
+			}
+			delete(w.acked, st.key)
+			delete(w.inherited, st.key)
+			delete(w.forced, st.key)
+			w.recordDirty = true
+		case ctx.Err() != nil || errors.Is(err, ErrPeerDown):
+			r.mu.Unlock()
+			return err
+		default:
+			w.fail(r, st.key, *st.remove, err)
+			r.mu.Unlock()
+			return nil
+		}
+		r.mu.Unlock()
+	}
+	if st.add == nil {
+		return nil
+	}
+	err := w.send(ctx, r, st.add.change(false))
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	switch {
 	case err == nil:
-		w.stats.Delivered++
-		w.log.Debug("delivered", zap.Stringer("change", c))
-		return nil
+		w.acked[st.key] = *st.add
+		delete(w.inherited, st.key)
+		delete(w.forced, st.key)
+		w.recordDirty = true
+		if f := w.failing[st.key]; f != nil {
+			w.log.Info("port exposed after failing", zap.Stringer("port", st.add.Port), zap.Duration("after", time.Since(f.since)))
+			delete(w.failing, st.key)
+		}
+	case ctx.Err() != nil:
+		// The add may have reached the peer: keep it as held, so that the
+		// drain or the next run removes it.
+		w.acked[st.key] = *st.add
+		w.recordDirty = true
+		return err
+	case errors.Is(err, errSendTimeout), errors.Is(err, ErrPeerDown):
+		// The add may have reached the peer (the answer was lost): count
+		// it as held, so that it is never taken for another party's and
+		// the drain or the next run removes it, and check it again: the
+		// reconcile lists it, or a plain peer gets it again.
+		w.acked[st.key] = *st.add
+		w.recordDirty = true
+		if w.lister != nil {
+			w.resync = true
+		} else {
+			w.forced[st.key] = true
+		}
+		if errors.Is(err, ErrPeerDown) {
+			return err
+		}
+		w.fail(r, st.key, *st.add, err)
+	case errors.Is(err, ErrHeldElsewhere), errors.Is(err, ErrConflict):
+		w.foreign[st.key] = foreignHold{target: err.Error(), same: errors.Is(err, ErrHeldElsewhere)}
+		delete(w.failing, st.key)
+		w.log.Info("port held by another party; not taken", zap.Stringer("port", st.add.Port), zap.Error(err))
 	case errors.Is(err, ErrPermanent):
 		w.stats.Rejected++
-		w.stats.LastError = err.Error()
-		w.stats.LastErrorAt = time.Now()
-		w.log.Error("sink rejected change; not retrying", zap.Stringer("change", c), zap.Error(err))
-		return nil
+		w.noteError(err)
+		w.failing[st.key] = &portFailure{exp: *st.add, err: err.Error(), permanent: true, since: time.Now()}
+		w.log.Warn("peer refused a port; not retrying until it changes", zap.Stringer("port", st.add.Port), zap.Error(err))
 	default:
-		return err
+		w.fail(r, st.key, *st.add, err)
 	}
+	return nil
 }
 
-// diffPorts returns the ports of acked a that d no longer has and the ports
-// of d to add. A change of backend addresses replaces every port; forced
-// re-adds all of d.
-func diffPorts(a, d Mapping, forced bool) (went, came []Port) {
-	if len(a.Ports) > 0 && len(d.Ports) > 0 && !slices.Equal(a.ConnectAddrs, d.ConnectAddrs) {
-		return a.Ports, d.Ports
+// fail schedules a retry of sk on its own backoff; the caller holds r.mu.
+func (w *sinkWorker) fail(r *Router, sk sinkKey, e exposure, err error) {
+	w.stats.Failures++
+	w.noteError(err)
+	f := w.failing[sk]
+	if f == nil || f.permanent {
+		f = &portFailure{since: time.Now()}
+		w.failing[sk] = f
 	}
-	for _, p := range a.Ports {
-		if !slices.Contains(d.Ports, p) {
-			went = append(went, p)
-		}
+	first := f.attempt == 0 || f.err != err.Error()
+	f.exp, f.err = e, err.Error()
+	delay := r.cfg.PortBackoff.Delay(f.attempt)
+	f.attempt++
+	f.next = time.Now().Add(delay)
+	log := w.log.Debug
+	if first {
+		log = w.log.Warn
 	}
-	if forced {
-		return went, d.Ports
+	log("peer refused a port; will retry it", zap.Stringer("port", e.Port), zap.Error(err), zap.Duration("retry_in", delay))
+}
+
+// errSendTimeout marks a change that ran out of time: the peer may have
+// applied it.
+var errSendTimeout = errors.New("no answer within the send timeout")
+
+// send delivers one change within the send timeout.
+func (w *sinkWorker) send(ctx context.Context, r *Router, c Change) error {
+	sctx, cancel := context.WithTimeout(ctx, r.cfg.SendTimeout)
+	defer cancel()
+	err := w.sink.Send(sctx, c)
+	if err != nil && sctx.Err() != nil && ctx.Err() == nil {
+		err = fmt.Errorf("%w: %w", errSendTimeout, err)
 	}
-	for _, p := range d.Ports {
-		if !slices.Contains(a.Ports, p) {
-			came = append(came, p)
-		}
+	if err == nil {
+		r.mu.Lock()
+		w.stats.Delivered++
+		r.mu.Unlock()
+		w.log.Debug("delivered", zap.Stringer("change", c))
 	}
-	return went, came
+	return err
+}
+
+// flushRecord writes the record if acked changed.
+func (w *sinkWorker) flushRecord(r *Router) {
+	if w.record == nil {
+		return
+	}
+	r.mu.Lock()
+	if !w.recordDirty {
+		r.mu.Unlock()
+		return
+	}
+	w.recordDirty = false
+	es := slices.Collect(maps.Values(w.acked))
+	r.mu.Unlock()
+	w.saveRecord(r, es)
+}
+
+func (w *sinkWorker) saveRecord(r *Router, es []exposure) {
+	slices.SortFunc(es, func(a, b exposure) int { return ComparePorts(a.Port, b.Port) })
+	if err := w.record.save(es); err != nil {
+		r.mu.Lock()
+		w.recordDirty = true
+		r.mu.Unlock()
+		w.log.Warn("cannot write the ownership record", zap.Error(err))
+	}
 }

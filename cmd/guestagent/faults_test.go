@@ -520,7 +520,8 @@ func (b *faultBed) startAgent() {
 		"--docker", "--dockerHost=" + b.docker.Host, "--dockerLoopbackNAT=false",
 		"--containerd", "--containerdSock=" + b.ctrd.Socket, "--containerdLoopbackNAT=false",
 		"--kubernetes", "--kubeconfig=" + b.kube.Kubeconfig, "--iptables=false",
-		"--sinks=host-switch", "--hostSwitchURL=" + b.proxy.URL, "--hostSwitchCheckInterval=1s"},
+		"--sinks=host-switch", "--hostSwitchURL=" + b.proxy.URL, "--hostSwitchCheckInterval=1s",
+		"--stateDir=" + filepath.Join(b.dir, "state")},
 		b.agentArgs...)...)
 	cmd.Env = append(os.Environ(), agentEnv+"=1")
 	cmd.Stdout, cmd.Stderr = log, log

@@ -63,6 +63,7 @@ type config struct {
 	k8sAPIPort              int
 	unexposeOnExit          bool
 	statusAddr              string
+	stateDir                string
 	seeds                   map[string]*bool
 	general, mode, enabling *pflag.FlagSet
 }
@@ -75,6 +76,7 @@ func defineFlags(fs *pflag.FlagSet) *config {
 	c.general.StringSliceVar(&c.sources, "sources", nil, "more sources to enable by name, comma-separated (see the list below)")
 	c.general.StringSliceVar(&c.sinks, "sinks", []string{"auto"}, `sinks to deliver to by name, comma-separated; "auto" means the ones the networking mode selects`)
 	c.general.BoolVar(&c.unexposeOnExit, "unexposeOnExit", true, "on SIGINT/SIGTERM, remove every exposed port before exiting")
+	c.general.StringVar(&c.stateDir, "stateDir", "/var/lib/guestagent", "directory of the ownership records: which ports this agent exposed on each sink, so that after a restart (or a crash) it removes exactly its own leftovers and never another party's; empty keeps them in memory only")
 	c.general.StringVar(&c.statusAddr, "statusAddr", "", "serve GET /status (current mappings, JSON) and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9901; empty: off")
 
 	c.mode = pflag.NewFlagSet("mode", pflag.ContinueOnError)
@@ -196,10 +198,16 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 		return nil, errors.New("no sink selected: --sinks is empty")
 	}
 
+	if cfg.stateDir != "" {
+		if err := os.MkdirAll(cfg.stateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("--stateDir: %w", err)
+		}
+	}
 	router := core.NewRouter(core.RouterConfig{
 		Log:          log,
 		Policy:       mode.Policy(),
 		DrainTimeout: drainTimeout(cfg.unexposeOnExit),
+		StateDir:     cfg.stateDir,
 	})
 	for _, n := range sourceNames {
 		src, err := bound.NewSource(n, env)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -38,12 +39,18 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// withStateDir adds a state directory of the test's own to args, so that
+// tests never share (or leave) ownership records.
+func withStateDir(t testing.TB, args []string) []string {
+	return append(slices.Clone(args), "--stateDir="+t.TempDir())
+}
+
 func runCLI(t *testing.T, args ...string) (int, string, string) {
 	t.Helper()
 	var out, errOut syncBuffer
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	code := run(ctx, args, &out, &errOut)
+	code := run(ctx, withStateDir(t, args), &out, &errOut)
 	return code, out.String(), errOut.String()
 }
 
@@ -188,7 +195,7 @@ func TestRunEndToEnd(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan int, 1)
 	go func() {
-		done <- run(ctx, []string{"--sources=static", "--staticFile=" + path, "--sinks=stdout"}, &out, &errOut)
+		done <- run(ctx, withStateDir(t, []string{"--sources=static", "--staticFile=" + path, "--sinks=stdout"}), &out, &errOut)
 	}()
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(out.String(), "\n") && time.Now().Before(deadline) {
@@ -252,7 +259,7 @@ func TestSignalShutdown(t *testing.T) {
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
 		t.Run(sig.String(), func(t *testing.T) {
 			var out, errOut syncBuffer
-			cmd := exec.Command(bin, "-sources=static", "-staticFile="+writeStatic(t), "-sinks=stdout", "-debug")
+			cmd := exec.Command(bin, "-sources=static", "-staticFile="+writeStatic(t), "-sinks=stdout", "-debug", "-stateDir="+t.TempDir())
 			cmd.Stdout, cmd.Stderr = &out, &errOut
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)

@@ -28,7 +28,7 @@ func ourForwards(t testing.TB, url string) []string {
 	defer s.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	all, err := s.List(ctx)
+	all, err := s.Forwards(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func TestNetworkingModes(t *testing.T) {
 			var out, errOut syncBuffer
 			ctx, cancel := context.WithCancel(t.Context())
 			done := make(chan int, 1)
-			go func() { done <- run(ctx, args, &out, &errOut) }()
+			go func() { done <- run(ctx, withStateDir(t, args), &out, &errOut) }()
 
 			if tt.forwards != nil {
 				waitFor(t, fmt.Sprintf("forwards %v", tt.forwards), func() bool { return slices.Equal(ourForwards(t, gv.URL()), tt.forwards) })
@@ -142,13 +142,18 @@ func TestNetworkingModes(t *testing.T) {
 				waitFor(t, fmt.Sprintf("wsl-proxy state %v", tt.wsl), func() bool { return slices.Equal(wsl.State(), tt.wsl) })
 			}
 			if tt.vtunnel {
-				select {
-				case msg := <-vtMsgs:
-					if !strings.Contains(msg, fmt.Sprintf(`"HostPort":"%d"`, p1)) || strings.Contains(msg, `"remove":true`) {
-						t.Errorf("vtunnel peer got %s", msg)
+				// One message per port; wait for the one of p1.
+				timeout := time.After(15 * time.Second)
+				for found := false; !found; {
+					select {
+					case msg := <-vtMsgs:
+						if strings.Contains(msg, `"remove":true`) {
+							t.Errorf("vtunnel peer got a removal while the port is wanted: %s", msg)
+						}
+						found = strings.Contains(msg, fmt.Sprintf(`"HostPort":"%d"`, p1))
+					case <-timeout:
+						t.Fatalf("vtunnel peer got no message for port %d", p1)
 					}
-				case <-time.After(15 * time.Second):
-					t.Fatal("vtunnel peer got nothing")
 				}
 				if got := ourForwards(t, gv.URL()); len(got) != 0 {
 					t.Errorf("privileged-service mode must not use host-switch; it has %v", got)
@@ -190,7 +195,7 @@ func TestK8sAPIMappingGoesToWSLProxyOnly(t *testing.T) {
 	var out, errOut syncBuffer
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan int, 1)
-	go func() { done <- run(ctx, args, &out, &errOut) }()
+	go func() { done <- run(ctx, withStateDir(t, args), &out, &errOut) }()
 	waitFor(t, "the API port on wsl-proxy", func() bool { return slices.Equal(wsl.State(), []string{"tcp 127.0.0.1:16443"}) })
 	time.Sleep(200 * time.Millisecond)
 	if got := ourForwards(t, gv.URL()); len(got) != 0 {

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // RequireEnv is set to 1 by make test: a missing engine then fails tests.
@@ -59,3 +60,20 @@ func FreePort(t testing.TB) int {
 }
 
 var nsCounter atomic.Int64
+
+// Eventually polls cond every 20ms until it holds, failing t with what
+// (and what cond last said, when it returns a description) after timeout.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, detail := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s still waiting for %s: %s", timeout, what, detail)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

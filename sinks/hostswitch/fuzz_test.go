@@ -3,24 +3,23 @@ package hostswitch_test
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"strings"
+	"strconv"
 	"sync"
 	"testing"
 
-	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 )
 
-// FuzzSyncAnswer serves arbitrary bytes as the API's list of forwards and
-// runs Sync against it: no panic, and the only forwards it unexposes are
-// listed ones that are its own (to the guest address on the same port).
-func FuzzSyncAnswer(f *testing.F) {
+// FuzzListAnswer serves arbitrary bytes as the API's list of forwards:
+// List never panics, fails when the answer is not a list of forwards, and
+// says an entry matches only when it leads to the guest's same port, the
+// only forwards the router may take for this agent's.
+func FuzzListAnswer(f *testing.F) {
 	if data, err := os.ReadFile(filepath.Join("..", "..", "testdata", "hostswitch", "all.json")); err == nil {
 		f.Add(data)
 	}
@@ -28,62 +27,44 @@ func FuzzSyncAnswer(f *testing.F) {
 	var (
 		mu     sync.Mutex
 		answer []byte
-		api    *scripted
 	)
-	api = &scripted{answer: func(path string, _ hostswitch.Forward) (int, string) {
+	srv := httptest.NewServer(&scripted{answer: func(string, hostswitch.Forward) (int, string) {
 		mu.Lock()
 		defer mu.Unlock()
-		if strings.HasSuffix(path, "/all") {
-			return http.StatusOK, string(answer)
-		}
-		return http.StatusOK, ""
-	}}
-	srv := httptest.NewServer(api)
+		return http.StatusOK, string(answer)
+	}})
 	defer srv.Close()
 	s, err := hostswitch.New(hostswitch.Config{BaseURL: srv.URL, GuestIP: hostswitch.DefaultGuestIP})
 	if err != nil {
 		f.Fatal(err)
 	}
 	defer s.Close()
-	desired := []core.Mapping{{Key: core.Key{Source: "fuzz", ID: "a"}, Ports: []core.Port{port(core.TCP, "127.0.0.1", 8080)}}}
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		mu.Lock()
 		answer = data
-		api.requests = nil
 		mu.Unlock()
-		if err := s.Sync(context.Background(), desired); err != nil {
+		held, err := s.List(context.Background())
+		listed, decodeErr := hostswitch.DecodeForwards(bytes.NewReader(data))
+		if (err != nil) != (decodeErr != nil) {
+			t.Fatalf("List err = %v, but decoding the answer gives %v", err, decodeErr)
+		}
+		if err != nil {
 			return
 		}
-		listed, err := hostswitch.DecodeForwards(bytes.NewReader(data))
-		if err != nil {
-			t.Fatalf("Sync accepted a list that does not decode: %v", err)
+		if len(held) > len(listed) {
+			t.Fatalf("List returned %d entries from %d forwards", len(held), len(listed))
 		}
-		for _, req := range api.log() {
-			path, body, _ := strings.Cut(req, " ")
-			if !strings.HasSuffix(path, "/unexpose") {
-				continue
+		for _, h := range held {
+			if h.Port.HostPort == 0 || h.Port.Validate() == nil && h.Port.ContainerPort != 0 {
+				t.Fatalf("entry with a bad port: %+v", h)
 			}
-			if !ownListed(listed, body) {
-				t.Fatalf("unexposed %s, which is not a listed forward of this agent's", body)
+			if h.Matches && h.Target != net.JoinHostPort(hostswitch.DefaultGuestIP, strconv.Itoa(int(h.Port.HostPort))) {
+				t.Fatalf("entry %+v matches but leads elsewhere", h)
+			}
+			if h.Matches && s.Supports(h.Port) != nil {
+				t.Fatalf("entry %+v matches but the sink cannot make it", h)
 			}
 		}
 	})
-}
-
-// ownListed reports whether the unexpose request body names a listed
-// forward to the guest address on its own port.
-func ownListed(listed []hostswitch.Forward, body string) bool {
-	var req hostswitch.Forward
-	if json.Unmarshal([]byte(body), &req) != nil {
-		return false
-	}
-	for _, f := range listed {
-		_, p, err := net.SplitHostPort(f.Local)
-		if err == nil && f.Remote == net.JoinHostPort(hostswitch.DefaultGuestIP, p) &&
-			f.Local == req.Local && f.Protocol == req.Protocol {
-			return true
-		}
-	}
-	return false
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -25,20 +27,89 @@ func newSink(t *testing.T, url string, check time.Duration) *hostswitch.Sink {
 	return s
 }
 
-// state lists the forwards the agent made, as "proto local".
-func state(t *testing.T, g *gvproxytest.Gvproxy) []string {
-	s := newSink(t, g.URL(), 0)
-	all, err := s.List(context.Background())
+// forwards lists gvproxy's forwards, as "proto local -> remote".
+func forwards(t *testing.T, g *gvproxytest.Gvproxy) []string {
+	t.Helper()
+	all, err := newSink(t, g.URL(), 0).Forwards(context.Background())
 	if err != nil {
 		t.Fatalf("listing gvproxy's forwards: %v", err)
 	}
 	var out []string
 	for _, f := range all {
-		if strings.HasPrefix(f.Remote, hostswitch.DefaultGuestIP+":") && !strings.HasSuffix(f.Remote, ":22") {
+		out = append(out, fmt.Sprintf("%s %s -> %s", f.Protocol, f.Local, f.Remote))
+	}
+	slices.Sort(out)
+	return out
+}
+
+// state lists the forwards other than gvproxy's own, as "proto local".
+func state(t *testing.T, g *gvproxytest.Gvproxy) []string {
+	t.Helper()
+	all, err := newSink(t, g.URL(), 0).Forwards(context.Background())
+	if err != nil {
+		t.Fatalf("listing gvproxy's forwards: %v", err)
+	}
+	static := g.Static()
+	var out []string
+	for _, f := range all {
+		if _, own := static[f.Local]; !own {
 			out = append(out, f.Protocol+" "+f.Local)
 		}
 	}
+	slices.Sort(out)
 	return out
+}
+
+// staticForwards is what gvproxy's own forwards look like in forwards().
+func staticForwards(g *gvproxytest.Gvproxy) []string {
+	var out []string
+	for local, remote := range g.Static() {
+		out = append(out, fmt.Sprintf("tcp %s -> %s", local, remote))
+	}
+	slices.Sort(out)
+	return out
+}
+
+// startRouter runs a router delivering to a host-switch sink on g until the
+// returned stop is called (or the test ends).
+func startRouter(t *testing.T, g *gvproxytest.Gvproxy, cfg core.RouterConfig) (*core.Router, func()) {
+	t.Helper()
+	r := core.NewRouter(cfg)
+	r.AddSink(hostswitch.Name, newSink(t, g.URL(), 100*time.Millisecond), nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = r.Run(ctx)
+	}()
+	stop := func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return r, stop
+}
+
+func loopbackPorts(id string, ports ...int) core.Mapping {
+	m := core.Mapping{Key: core.Key{Source: "docker", ID: id}}
+	for _, p := range ports {
+		m.Ports = append(m.Ports, core.Port{Protocol: core.TCP, ContainerPort: 80, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: uint16(p)})
+	}
+	return m
+}
+
+func tcpLocal(ports ...int) []string {
+	var out []string
+	for _, p := range ports {
+		out = append(out, fmt.Sprintf("tcp 127.0.0.1:%d", p))
+	}
+	slices.Sort(out)
+	return out
+}
+
+func waitForwards(t *testing.T, g *gvproxytest.Gvproxy, want []string) {
+	t.Helper()
+	testenv.Eventually(t, 30*time.Second, fmt.Sprintf("gvproxy forwards %q", want), func() (bool, string) {
+		got := state(t, g)
+		return slices.Equal(got, want), fmt.Sprintf("have %q", got)
+	})
 }
 
 func TestContractAgainstGvproxy(t *testing.T) {
@@ -92,38 +163,148 @@ func TestExposedPortListens(t *testing.T) {
 	}
 }
 
-// TestSyncRemovesLeftoversOnly starts from forwards a previous agent left
-// behind and checks that Sync removes those but keeps gvproxy's own SSH
-// forward and the desired ports.
-func TestSyncRemovesLeftoversOnly(t *testing.T) {
-	g := gvproxytest.Start(t)
-	s := newSink(t, g.URL(), 0)
-	ctx := context.Background()
-	leftover := sinktest.Mapping("docker", "old", 41501, 2)
-	keep := sinktest.Mapping("docker", "keep", 41511, 1)
-	for _, m := range []core.Mapping{leftover, keep} {
-		if err := s.Send(ctx, core.Change{Mapping: m}); err != nil {
-			t.Fatal(err)
+// TestStaticForwardsSurviveEverything starts gvproxy, like host-switch
+// with Kubernetes on, with a static forward of the API port to the guest's
+// same port (exactly what the agent would make for it) and its SSH
+// forward. Neither may be touched: not at the agent's start, at its peer
+// checks, after a gvproxy restart, after the agent is killed and
+// restarted, nor at its drain; a source that wants the API port itself
+// finds it held by another party.
+func TestStaticForwardsSurviveEverything(t *testing.T) {
+	api := testenv.FreePort(t)
+	g := gvproxytest.Start(t, map[string]string{fmt.Sprintf("127.0.0.1:%d", api): fmt.Sprintf("%s:%d", hostswitch.DefaultGuestIP, api)})
+	p1, p2, p3 := testenv.FreePort(t), testenv.FreePort(t), testenv.FreePort(t)
+	cfg := core.RouterConfig{StateDir: t.TempDir(), SyncGrace: 100 * time.Millisecond}
+	static := staticForwards(g)
+	checkStatic := func(when string) {
+		t.Helper()
+		got := forwards(t, g)
+		for _, f := range static {
+			if !slices.Contains(got, f) {
+				t.Fatalf("%s: gvproxy's own forward %q is gone (have %q)", when, f, got)
+			}
 		}
 	}
-	fresh := newSink(t, g.URL(), 0) // as after an agent restart
-	want := sinktest.Mapping("docker", "new", 41521, 1)
-	if err := fresh.Sync(ctx, []core.Mapping{keep, want}); err != nil {
-		t.Fatal(err)
-	}
-	got := strings.Join(state(t, g), ",")
-	if got != "tcp 127.0.0.1:41511,tcp 127.0.0.1:41521" {
-		t.Errorf("after Sync: %s", got)
-	}
-	all, err := fresh.List(ctx)
+
+	r, stop := startRouter(t, g, cfg)
+	out := r.Emitter("docker")
+	out.Set(loopbackPorts("api", api)) // the API port, wanted by a source too
+	out.Set(loopbackPorts("a", p1, p2))
+	waitForwards(t, g, tcpLocal(p1, p2))
+	checkStatic("after start")
+	testenv.Eventually(t, 10*time.Second, "the API port shown as held by gvproxy", func() (bool, string) {
+		for _, ps := range r.Status().Ports {
+			if int(ps.HostPort) == api && len(ps.Sinks) == 1 {
+				return ps.Sinks[0].State == core.PortElsewhere, ps.Sinks[0].State
+			}
+		}
+		return false, "not in status"
+	})
+	time.Sleep(300 * time.Millisecond) // a few peer checks
+	checkStatic("after peer checks")
+
+	g.Stop()
+	g.Start()
+	waitForwards(t, g, tcpLocal(p1, p2))
+	checkStatic("after a gvproxy restart")
+
+	stop() // as if killed: no drain
+	cfg.DrainTimeout = 5 * time.Second
+	r, stop = startRouter(t, g, cfg)
+	r.Emitter("docker").Snapshot([]core.Mapping{loopbackPorts("api", api), loopbackPorts("b", p3)})
+	waitForwards(t, g, tcpLocal(p3))
+	checkStatic("after the agent restarted")
+
+	stop()
+	waitForwards(t, g, nil)
+	checkStatic("after the drain")
+}
+
+// TestBusyHostPortDelaysNothing holds one host port with another process,
+// as a host program would: gvproxy answers its expose with HTTP 500. Every
+// other port is exposed at once, also after a gvproxy restart; the status
+// says why the busy one waits; once it frees it is exposed.
+func TestBusyHostPortDelaysNothing(t *testing.T) {
+	g := gvproxytest.Start(t)
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ssh bool
-	for _, f := range all {
-		ssh = ssh || f.Remote == hostswitch.DefaultGuestIP+":22"
+	defer busy.Close()
+	bp := busy.Addr().(*net.TCPAddr).Port
+	p1, p2, p3 := testenv.FreePort(t), testenv.FreePort(t), testenv.FreePort(t)
+	r, _ := startRouter(t, g, core.RouterConfig{SyncGrace: 100 * time.Millisecond})
+	out := r.Emitter("docker")
+	out.Set(loopbackPorts("a", p1, bp))
+	out.Set(loopbackPorts("b", p2))
+	waitForwards(t, g, tcpLocal(p1, p2))
+	testenv.Eventually(t, 10*time.Second, "the busy port's reason in status", func() (bool, string) {
+		for _, ps := range r.Status().Ports {
+			if int(ps.HostPort) == bp && len(ps.Sinks) == 1 {
+				at := ps.Sinks[0]
+				return at.State == core.PortRetrying && strings.Contains(at.Error, "address already in use") && !at.NextRetry.IsZero(), fmt.Sprintf("%+v", at)
+			}
+		}
+		return false, "not in status"
+	})
+	out.Set(loopbackPorts("c", p3))
+	waitForwards(t, g, tcpLocal(p1, p2, p3))
+
+	g.Stop()
+	g.Start()
+	waitForwards(t, g, tcpLocal(p1, p2, p3))
+
+	busy.Close()
+	waitForwards(t, g, tcpLocal(p1, p2, p3, bp))
+}
+
+// TestLargeRangeWithOneBlockedPort exposes a 4,000-port range (docker run
+// -p A-B:A-B) of which one port is held on the host side, and frees it.
+func TestLargeRangeWithOneBlockedPort(t *testing.T) {
+	if testing.Short() {
+		t.Skip("4,000 forwards")
 	}
-	if !ssh {
-		t.Error("Sync removed gvproxy's own SSH forward")
+	g := gvproxytest.Start(t)
+	const n = 4000
+	base := 0
+	var blocker net.Listener
+	// Find a range of free ports; hold one in the middle.
+	for try := 0; try < 20 && base == 0; try++ {
+		start := 20000 + try*2000
+		if start+n > 60000 {
+			break
+		}
+		base = start
+		for p := start; p < start+n; p++ {
+			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+			if err != nil {
+				base = 0
+				break
+			}
+			l.Close()
+		}
 	}
+	if base == 0 {
+		t.Skip("no free range of 4,000 ports")
+	}
+	blocked := base + n/2
+	blocker, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", blocked))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer blocker.Close()
+	ports := make([]int, n)
+	for i := range ports {
+		ports[i] = base + i
+	}
+	r, _ := startRouter(t, g, core.RouterConfig{SyncGrace: 100 * time.Millisecond})
+	start := time.Now()
+	r.Emitter("docker").Set(loopbackPorts("range", ports...))
+	others := tcpLocal(slices.DeleteFunc(slices.Clone(ports), func(p int) bool { return p == blocked })...)
+	waitForwards(t, g, others)
+	t.Logf("%d of %d ports exposed %s after the change", n-1, n, time.Since(start).Round(time.Millisecond))
+	blocker.Close()
+	freed := time.Now()
+	waitForwards(t, g, tcpLocal(ports...))
+	t.Logf("the blocked port was exposed %s after it freed", time.Since(freed).Round(time.Millisecond))
 }

@@ -1,8 +1,9 @@
 // Package hostswitch is the sink for host-switch's forwarder HTTP API (the
 // gvisor-tap-vsock style expose/unexpose/all endpoints served on the virtual
-// network's gateway). It tracks what it exposed per mapping key, so a port
-// shared by two keys stays exposed until both are gone, and it reconciles
-// against the API's list of forwards after restarts.
+// network's gateway). It exposes and unexposes one port at a time and lists
+// the API's forwards for the router's reconcile; which forwards are this
+// agent's, and which belong to others (gvproxy's SSH forward, host-switch's
+// static forwards, a user's), is the router's ownership record's to say.
 package hostswitch
 
 import (
@@ -12,15 +13,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -28,8 +26,10 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
-	"github.com/guestagent/guestagent/sinks/internal/peerwatch"
 )
+
+// Name is the sink's registry name.
+const Name = core.SinkHostSwitch
 
 // Defaults of the seed's virtual network.
 const (
@@ -78,10 +78,6 @@ type Forward struct {
 	Protocol string `json:"protocol"`
 }
 
-type fwdKey struct {
-	local, proto string
-}
-
 // Sink talks to the forwarder API.
 type Sink struct {
 	base   string
@@ -89,9 +85,6 @@ type Sink struct {
 	every  time.Duration
 	log    *zap.Logger
 	client *http.Client
-
-	mu     sync.Mutex
-	owners map[fwdKey]map[core.Key]bool // keys that want each forward
 }
 
 // New checks cfg and returns a Sink.
@@ -122,7 +115,6 @@ func New(cfg Config) (*Sink, error) {
 		every:  cfg.CheckInterval,
 		log:    cfg.Log.With(zap.String("sink", core.SinkHostSwitch)),
 		client: &http.Client{Transport: tr},
-		owners: map[fwdKey]map[core.Key]bool{},
 	}, nil
 }
 
@@ -130,6 +122,13 @@ func New(cfg Config) (*Sink, error) {
 func (s *Sink) Close() error {
 	s.client.CloseIdleConnections()
 	return nil
+}
+
+// Supports reports whether p can go through the API: tcp or udp on an
+// IPv4 address.
+func (s *Sink) Supports(p core.Port) error {
+	_, err := s.forwardFor(p)
+	return err
 }
 
 // forwardFor returns the forward that exposes p, or an error saying why p
@@ -143,7 +142,7 @@ func (s *Sink) forwardFor(p core.Port) (Forward, error) {
 		ip = netip.IPv4Unspecified()
 	}
 	if !ip.Unmap().Is4() {
-		return Forward{}, fmt.Errorf("%s: the forwarder API is IPv4 only; IPv6 binding not exposed", p)
+		return Forward{}, fmt.Errorf("%s: the forwarder API is IPv4 only", p)
 	}
 	port := strconv.Itoa(int(p.HostPort))
 	return Forward{
@@ -153,8 +152,9 @@ func (s *Sink) forwardFor(p core.Port) (Forward, error) {
 	}, nil
 }
 
-// Send exposes or unexposes the ports of c. Ports the API cannot take are
-// reported as a permanent error after the others are done.
+// Send exposes or unexposes the ports of c (the router sends one at a
+// time). Ports the API cannot take are reported as a permanent error after
+// the others are done.
 func (s *Sink) Send(ctx context.Context, c core.Change) error {
 	var refused []error
 	for _, p := range c.Mapping.Ports {
@@ -164,9 +164,9 @@ func (s *Sink) Send(ctx context.Context, c core.Change) error {
 			continue
 		}
 		if c.Remove {
-			err = s.release(ctx, c.Mapping.Key, f)
+			err = s.unexpose(ctx, f)
 		} else {
-			err = s.claim(ctx, c.Mapping.Key, f)
+			err = s.expose(ctx, f)
 		}
 		if err != nil {
 			return err
@@ -174,47 +174,6 @@ func (s *Sink) Send(ctx context.Context, c core.Change) error {
 	}
 	if len(refused) > 0 {
 		return core.Permanent(errors.Join(refused...))
-	}
-	return nil
-}
-
-// claim exposes f for key. The expose is sent even when another key holds
-// f already, so that a replay after a peer restart restores it.
-func (s *Sink) claim(ctx context.Context, k core.Key, f Forward) error {
-	if err := s.expose(ctx, f); err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	fk := fwdKey{f.Local, f.Protocol}
-	if s.owners[fk] == nil {
-		s.owners[fk] = map[core.Key]bool{}
-	}
-	s.owners[fk][k] = true
-	return nil
-}
-
-// release drops key's claim on f and unexposes f once nobody holds it.
-func (s *Sink) release(ctx context.Context, k core.Key, f Forward) error {
-	fk := fwdKey{f.Local, f.Protocol}
-	s.mu.Lock()
-	others := 0
-	for o := range s.owners[fk] {
-		if o != k {
-			others++
-		}
-	}
-	s.mu.Unlock()
-	if others > 0 {
-		s.log.Debug("forward still wanted by another mapping; kept", zap.String("local", f.Local), zap.Stringer("key", k))
-	} else if err := s.unexpose(ctx, f); err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.owners[fk], k)
-	if len(s.owners[fk]) == 0 {
-		delete(s.owners, fk)
 	}
 	return nil
 }
@@ -228,18 +187,18 @@ func (s *Sink) expose(ctx context.Context, f Forward) error {
 	case status == http.StatusOK:
 		return nil
 	case strings.Contains(body, "already running"):
-		// Fine if it is the same forward (a replay); a different remote
-		// means another party holds the address.
-		all, err := s.List(ctx)
+		// Someone holds the address already; the list says with which
+		// remote. Whether it is this agent's is the router's to know.
+		all, err := s.Forwards(ctx)
 		if err != nil {
 			return err
 		}
 		for _, e := range all {
 			if e.Local == f.Local && e.Protocol == f.Protocol {
 				if e.Remote == f.Remote {
-					return nil
+					return core.HeldElsewhere(fmt.Errorf("expose %s/%s: already forwarded to %s", f.Local, f.Protocol, e.Remote))
 				}
-				return core.Permanent(fmt.Errorf("expose %s/%s: already forwarded to %s, not %s", f.Local, f.Protocol, e.Remote, f.Remote))
+				return core.Conflict(fmt.Errorf("expose %s/%s: already forwarded to %s, not %s", f.Local, f.Protocol, e.Remote, f.Remote))
 			}
 		}
 		return fmt.Errorf("expose %s/%s: %q but not listed; will retry", f.Local, f.Protocol, body)
@@ -301,8 +260,8 @@ func transportError(ctx context.Context, err error) error {
 	return core.PeerDown(err)
 }
 
-// List returns the forwards the API reports.
-func (s *Sink) List(ctx context.Context) ([]Forward, error) {
+// Forwards returns the forwards the API reports.
+func (s *Sink) Forwards(ctx context.Context) ([]Forward, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.base+allPath, nil)
 	if err != nil {
 		return nil, err
@@ -333,110 +292,74 @@ func DecodeForwards(r io.Reader) ([]Forward, error) {
 	return all, nil
 }
 
-// ours reports whether f looks like a forward this agent made: to the guest
-// address, on the same port it listens on. Other parties' forwards (the SSH
-// forward to port 22, say) do not match and are never touched.
-func (s *Sink) ours(f Forward) bool {
-	_, localPort, err := net.SplitHostPort(f.Local)
+// List returns the API's forwards as ports, for the router's reconcile. A
+// forward matches when it leads to the guest's same port, as the ones this
+// sink creates do; forwards whose local address cannot be read are left
+// out (they are nobody's port the agent could want).
+func (s *Sink) List(ctx context.Context) ([]core.Held, error) {
+	all, err := s.Forwards(ctx)
 	if err != nil {
-		return false
+		return nil, err
 	}
-	remote, err := netip.ParseAddrPort(f.Remote)
-	return err == nil && remote.Addr() == s.guest && localPort == strconv.Itoa(int(remote.Port()))
-}
-
-// Sync makes the API's forwards match desired: it exposes what is missing
-// and unexposes what this agent left behind.
-func (s *Sink) Sync(ctx context.Context, desired []core.Mapping) error {
-	all, err := s.List(ctx)
-	if err != nil {
-		return err
-	}
-	want := map[fwdKey]Forward{}
-	owners := map[fwdKey]map[core.Key]bool{}
-	var refused []error
-	for _, m := range desired {
-		for _, p := range m.Ports {
-			f, err := s.forwardFor(p)
-			if err != nil {
-				refused = append(refused, err)
-				continue
-			}
-			fk := fwdKey{f.Local, f.Protocol}
-			want[fk] = f
-			if owners[fk] == nil {
-				owners[fk] = map[core.Key]bool{}
-			}
-			owners[fk][m.Key] = true
-		}
-	}
-	have := map[fwdKey]Forward{}
-	for _, e := range all {
-		have[fwdKey{e.Local, e.Protocol}] = e
-	}
-	for _, fk := range slices.SortedFunc(maps.Keys(have), compareFwd) {
-		e := have[fk]
-		w, wanted := want[fk]
-		if !s.ours(e) || (wanted && w.Remote == e.Remote) {
+	out := make([]core.Held, 0, len(all))
+	for _, f := range all {
+		p, ok := parseLocal(f)
+		if !ok {
 			continue
 		}
-		s.log.Info("unexposing leftover forward", zap.String("local", e.Local), zap.String("remote", e.Remote), zap.String("protocol", e.Protocol))
-		if err := s.unexpose(ctx, e); err != nil {
-			return err
-		}
-		delete(have, fk)
+		want, err := s.forwardFor(p)
+		out = append(out, core.Held{Port: p, Target: f.Remote, Matches: err == nil && want.Remote == f.Remote})
 	}
-	for _, fk := range slices.SortedFunc(maps.Keys(want), compareFwd) {
-		if _, ok := have[fk]; ok {
-			continue
-		}
-		if err := s.expose(ctx, want[fk]); err != nil && !errors.Is(err, core.ErrPermanent) {
-			return err
-		} else if err != nil {
-			refused = append(refused, err)
-		}
-	}
-	s.mu.Lock()
-	s.owners = owners
-	s.mu.Unlock()
-	for _, err := range refused {
-		s.log.Warn("port not exposed", zap.Error(err))
-	}
-	return nil
+	return out, nil
 }
 
-func compareFwd(a, b fwdKey) int {
-	if c := strings.Compare(a.local, b.local); c != 0 {
-		return c
+// parseLocal reads a forward's local address ("127.0.0.1:80", or ":80"
+// for all addresses) and protocol (tcp when empty, as the API defaults).
+func parseLocal(f Forward) (core.Port, bool) {
+	host, portText, err := net.SplitHostPort(f.Local)
+	if err != nil {
+		return core.Port{}, false
 	}
-	return strings.Compare(a.proto, b.proto)
-}
-
-// WatchPeer lists the forwards every CheckInterval and reports a lost peer
-// when one this sink holds is missing, or when the API answers again after
-// being unreachable.
-func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
-	peerwatch.Run(ctx, s.every, s.log, "forwarder API", func(ctx context.Context) (bool, error) {
-		all, err := s.List(ctx)
-		if err != nil {
-			return false, err
-		}
-		return s.missing(all), nil
-	}, lost)
-}
-
-// missing reports whether a forward this sink holds is not in all.
-func (s *Sink) missing(all []Forward) bool {
-	have := make(map[fwdKey]bool, len(all))
-	for _, e := range all {
-		have[fwdKey{e.Local, e.Protocol}] = true
+	port, err := strconv.ParseUint(portText, 10, 16)
+	if err != nil || port == 0 {
+		return core.Port{}, false
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for fk := range s.owners {
-		if !have[fk] {
-			return true
+	ip := netip.IPv4Unspecified()
+	if host != "" {
+		if ip, err = netip.ParseAddr(host); err != nil {
+			return core.Port{}, false
 		}
 	}
-	return false
+	proto, err := core.ParseProtocol(f.Protocol)
+	if err != nil {
+		return core.Port{}, false
+	}
+	return core.Port{Protocol: proto, HostIP: ip.Unmap(), HostPort: uint16(port)}, true
 }
+
+// WatchPeer asks the router to reconcile (one list of the forwards) every
+// CheckInterval, so that a restarted host-switch gets its ports back and
+// forwards others release are taken up.
+func (s *Sink) WatchPeer(ctx context.Context, check func()) {
+	if s.every <= 0 {
+		return
+	}
+	t := time.NewTicker(s.every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			check()
+		}
+	}
+}
+
+// Interface guards.
+var (
+	_ core.Sink        = (*Sink)(nil)
+	_ core.Lister      = (*Sink)(nil)
+	_ core.PortFilter  = (*Sink)(nil)
+	_ core.PeerWatcher = (*Sink)(nil)
+)

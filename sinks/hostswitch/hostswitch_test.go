@@ -106,60 +106,86 @@ func TestUnsupportedPortsAreReportedNotDropped(t *testing.T) {
 	}
 }
 
-func TestSharedForwardStaysUntilLastOwnerGoes(t *testing.T) {
-	api, url := serve(t, ok)
-	s := newSink(t, url, 0)
-	a := sinktest.Mapping("docker", "a", 8080, 1)
-	b := sinktest.Mapping("kubernetes", "b", 8080, 1)
-	ctx := context.Background()
-	for _, c := range []core.Change{{Mapping: a}, {Mapping: b}, {Remove: true, Mapping: a}} {
-		if err := s.Send(ctx, c); err != nil {
-			t.Fatal(err)
+func TestSupportsTCPAndUDPOnIPv4(t *testing.T) {
+	s := newSink(t, "http://127.0.0.1:1", 0)
+	for _, tt := range []struct {
+		p  core.Port
+		ok bool
+	}{
+		{port(core.TCP, "0.0.0.0", 80), true},
+		{port(core.UDP, "127.0.0.1", 53), true},
+		{port(core.TCP, "", 8080), true},
+		{port(core.TCP, "::", 8080), false},
+		{port(core.TCP, "::1", 8080), false},
+		{port(core.SCTP, "0.0.0.0", 9000), false},
+	} {
+		if err := s.Supports(tt.p); (err == nil) != tt.ok {
+			t.Errorf("Supports(%s) = %v, want ok %v", tt.p, err, tt.ok)
 		}
 	}
-	for _, r := range api.log() {
-		if strings.Contains(r, "unexpose") {
-			t.Fatalf("forward removed while another mapping holds it: %v", api.log())
-		}
-	}
-	if err := s.Send(ctx, core.Change{Remove: true, Mapping: b}); err != nil {
+}
+
+func TestListReportsWhichForwardsMatch(t *testing.T) {
+	_, url := serve(t, func(string, hostswitch.Forward) (int, string) {
+		return 200, `[{"local":"127.0.0.1:6443","remote":"192.168.127.2:6443","protocol":"tcp"},
+			{"local":"127.0.0.1:2222","remote":"192.168.127.2:22","protocol":"tcp"},
+			{"local":":9090","remote":"192.168.127.2:9090","protocol":"udp"},
+			{"local":"[::1]:80","remote":"192.168.127.2:80"},
+			{"local":"garbage","remote":"192.168.127.2:1"}]`
+	})
+	held, err := newSink(t, url, 0).List(context.Background())
+	if err != nil {
 		t.Fatal(err)
 	}
-	if got := api.log(); !strings.Contains(got[len(got)-1], "unexpose") {
-		t.Errorf("last owner gone but no unexpose: %v", got)
+	want := []core.Held{
+		{Port: core.Port{Protocol: core.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 6443}, Target: "192.168.127.2:6443", Matches: true},
+		{Port: core.Port{Protocol: core.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 2222}, Target: "192.168.127.2:22"},
+		{Port: core.Port{Protocol: core.UDP, HostIP: netip.IPv4Unspecified(), HostPort: 9090}, Target: "192.168.127.2:9090", Matches: true},
+		{Port: core.Port{Protocol: core.TCP, HostIP: netip.IPv6Loopback(), HostPort: 80}, Target: "192.168.127.2:80"},
+	}
+	if len(held) != len(want) {
+		t.Fatalf("List = %+v, want %+v", held, want)
+	}
+	for i := range want {
+		if held[i] != want[i] {
+			t.Errorf("entry %d = %+v, want %+v", i, held[i], want[i])
+		}
 	}
 }
 
 func TestAnswersAreClassified(t *testing.T) {
 	m := sinktest.Mapping("docker", "a", 8080, 1)
 	tests := []struct {
-		name      string
-		remove    bool
-		answer    func(string, hostswitch.Forward) (int, string)
-		permanent bool
-		fails     bool
+		name   string
+		remove bool
+		answer func(string, hostswitch.Forward) (int, string)
+		mark   error // the mark the error must carry, if any
+		fails  bool
 	}{
-		{"server error is retried", false, func(string, hostswitch.Forward) (int, string) { return 500, "boom" }, false, true},
-		{"bad request is permanent", false, func(string, hostswitch.Forward) (int, string) { return 400, "bad" }, true, true},
-		{"unexpose of unknown is success", true, func(string, hostswitch.Forward) (int, string) { return 500, "proxy not found" }, false, false},
-		{"already running with same remote is success", false, func(path string, _ hostswitch.Forward) (int, string) {
+		{"server error is retried", false, func(string, hostswitch.Forward) (int, string) { return 500, "boom" }, nil, true},
+		{"bind failure is retried", false, func(string, hostswitch.Forward) (int, string) {
+			return 500, "listen tcp 127.0.0.1:8080: bind: address already in use"
+		}, nil, true},
+		{"bad request is permanent", false, func(string, hostswitch.Forward) (int, string) { return 400, "bad" }, core.ErrPermanent, true},
+		{"unexpose of unknown is success", true, func(string, hostswitch.Forward) (int, string) { return 500, "proxy not found" }, nil, false},
+		{"already running with same remote is held elsewhere", false, func(path string, _ hostswitch.Forward) (int, string) {
 			if strings.HasSuffix(path, "/all") {
 				return 200, `[{"local":"127.0.0.1:8080","remote":"192.168.127.2:8080","protocol":"tcp"}]`
 			}
 			return 500, "proxy already running"
-		}, false, false},
-		{"already running elsewhere is permanent", false, func(path string, _ hostswitch.Forward) (int, string) {
+		}, core.ErrHeldElsewhere, true},
+		{"already running elsewhere is a conflict", false, func(path string, _ hostswitch.Forward) (int, string) {
 			if strings.HasSuffix(path, "/all") {
 				return 200, `[{"local":"127.0.0.1:8080","remote":"192.168.127.9:80","protocol":"tcp"}]`
 			}
 			return 500, "proxy already running"
-		}, true, true},
+		}, core.ErrConflict, true},
 		{"garbage list is retried", false, func(path string, _ hostswitch.Forward) (int, string) {
 			if strings.HasSuffix(path, "/all") {
 				return 200, `<html>`
 			}
 			return 500, "proxy already running"
-		}, false, true},
+		}, nil, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -168,8 +194,10 @@ func TestAnswersAreClassified(t *testing.T) {
 			if (err != nil) != tt.fails {
 				t.Fatalf("err = %v, want failure %v", err, tt.fails)
 			}
-			if errors.Is(err, core.ErrPermanent) != tt.permanent {
-				t.Errorf("err = %v, permanent %v, want %v", err, errors.Is(err, core.ErrPermanent), tt.permanent)
+			for _, m := range []error{core.ErrPermanent, core.ErrHeldElsewhere, core.ErrConflict, core.ErrPeerDown} {
+				if errors.Is(err, m) != (m == tt.mark) {
+					t.Errorf("err = %v: marked %q is %v, want %v", err, m, errors.Is(err, m), m == tt.mark)
+				}
 			}
 		})
 	}

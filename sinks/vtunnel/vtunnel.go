@@ -158,3 +158,14 @@ func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
 		return false, nil
 	}, lost)
 }
+
+// PeerKeying is ByPort: the privileged host service listens on the host's
+// every address, one listener per port.
+func (s *Sink) PeerKeying() core.PeerKeying { return core.ByPort }
+
+// Interface guards.
+var (
+	_ core.Sink        = (*Sink)(nil)
+	_ core.Keyer       = (*Sink)(nil)
+	_ core.PeerWatcher = (*Sink)(nil)
+)

@@ -66,7 +66,8 @@ func (s *Sink) dial(ctx context.Context) (net.Conn, error) {
 	return d.DialContext(ctx, "unix", s.path)
 }
 
-// Send delivers c as one PortMapping.
+// Send delivers c as one PortMapping (the router sends one port per
+// change).
 func (s *Sink) Send(ctx context.Context, c core.Change) error {
 	return oneshot.Send(ctx, s.dial, c.WireForm())
 }
@@ -118,3 +119,14 @@ func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
 		last, present = id, ok
 	}
 }
+
+// PeerKeying is ByPort: wsl-proxy keeps one listener per port and closes
+// it on any remove of that port, whatever the address.
+func (s *Sink) PeerKeying() core.PeerKeying { return core.ByPort }
+
+// Interface guards.
+var (
+	_ core.Sink        = (*Sink)(nil)
+	_ core.Keyer       = (*Sink)(nil)
+	_ core.PeerWatcher = (*Sink)(nil)
+)

@@ -1,14 +1,19 @@
 // Package gvproxytest runs the real gvisor-tap-vsock gvproxy for tests,
 // with its forwarder API on a loopback port. Exposed forwards listen on this
-// machine's loopback.
+// machine's loopback. Like host-switch, it can start with static forwards
+// of its own (from its configuration file), which it lists in /all and
+// brings back after every restart.
 package gvproxytest
 
 import (
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,11 +26,15 @@ type Gvproxy struct {
 	bin, dir string
 	apiPort  int
 	sshPort  int
+	static   map[string]string
 	cmd      *exec.Cmd
 }
 
-// Start runs gvproxy (from GUESTAGENT_GVPROXY or PATH) until the test ends.
-func Start(t testing.TB) *Gvproxy {
+// Start runs gvproxy (from GUESTAGENT_GVPROXY or PATH) until the test ends,
+// with its SSH forward (127.0.0.1:SSHPort() -> 192.168.127.2:22) and the
+// static forwards given as local -> remote ("127.0.0.1:6443" ->
+// "192.168.127.2:6443", say).
+func Start(t testing.TB, static ...map[string]string) *Gvproxy {
 	t.Helper()
 	g := &Gvproxy{
 		t:       t,
@@ -33,16 +42,42 @@ func Start(t testing.TB) *Gvproxy {
 		dir:     t.TempDir(),
 		apiPort: testenv.FreePort(t),
 		sshPort: testenv.FreePort(t),
+		static:  map[string]string{},
 	}
+	for _, m := range static {
+		maps.Copy(g.static, m)
+	}
+	g.static[fmt.Sprintf("127.0.0.1:%d", g.sshPort)] = "192.168.127.2:22"
 	g.Start()
 	t.Cleanup(g.Stop)
 	return g
 }
 
+// SSHPort is the local port of gvproxy's SSH forward.
+func (g *Gvproxy) SSHPort() int { return g.sshPort }
+
+// Static returns gvproxy's own forwards, local -> remote, its SSH forward
+// included.
+func (g *Gvproxy) Static() map[string]string { return maps.Clone(g.static) }
+
+// config is gvproxy's configuration file: the stack of the default
+// virtual network (192.168.127.0/24) with the static forwards.
+func (g *Gvproxy) config(sock string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "listen:\n  - unix://%s\nservices: tcp://127.0.0.1:%d\npid-file: %s\n", sock, g.apiPort, filepath.Join(g.dir, "pid"))
+	b.WriteString("stack:\n  mtu: 1500\n  subnet: 192.168.127.0/24\n  gatewayIP: 192.168.127.1\n  gatewayMacAddress: 5a:94:ef:e4:0c:dd\n")
+	b.WriteString("  dhcpStaticLeases:\n    192.168.127.2: 5a:94:ef:e4:0c:ee\n  forwards:\n")
+	for _, local := range slices.Sorted(maps.Keys(g.static)) {
+		fmt.Fprintf(&b, "    %q: %q\n", local, g.static[local])
+	}
+	return b.String()
+}
+
 // URL is the base URL of the forwarder API.
 func (g *Gvproxy) URL() string { return fmt.Sprintf("http://127.0.0.1:%d", g.apiPort) }
 
-// Start starts gvproxy again after Stop, on the same ports, with no forwards.
+// Start starts gvproxy again after Stop, on the same ports, with only its
+// static forwards.
 func (g *Gvproxy) Start() {
 	g.t.Helper()
 	sock := filepath.Join(g.dir, "gv.sock")
@@ -52,11 +87,11 @@ func (g *Gvproxy) Start() {
 		g.t.Fatal(err)
 	}
 	defer log.Close()
-	g.cmd = exec.Command(g.bin,
-		"-listen", "unix://"+sock,
-		"-services", fmt.Sprintf("tcp://127.0.0.1:%d", g.apiPort),
-		"-ssh-port", fmt.Sprint(g.sshPort),
-		"-pid-file", filepath.Join(g.dir, "pid"))
+	conf := filepath.Join(g.dir, "gvproxy.yaml")
+	if err := os.WriteFile(conf, []byte(g.config(sock)), 0o644); err != nil {
+		g.t.Fatal(err)
+	}
+	g.cmd = exec.Command(g.bin, "-config", conf)
 	g.cmd.Stdout, g.cmd.Stderr = log, log
 	if err := g.cmd.Start(); err != nil {
 		g.t.Fatalf("starting gvproxy: %v", err)

@@ -1,7 +1,10 @@
 // Package wslproxytest is a wsl-proxy peer for tests. It speaks the
 // documented protocol (one PortMapping JSON document per connection on a
 // unix socket, no reply) and, like the real one, listens on each binding's
-// HostIp:HostPort and forwards TCP connections upstream.
+// HostIp:HostPort and forwards TCP connections upstream. Like the real one
+// it keys listeners by protocol and port alone: a remove closes the port
+// whatever address it names, and an add for a port it already listens on
+// at another address fails (and is recorded as an error).
 package wslproxytest
 
 import (
@@ -30,7 +33,7 @@ type Peer struct {
 
 	mu        sync.Mutex
 	ln        net.Listener
-	listeners map[string]io.Closer // "proto ip:port"
+	listeners map[string]listener // by "proto port"
 	received  []core.PortMapping
 	errs      []error
 	wg        sync.WaitGroup
@@ -45,7 +48,7 @@ func (p *Peer) Start() error {
 	}
 	p.mu.Lock()
 	p.ln = ln
-	p.listeners = map[string]io.Closer{}
+	p.listeners = map[string]listener{}
 	p.mu.Unlock()
 	p.wg.Go(func() { p.accept(ln) })
 	return nil
@@ -98,7 +101,7 @@ func (p *Peer) handle(c net.Conn) {
 		return
 	}
 	for _, port := range ports {
-		key := Entry(port)
+		key := fmt.Sprintf("%s %d", port.Protocol, port.HostPort)
 		if pm.Remove {
 			if l, ok := p.listeners[key]; ok {
 				_ = l.Close()
@@ -106,19 +109,28 @@ func (p *Peer) handle(c net.Conn) {
 			}
 			continue
 		}
-		if _, ok := p.listeners[key]; ok {
+		if l, ok := p.listeners[key]; ok {
+			if l.entry != Entry(port) {
+				p.errs = append(p.errs, fmt.Errorf("add of %s while listening on %s: port %d already in use", Entry(port), l.entry, port.HostPort))
+			}
 			continue
 		}
-		var l io.Closer = nopCloser{}
+		var c io.Closer = nopCloser{}
 		if !p.RecordOnly {
-			l, err = p.listen(port)
+			c, err = p.listen(port)
 		}
 		if err != nil {
 			p.errs = append(p.errs, err)
 			continue
 		}
-		p.listeners[key] = l
+		p.listeners[key] = listener{entry: Entry(port), Closer: c}
 	}
+}
+
+// listener is one open port: its binding and its socket.
+type listener struct {
+	entry string // "proto ip:port"
+	io.Closer
 }
 
 type nopCloser struct{}
@@ -195,8 +207,8 @@ func (p *Peer) State() []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := make([]string, 0, len(p.listeners))
-	for k := range p.listeners {
-		out = append(out, k)
+	for _, l := range p.listeners {
+		out = append(out, l.entry)
 	}
 	slices.Sort(out)
 	return out
