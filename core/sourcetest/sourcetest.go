@@ -267,7 +267,8 @@ func waitFor(t *testing.T, timeout time.Duration, cond func() (bool, string)) {
 	}
 }
 
-// recordingSink applies changes to an in-memory peer and keeps their log.
+// recordingSink applies changes to an in-memory peer and keeps their log,
+// by the key of the claim each change names.
 type recordingSink struct {
 	mu      sync.Mutex
 	peer    map[core.Key]core.Mapping
@@ -304,7 +305,7 @@ func (r *recordingSink) state(k core.Key) (core.Mapping, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	m, ok := r.peer[k]
-	return m, ok
+	return m.Normalize(), ok // a copy: Send changes the stored one in place
 }
 
 func (r *recordingSink) all(source string) []core.Mapping {
@@ -313,7 +314,7 @@ func (r *recordingSink) all(source string) []core.Mapping {
 	var out []core.Mapping
 	for k, m := range r.peer {
 		if k.Source == source {
-			out = append(out, m)
+			out = append(out, m.Normalize())
 		}
 	}
 	slices.SortFunc(out, func(a, b core.Mapping) int { return strings.Compare(a.ID, b.ID) })
