@@ -56,13 +56,15 @@ var (
 	descRejected  = prometheus.NewDesc("guestagent_sink_rejected_total", "Changes a sink can never apply, by sink.", []string{"sink"}, nil)
 	descSyncs     = prometheus.NewDesc("guestagent_sink_syncs_total", "Full-state replays, by sink.", []string{"sink"}, nil)
 	descPeerDown  = prometheus.NewDesc("guestagent_sink_peer_down", "1 while a sink's peer cannot be reached.", []string{"sink"}, nil)
+	descPortState = prometheus.NewDesc("guestagent_sink_ports", "Claimed host addresses by sink and state (exposed, pending, retrying, rejected, unsupported, held-by-peer, conflict).", []string{"sink", "state"}, nil)
+	descConflicts = prometheus.NewDesc("guestagent_port_conflicts", "Claims on a host address that name other backend addresses than the claim holding it.", nil, nil)
 )
 
 // routerCollector reads the router's status at each scrape.
 type routerCollector struct{ r *core.Router }
 
 func (routerCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descMappings, descPorts, descRefused, descPending, descDelivered, descFailures, descRejected, descSyncs, descPeerDown} {
+	for _, d := range []*prometheus.Desc{descMappings, descPorts, descRefused, descPending, descDelivered, descFailures, descRejected, descSyncs, descPeerDown, descPortState, descConflicts} {
 		ch <- d
 	}
 }
@@ -79,6 +81,24 @@ func (c routerCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descPorts, prometheus.GaugeValue, float64(ports[src]), src)
 	}
 	ch <- prometheus.MustNewConstMetric(descRefused, prometheus.GaugeValue, float64(len(st.Refused)))
+	states := map[[2]string]int{}
+	conflicts := 0
+	for _, ps := range st.Ports {
+		for _, c := range ps.Claims {
+			if c.Conflict != "" {
+				conflicts++
+			}
+		}
+		for _, at := range ps.Sinks {
+			states[[2]string{at.Sink, at.State}]++
+		}
+	}
+	for _, s := range st.Sinks {
+		for _, state := range []string{core.PortExposed, core.PortPending, core.PortRetrying, core.PortRejected, core.PortUnsupported, core.PortElsewhere, core.PortConflict} {
+			ch <- prometheus.MustNewConstMetric(descPortState, prometheus.GaugeValue, float64(states[[2]string{s.Name, state}]), s.Name, state)
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(descConflicts, prometheus.GaugeValue, float64(conflicts))
 	for _, s := range st.Sinks {
 		down := 0.0
 		if s.PeerDown {

@@ -54,6 +54,10 @@ func TestStatusAndMetrics(t *testing.T) {
 	if len(st.Refused) != 1 || st.Refused[0].Port.HostPort != 443 {
 		t.Errorf("refused = %+v, want the privileged port", st.Refused)
 	}
+	if len(st.Ports) != 1 || len(st.Ports[0].Claims) != 1 || st.Ports[0].Claims[0].Key.Source != "static" ||
+		len(st.Ports[0].Sinks) != 1 || st.Ports[0].Sinks[0].State != core.PortExposed {
+		t.Errorf("ports = %+v, want the one port, claimed by the static source and exposed at stdout", st.Ports)
+	}
 	metrics, ok := get("/metrics")
 	if !ok {
 		t.Fatal("GET /metrics failed")
@@ -64,6 +68,9 @@ func TestStatusAndMetrics(t *testing.T) {
 		`guestagent_refused_ports 1`,
 		`guestagent_sink_delivered_total{sink="stdout"} 1`,
 		`guestagent_sink_peer_down{sink="stdout"} 0`,
+		`guestagent_sink_ports{sink="stdout",state="exposed"} 1`,
+		`guestagent_sink_ports{sink="stdout",state="retrying"} 0`,
+		`guestagent_port_conflicts 0`,
 	} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("metrics lack %q:\n%s", want, metrics)
