@@ -29,20 +29,24 @@ type RouterConfig struct {
 	// this agent exposed there, so that a restarted agent removes exactly
 	// its own leftovers. Empty keeps the record in memory only.
 	StateDir string
-	// SendTimeout bounds one Send or Sync call (default 15s).
+	// SendTimeout bounds one Send or List call (default 15s).
 	SendTimeout time.Duration
-	// SyncGrace is how long Syncer sinks wait for every source's first
-	// snapshot before their initial Sync (default 10s).
+	// SyncGrace is how long sinks wait for every source's first snapshot
+	// before removing what an earlier run left and no source reports
+	// (default 10s).
 	SyncGrace time.Duration
-	// DrainTimeout, when positive, makes Run remove everything it delivered
-	// before it returns, spending at most this long per sink.
+	// DrainTimeout, when positive, makes Run remove every port it exposed
+	// (and only those) before it returns, spending at most this long per
+	// sink.
 	DrainTimeout time.Duration
 }
 
-// Router keeps the desired state reported by sources and delivers it to
-// sinks. Each sink has its own queue and worker, so a slow or unreachable
-// sink never blocks a source or another sink; failed deliveries are retried
-// with backoff and a sink that comes back gets the full state again.
+// Router keeps the desired state reported by sources, as a ledger of claims
+// per host port, and delivers it to sinks port by port. Each sink has its
+// own queue and worker, so a slow or unreachable sink never blocks a source
+// or another sink; a port a peer refuses is retried on its own backoff, a
+// sink that comes back is reconciled in full, and only ports the agent
+// exposed (its ownership record says which) are ever removed.
 type Router struct {
 	cfg     RouterConfig
 	log     *zap.Logger
