@@ -339,18 +339,42 @@ func (w *sinkWorker) reconcile(ctx context.Context, r *Router) error {
 		delete(w.acked, sk)
 		delete(w.inherited, sk)
 		w.recordDirty = true
+		w.dirty.push(sk)
 		lost++
 	}
-	clear(w.foreign)
+	foreign := make(map[sinkKey]foreignHold, len(w.foreign))
 	for sk, h := range peer {
 		if _, ours := w.acked[sk]; !ours {
-			w.foreign[sk] = foreignHold{target: h.Target, same: h.Matches}
+			foreign[sk] = foreignHold{target: h.Target, same: h.Matches}
 		}
 	}
+	for sk, f := range w.foreign {
+		if foreign[sk] != f {
+			w.dirty.push(sk) // another party released or changed it
+		}
+	}
+	w.foreign = foreign
 	if lost > 0 {
 		w.log.Info("peer no longer holds ports this agent exposed; exposing them again", zap.Int("ports", lost))
 	}
-	r.pushAll(w)
+	// Queue only what may need a change: wanted ports the peer does not
+	// hold for anyone, and held ones a run before this left.
+	for _, cs := range r.ledger.byPort {
+		for _, c := range cs {
+			if !w.takes(c) {
+				continue
+			}
+			sk := w.keyOf(c.port)
+			_, ours := w.acked[sk]
+			_, other := w.foreign[sk]
+			if !ours && !other {
+				w.dirty.push(sk)
+			}
+		}
+	}
+	for sk := range w.inherited {
+		w.dirty.push(sk)
+	}
 	w.stats.Syncs++
 	return nil
 }
@@ -378,6 +402,9 @@ func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
 	st := step{key: sk}
 	switch {
 	case wanted && had:
+		if w.synced {
+			delete(w.inherited, sk) // a source reports it: it is simply held now
+		}
 		e := c.exposure()
 		if a.same(e) {
 			if !w.forced[sk] {
