@@ -35,6 +35,10 @@ type RouterConfig struct {
 	// before removing what an earlier run left and no source reports
 	// (default 10s).
 	SyncGrace time.Duration
+	// Delivered, when set, is called after each port a sink took: with the
+	// sink, the source of the claim, whether it was a removal, and the time
+	// since the router learned of the change. It must not block.
+	Delivered func(sink, source string, remove bool, latency time.Duration)
 	// DrainTimeout, when positive, makes Run remove every port it exposed
 	// (and only those) before it returns, spending at most this long per
 	// sink.
@@ -60,6 +64,7 @@ type Router struct {
 	refused  map[Key][]Refusal
 	unsynced map[string]struct{} // sources yet to send a first snapshot
 	ready    chan struct{}       // closed once unsynced is empty
+	changes  chan struct{}       // closed and replaced at every change of Status
 }
 
 type namedSource struct {
@@ -99,7 +104,22 @@ func NewRouter(cfg RouterConfig) *Router {
 		refused:  make(map[Key][]Refusal),
 		unsynced: make(map[string]struct{}),
 		ready:    make(chan struct{}),
+		changes:  make(chan struct{}),
 	}
+}
+
+// Changed returns a channel that is closed at the next change of what
+// Status reports, for watchers that want to follow it without polling.
+func (r *Router) Changed() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.changes
+}
+
+// notify wakes the watchers of Changed; the caller holds r.mu.
+func (r *Router) notify() {
+	close(r.changes)
+	r.changes = make(chan struct{})
 }
 
 // AddSource registers a source under name; Run runs it. It panics if called
@@ -283,6 +303,9 @@ func (r *Router) set(m Mapping) {
 			r.log.Warn("port not exposed", zap.Stringer("key", f.Key), zap.Stringer("port", f.Port), zap.String("reason", f.Reason))
 		}
 	}
+	if !slices.Equal(refused, r.refused[m.Key]) {
+		r.notify()
+	}
 	if len(refused) == 0 {
 		delete(r.refused, m.Key)
 	} else {
@@ -326,10 +349,14 @@ func (r *Router) changed(k Key, touched []Port) {
 			if f := w.failing[sk]; f != nil {
 				delete(w.failing, sk) // what it wants changed: try at once
 			}
+			if _, queued := w.queuedAt[sk]; !queued {
+				w.queuedAt[sk] = time.Now()
+			}
 			w.dirty.push(sk)
 		}
 		w.signal()
 	}
+	r.notify()
 }
 
 // logUnsupported says once, when a claim arrives, that a sink cannot take

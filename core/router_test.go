@@ -809,3 +809,35 @@ func TestMappingWithoutIDIsIgnored(t *testing.T) {
 		t.Errorf("desired = %v", h.r.Desired())
 	}
 }
+
+func TestDeliveredHookAndChangedSignal(t *testing.T) {
+	p := newFakePeer()
+	var mu sync.Mutex
+	var got []string
+	cfg := fastConfig()
+	cfg.Delivered = func(sink, source string, remove bool, latency time.Duration) {
+		mu.Lock()
+		defer mu.Unlock()
+		if latency < 0 {
+			t.Errorf("negative latency %s", latency)
+		}
+		got = append(got, fmt.Sprintf("%s %s remove=%v", sink, source, remove))
+	}
+	h := startRouter(t, cfg, func(r *core.Router) { r.AddSink("p", p, nil) })
+	changed := h.r.Changed()
+	h.r.Emitter("docker").Set(mapping("a", 8080))
+	select {
+	case <-changed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Changed was not signalled by a new claim")
+	}
+	waitState(t, p, want(mapping("a", 8080)))
+	h.r.Emitter("docker").Delete("a")
+	waitState(t, p, nil)
+	eventually(t, "two deliveries", func() bool { mu.Lock(); defer mu.Unlock(); return len(got) == 2 })
+	mu.Lock()
+	defer mu.Unlock()
+	if got[0] != "p docker remove=false" || got[1] != "p docker remove=true" {
+		t.Errorf("Delivered calls = %q", got)
+	}
+}

@@ -40,6 +40,7 @@ type sinkWorker struct {
 	failing     map[sinkKey]*portFailure // mu: ports the peer refused, with their retry schedule
 	forced      map[sinkKey]bool         // mu: keys to add again although acked (the peer lost them)
 	recordDirty bool                     // mu: acked changed since the record was written
+	queuedAt    map[sinkKey]time.Time    // mu: when a source's change first queued each key
 
 	down bool // the last failure was ErrPeerDown
 }
@@ -72,6 +73,7 @@ func newSinkWorker(name string, s Sink, accept func(Key) bool, log *zap.Logger) 
 		foreign:   map[sinkKey]foreignHold{},
 		failing:   map[sinkKey]*portFailure{},
 		forced:    map[sinkKey]bool{},
+		queuedAt:  map[sinkKey]time.Time{},
 	}
 	w.lister, _ = s.(Lister)
 	w.filter, _ = s.(PortFilter)
@@ -195,6 +197,7 @@ func (w *sinkWorker) run(ctx context.Context, r *Router, syncGo <-chan struct{})
 			}
 			w.stats.PeerDown = true
 			w.noteError(err)
+			r.notify()
 			r.mu.Unlock()
 			w.down = true
 			delay := r.cfg.Backoff.Delay(attempt)
@@ -213,6 +216,7 @@ func (w *sinkWorker) run(ctx context.Context, r *Router, syncGo <-chan struct{})
 			attempt = 0
 			r.mu.Lock()
 			w.stats.PeerDown = false
+			r.notify()
 			if w.lister == nil || !resync {
 				w.log.Info("peer reachable again; replaying every port")
 				w.resync = true
@@ -376,6 +380,7 @@ func (w *sinkWorker) reconcile(ctx context.Context, r *Router) error {
 		w.dirty.push(sk)
 	}
 	w.stats.Syncs++
+	r.notify()
 	return nil
 }
 
@@ -409,6 +414,7 @@ func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
 		if a.same(e) {
 			if !w.forced[sk] {
 				delete(w.failing, sk)
+				delete(w.queuedAt, sk)
 				return step{}, false
 			}
 		} else {
@@ -418,6 +424,7 @@ func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
 	case wanted:
 		if _, other := w.foreign[sk]; other {
 			delete(w.failing, sk)
+			delete(w.queuedAt, sk)
 			return step{}, false
 		}
 		e := c.exposure()
@@ -433,6 +440,7 @@ func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
 	default:
 		delete(w.failing, sk)
 		delete(w.forced, sk)
+		delete(w.queuedAt, sk)
 		return step{}, false
 	}
 	return st, true
@@ -521,6 +529,10 @@ func (w *sinkWorker) execute(ctx context.Context, r *Router, st step) error {
 			delete(w.inherited, st.key)
 			delete(w.forced, st.key)
 			w.recordDirty = true
+			if st.add == nil {
+				r.delivered(w, st.key, *st.remove, true)
+			}
+			r.notify()
 		case ctx.Err() != nil || errors.Is(err, ErrPeerDown):
 			r.mu.Unlock()
 			return err
@@ -537,12 +549,14 @@ func (w *sinkWorker) execute(ctx context.Context, r *Router, st step) error {
 	err := w.send(ctx, r, st.add.change(false))
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	defer r.notify()
 	switch {
 	case err == nil:
 		w.acked[st.key] = *st.add
 		delete(w.inherited, st.key)
 		delete(w.forced, st.key)
 		w.recordDirty = true
+		r.delivered(w, st.key, *st.add, false)
 		if f := w.failing[st.key]; f != nil {
 			w.log.Info("port exposed after failing", zap.Stringer("port", st.add.Port), zap.Duration("after", time.Since(f.since)))
 			delete(w.failing, st.key)
@@ -584,8 +598,19 @@ func (w *sinkWorker) execute(ctx context.Context, r *Router, st step) error {
 	return nil
 }
 
+// delivered reports a port the sink took to the Delivered hook, timed from
+// when a source's change first queued it; the caller holds r.mu.
+func (r *Router) delivered(w *sinkWorker, sk sinkKey, e exposure, remove bool) {
+	at, ok := w.queuedAt[sk]
+	delete(w.queuedAt, sk)
+	if ok && r.cfg.Delivered != nil {
+		r.cfg.Delivered(w.name, e.Claim.Source, remove, time.Since(at))
+	}
+}
+
 // fail schedules a retry of sk on its own backoff; the caller holds r.mu.
 func (w *sinkWorker) fail(r *Router, sk sinkKey, e exposure, err error) {
+	r.notify()
 	w.stats.Failures++
 	w.noteError(err)
 	f := w.failing[sk]
