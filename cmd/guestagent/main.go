@@ -15,6 +15,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -63,7 +64,10 @@ type config struct {
 	k8sAPIPort              int
 	unexposeOnExit          bool
 	statusAddr              string
+	statusAllowRemote       bool
+	controlSocket           string
 	stateDir                string
+	tapIP                   string
 	seeds                   map[string]*bool
 	general, mode, enabling *pflag.FlagSet
 }
@@ -77,6 +81,8 @@ func defineFlags(fs *pflag.FlagSet) *config {
 	c.general.StringSliceVar(&c.sinks, "sinks", []string{"auto"}, `sinks to deliver to by name, comma-separated; "auto" means the ones the networking mode selects`)
 	c.general.BoolVar(&c.unexposeOnExit, "unexposeOnExit", true, "on SIGINT/SIGTERM, remove every exposed port before exiting")
 	c.general.StringVar(&c.stateDir, "stateDir", "/var/lib/guestagent", "directory of the ownership records: which ports this agent exposed on each sink, so that after a restart (or a crash) it removes exactly its own leftovers and never another party's; empty keeps them in memory only")
+	c.general.StringVar(&c.controlSocket, "controlSocket", DefaultControlSocket, "unix socket (root only) on which the agent serves its state to 'guestagent status', 'watch' and 'explain'; empty: off")
+	c.general.BoolVar(&c.statusAllowRemote, "statusAllowRemote", false, "let --statusAddr listen on an address other than loopback (anyone who reaches it reads the agent's state)")
 	c.general.StringVar(&c.statusAddr, "statusAddr", "", "serve GET /status (current mappings, JSON) and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9901; empty: off")
 
 	c.mode = pflag.NewFlagSet("mode", pflag.ContinueOnError)
@@ -85,6 +91,7 @@ func defineFlags(fs *pflag.FlagSet) *config {
 	c.mode.BoolVar(&c.wslIntegration, "wslIntegration", true, "also send mappings to wsl-proxy so other WSL distributions reach them (not in privileged-service mode)")
 	c.mode.StringVar(&c.k8sListener, "k8sServiceListenerAddr", "127.0.0.1", "IP to bind Kubernetes services on the host: 0.0.0.0 or 127.0.0.1")
 	c.mode.IntVar(&c.k8sAPIPort, "k8sAPIPort", 6443, "Kubernetes API port announced to wsl-proxy so other distributions can use kubectl")
+	c.mode.StringVar(&c.tapIP, "tap-interface-ip", "", "this guest's address on the virtual network, for every plugin that needs it (--hostSwitchGuestIP and the loopback NAT guest addresses, unless given); the name Rancher Desktop's agent uses")
 
 	c.enabling = pflag.NewFlagSet("sources", pflag.ContinueOnError)
 	for _, s := range seedSources {
@@ -98,6 +105,9 @@ func defineFlags(fs *pflag.FlagSet) *config {
 
 // run is main without the process: it returns the exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && isCommand(args[0]) {
+		return runCommand(ctx, args[0], args[1:], stdout, stderr)
+	}
 	fs := pflag.NewFlagSet("guestagent", pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	cfg := defineFlags(fs)
@@ -118,6 +128,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "guestagent: unexpected arguments %q\n", fs.Args())
 		return 2
 	}
+	if err := applyGuestIP(fs, cfg.tapIP); err != nil {
+		fmt.Fprintln(stderr, "guestagent:", err)
+		return 2
+	}
 	if cfg.showVersion {
 		fmt.Fprintln(stdout, "guestagent", versionString())
 		return 0
@@ -125,23 +139,41 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	log := newLogger(cfg.debug, stderr)
 	defer func() { _ = log.Sync() }()
 
-	router, err := build(cfg, bound, log, stdout)
+	m := newMetrics()
+	router, err := build(cfg, bound, log, stdout, m)
 	if err != nil {
 		fmt.Fprintln(stderr, "guestagent:", err)
 		return 2
 	}
-	log.Info("guestagent starting", zap.String("version", versionString()))
+	var listeners []net.Listener
+	var names []string
 	if cfg.statusAddr != "" {
-		ln, err := net.Listen("tcp", cfg.statusAddr)
+		ln, err := listenStatus(cfg.statusAddr, cfg.statusAllowRemote)
 		if err != nil {
-			fmt.Fprintf(stderr, "guestagent: --statusAddr: %v\n", err)
+			fmt.Fprintln(stderr, "guestagent:", err)
 			return 2
 		}
-		sctx, stop := context.WithCancel(ctx)
-		done := make(chan struct{})
-		go func() { defer close(done); serveStatus(sctx, ln, router, log) }()
-		defer func() { stop(); <-done }()
+		listeners, names = append(listeners, ln), append(names, "status and metrics")
 	}
+	if cfg.controlSocket != "" {
+		ln, err := listenControl(cfg.controlSocket)
+		if err != nil {
+			for _, l := range listeners {
+				l.Close()
+			}
+			fmt.Fprintln(stderr, "guestagent:", err)
+			return 2
+		}
+		listeners, names = append(listeners, ln), append(names, "control socket")
+	}
+	log.Info("guestagent starting", zap.String("version", versionString()))
+	handler := statusHandler(router, m)
+	sctx, stopServing := context.WithCancel(ctx)
+	var serving sync.WaitGroup
+	for i, ln := range listeners {
+		serving.Go(func() { serveHTTP(sctx, ln, handler, log, names[i]) })
+	}
+	defer func() { stopServing(); serving.Wait() }()
 	if err := router.Run(ctx); err != nil {
 		log.Error("stopped with an error", zap.Error(err))
 		return 1
@@ -152,7 +184,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 // build checks the configuration and wires the selected plugins into a
 // router.
-func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer) (*core.Router, error) {
+func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer, m *metrics) (*core.Router, error) {
 	mode, err := core.ModeFromFlags(cfg.adminInstall, cfg.privSvc)
 	if err != nil {
 		return nil, err
@@ -208,6 +240,7 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 		Policy:       mode.Policy(),
 		DrainTimeout: drainTimeout(cfg.unexposeOnExit),
 		StateDir:     cfg.stateDir,
+		Delivered:    m.delivered,
 	})
 	for _, n := range sourceNames {
 		src, err := bound.NewSource(n, env)
@@ -231,6 +264,45 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 		zap.Strings("sources", sourceNames),
 		zap.Strings("sinks", sinkNames))
 	return router, nil
+}
+
+// listenStatus opens the TCP status endpoint; an address other than
+// loopback needs allowRemote.
+func listenStatus(addr string, allowRemote bool) (net.Listener, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("--statusAddr %q: %w", addr, err)
+	}
+	if ip, err := netip.ParseAddr(host); (err != nil || !ip.IsLoopback()) && host != "localhost" && !allowRemote {
+		return nil, fmt.Errorf("--statusAddr %q is not a loopback address; anyone who reaches it reads the agent's state (add --statusAllowRemote to allow it)", addr)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--statusAddr: %w", err)
+	}
+	return ln, nil
+}
+
+// guestIPFlags are the flags --tap-interface-ip sets.
+var guestIPFlags = []string{"hostSwitchGuestIP", "dockerNATGuestIP", "containerdNATGuestIP"}
+
+// applyGuestIP sets each plugin's guest address flag that was not given to
+// ip, when ip is set.
+func applyGuestIP(fs *pflag.FlagSet, ip string) error {
+	if ip == "" {
+		return nil
+	}
+	if a, err := netip.ParseAddr(ip); err != nil || !a.Is4() {
+		return fmt.Errorf("--tap-interface-ip %q is not an IPv4 address", ip)
+	}
+	for _, name := range guestIPFlags {
+		if f := fs.Lookup(name); f != nil && !f.Changed {
+			if err := f.Value.Set(ip); err != nil {
+				return fmt.Errorf("--tap-interface-ip: --%s: %w", name, err)
+			}
+		}
+	}
+	return nil
 }
 
 func drainTimeout(on bool) time.Duration {

@@ -39,10 +39,45 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// withStateDir adds a state directory of the test's own to args, so that
-// tests never share (or leave) ownership records.
-func withStateDir(t testing.TB, args []string) []string {
-	return append(slices.Clone(args), "--stateDir="+t.TempDir())
+// isolated adds a state directory and a control socket of the test's own
+// to args, so that tests never share (or leave) ownership records and
+// sockets.
+func isolated(t testing.TB, args []string) []string {
+	return append(slices.Clone(args), "--stateDir="+t.TempDir(), "--controlSocket="+controlSocket(t))
+}
+
+// controlSocket returns a control socket path of the test's own, short
+// enough for a unix socket.
+func controlSocket(t testing.TB) string {
+	dir, err := os.MkdirTemp("", "ga")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return filepath.Join(dir, "run", "guestagent.sock")
+}
+
+func TestTapInterfaceIPSetsEveryGuestAddress(t *testing.T) {
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	cfg := defineFlags(fs)
+	if _, err := registry.Bind(fs); err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.Parse(longFlags(fs, []string{"-tap-interface-ip=192.168.127.9", "--dockerNATGuestIP=192.168.127.7"})); err != nil {
+		t.Fatal(err)
+	}
+	if err := applyGuestIP(fs, cfg.tapIP); err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{
+		"hostSwitchGuestIP":    "192.168.127.9",
+		"containerdNATGuestIP": "192.168.127.9",
+		"dockerNATGuestIP":     "192.168.127.7", // given on its own: kept
+	} {
+		if got := fs.Lookup(name).Value.String(); got != want {
+			t.Errorf("--%s = %s, want %s", name, got, want)
+		}
+	}
 }
 
 func runCLI(t *testing.T, args ...string) (int, string, string) {
@@ -50,7 +85,10 @@ func runCLI(t *testing.T, args ...string) (int, string, string) {
 	var out, errOut syncBuffer
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	code := run(ctx, withStateDir(t, args), &out, &errOut)
+	if len(args) == 0 || !isCommand(args[0]) {
+		args = isolated(t, args)
+	}
+	code := run(ctx, args, &out, &errOut)
 	return code, out.String(), errOut.String()
 }
 
@@ -99,7 +137,7 @@ func TestHelpIsGroupedByPlugin(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("--help exit code %d", code)
 	}
-	for _, want := range []string{"General:", "Networking mode:", `source "static"`, "--staticFile", `sink "stdout"`, "-name"} {
+	for _, want := range []string{"General:", "Commands", "explain", "Networking mode:", `source "static"`, "--staticFile", `sink "stdout"`, "-name"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("--help output lacks %q", want)
 		}
@@ -133,6 +171,13 @@ func TestBadConfigurationIsRejected(t *testing.T) {
 		{[]string{"--sources=static", "extra"}, "unexpected arguments"},
 		{[]string{"--sources=static", "--staticPollInterval=0s", "--sinks=stdout"}, "must be positive"},
 		{[]string{"--sources=static", "--sinks=stdout", "--statusAddr=nonsense"}, "--statusAddr"},
+		{[]string{"--sources=static", "--sinks=stdout", "--statusAddr=0.0.0.0:9901"}, "not a loopback address"},
+		{[]string{"--sources=static", "--sinks=stdout", "--tap-interface-ip=fd00::2"}, "--tap-interface-ip"},
+		{[]string{"status", "extra"}, "unexpected arguments"},
+		{[]string{"explain"}, "want one PORT"},
+		{[]string{"explain", "http"}, "want PORT[/tcp|udp]"},
+		{[]string{"explain", "80/icmp"}, "unknown protocol"},
+		{[]string{"status", "-o", "yaml"}, "the only output is wide"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
@@ -195,7 +240,7 @@ func TestRunEndToEnd(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan int, 1)
 	go func() {
-		done <- run(ctx, withStateDir(t, []string{"--sources=static", "--staticFile=" + path, "--sinks=stdout"}), &out, &errOut)
+		done <- run(ctx, isolated(t, []string{"--sources=static", "--staticFile=" + path, "--sinks=stdout"}), &out, &errOut)
 	}()
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(out.String(), "\n") && time.Now().Before(deadline) {
@@ -259,7 +304,7 @@ func TestSignalShutdown(t *testing.T) {
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
 		t.Run(sig.String(), func(t *testing.T) {
 			var out, errOut syncBuffer
-			cmd := exec.Command(bin, "-sources=static", "-staticFile="+writeStatic(t), "-sinks=stdout", "-debug", "-stateDir="+t.TempDir())
+			cmd := exec.Command(bin, "-sources=static", "-staticFile="+writeStatic(t), "-sinks=stdout", "-debug", "-stateDir="+t.TempDir(), "-controlSocket="+controlSocket(t))
 			cmd.Stdout, cmd.Stderr = &out, &errOut
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)

@@ -133,7 +133,7 @@ func TestNetworkingModes(t *testing.T) {
 			var out, errOut syncBuffer
 			ctx, cancel := context.WithCancel(t.Context())
 			done := make(chan int, 1)
-			go func() { done <- run(ctx, withStateDir(t, args), &out, &errOut) }()
+			go func() { done <- run(ctx, isolated(t, args), &out, &errOut) }()
 
 			if tt.forwards != nil {
 				waitFor(t, fmt.Sprintf("forwards %v", tt.forwards), func() bool { return slices.Equal(ourForwards(t, gv.URL()), tt.forwards) })
@@ -195,7 +195,7 @@ func TestK8sAPIMappingGoesToWSLProxyOnly(t *testing.T) {
 	var out, errOut syncBuffer
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan int, 1)
-	go func() { done <- run(ctx, withStateDir(t, args), &out, &errOut) }()
+	go func() { done <- run(ctx, isolated(t, args), &out, &errOut) }()
 	waitFor(t, "the API port on wsl-proxy", func() bool { return slices.Equal(wsl.State(), []string{"tcp 127.0.0.1:16443"}) })
 	time.Sleep(200 * time.Millisecond)
 	if got := ourForwards(t, gv.URL()); len(got) != 0 {

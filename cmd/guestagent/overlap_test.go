@@ -65,7 +65,7 @@ func TestOverlappingClaimsInTheRealConfiguration(t *testing.T) {
 	lbPort, lb2Port := testenv.FreePort(t), testenv.FreePort(t)
 
 	statusAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-	args := withStateDir(t, []string{"--adminInstall", "--statusAddr=" + statusAddr, "--kubernetes", "--kubeconfig=" + kube.Kubeconfig,
+	args := isolated(t, []string{"--adminInstall", "--statusAddr=" + statusAddr, "--kubernetes", "--kubeconfig=" + kube.Kubeconfig,
 		"--k8sAPIPort=" + fmt.Sprint(apiPort), "--iptables",
 		"--iptablesNetns=/var/run/netns/" + ns, "--iptablesCommands=" + wrapper,
 		"--iptablesListeners=false", "--iptablesScanInterval=200ms",
@@ -109,7 +109,7 @@ func TestOverlappingClaimsInTheRealConfiguration(t *testing.T) {
 		testenv.Eventually(t, 30*time.Second, fmt.Sprintf("gvproxy and wsl-proxy holding %q", want), func() (bool, string) {
 			api := func(e string) bool { return e == fmt.Sprintf("tcp 127.0.0.1:%d", apiPort) }
 			fw := slices.DeleteFunc(ourForwards(t, gv.URL()), api) // gvproxy's own
-			w := slices.DeleteFunc(wsl.State(), api)                // the agent's k8s-api mapping
+			w := slices.DeleteFunc(wsl.State(), api)               // the agent's k8s-api mapping
 			return slices.Equal(fw, want) && slices.Equal(w, want), fmt.Sprintf("gvproxy %q, wsl-proxy %q", fw, w)
 		})
 	}
@@ -257,4 +257,3 @@ func forwardsOf(t *testing.T, url string) map[string]string {
 	}
 	return out
 }
-

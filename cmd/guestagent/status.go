@@ -1,26 +1,49 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
-	"errors"
-	"net"
 	"net/http"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"go.uber.org/zap"
 
 	"github.com/guestagent/guestagent/core"
 )
 
-// statusHandler serves /status (the router's state as JSON) and /metrics
-// (the same, for Prometheus).
-func statusHandler(r *core.Router) http.Handler {
+// metrics holds what the agent measures itself, beside what the router's
+// status gives at each scrape.
+type metrics struct {
+	latency *prometheus.HistogramVec
+}
+
+func newMetrics() *metrics {
+	return &metrics{latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "guestagent_delivery_latency_seconds",
+		Help:    "Time from a source's change reaching the router to a sink taking the port, by sink, source and operation (add, remove).",
+		Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+	}, []string{"sink", "source", "op"})}
+}
+
+// delivered is the router's Delivered hook.
+func (m *metrics) delivered(sink, source string, remove bool, latency time.Duration) {
+	op := "add"
+	if remove {
+		op = "remove"
+	}
+	m.latency.WithLabelValues(sink, source, op).Observe(latency.Seconds())
+}
+
+// statusHandler serves /status (the router's state as JSON), /watch (its
+// changes as NDJSON) and /metrics (for Prometheus).
+func statusHandler(r *core.Router, m *metrics) http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(routerCollector{r})
+	if m != nil {
+		reg.MustRegister(m.latency)
+	}
 	mux := http.NewServeMux()
+	mux.Handle("GET /watch", watchHandler(r))
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
@@ -29,21 +52,6 @@ func statusHandler(r *core.Router) http.Handler {
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	return mux
-}
-
-// serveStatus serves the status endpoints on ln until ctx is done.
-func serveStatus(ctx context.Context, ln net.Listener, r *core.Router, log *zap.Logger) {
-	srv := &http.Server{Handler: statusHandler(r), ReadHeaderTimeout: 5 * time.Second}
-	stop := context.AfterFunc(ctx, func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	})
-	defer stop()
-	log.Info("serving status", zap.String("addr", ln.Addr().String()))
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		log.Error("status server stopped", zap.Error(err))
-	}
 }
 
 var (

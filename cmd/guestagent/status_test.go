@@ -22,7 +22,7 @@ func TestStatusAndMetrics(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan int, 1)
 	go func() {
-		done <- run(ctx, withStateDir(t, []string{"--sources=static", "--staticFile=" + writeStatic(t), "--sinks=stdout", "--statusAddr=" + addr}), &out, &errOut)
+		done <- run(ctx, isolated(t, []string{"--sources=static", "--staticFile=" + writeStatic(t), "--sinks=stdout", "--statusAddr=" + addr}), &out, &errOut)
 	}()
 	defer func() {
 		cancel()

@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 
 	"github.com/spf13/pflag"
 
@@ -13,13 +15,18 @@ const intro = `guestagent watches container engines, Kubernetes and the kernel's
 for ports that must be exposed, and delivers port mappings to the processes
 that expose them on the host (selected by the networking mode).
 
-Usage: guestagent [flags]
+Usage: guestagent [flags]          run the agent
+       guestagent COMMAND [flags]  ask the running agent (as root, over --controlSocket)
 
 Flags may be written --name or -name; booleans take --name=false.
 `
 
 func usage(w io.Writer, c *config, b *registry.Bound) {
 	fmt.Fprint(w, intro)
+	fmt.Fprintln(w, "\nCommands (guestagent COMMAND --help for their flags):")
+	for _, name := range slices.Sorted(maps.Keys(commands)) {
+		fmt.Fprintf(w, "  %-8s %s\n", name, commands[name])
+	}
 	section := func(title string, fs *pflag.FlagSet) {
 		fmt.Fprintf(w, "\n%s:\n%s", title, fs.FlagUsages())
 	}
