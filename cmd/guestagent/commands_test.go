@@ -307,3 +307,49 @@ func TestControlSocketIsRootOnly(t *testing.T) {
 		t.Errorf("want a permission error, got:\n%s", o)
 	}
 }
+
+// TestCommandsWithDocker asks an agent fed by a real dockerd about a
+// container's exposed port and its refused privileged port.
+func TestCommandsWithDocker(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts dockerd")
+	}
+	d, err := testenv.StartDockerd(t.TempDir())
+	if err != nil {
+		testenv.Missing(t, "dockerd ("+err.Error()+")")
+	}
+	defer d.Close()
+	port := testenv.FreePort(t)
+	id, err := d.Docker("run", "-d", "-p", fmt.Sprintf("127.0.0.1:%d:80", port), "-p", "80:80", testenv.WebImage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id = strings.TrimSpace(id)
+	defer func() { _ = d.RemoveAll([]string{id}) }()
+	sock := controlSocket(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan int, 1)
+	var out, errOut syncBuffer
+	go func() {
+		done <- run(ctx, []string{"--docker", "--dockerHost=" + d.Host, "--dockerLoopbackNAT=false", "--sinks=stdout",
+			"--stateDir=" + t.TempDir(), "--controlSocket=" + sock}, &out, &errOut)
+	}()
+	defer func() { cancel(); <-done }()
+	cmd := func(args ...string) (int, string) {
+		var o, e syncBuffer
+		code := run(t.Context(), append(args, "--socket="+sock), &o, &e)
+		return code, o.String() + e.String()
+	}
+	testenv.Eventually(t, 30*time.Second, "the container in status", func() (bool, string) {
+		code, o := cmd("status")
+		return code == 0 && strings.Contains(o, fmt.Sprintf("127.0.0.1:%d", port)) && strings.Contains(o, "docker/"+id[:12]) && strings.Contains(o, "REFUSED"), o
+	})
+	code, o := cmd("explain", fmt.Sprint(port))
+	if code != 0 || !strings.Contains(o, "Docker container "+id) || !strings.Contains(o, "stdout holds it") {
+		t.Errorf("explain %d: exit %d:\n%s", port, code, o)
+	}
+	code, o = cmd("explain", "80/tcp")
+	if code != 0 || !strings.Contains(o, "was not exposed: host port 80 is privileged") {
+		t.Errorf("explain 80/tcp: exit %d:\n%s", code, o)
+	}
+}
