@@ -25,7 +25,7 @@ const (
 	ModePrivileged
 )
 
-// ModeFromFlags picks the mode from the seed's two flags, which exclude
+// ModeFromFlags picks the mode from Rancher Desktop's two flags, which exclude
 // each other.
 func ModeFromFlags(adminInstall, privilegedService bool) (Mode, error) {
 	switch {

@@ -51,7 +51,7 @@ type Source struct {
 	Summary string
 	// Setup defines the plugin's flags on fs and returns the factory, which
 	// reads them after parsing. Flags should be prefixed with the plugin
-	// name unless the seed defined them otherwise.
+	// name unless Rancher Desktop's agent named them otherwise.
 	Setup func(fs *pflag.FlagSet) SourceFactory
 }
 

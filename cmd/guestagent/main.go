@@ -37,13 +37,14 @@ func main() {
 	os.Exit(code)
 }
 
-// seedSource is one of the seed's boolean flags that enable a source.
-type seedSource struct {
+// sourceFlag is one of the Rancher Desktop-compatible boolean flags that
+// enable a source.
+type sourceFlag struct {
 	flag, plugin, usage string
 	def                 bool
 }
 
-var seedSources = []seedSource{
+var sourceFlags = []sourceFlag{
 	{"docker", "docker", "watch the Docker (moby) API for container start/stop/die and their published ports", false},
 	{"containerd", "containerd", "watch the containerd API for /tasks/start, /containers/update and /tasks/exit", false},
 	{"kubernetes", "kubernetes", "watch Kubernetes services of type NodePort and LoadBalancer", false},
@@ -68,12 +69,12 @@ type config struct {
 	controlSocket           string
 	stateDir                string
 	tapIP                   string
-	seeds                   map[string]*bool
+	enabled                 map[string]*bool // by plugin name
 	general, mode, enabling *pflag.FlagSet
 }
 
 func defineFlags(fs *pflag.FlagSet) *config {
-	c := &config{seeds: map[string]*bool{}}
+	c := &config{enabled: map[string]*bool{}}
 	c.general = pflag.NewFlagSet("general", pflag.ContinueOnError)
 	c.general.BoolVar(&c.debug, "debug", false, "debug logging")
 	c.general.BoolVar(&c.showVersion, "version", false, "print the version and exit")
@@ -94,8 +95,8 @@ func defineFlags(fs *pflag.FlagSet) *config {
 	c.mode.StringVar(&c.tapIP, "tap-interface-ip", "", "this guest's address on the virtual network, for every plugin that needs it (--hostSwitchGuestIP and the loopback NAT guest addresses, unless given); the name Rancher Desktop's agent uses")
 
 	c.enabling = pflag.NewFlagSet("sources", pflag.ContinueOnError)
-	for _, s := range seedSources {
-		c.seeds[s.plugin] = c.enabling.Bool(s.flag, s.def, s.usage)
+	for _, s := range sourceFlags {
+		c.enabled[s.plugin] = c.enabling.Bool(s.flag, s.def, s.usage)
 	}
 	fs.AddFlagSet(c.general)
 	fs.AddFlagSet(c.mode)
@@ -201,11 +202,11 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 		K8sServiceListenerAddr: listener,
 		K8sAPIPort:             uint16(cfg.k8sAPIPort),
 	}}
-	kubernetes := *cfg.seeds["kubernetes"]
+	kubernetes := *cfg.enabled["kubernetes"]
 
 	var sourceNames []string
-	for _, s := range seedSources {
-		on := *cfg.seeds[s.plugin]
+	for _, s := range sourceFlags {
+		on := *cfg.enabled[s.plugin]
 		if s.plugin == "iptables" {
 			on = on && kubernetes
 		}
@@ -349,7 +350,7 @@ func dedupe(names []string) []string {
 }
 
 // longFlags rewrites "-name" and "-name=value" to their "--" form when name
-// is a long flag, so the seed's single-dash style keeps working.
+// is a long flag, so Rancher Desktop's single-dash style keeps working.
 func longFlags(fs *pflag.FlagSet, args []string) []string {
 	out := make([]string, 0, len(args))
 	for i, a := range args {

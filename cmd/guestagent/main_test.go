@@ -92,9 +92,10 @@ func runCLI(t *testing.T, args ...string) (int, string, string) {
 	return code, out.String(), errOut.String()
 }
 
-// TestSeedFlagsAndDefaults checks every flag of the seed, the command's own
-// and those its plugins define, with the seed's defaults.
-func TestSeedFlagsAndDefaults(t *testing.T) {
+// TestRancherDesktopFlagsAndDefaults checks every Rancher Desktop-compatible
+// flag, the command's own and those its plugins define, with Rancher
+// Desktop's defaults.
+func TestRancherDesktopFlagsAndDefaults(t *testing.T) {
 	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 	defineFlags(fs)
 	if _, err := registry.Bind(fs); err != nil {

@@ -32,7 +32,7 @@ func usage(w io.Writer, c *config, b *registry.Bound) {
 	}
 	section("General", c.general)
 	section("Networking mode", c.mode)
-	section("Sources enabled by the seed's flags (a source missing from this build is an error)", c.enabling)
+	section("Sources, enabled by Rancher Desktop-compatible flags (a source missing from this build is an error)", c.enabling)
 	fmt.Fprintln(w, "\nPlugins in this build (enable sources with --sources NAME, sinks with --sinks NAME):")
 	for _, g := range b.Groups {
 		fmt.Fprintf(w, "\n%s %q: %s\n", g.Kind, g.Name, g.Summary)

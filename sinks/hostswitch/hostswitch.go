@@ -31,7 +31,7 @@ import (
 // Name is the sink's registry name.
 const Name = core.SinkHostSwitch
 
-// Defaults of the seed's virtual network.
+// Defaults of Rancher Desktop's virtual network.
 const (
 	DefaultBaseURL = "http://192.168.127.1:80"
 	DefaultGuestIP = "192.168.127.2"

@@ -1,7 +1,7 @@
 // Package vtunnel is the sink of the privileged-service mode: each change
 // goes as one PortMapping JSON document to the vtunnel peer, which carries
 // it over AF_VSOCK to the privileged host service. The peer address is a
-// TCP address in the guest (the seed's way) or, to talk AF_VSOCK directly,
+// TCP address in the guest (as Rancher Desktop runs it) or, to talk AF_VSOCK directly,
 // vsock://CID:PORT.
 package vtunnel
 
@@ -25,7 +25,7 @@ import (
 	"github.com/guestagent/guestagent/sinks/internal/peerwatch"
 )
 
-// Defaults as in the seed.
+// Defaults as Rancher Desktop uses them.
 const (
 	DefaultAddr      = "127.0.0.1:3040"
 	DefaultInterface = "eth0"
