@@ -1,0 +1,277 @@
+// Package sockets is the source that reports the listening TCP sockets and
+// bound UDP sockets, IPv4 and IPv6, of a network namespace: the ports of
+// host-network containers and pods and of plain processes, which no engine
+// API reports. It reads them through NETLINK_SOCK_DIAG (inet_diag) dumps,
+// every interval and again when a socket it holds back is due; it does not
+// use eBPF wake-ups, so a new socket is seen on the next dump.
+//
+// A socket is reported once dumps have seen it for the settle time
+// without a gap, which filters transient sockets such as nerdctl's
+// port reservation in its OCI hook; it is removed on the first dump that no
+// longer has it. Each mapping is one port, identified by protocol, address
+// and port ("tcp/0.0.0.0:8000"); a dual-stack [::] socket is reported as
+// 0.0.0.0 (see HostAddr). Excluded are the ports of Config.Exclude, the
+// agent's own sockets and those of the processes named in
+// Config.ExcludeCommands (docker-proxy, rootlessport, containerd shims),
+// whose ports the engine sources report already. A failed dump keeps what
+// was reported and is retried on the interval.
+package sockets
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/spf13/pflag"
+	"go.uber.org/zap"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/registry"
+)
+
+// Name is the source's registry name.
+const Name = "sockets"
+
+// Defaults of Config.
+const (
+	DefaultInterval = time.Second
+	DefaultSettle   = 300 * time.Millisecond
+)
+
+func init() {
+	registry.RegisterSource(registry.Source{
+		Name:    Name,
+		Summary: "listening TCP and bound UDP sockets of the network namespace, read through sock_diag",
+		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
+			netns := fs.String("socketsNetns", "", "network namespace (path) whose sockets are reported; empty for the agent's own")
+			every := fs.Duration("socketsInterval", DefaultInterval, "time between two sock_diag dumps")
+			settle := fs.Duration("socketsSettle", DefaultSettle, "how long a socket must be seen before it is reported")
+			exclude := fs.StringSlice("socketsExclude", DefaultExclude, "ports and ranges never reported, e.g. 22,10248-10259 (the Kubernetes API port is added)")
+			return func(env registry.Env) (core.Source, error) {
+				ex := *exclude
+				if env.Options.K8sAPIPort != 0 {
+					ex = append(slices.Clip(ex), strconv.Itoa(int(env.Options.K8sAPIPort)))
+				}
+				return New(Config{Netns: *netns, Interval: *every, Settle: *settle, Exclude: ex, Log: env.Log})
+			}
+		},
+	})
+}
+
+// Config configures a Source.
+type Config struct {
+	// Netns is the path of the network namespace to read; empty for the
+	// agent's own.
+	Netns string
+	// Interval is the time between dumps (default DefaultInterval).
+	Interval time.Duration
+	// Settle is how long dumps must see a socket before it is reported
+	// (default DefaultSettle).
+	Settle time.Duration
+	// Exclude are port numbers and ranges ("22", "10248-10259") never
+	// reported. Nil means DefaultExclude; an empty, non-nil slice excludes
+	// no port.
+	Exclude []string
+	// ExcludeCommands are process names (as in /proc/<pid>/comm) whose
+	// sockets are not reported. Nil means DefaultExcludeCommands.
+	ExcludeCommands []string
+	// Log receives the source's log lines; nil discards them.
+	Log *zap.Logger
+}
+
+// Source reports the sockets of one network namespace.
+type Source struct {
+	cfg     Config
+	log     *zap.Logger
+	exclude []PortRange
+	self    int
+}
+
+// New checks cfg and returns a Source.
+func New(cfg Config) (*Source, error) {
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	switch {
+	case cfg.Interval < 0:
+		return nil, fmt.Errorf("--socketsInterval must be positive, got %s", cfg.Interval)
+	case cfg.Interval == 0:
+		cfg.Interval = DefaultInterval
+	}
+	switch {
+	case cfg.Settle < 0:
+		return nil, fmt.Errorf("--socketsSettle must not be negative, got %s", cfg.Settle)
+	case cfg.Settle == 0:
+		cfg.Settle = DefaultSettle
+	}
+	if cfg.Exclude == nil {
+		cfg.Exclude = DefaultExclude
+	}
+	ex, err := ParsePortRanges(cfg.Exclude)
+	if err != nil {
+		return nil, fmt.Errorf("--socketsExclude: %w", err)
+	}
+	if cfg.ExcludeCommands == nil {
+		cfg.ExcludeCommands = DefaultExcludeCommands
+	}
+	if cfg.Netns != "" {
+		if _, err := os.Stat(cfg.Netns); err != nil {
+			return nil, fmt.Errorf("--socketsNetns: %w", err)
+		}
+	}
+	log := cfg.Log.With(zap.String("source", Name))
+	if cfg.Netns != "" {
+		log = log.With(zap.String("netns", cfg.Netns))
+	}
+	return &Source{cfg: cfg, log: log, exclude: ex, self: os.Getpid()}, nil
+}
+
+// Run dumps the sockets until ctx is done. The first report is a snapshot,
+// made once the settle time has passed since Run started.
+func (s *Source) Run(ctx context.Context, out core.Emitter) error {
+	s.log.Info("reading sockets by periodic sock_diag dumps (eBPF wake-ups are not implemented)",
+		zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
+	d := &dumper{netns: s.cfg.Netns}
+	defer d.close()
+	g := newGate(s.cfg.Settle)
+	start := time.Now()
+	synced, failing, badLogged := false, false, false
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-timer.C:
+		}
+		wait := s.cfg.Interval
+		socks, bad, err := d.dump()
+		if err != nil {
+			if !failing {
+				s.log.Warn("cannot read sockets; keeping what was reported, will retry", zap.Error(err))
+			}
+			failing = true
+			timer.Reset(wait)
+			continue
+		}
+		if failing {
+			s.log.Info("reading sockets again")
+			failing = false
+		}
+		if bad > 0 && !badLogged {
+			s.log.Warn("sock_diag messages that do not decode were skipped", zap.Int("messages", bad))
+			badLogged = true
+		}
+		now := time.Now()
+		ready, gone, transient, next := g.observe(now, s.candidates(socks))
+		for _, id := range transient {
+			s.log.Debug("socket gone before it settled; not reported", zap.String("id", id))
+		}
+		s.judge(g, ready)
+		switch {
+		case synced:
+			for _, id := range gone {
+				out.Delete(id)
+			}
+			for _, id := range ready {
+				if e := g.entries[id]; e.reported {
+					out.Set(g.mapping(id))
+				}
+			}
+		case now.Sub(start) >= s.cfg.Settle:
+			ms := g.reported()
+			out.Snapshot(ms)
+			synced = true
+			s.log.Info("sockets listed", zap.Int("mappings", len(ms)))
+		default:
+			wait = min(wait, start.Add(s.cfg.Settle).Sub(now))
+		}
+		if next > 0 {
+			wait = min(wait, next)
+		}
+		timer.Reset(wait)
+	}
+}
+
+// candidates groups the reportable sockets by identity, leaving out the
+// excluded ports.
+func (s *Source) candidates(socks []Socket) map[string]candidate {
+	out := make(map[string]candidate, len(socks))
+	for _, sk := range socks {
+		p, ok := Identity(sk)
+		if !ok || excluded(s.exclude, p.HostPort) {
+			continue
+		}
+		id := ID(p)
+		c := out[id]
+		c.port = p
+		if !slices.Contains(c.inodes, sk.Inode) {
+			c.inodes = append(c.inodes, sk.Inode)
+		}
+		out[id] = c
+	}
+	for id, c := range out {
+		slices.Sort(c.inodes)
+		out[id] = c
+	}
+	return out
+}
+
+// judge decides, for each id that has settled, whether it is reported: not
+// when every socket behind it is held by the agent itself or by a process
+// of ExcludeCommands. Only settled sockets are looked up in /proc, in one
+// scan, so short-lived sockets cost nothing. A socket no visible process
+// holds (another PID namespace sharing the network, a kernel socket) is
+// reported.
+func (s *Source) judge(g *gate, ready []string) {
+	if len(ready) == 0 {
+		return
+	}
+	want := map[uint32]bool{}
+	for _, id := range ready {
+		for _, ino := range g.inodes(id) {
+			want[ino] = true
+		}
+	}
+	holders := findHolders("/proc", want)
+	for _, id := range ready {
+		if why, ok := s.excludedOwner(g.inodes(id), holders); ok {
+			g.exclude(id)
+			s.log.Debug("socket left out", zap.String("id", id), zap.String("held_by", why))
+			continue
+		}
+		g.report(id)
+	}
+}
+
+// excludedOwner reports whether every one of inodes is held by the agent
+// or an excluded command, and names one such holder.
+func (s *Source) excludedOwner(inodes []uint32, holders map[uint32][]holder) (string, bool) {
+	why := ""
+	for _, ino := range inodes {
+		h, ok := s.excludedHolder(holders[ino])
+		if !ok {
+			return "", false
+		}
+		why = h
+	}
+	return why, why != ""
+}
+
+func (s *Source) excludedHolder(hs []holder) (string, bool) {
+	for _, h := range hs {
+		if h.pid == s.self {
+			return "the agent", true
+		}
+		if slices.Contains(s.cfg.ExcludeCommands, h.comm) {
+			return fmt.Sprintf("%s (pid %d)", h.comm, h.pid), true
+		}
+	}
+	return "", false
+}
+
+// Interface guards.
+var _ core.Source = (*Source)(nil)
