@@ -1,0 +1,273 @@
+package sockets_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/guestagent/guestagent/core/testenv"
+)
+
+// helperEnv makes the test binary run as a socket-holding helper process
+// (see runHelper) instead of running tests.
+const helperEnv = "GUESTAGENT_SOCKETS_HELPER"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) == "1" {
+		os.Exit(runHelper(os.Stdin, os.Stdout))
+	}
+	os.Exit(m.Run())
+}
+
+// runHelper opens and closes sockets as told on in, one command a line,
+// and answers each with "ok" or "err <reason>" on out:
+//
+//	listen PROTO ADDR:PORT [OPT,...]  OPT: v6only, reuse
+//	close PROTO ADDR:PORT             every socket opened on it
+//	flash PROTO ADDR:PORT MS          listen, wait MS milliseconds, close
+//	range PROTO IP FIRST N            listen on N ports from FIRST
+//	closerange PROTO IP FIRST N
+//
+// It exits when in ends, which closes everything it holds.
+func runHelper(in io.Reader, out io.Writer) int {
+	open := map[string][]io.Closer{}
+	sc := bufio.NewScanner(in)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		err := func() error {
+			if len(f) < 3 {
+				return fmt.Errorf("short command %q", f)
+			}
+			switch f[0] {
+			case "listen":
+				opts := ""
+				if len(f) > 3 {
+					opts = f[3]
+				}
+				c, err := listen(f[1], f[2], opts)
+				if err == nil {
+					open[f[1]+" "+f[2]] = append(open[f[1]+" "+f[2]], c)
+				}
+				return err
+			case "close":
+				for _, c := range open[f[1]+" "+f[2]] {
+					_ = c.Close()
+				}
+				delete(open, f[1]+" "+f[2])
+				return nil
+			case "flash":
+				ms, _ := strconv.Atoi(f[3])
+				c, err := listen(f[1], f[2], "")
+				if err != nil {
+					return err
+				}
+				time.Sleep(time.Duration(ms) * time.Millisecond)
+				return c.Close()
+			case "range", "closerange":
+				first, _ := strconv.Atoi(f[3])
+				n, _ := strconv.Atoi(f[4])
+				for p := first; p < first+n; p++ {
+					addr := net.JoinHostPort(f[2], strconv.Itoa(p))
+					if f[0] == "closerange" {
+						for _, c := range open[f[1]+" "+addr] {
+							_ = c.Close()
+						}
+						delete(open, f[1]+" "+addr)
+						continue
+					}
+					c, err := listen(f[1], addr, "")
+					if err != nil {
+						return err
+					}
+					open[f[1]+" "+addr] = append(open[f[1]+" "+addr], c)
+				}
+				return nil
+			}
+			return fmt.Errorf("unknown command %q", f[0])
+		}()
+		if err != nil {
+			fmt.Fprintf(out, "err %v\n", err)
+		} else {
+			fmt.Fprintln(out, "ok")
+		}
+	}
+	return 0
+}
+
+// listen opens a TCP listener or a UDP socket on addr. An IPv6 address
+// gets an AF_INET6 socket, dual-stack unless opts has v6only.
+func listen(proto, addr, opts string) (io.Closer, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	network := proto + "4"
+	if ap.Addr().Is6() {
+		network = proto + "6"
+	}
+	v6only, reuse := strings.Contains(opts, "v6only"), strings.Contains(opts, "reuse")
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			if ap.Addr().Is6() {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, boolInt(v6only))
+			}
+			if serr == nil && reuse {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	if proto == "udp" {
+		return lc.ListenPacket(context.Background(), network, addr)
+	}
+	return lc.Listen(context.Background(), network, addr)
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// helper is a running helper process inside a test's network namespace.
+type helper struct {
+	mu  sync.Mutex
+	cmd *exec.Cmd
+	in  io.WriteCloser
+	out *bufio.Scanner
+}
+
+// startHelper runs the test binary as a helper in the namespace ns, under
+// the program name name (empty keeps the test binary's own), until t ends.
+func startHelper(t testing.TB, ns, name string) *helper {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name != "" {
+		exe = copyExecutable(t, exe, filepath.Join(t.TempDir(), name))
+	}
+	argv := testenv.InNetns(ns, exe)
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), helperEnv+"=1")
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	h := &helper{cmd: cmd, in: in, out: bufio.NewScanner(stdout)}
+	t.Cleanup(h.stop)
+	return h
+}
+
+func (h *helper) stop() {
+	_ = h.in.Close()
+	done := make(chan struct{})
+	go func() { _ = h.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = h.cmd.Process.Kill()
+		<-done
+	}
+}
+
+// do sends one command and fails t unless the helper answers ok.
+func (h *helper) do(t testing.TB, format string, args ...any) {
+	t.Helper()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	cmd := fmt.Sprintf(format, args...)
+	if _, err := fmt.Fprintln(h.in, cmd); err != nil {
+		t.Fatalf("helper %q: %v", cmd, err)
+	}
+	if !h.out.Scan() {
+		t.Fatalf("helper %q: no answer (%v)", cmd, h.out.Err())
+	}
+	if got := h.out.Text(); got != "ok" {
+		t.Fatalf("helper %q: %s", cmd, got)
+	}
+}
+
+func copyExecutable(t testing.TB, from, to string) string {
+	t.Helper()
+	src, err := os.Open(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	dst, err := os.OpenFile(to, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(dst, src); err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return to
+}
+
+// listenInNetns opens, in this process, a TCP listener on addr inside the
+// network namespace ns, from a thread that enters it and is then thrown
+// away: a socket of the agent itself.
+func listenInNetns(t testing.TB, ns, addr string) net.Listener {
+	t.Helper()
+	type result struct {
+		l   net.Listener
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		// Never unlocked: the thread dies with the goroutine rather than
+		// return to the scheduler in the wrong namespace.
+		runtime.LockOSThread()
+		f, err := os.Open("/var/run/netns/" + ns)
+		if err != nil {
+			ch <- result{nil, err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{nil, fmt.Errorf("setns: %w", err)}
+			return
+		}
+		l, err := net.Listen("tcp", addr)
+		ch <- result{l, err}
+	}()
+	r := <-ch
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	t.Cleanup(func() { _ = r.l.Close() })
+	return r.l
+}
