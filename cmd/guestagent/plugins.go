@@ -10,5 +10,6 @@ import (
 	_ "github.com/guestagent/guestagent/sources/docker"
 	_ "github.com/guestagent/guestagent/sources/iptables"
 	_ "github.com/guestagent/guestagent/sources/kubernetes"
+	_ "github.com/guestagent/guestagent/sources/sockets"
 	_ "github.com/guestagent/guestagent/sources/static"
 )
