@@ -28,8 +28,8 @@ const (
 func BenchmarkBurst(b *testing.B) {
 	bed := newFaultBed(b, 1)
 	bed.startAgent()
-	if _, lost, leaked := bed.converge(); lost+leaked > 0 {
-		b.Fatalf("agent did not settle: %d lost, %d leaked", lost, leaked)
+	if res := bed.converge(time.Now()); res.bad() {
+		b.Fatalf("agent did not settle: %s", res)
 	}
 	for b.Loop() {
 		ports := make(map[string]int, burstSize)
@@ -87,17 +87,12 @@ func BenchmarkIdle(b *testing.B) {
 	}
 
 	bed := newFaultBed(b, 1)
-	wrapper, err := testenv.IptablesWrapper(dir, bed.docker.Netns)
-	if err != nil {
-		b.Fatal(err)
-	}
 	bed.agentBin = bin
-	bed.agentArgs = []string{"--iptables", "--iptablesNetns=/var/run/netns/" + bed.docker.Netns, "--iptablesCommands=" + wrapper}
 	bed.churn(true, true, true)
 	bed.churn(true, true, true)
 	bed.startAgent()
-	if _, lost, leaked := bed.converge(); lost+leaked > 0 {
-		b.Fatalf("agent did not settle: %d lost, %d leaked", lost, leaked)
+	if res := bed.converge(time.Now()); res.bad() {
+		b.Fatalf("agent did not settle: %s", res)
 	}
 	time.Sleep(5 * time.Second)
 	pid := bed.agent.Process.Pid
@@ -110,7 +105,7 @@ func BenchmarkIdle(b *testing.B) {
 	b.ReportMetric(float64(procStatusKB(b, pid, "VmRSS"))/1024, "rss-MB")
 	b.ReportMetric(float64(procStatusKB(b, pid, "VmHWM"))/1024, "peak-rss-MB")
 	b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
-	b.ReportMetric(float64(len(bed.lastTruth)), "forwards")
+	b.ReportMetric(float64(len(bed.lastHostSwitch)), "forwards")
 }
 
 // cpuTicks returns the user plus system CPU time of pid, in userHZ ticks.

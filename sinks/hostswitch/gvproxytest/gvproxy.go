@@ -6,9 +6,13 @@
 package gvproxytest
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -119,4 +123,23 @@ func (g *Gvproxy) Stop() {
 	_ = g.cmd.Process.Kill()
 	_ = g.cmd.Wait()
 	g.cmd = nil
+}
+
+// Expose adds a forward through the API, as another party (a user, say)
+// would: one that is not gvproxy's own, so that a restart loses it.
+func (g *Gvproxy) Expose(protocol, local, remote string) error {
+	body, err := json.Marshal(map[string]string{"local": local, "remote": remote, "protocol": protocol})
+	if err != nil {
+		return err
+	}
+	res, err := http.Post(g.URL()+"/services/forwarder/expose", "application/json", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	defer res.Body.Close()
+	answer, _ := io.ReadAll(io.LimitReader(res.Body, 4096))
+	if res.StatusCode != http.StatusOK {
+		return fmt.Errorf("expose %s %s -> %s: HTTP %d: %s", protocol, local, remote, res.StatusCode, bytes.TrimSpace(answer))
+	}
+	return nil
 }
