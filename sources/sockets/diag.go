@@ -89,8 +89,8 @@ func Decode(protocol core.Protocol, b []byte) (Socket, error) {
 		return Socket{}, fmt.Errorf("inet_diag_msg attributes: %w", err)
 	}
 	for ad.Next() {
-		if ad.Type() == attrV6Only && ad.Len() >= 1 {
-			s.V6Only = ad.Bytes()[0] != 0
+		if v := ad.Bytes(); ad.Type() == attrV6Only && len(v) >= 1 {
+			s.V6Only = v[0] != 0
 		}
 	}
 	if err := ad.Err(); err != nil {

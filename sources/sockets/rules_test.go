@@ -85,6 +85,11 @@ func TestDecodeRefusesMalformedMessages(t *testing.T) {
 	if _, err := sockets.Decode(core.TCP, good[:72]); err != nil {
 		t.Errorf("a message without attributes: %v", err)
 	}
+	// An INET_DIAG_SKV6ONLY attribute without a value: not v6-only.
+	empty := append(slices.Clone(good[:72]), 4, 0, 11, 0)
+	if s, err := sockets.Decode(core.TCP, empty); err != nil || s.V6Only {
+		t.Errorf("an empty v6only attribute: %+v, %v", s, err)
+	}
 }
 
 func TestIdentityAddressRules(t *testing.T) {
