@@ -31,7 +31,7 @@ type rig struct {
 	extra []string // Config.Exclude, when set
 }
 
-func newRig(t *testing.T) *rig {
+func newRig(t testing.TB) *rig {
 	t.Helper()
 	ns := testenv.Netns(t)
 	r := &rig{ns: ns, h: startHelper(t, ns, "")}
