@@ -28,6 +28,21 @@ help: ## list the targets
 build: ## build bin/guestagent
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/guestagent ./cmd/guestagent
 
+# Release binaries: static (no cgo), for the distribution image's platforms.
+DIST           ?= $(CURDIR)/dist
+DIST_PLATFORMS := linux/amd64 linux/arm64
+
+.PHONY: dist
+dist: ## build static linux/amd64 and linux/arm64 binaries and their SHA256SUMS into dist/
+	@mkdir -p $(DIST)
+	@set -e; for p in $(DIST_PLATFORMS); do \
+		os=$${p%/*}; arch=$${p#*/}; \
+		echo "building $(DIST)/guestagent-$$os-$$arch"; \
+		CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -ldflags '$(LDFLAGS)' \
+			-o $(DIST)/guestagent-$$os-$$arch ./cmd/guestagent; \
+	done
+	cd $(DIST) && sha256sum $(foreach p,$(DIST_PLATFORMS),guestagent-$(subst /,-,$(p))) > SHA256SUMS
+
 run: build ## run the agent on the demo mappings, printing every change as JSON
 	$(BIN)/guestagent --sinks=stdout --sources=$(RUN_SOURCES) \
 		--staticFile=testdata/static/demo.json $(RUN_ARGS)
