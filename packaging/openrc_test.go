@@ -130,8 +130,8 @@ func (r *openrcRoot) service(command string) (string, int) {
 // stubAgent writes a program in dir that stands in for guestagent: it
 // records its arguments in dir/argv and its pid in dir/pid (each written
 // whole, by rename), prints a line on standard output and one on standard
-// error, prints "stub: HUP" on SIGHUP and "stub: TERM" on SIGTERM, then
-// exits.
+// error, prints "stub: HUP" on SIGHUP, and on SIGTERM prints "stub: TERM"
+// and exits.
 func stubAgent(t *testing.T, dir string) string {
 	t.Helper()
 	stub := filepath.Join(dir, "guestagent-stub")
@@ -143,7 +143,12 @@ echo "stub: started"
 echo "stub: on stderr" >&2
 trap 'echo "stub: HUP"' HUP
 trap 'echo "stub: TERM"; kill $s; exit 0' TERM
-while :; do sleep 3600 & s=$!; wait $s; done
+# A trapped signal ends wait, not the sleep: wait for the same one again.
+sleep 3600 & s=$!
+while :; do
+	wait $s
+	kill -0 $s 2>/dev/null || { sleep 3600 & s=$!; }
+done
 `, quote(dir))
 	if err := os.WriteFile(stub, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
@@ -178,6 +183,12 @@ func TestOpenRCServiceRunsTheAgent(t *testing.T) {
 	root.install()
 	dir := t.TempDir()
 	stub := stubAgent(t, dir)
+	t.Cleanup(func() {
+		// A stub left by a test that failed half-way, with its sleep.
+		if pid := stubPid(dir); pid > 1 {
+			syscall.Kill(-pid, syscall.SIGKILL)
+		}
+	})
 	writeConf := func(conf string) {
 		t.Helper()
 		conf = "GUESTAGENT_BINARY=" + quote(stub) + "\nrespawn_delay=1\n" + conf
