@@ -905,9 +905,10 @@ func (b *faultBed) startAgent() {
 		"--containerd", "--containerdSock=" + b.ctrd.Socket, "--containerdIptables=" + b.iptables,
 		"--kubernetes", "--kubeconfig=" + b.kube.Kubeconfig, fmt.Sprintf("--k8sAPIPort=%d", b.k8sAPIPort),
 		"--iptables", "--iptablesNetns=" + netns, "--iptablesCommands=" + b.iptables,
+		"--sockets", "--socketsNetns=" + netns, // the guest's sockets: docker-proxy's, never reported
 		"--hostSwitchURL=" + b.proxy.URL, "--hostSwitchCheckInterval=1s",
 		"--wslProxySocket=" + b.wsl.Path,
-		"--stateDir=" + filepath.Join(b.dir, "state"),
+		"--stateDir=" + filepath.Join(b.dir, "state"), "--controlSocket=" + filepath.Join(b.dir, "ctl.sock"),
 		"--statusAddr=" + b.statusAddr},
 		b.agentArgs...)...)
 	cmd.Env = append(os.Environ(), agentEnv+"=1")

@@ -49,6 +49,7 @@ var sourceFlags = []sourceFlag{
 	{"containerd", "containerd", "watch the containerd API for /tasks/start, /containers/update and /tasks/exit", false},
 	{"kubernetes", "kubernetes", "watch Kubernetes services of type NodePort and LoadBalancer", false},
 	{"iptables", "iptables", "with --kubernetes: scan kube-proxy's NAT rules for service ports and open their listeners", true},
+	{"sockets", "sockets", "expose the listening sockets of the agent's network namespace (host-network containers and pods, plain processes); default: on in network-tunnel mode (--adminInstall), off otherwise", false},
 }
 
 // k8sAPISource is the name under which the static Kubernetes API mapping is
@@ -70,6 +71,7 @@ type config struct {
 	stateDir                string
 	tapIP                   string
 	enabled                 map[string]*bool // by plugin name
+	socketsGiven            bool             // --sockets was on the command line
 	general, mode, enabling *pflag.FlagSet
 }
 
@@ -129,6 +131,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "guestagent: unexpected arguments %q\n", fs.Args())
 		return 2
 	}
+	cfg.socketsGiven = fs.Changed("sockets")
 	if err := applyGuestIP(fs, cfg.tapIP); err != nil {
 		fmt.Fprintln(stderr, "guestagent:", err)
 		return 2
@@ -207,8 +210,13 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 	var sourceNames []string
 	for _, s := range sourceFlags {
 		on := *cfg.enabled[s.plugin]
-		if s.plugin == "iptables" {
+		switch s.plugin {
+		case "iptables":
 			on = on && kubernetes
+		case "sockets":
+			if !cfg.socketsGiven {
+				on = mode == core.ModeTunnel
+			}
 		}
 		if on {
 			sourceNames = append(sourceNames, s.plugin)
@@ -216,7 +224,7 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 	}
 	sourceNames = dedupe(append(sourceNames, cfg.sources...))
 	if len(sourceNames) == 0 {
-		return nil, errors.New("no source enabled: use --docker, --containerd, --kubernetes or --sources NAME")
+		return nil, errors.New("no source enabled: use --docker, --containerd, --kubernetes, --sockets or --sources NAME")
 	}
 	var sinkNames []string
 	for _, n := range cfg.sinks {

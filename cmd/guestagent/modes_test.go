@@ -73,7 +73,7 @@ func TestNetworkingModes(t *testing.T) {
 		vtunnel  bool
 	}{
 		{
-			name: "network tunnel", bindIP: "127.0.0.1", args: []string{"--adminInstall"},
+			name: "network tunnel", bindIP: "127.0.0.1", args: []string{"--adminInstall", "--sockets=false"},
 			forwards: []string{fmt.Sprintf("tcp 127.0.0.1:%d", p1), fmt.Sprintf("udp 127.0.0.1:%d", p2), "tcp 127.0.0.1:443"},
 			wsl:      []string{fmt.Sprintf("tcp 127.0.0.1:%d", p1), fmt.Sprintf("udp 127.0.0.1:%d", p2), "tcp 127.0.0.1:443"},
 		},
@@ -189,7 +189,7 @@ func TestK8sAPIMappingGoesToWSLProxyOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer wsl.Stop()
-	args := []string{"--adminInstall", "--kubernetes", "--iptables=false", "--k8sAPIPort=16443",
+	args := []string{"--adminInstall", "--sockets=false", "--kubernetes", "--iptables=false", "--k8sAPIPort=16443",
 		"--kubeconfig=" + filepath.Join(t.TempDir(), "absent.yaml"),
 		"--hostSwitchURL=" + gv.URL(), "--wslProxySocket=" + wsl.Path}
 	var out, errOut syncBuffer

@@ -65,7 +65,7 @@ func TestOverlappingClaimsInTheRealConfiguration(t *testing.T) {
 	lbPort, lb2Port := testenv.FreePort(t), testenv.FreePort(t)
 
 	statusAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-	args := isolated(t, []string{"--adminInstall", "--statusAddr=" + statusAddr, "--kubernetes", "--kubeconfig=" + kube.Kubeconfig,
+	args := isolated(t, []string{"--adminInstall", "--sockets=false", "--statusAddr=" + statusAddr, "--kubernetes", "--kubeconfig=" + kube.Kubeconfig,
 		"--k8sAPIPort=" + fmt.Sprint(apiPort), "--iptables",
 		"--iptablesNetns=/var/run/netns/" + ns, "--iptablesCommands=" + wrapper,
 		"--iptablesListeners=false", "--iptablesScanInterval=200ms",
