@@ -273,8 +273,9 @@ func TestLargeRangeWithOneBlockedPort(t *testing.T) {
 	g := gvproxytest.Start(t)
 	const n = 4000
 	base := 0
-	// Find a range of free ports, below the ephemeral ports (32768 and up), which connections take
-	// at any moment, and away from the fault suite's 20000-29999.
+	// Find a range of free ports below the ephemeral ones (32768 and up,
+	// which connections take at any moment) and away from the fault
+	// suite's 20000-29999.
 	for _, start := range []int{12000, 16000, 8000} {
 		if base != 0 {
 			break
