@@ -427,6 +427,7 @@ func who(k core.Key) string {
 		"kubernetes": "Kubernetes service",
 		"iptables":   "NAT rule",
 		"static":     "static file entry",
+		"sockets":    "listening socket",
 		k8sAPISource: "Kubernetes API mapping",
 	}
 	if n, ok := nouns[k.Source]; ok {
