@@ -42,6 +42,9 @@ func TestMain(m *testing.M) {
 //	flash PROTO ADDR:PORT MS          listen, wait MS milliseconds, close
 //	range PROTO IP FIRST N            listen on N ports from FIRST
 //	closerange PROTO IP FIRST N
+//	serve PROTO ADDR:PORT             a TCP server that echoes what it gets
+//	                                  and answers "bye\n" to its end, or a
+//	                                  UDP server that answers "echo:" + datagram
 //
 // It exits when in ends, which closes everything it holds.
 func runHelper(in io.Reader, out io.Writer) int {
@@ -70,6 +73,12 @@ func runHelper(in io.Reader, out io.Writer) int {
 				}
 				delete(open, f[1]+" "+f[2])
 				return nil
+			case "serve":
+				c, err := serve(f[1], f[2])
+				if err == nil {
+					open[f[1]+" "+f[2]] = append(open[f[1]+" "+f[2]], c)
+				}
+				return err
 			case "flash":
 				ms, _ := strconv.Atoi(f[3])
 				c, err := listen(f[1], f[2], "")
@@ -140,6 +149,56 @@ func listen(proto, addr, opts string) (io.Closer, error) {
 		return lc.ListenPacket(context.Background(), network, addr)
 	}
 	return lc.Listen(context.Background(), network, addr)
+}
+
+// serve opens a TCP or UDP echo server on addr (see runHelper); it stops
+// answering once the returned socket is closed.
+func serve(proto, addr string) (io.Closer, error) {
+	c, err := listen(proto, addr, "")
+	if err != nil {
+		return nil, err
+	}
+	if pc, ok := c.(net.PacketConn); ok {
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				n, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				_, _ = pc.WriteTo(append([]byte("echo:"), buf[:n]...), from)
+			}
+		}()
+		return c, nil
+	}
+	ln := c.(net.Listener)
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				buf := make([]byte, 2048)
+				for {
+					n, err := conn.Read(buf)
+					if n > 0 {
+						if _, err := conn.Write(buf[:n]); err != nil {
+							return
+						}
+					}
+					if err != nil {
+						if err == io.EOF {
+							_, _ = io.WriteString(conn, "bye\n")
+						}
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return c, nil
 }
 
 func boolInt(b bool) int {

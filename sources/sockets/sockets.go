@@ -15,11 +15,20 @@
 // Config.ExcludeCommands (docker-proxy, rootlessport, containerd shims),
 // whose ports the engine sources report already. A failed dump keeps what
 // was reported and is retried on the interval.
+//
+// With Config.RelayAddr, a reported TCP listener or UDP socket on a
+// loopback address (127.0.0.1, ::1) is made reachable from that address
+// by a userspace relay in the same namespace, started when the socket is
+// reported and stopped when it goes (see relay.go): traffic that arrives
+// at the guest's address cannot reach a loopback-only socket otherwise,
+// and no NAT rule is added for it. The relay's sockets are the agent's
+// own, so they are never reported.
 package sockets
 
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -50,12 +59,21 @@ func init() {
 			every := fs.Duration("socketsInterval", DefaultInterval, "time between two sock_diag dumps")
 			settle := fs.Duration("socketsSettle", DefaultSettle, "how long a socket must be seen before it is reported")
 			exclude := fs.StringSlice("socketsExclude", DefaultExclude, "ports and ranges never reported, e.g. 22,10248-10259 (the Kubernetes API port is added)")
+			relay := fs.String("socketsRelayAddr", DefaultRelayAddr, "address where loopback-only sockets are made reachable by a relay; used in network-tunnel mode, or in any mode when given; empty for none")
+			idle := fs.Duration("socketsRelayIdle", DefaultRelayIdle, "how long a relayed TCP connection may carry nothing before it is closed")
+			udpIdle := fs.Duration("socketsRelayUDPIdle", DefaultRelayUDPIdle, "how long a relayed UDP client may send and receive nothing before its session ends")
+			maxConns := fs.Int("socketsRelayMaxConns", DefaultRelayMaxConns, "TCP connections or UDP sessions one relayed port carries at once")
 			return func(env registry.Env) (core.Source, error) {
 				ex := *exclude
 				if env.Options.K8sAPIPort != 0 {
 					ex = append(slices.Clip(ex), strconv.Itoa(int(env.Options.K8sAPIPort)))
 				}
-				return New(Config{Netns: *netns, Interval: *every, Settle: *settle, Exclude: ex, Log: env.Log})
+				relayAddr := ""
+				if env.Options.Mode == core.ModeTunnel || fs.Changed("socketsRelayAddr") {
+					relayAddr = *relay
+				}
+				return New(Config{Netns: *netns, Interval: *every, Settle: *settle, Exclude: ex, Log: env.Log,
+					RelayAddr: relayAddr, RelayIdle: *idle, RelayUDPIdle: *udpIdle, RelayMaxConns: *maxConns})
 			}
 		},
 	})
@@ -78,6 +96,20 @@ type Config struct {
 	// ExcludeCommands are process names (as in /proc/<pid>/comm) whose
 	// sockets are not reported. Nil means DefaultExcludeCommands.
 	ExcludeCommands []string
+	// RelayAddr is an address of the namespace where the reported TCP
+	// listeners and UDP sockets on loopback addresses are made reachable:
+	// a relay listens on RelayAddr and the socket's port and forwards to
+	// the socket. Empty for no relay.
+	RelayAddr string
+	// RelayIdle ends a relayed TCP connection that carried nothing either
+	// way for that long (default DefaultRelayIdle).
+	RelayIdle time.Duration
+	// RelayUDPIdle ends a relayed UDP client's session that carried no
+	// datagram either way for that long (default DefaultRelayUDPIdle).
+	RelayUDPIdle time.Duration
+	// RelayMaxConns is how many TCP connections, or UDP sessions, one
+	// relay carries at once (default DefaultRelayMaxConns).
+	RelayMaxConns int
 	// Log receives the source's log lines; nil discards them.
 	Log *zap.Logger
 }
@@ -88,6 +120,7 @@ type Source struct {
 	log     *zap.Logger
 	exclude []PortRange
 	self    int
+	relay   netip.Addr // zero: no relay
 }
 
 // New checks cfg and returns a Source.
@@ -122,11 +155,36 @@ func New(cfg Config) (*Source, error) {
 			return nil, fmt.Errorf("--socketsNetns: %w", err)
 		}
 	}
+	var relay netip.Addr
+	if cfg.RelayAddr != "" {
+		if relay, err = netip.ParseAddr(cfg.RelayAddr); err != nil || relay.Zone() != "" || relay.IsUnspecified() || relay.IsLoopback() {
+			return nil, fmt.Errorf("--socketsRelayAddr %q is not a unicast IP address without a zone", cfg.RelayAddr)
+		}
+		relay = relay.Unmap()
+	}
+	for _, d := range []struct {
+		name string
+		v    *time.Duration
+		def  time.Duration
+	}{{"--socketsRelayIdle", &cfg.RelayIdle, DefaultRelayIdle}, {"--socketsRelayUDPIdle", &cfg.RelayUDPIdle, DefaultRelayUDPIdle}} {
+		switch {
+		case *d.v < 0:
+			return nil, fmt.Errorf("%s must be positive, got %s", d.name, *d.v)
+		case *d.v == 0:
+			*d.v = d.def
+		}
+	}
+	switch {
+	case cfg.RelayMaxConns < 0:
+		return nil, fmt.Errorf("--socketsRelayMaxConns must be positive, got %d", cfg.RelayMaxConns)
+	case cfg.RelayMaxConns == 0:
+		cfg.RelayMaxConns = DefaultRelayMaxConns
+	}
 	log := cfg.Log.With(zap.String("source", Name))
 	if cfg.Netns != "" {
 		log = log.With(zap.String("netns", cfg.Netns))
 	}
-	return &Source{cfg: cfg, log: log, exclude: ex, self: os.Getpid()}, nil
+	return &Source{cfg: cfg, log: log, exclude: ex, self: os.Getpid(), relay: relay}, nil
 }
 
 // Run dumps the sockets until ctx is done. The first report is a snapshot,
@@ -136,6 +194,8 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
 	d := &dumper{netns: s.cfg.Netns}
 	defer d.close()
+	relays := newRelays(s.cfg, s.relay, s.log)
+	defer relays.close()
 	g := newGate(s.cfg.Settle)
 	start := time.Now()
 	synced, failing, badLogged := false, false, false
@@ -171,6 +231,14 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 			s.log.Debug("socket gone before it settled; not reported", zap.String("id", id))
 		}
 		s.judge(g, ready)
+		for _, id := range gone {
+			relays.remove(id)
+		}
+		for _, id := range ready {
+			if e := g.entries[id]; e.reported {
+				relays.add(id, e.port)
+			}
+		}
 		switch {
 		case synced:
 			for _, id := range gone {

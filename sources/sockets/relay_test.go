@@ -1,0 +1,302 @@
+package sockets_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+	"golang.org/x/sys/unix"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/sources/internal/loopbacknat/loopbacknattest"
+	"github.com/guestagent/guestagent/sources/sockets"
+)
+
+// relayAddr is the guest namespace's address on its link to the host
+// namespace, standing in for the guest IP on host-switch's network.
+const relayAddr = "198.18.90.2"
+
+// relayRig is a rig whose namespace (the guest) has relayAddr on a veth
+// link to a second namespace (the host), from which traffic to the relay
+// comes.
+type relayRig struct {
+	*rig
+	host string // path of the host namespace
+}
+
+func newRelayRig(t *testing.T) *relayRig {
+	t.Helper()
+	r := newRig(t)
+	host := testenv.Netns(t)
+	loopbacknattest.Link(t,
+		loopbacknattest.End{Netns: r.ns, Iface: "guest0", Addr: relayAddr + "/24"},
+		loopbacknattest.End{Netns: host, Iface: "host0", Addr: "198.18.90.1/24"})
+	return &relayRig{rig: r, host: loopbacknattest.NetnsPath(host)}
+}
+
+func (r *relayRig) relaySource(t *testing.T, cfg sockets.Config) core.Source {
+	t.Helper()
+	cfg.Netns, cfg.Interval, cfg.Settle = r.netnsPath(), 20*time.Millisecond, 50*time.Millisecond
+	s, err := sockets.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// dialFrom connects to addr over network from inside the namespace at
+// path, on a thread that enters it and is then thrown away.
+func dialFrom(path, network, addr string) (net.Conn, error) {
+	type result struct {
+		conn net.Conn
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		f, err := os.Open(path)
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			done <- result{err: fmt.Errorf("entering %s: %w", path, err)}
+			return
+		}
+		conn, err := net.DialTimeout(network, addr, 10*time.Second)
+		done <- result{conn, err}
+	}()
+	r := <-done
+	return r.conn, r.err
+}
+
+func (r *relayRig) dial(t *testing.T, network string, port int) net.Conn {
+	t.Helper()
+	c, err := dialFrom(r.host, network, fmt.Sprintf("%s:%d", relayAddr, port))
+	if err != nil {
+		t.Fatalf("dial %s %s:%d from the host namespace: %v", network, relayAddr, port, err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	_ = c.SetDeadline(time.Now().Add(waitTimeout))
+	return c
+}
+
+// checkTCP talks to the helper's TCP echo server through the relay: a
+// line and its echo, then a half-close, after which the server's "bye"
+// and its own end of stream still arrive.
+func (r *relayRig) checkTCP(t *testing.T, port int) {
+	t.Helper()
+	c := r.dial(t, "tcp4", port)
+	br := bufio.NewReader(c)
+	if _, err := io.WriteString(c, "hello\n"); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := br.ReadString('\n'); err != nil || line != "hello\n" {
+		t.Fatalf("echo through the relay of port %d: %q, %v", port, line, err)
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if rest, err := io.ReadAll(br); err != nil || string(rest) != "bye\n" {
+		t.Fatalf("after a half-close, port %d answered %q, %v; want %q and the end of stream", port, rest, err, "bye\n")
+	}
+}
+
+// checkUDP sends a datagram to the helper's UDP echo server through the
+// relay and reads the reply, which must come from the relay address.
+func (r *relayRig) checkUDP(t *testing.T, port int) {
+	t.Helper()
+	c := r.dial(t, "udp4", port) // connected: only replies from relayAddr:port arrive
+	if _, err := io.WriteString(c, "ping"); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	n, err := c.Read(buf)
+	if err != nil || string(buf[:n]) != "echo:ping" {
+		t.Fatalf("UDP through the relay of port %d: %q, %v", port, buf[:n], err)
+	}
+}
+
+// refused fails t unless the relay address refuses port: a TCP connection
+// is reset, a UDP datagram draws a port-unreachable error.
+func (r *relayRig) refused(t *testing.T, network string, port int) {
+	t.Helper()
+	c, err := dialFrom(r.host, network, fmt.Sprintf("%s:%d", relayAddr, port))
+	if err == nil {
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(waitTimeout))
+		_, err = io.WriteString(c, "ping")
+		if err == nil {
+			_, err = c.Read(make([]byte, 64))
+		}
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("%s %s:%d: %v; want the connection refused", network, relayAddr, port, err)
+	}
+}
+
+// TestRelayReachesLoopbackListenersFromTheRelayAddress serves TCP and UDP
+// on 127.0.0.1 and ::1 inside the guest namespace and talks to them from
+// the host namespace through the relay address; a socket on 0.0.0.0 gets
+// no relay; the relay's own sockets are never reported; each relay goes
+// with its socket, and nothing of it outlives Run.
+func TestRelayReachesLoopbackListenersFromTheRelayAddress(t *testing.T) {
+	r := newRelayRig(t)
+	ignore := goleak.IgnoreCurrent()
+	obs, logs := observer.New(zap.DebugLevel)
+	src := r.relaySource(t, sockets.Config{RelayAddr: relayAddr, Log: zap.New(obs)})
+	router := core.NewRouter(core.RouterConfig{})
+	rec := &recorder{out: router.Emitter(sockets.Name)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, rec) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run returned %v", err)
+		}
+	}()
+
+	tcp4, udp4, tcp6, udp6, wild := r.nextPort(), r.nextPort(), r.nextPort(), r.nextPort(), r.nextPort()
+	r.h.do(t, "serve tcp 127.0.0.1:%d", tcp4)
+	r.h.do(t, "serve udp 127.0.0.1:%d", udp4)
+	r.h.do(t, "serve tcp [::1]:%d", tcp6)
+	r.h.do(t, "serve udp [::1]:%d", udp6)
+	r.h.do(t, "serve tcp 0.0.0.0:%d", wild)
+	// A relay is started before its mapping is handed on.
+	waitIDs(t, router,
+		fmt.Sprintf("tcp/127.0.0.1:%d", tcp4), fmt.Sprintf("udp/127.0.0.1:%d", udp4),
+		fmt.Sprintf("tcp/[::1]:%d", tcp6), fmt.Sprintf("udp/[::1]:%d", udp6),
+		fmt.Sprintf("tcp/0.0.0.0:%d", wild))
+
+	r.checkTCP(t, tcp4)
+	r.checkUDP(t, udp4)
+	r.checkTCP(t, tcp6)
+	r.checkUDP(t, udp6)
+	// 0.0.0.0 is reachable on the relay address by itself.
+	r.checkTCP(t, wild)
+	if n := logs.FilterMessage("relay started").FilterField(zap.String("id", fmt.Sprintf("tcp/0.0.0.0:%d", wild))).Len(); n != 0 {
+		t.Errorf("a listener on 0.0.0.0 got a relay")
+	}
+	if n := logs.FilterMessage("relay started").Len(); n != 4 {
+		t.Errorf("%d relays started, want 4", n)
+	}
+
+	// The relay's sockets have been through scans by now; they are the
+	// agent's own and never reported.
+	r.barrier(t, router)
+	for _, p := range []int{tcp4, udp4, tcp6, udp6} {
+		for _, proto := range []string{"tcp", "udp"} {
+			if got := rec.mentions(fmt.Sprintf("%s/%s:%d", proto, relayAddr, p)); len(got) != 0 {
+				t.Errorf("the relay's socket was reported: %v", got)
+			}
+		}
+	}
+
+	r.h.do(t, "close tcp 127.0.0.1:%d", tcp4)
+	r.h.do(t, "close udp 127.0.0.1:%d", udp4)
+	waitIDs(t, router, fmt.Sprintf("tcp/[::1]:%d", tcp6), fmt.Sprintf("udp/[::1]:%d", udp6), fmt.Sprintf("tcp/0.0.0.0:%d", wild))
+	r.refused(t, "tcp4", tcp4)
+	r.refused(t, "udp4", udp4)
+	r.checkTCP(t, tcp6)
+
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run returned %v", err)
+	}
+	done <- nil // for the deferred wait
+	if err := goleak.Find(ignore); err != nil {
+		t.Errorf("goroutines left behind after Run returned: %v", err)
+	}
+	r.refused(t, "tcp4", tcp6)
+}
+
+// TestRelayLimitsConnectionsAndEndsIdleOnes relays with room for one
+// connection and a short idle time.
+func TestRelayLimitsConnectionsAndEndsIdleOnes(t *testing.T) {
+	r := newRelayRig(t)
+	router, _ := run(t, r.relaySource(t, sockets.Config{RelayAddr: relayAddr, RelayMaxConns: 1, RelayIdle: 300 * time.Millisecond}))
+	p := r.nextPort()
+	r.h.do(t, "serve tcp 127.0.0.1:%d", p)
+	waitHas(t, router, fmt.Sprintf("tcp/127.0.0.1:%d", p))
+
+	first := r.dial(t, "tcp4", p)
+	if _, err := io.WriteString(first, "x"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(first, make([]byte, 1)); err != nil {
+		t.Fatalf("first connection: %v", err)
+	}
+	// The second one is reset while the first holds the only slot.
+	// The reset may come before the dial returns.
+	second, err := dialFrom(r.host, "tcp4", fmt.Sprintf("%s:%d", relayAddr, p))
+	if err == nil {
+		defer second.Close()
+		_ = second.SetDeadline(time.Now().Add(waitTimeout))
+		_, err = second.Read(make([]byte, 1))
+	}
+	if !errors.Is(err, syscall.ECONNRESET) && err != io.EOF {
+		t.Errorf("second connection: %v; want it reset", err)
+	}
+	// Idle, the first one is closed by the relay (not by its deadline).
+	if n, err := first.Read(make([]byte, 1)); err != io.EOF && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("idle connection read %d bytes, %v; want it closed", n, err)
+	}
+	// Its slot is free again.
+	testenv.Eventually(t, waitTimeout, "a new connection through the relay", func() (bool, string) {
+		c, err := dialFrom(r.host, "tcp4", fmt.Sprintf("%s:%d", relayAddr, p))
+		if err != nil {
+			return false, err.Error()
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(waitTimeout))
+		if _, err := io.WriteString(c, "y"); err != nil {
+			return false, err.Error()
+		}
+		b := make([]byte, 1)
+		if _, err := io.ReadFull(c, b); err != nil {
+			return false, err.Error()
+		}
+		return string(b) == "y", fmt.Sprintf("read %q", b)
+	})
+}
+
+// TestRelaySkipsWhatItCannotBind starts the source with a relay address
+// the namespace does not have, and with one whose port another process
+// holds: both are logged and skipped, and the sockets still reported.
+func TestRelaySkipsWhatItCannotBind(t *testing.T) {
+	r := newRelayRig(t)
+	obs, logs := observer.New(zap.DebugLevel)
+	p, q, taken := r.nextPort(), r.nextPort(), r.nextPort()
+	r.h.do(t, "serve tcp 127.0.0.1:%d", p)
+	r.h.do(t, "listen udp 127.0.0.1:%d", q)
+	missing, _ := run(t, r.relaySource(t, sockets.Config{RelayAddr: "198.18.91.9", Log: zap.New(obs)}))
+	waitIDs(t, missing, fmt.Sprintf("tcp/127.0.0.1:%d", p), fmt.Sprintf("udp/127.0.0.1:%d", q))
+	if n := logs.FilterMessageSnippet("not assigned").Len(); n != 1 {
+		t.Errorf("a missing relay address was logged %d times, want once", n)
+	}
+
+	r.h.do(t, "listen tcp %s:%d", relayAddr, taken)
+	r.h.do(t, "serve tcp 127.0.0.1:%d", taken)
+	router, _ := run(t, r.relaySource(t, sockets.Config{RelayAddr: relayAddr, Log: zap.New(obs)}))
+	waitHas(t, router, fmt.Sprintf("tcp/127.0.0.1:%d", taken))
+	if n := logs.FilterMessageSnippet("taken on the relay address").Len(); n != 1 {
+		t.Errorf("a taken port was logged %d times, want once", n)
+	}
+	// The relay of the other port works.
+	waitHas(t, router, fmt.Sprintf("tcp/127.0.0.1:%d", p))
+	r.checkTCP(t, p)
+}
