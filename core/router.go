@@ -62,6 +62,7 @@ type Router struct {
 	desired  map[Key]Mapping // admitted mappings, by key
 	ledger   *ledger         // the claims of desired, by host port
 	refused  map[Key][]Refusal
+	notes    map[Key]Note // things sources saw that expose nothing
 	unsynced map[string]struct{} // sources yet to send a first snapshot
 	ready    chan struct{}       // closed once unsynced is empty
 	changes  chan struct{}       // closed and replaced at every change of Status
@@ -102,6 +103,7 @@ func NewRouter(cfg RouterConfig) *Router {
 		desired:  make(map[Key]Mapping),
 		ledger:   newLedger(),
 		refused:  make(map[Key][]Refusal),
+		notes:    make(map[Key]Note),
 		unsynced: make(map[string]struct{}),
 		ready:    make(chan struct{}),
 		changes:  make(chan struct{}),
@@ -438,17 +440,35 @@ type emitter struct {
 	source string
 }
 
+// Interface guard: sources may note what they saw.
+var _ Noter = (*emitter)(nil)
+
 func (e *emitter) Set(m Mapping) {
 	m.Source = e.source
 	e.r.mu.Lock()
 	defer e.r.mu.Unlock()
+	delete(e.r.notes, m.Key)
 	e.r.set(m)
 }
 
 func (e *emitter) Delete(id string) {
 	e.r.mu.Lock()
 	defer e.r.mu.Unlock()
+	delete(e.r.notes, Key{Source: e.source, ID: id})
 	e.r.remove(Key{Source: e.source, ID: id})
+}
+
+func (e *emitter) Note(n Note) {
+	n.Key.Source = e.source
+	e.r.mu.Lock()
+	defer e.r.mu.Unlock()
+	if len(n.Ports) == 0 {
+		delete(e.r.notes, n.Key)
+	} else {
+		n.Ports = slices.Clone(n.Ports)
+		e.r.notes[n.Key] = n
+	}
+	e.r.notify()
 }
 
 func (e *emitter) Snapshot(ms []Mapping) {
@@ -461,6 +481,11 @@ func (e *emitter) Snapshot(ms []Mapping) {
 	for _, k := range slices.SortedFunc(maps.Keys(e.r.desired), compareKeys) {
 		if _, ok := keep[k.ID]; k.Source == e.source && !ok {
 			e.r.remove(k)
+		}
+	}
+	for k := range e.r.notes {
+		if _, ok := keep[k.ID]; k.Source == e.source && !ok {
+			delete(e.r.notes, k)
 		}
 	}
 	for k := range e.r.refused {

@@ -32,3 +32,23 @@ type SourceFunc func(ctx context.Context, out Emitter) error
 
 // Run calls f.
 func (f SourceFunc) Run(ctx context.Context, out Emitter) error { return f(ctx, out) }
+
+// Note is something a source saw that exposes no port, kept so that the
+// status can point at it when a user asks why a port is not exposed (a
+// Kubernetes service of type ClusterIP, say).
+type Note struct {
+	Key Key `json:"key"`
+	// What names the thing ("Kubernetes service default/web").
+	What string `json:"what"`
+	// Ports are its ports; their host ports may be zero.
+	Ports []Port `json:"ports"`
+	// Reason says why nothing is exposed.
+	Reason string `json:"reason"`
+}
+
+// Noter is implemented by the Emitter the Router hands sources. Note keeps
+// n under its ID until the source sets, deletes or notes that ID again, or
+// leaves it out of a snapshot; a note without ports is forgotten.
+type Noter interface {
+	Note(n Note)
+}

@@ -15,6 +15,8 @@ type Status struct {
 	Mappings []Mapping    `json:"mappings"`
 	Refused  []Refusal    `json:"refused"`
 	Sinks    []SinkStatus `json:"sinks"`
+	// Notes are things sources saw that expose nothing.
+	Notes []Note `json:"notes,omitempty"`
 }
 
 // PortStatus is one claimed host address.
@@ -87,6 +89,9 @@ func (r *Router) Status() Status {
 	}
 	for _, k := range slices.SortedFunc(maps.Keys(r.refused), compareKeys) {
 		st.Refused = append(st.Refused, r.refused[k]...)
+	}
+	for _, k := range slices.SortedFunc(maps.Keys(r.notes), compareKeys) {
+		st.Notes = append(st.Notes, r.notes[k])
 	}
 	for _, addr := range r.ledger.addresses() {
 		ps := PortStatus{Protocol: addr.Protocol, HostIP: addr.HostIP, HostPort: addr.HostPort}

@@ -410,6 +410,14 @@ func explain(st core.Status, proto core.Protocol, port uint16) explanation {
 			}
 		}
 	}
+	for _, n := range st.Notes {
+		for _, p := range n.Ports {
+			if p.Protocol == proto && (p.ContainerPort == port || p.HostPort == port) {
+				e.Nearest = append(e.Nearest, fmt.Sprintf("%s has port %d/%s, but %s", n.What, port, proto, n.Reason))
+				break
+			}
+		}
+	}
 	for _, f := range st.Refused {
 		if f.Port.ContainerPort == port && f.Port.Protocol == proto {
 			e.Nearest = append(e.Nearest, fmt.Sprintf("%s's port %d on host port %d was refused: %s", who(f.Key), port, f.Port.HostPort, f.Reason))

@@ -49,6 +49,8 @@ func goldenStatus(now time.Time) core.Status {
 				Sinks:  []core.PortAtSink{{Sink: "host-switch", State: core.PortUnsupported, Error: "[::]:8081->80/tcp: the forwarder API is IPv4 only"}, {Sink: "wsl-proxy", State: core.PortExposed, Held: "0.0.0.0:8081"}}},
 		},
 		Refused: []core.Refusal{{Key: core.Key{Source: "docker", ID: "4f1c0a7e9b2d4c3a8e6f5a1b2c3d4e5f"}, Port: core.Port{Protocol: core.TCP, ContainerPort: 443, HostIP: lo, HostPort: 443}, Reason: "host port 443 is privileged (< 1024) and not used in non-admin mode"}},
+		Notes: []core.Note{{Key: core.Key{Source: "kubernetes", ID: "7c0f3a2e-1d4b-4c5a-9e8f-0a1b2c3d4e5f"}, What: "Kubernetes service default/web",
+			Ports: []core.Port{{Protocol: core.TCP, ContainerPort: 80}}, Reason: "it is of type ClusterIP; only NodePort and LoadBalancer services are exposed on the host"}},
 		Sinks: []core.SinkStatus{
 			{Name: "host-switch", Exposed: 1, Failing: 1},
 			{Name: "wsl-proxy", Exposed: 5, PeerDown: true, LastError: "dial unix /run/wsl-proxy.sock: connect: no such file or directory"},

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -276,3 +277,45 @@ func TestConvert(t *testing.T) {
 }
 
 var _ runtime.Object = (*corev1.Service)(nil)
+
+// TestClusterIPServicesAreNoted checks that services exposing nothing are
+// kept as notes (at the first list and on later events) and forgotten when
+// they become exposed or go, so that explain can name them.
+func TestClusterIPServicesAreNoted(t *testing.T) {
+	cs := fake.NewClientset(service("listed", corev1.ServiceTypeClusterIP, [2]int32{80, 0}))
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- fakeSource(cs).Run(ctx, r.Emitter(kubernetes.Name)) }()
+	defer func() { cancel(); <-done }()
+	notes := func() string {
+		var out []string
+		for _, n := range r.Status().Notes {
+			out = append(out, fmt.Sprintf("%s %s %d/%s", n.Key, n.What, n.Ports[0].ContainerPort, n.Ports[0].Protocol))
+		}
+		return strings.Join(out, ", ")
+	}
+	eventually(t, "the listed ClusterIP service noted", func() bool {
+		return notes() == "kubernetes/uid-listed Kubernetes service default/listed 80/tcp"
+	})
+	if n := r.Status().Notes[0]; !strings.Contains(n.Reason, "type ClusterIP") {
+		t.Errorf("reason %q does not name the type", n.Reason)
+	}
+	services := cs.CoreV1().Services("default")
+	if _, err := services.Create(ctx, service("later", corev1.ServiceTypeClusterIP, [2]int32{8080, 0}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a created ClusterIP service noted", func() bool {
+		return strings.Contains(notes(), "default/later 8080/tcp")
+	})
+	if _, err := services.Update(ctx, service("listed", corev1.ServiceTypeNodePort, [2]int32{80, 31080}), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the note gone once the service is exposed", func() bool {
+		return notes() == "kubernetes/uid-later Kubernetes service default/later 8080/tcp" && len(r.Desired()) == 1
+	})
+	if err := services.Delete(ctx, "later", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the note gone with the service", func() bool { return notes() == "" })
+}

@@ -265,12 +265,18 @@ func (s *Source) informer(ctx context.Context, cs k8s.Interface, out core.Emitte
 		return false
 	}
 	var all []core.Mapping
+	var quiet []any // services that expose nothing
 	for _, obj := range informer.GetStore().List() {
 		if m, ok := s.mapping(obj); ok && len(m.Ports) > 0 {
 			all = append(all, m)
+		} else if ok {
+			quiet = append(quiet, obj)
 		}
 	}
 	out.Snapshot(all)
+	for _, obj := range quiet {
+		note(out, obj)
+	}
 	s.log.Info("watching Kubernetes services", zap.Int("exposed", len(all)))
 	ticker := time.NewTicker(s.cfg.Check)
 	defer ticker.Stop()
@@ -326,6 +332,37 @@ func (s *Source) report(out core.Emitter, obj any) {
 		return
 	}
 	out.Set(m) // a service with no exposed ports (ClusterIP) is a removal
+	if len(m.Ports) == 0 {
+		note(out, obj)
+	}
+}
+
+// note tells the router of a service that exposes nothing (a ClusterIP
+// service, say), so that explaining one of its ports can name it.
+func note(out core.Emitter, obj any) {
+	n, ok := out.(core.Noter)
+	svc, isService := obj.(*corev1.Service)
+	if !ok || !isService || svc.UID == "" {
+		return
+	}
+	var ports []core.Port
+	for _, p := range svc.Spec.Ports {
+		proto, err := core.ParseProtocol(string(p.Protocol))
+		if err != nil || p.Port < 1 || p.Port > 65535 {
+			continue
+		}
+		ports = append(ports, core.Port{Protocol: proto, ContainerPort: uint16(p.Port)})
+	}
+	typ := svc.Spec.Type
+	if typ == "" {
+		typ = corev1.ServiceTypeClusterIP
+	}
+	n.Note(core.Note{
+		Key:    core.Key{ID: string(svc.UID)},
+		What:   fmt.Sprintf("Kubernetes service %s/%s", svc.Namespace, svc.Name),
+		Ports:  ports,
+		Reason: fmt.Sprintf("it is of type %s; only NodePort and LoadBalancer services are exposed on the host", typ),
+	})
 }
 
 // mapping converts a service: a NodePort service's node ports, or a
