@@ -311,7 +311,10 @@ func TestControlSocketIsRootOnly(t *testing.T) {
 }
 
 // TestCommandsWithDocker asks an agent fed by a real dockerd about a
-// container's exposed port and its refused privileged port.
+// container's exposed port and its refused privileged port. The sockets
+// source reads dockerd's namespace too, where docker-proxy listens on the
+// published ports: the port is exposed once, claimed by the docker source
+// alone.
 func TestCommandsWithDocker(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts dockerd")
@@ -334,6 +337,7 @@ func TestCommandsWithDocker(t *testing.T) {
 	var out, errOut syncBuffer
 	go func() {
 		done <- run(ctx, []string{"--docker", "--dockerHost=" + d.Host, "--dockerLoopbackNAT=false", "--sinks=stdout",
+			"--sockets", "--socketsNetns=/var/run/netns/" + d.Netns, "--socketsRelayAddr=",
 			"--stateDir=" + t.TempDir(), "--controlSocket=" + sock}, &out, &errOut)
 	}()
 	defer func() { cancel(); <-done }()
@@ -346,6 +350,35 @@ func TestCommandsWithDocker(t *testing.T) {
 		code, o := cmd("status")
 		return code == 0 && strings.Contains(o, fmt.Sprintf("127.0.0.1:%d", port)) && strings.Contains(o, "docker/"+id[:12]) && strings.Contains(o, "REFUSED"), o
 	})
+	// A plain listener in the namespace, opened after the container: once
+	// the sockets source reports it, it has read the namespace with
+	// docker-proxy in it.
+	plain := testenv.FreePort(t)
+	argv := testenv.InNetns(d.Netns, "busybox", "nc", "-l", "-p", fmt.Sprint(plain))
+	nc := exec.Command(argv[0], argv[1:]...)
+	if err := nc.Start(); err != nil {
+		testenv.Missing(t, "busybox nc ("+err.Error()+")")
+	}
+	defer func() { _ = nc.Process.Kill(); _ = nc.Wait() }()
+	var st core.Status
+	testenv.Eventually(t, 30*time.Second, "the sockets source to report the plain listener", func() (bool, string) {
+		code, js := cmd("status", "--json")
+		st = core.Status{}
+		if code != 0 || json.Unmarshal([]byte(js), &st) != nil {
+			return false, js
+		}
+		for _, ps := range st.Ports {
+			if int(ps.HostPort) == plain && len(ps.Claims) == 1 && ps.Claims[0].Key.Source == "sockets" {
+				return true, ""
+			}
+		}
+		return false, js
+	})
+	for _, ps := range st.Ports {
+		if int(ps.HostPort) == port && (len(ps.Claims) != 1 || ps.Claims[0].Key.Source != "docker") {
+			t.Errorf("port %d has claims %+v, want the docker source's alone", port, ps.Claims)
+		}
+	}
 	code, o := cmd("explain", fmt.Sprint(port))
 	if code != 0 || !strings.Contains(o, "Docker container "+id) || !strings.Contains(o, "stdout holds it") {
 		t.Errorf("explain %d: exit %d:\n%s", port, code, o)
