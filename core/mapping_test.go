@@ -3,7 +3,6 @@ package core_test
 import (
 	"encoding/json"
 	"net/netip"
-	"slices"
 	"testing"
 	"time"
 
@@ -119,22 +118,21 @@ func TestModes(t *testing.T) {
 		t.Error("both modes at once accepted")
 	}
 	tests := []struct {
-		admin, priv, wsl bool
-		want             []string
-		policy           bool
+		admin, priv bool
+		want        core.Mode
+		policy      bool
 	}{
-		{false, false, true, []string{core.SinkHostSwitch, core.SinkWSLProxy}, true},
-		{false, false, false, []string{core.SinkHostSwitch}, true},
-		{true, false, true, []string{core.SinkHostSwitch, core.SinkWSLProxy}, false},
-		{false, true, true, []string{core.SinkVTunnel}, false},
+		{false, false, core.ModeLocal, true},
+		{true, false, core.ModeTunnel, false},
+		{false, true, core.ModePrivileged, false},
 	}
 	for _, tt := range tests {
 		m, err := core.ModeFromFlags(tt.admin, tt.priv)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := m.Sinks(tt.wsl); !slices.Equal(got, tt.want) {
-			t.Errorf("%v.Sinks(%v) = %v, want %v", m, tt.wsl, got, tt.want)
+		if m != tt.want {
+			t.Errorf("ModeFromFlags(%v, %v) = %v, want %v", tt.admin, tt.priv, m, tt.want)
 		}
 		if (m.Policy() != nil) != tt.policy {
 			t.Errorf("%v policy set = %v, want %v", m, m.Policy() != nil, tt.policy)

@@ -2,14 +2,8 @@ package core
 
 import "errors"
 
-// Names of the sinks the networking modes select.
-const (
-	SinkHostSwitch = "host-switch"
-	SinkWSLProxy   = "wsl-proxy"
-	SinkVTunnel    = "vtunnel"
-)
-
-// Mode is the networking mode, which decides where mappings go.
+// Mode is the networking mode. Which sinks it selects is the command's to
+// say (core names no plugin); the mode gives the port policy.
 type Mode int
 
 // The networking modes.
@@ -50,22 +44,6 @@ func (m Mode) String() string {
 	default:
 		return "localhost"
 	}
-}
-
-// Sinks returns the names of the sinks the mode delivers to; wsl adds the
-// copy to wsl-proxy that WSL integration needs.
-func (m Mode) Sinks(wsl bool) []string {
-	var names []string
-	switch m {
-	case ModePrivileged:
-		names = []string{SinkVTunnel}
-	default:
-		names = []string{SinkHostSwitch}
-	}
-	if wsl && m != ModePrivileged {
-		names = append(names, SinkWSLProxy)
-	}
-	return names
 }
 
 // Policy returns the port policy of the mode, or nil when ports go as

@@ -299,7 +299,7 @@ func (b *faultBed) checkRetrying(ip string, port int) {
 				continue
 			}
 			for _, at := range ps.Sinks {
-				if at.Sink != core.SinkHostSwitch {
+				if at.Sink != hostswitch.Name {
 					continue
 				}
 				if at.State == core.PortRetrying && strings.Contains(at.Error, "address already in use") && !at.NextRetry.IsZero() {

@@ -25,6 +25,9 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
+	"github.com/guestagent/guestagent/sinks/hostswitch"
+	"github.com/guestagent/guestagent/sinks/vtunnel"
+	"github.com/guestagent/guestagent/sinks/wslproxy"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -229,7 +232,7 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 	var sinkNames []string
 	for _, n := range cfg.sinks {
 		if n == "auto" {
-			sinkNames = append(sinkNames, mode.Sinks(cfg.wslIntegration)...)
+			sinkNames = append(sinkNames, modeSinks(mode, cfg.wslIntegration)...)
 		} else {
 			sinkNames = append(sinkNames, n)
 		}
@@ -321,11 +324,24 @@ func drainTimeout(on bool) time.Duration {
 	return 0
 }
 
+// modeSinks returns the names of the sinks a networking mode delivers to;
+// wsl adds the copy to wsl-proxy that WSL integration needs.
+func modeSinks(m core.Mode, wsl bool) []string {
+	switch {
+	case m == core.ModePrivileged:
+		return []string{vtunnel.Name}
+	case wsl:
+		return []string{hostswitch.Name, wslproxy.Name}
+	default:
+		return []string{hostswitch.Name}
+	}
+}
+
 // acceptFor keeps the static Kubernetes API mapping away from the sinks
 // that expose ports on the host: only wsl-proxy (and the debugging sinks)
 // want it.
 func acceptFor(sink string) func(core.Key) bool {
-	if sink == core.SinkHostSwitch || sink == core.SinkVTunnel {
+	if sink == hostswitch.Name || sink == vtunnel.Name {
 		return func(k core.Key) bool { return k.Source != k8sAPISource }
 	}
 	return nil

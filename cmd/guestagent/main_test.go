@@ -18,7 +18,10 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
+	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/stdout"
+	"github.com/guestagent/guestagent/sinks/vtunnel"
+	"github.com/guestagent/guestagent/sinks/wslproxy"
 )
 
 // syncBuffer is a bytes.Buffer safe for the agent's writers and the test.
@@ -268,13 +271,13 @@ func TestRunEndToEnd(t *testing.T) {
 }
 
 func TestK8sAPIMappingOnlyForWSLProxy(t *testing.T) {
-	if acceptFor(core.SinkHostSwitch)(core.Key{Source: k8sAPISource}) || acceptFor(core.SinkVTunnel)(core.Key{Source: k8sAPISource}) {
+	if acceptFor(hostswitch.Name)(core.Key{Source: k8sAPISource}) || acceptFor(vtunnel.Name)(core.Key{Source: k8sAPISource}) {
 		t.Error("host-exposing sinks must not get the Kubernetes API mapping")
 	}
-	if !acceptFor(core.SinkHostSwitch)(core.Key{Source: "docker"}) {
+	if !acceptFor(hostswitch.Name)(core.Key{Source: "docker"}) {
 		t.Error("host-switch must get other mappings")
 	}
-	if acceptFor(core.SinkWSLProxy) != nil {
+	if acceptFor(wslproxy.Name) != nil {
 		t.Error("wsl-proxy must get everything")
 	}
 	r := core.NewRouter(core.RouterConfig{})
@@ -336,5 +339,22 @@ func TestSignalShutdown(t *testing.T) {
 				t.Error("--debug produced no debug log lines")
 			}
 		})
+	}
+}
+
+func TestModeSinks(t *testing.T) {
+	for _, tt := range []struct {
+		mode core.Mode
+		wsl  bool
+		want []string
+	}{
+		{core.ModeLocal, true, []string{hostswitch.Name, wslproxy.Name}},
+		{core.ModeLocal, false, []string{hostswitch.Name}},
+		{core.ModeTunnel, true, []string{hostswitch.Name, wslproxy.Name}},
+		{core.ModePrivileged, true, []string{vtunnel.Name}},
+	} {
+		if got := modeSinks(tt.mode, tt.wsl); !slices.Equal(got, tt.want) {
+			t.Errorf("modeSinks(%v, %v) = %v, want %v", tt.mode, tt.wsl, got, tt.want)
+		}
 	}
 }

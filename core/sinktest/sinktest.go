@@ -81,8 +81,10 @@ func Run(t *testing.T, h Harness) {
 	}
 	s := &suite{h: h}
 	ctx := context.Background()
-	m1 := Mapping("test", "one", 41001, 2)
-	m2 := Mapping("test", "two", 41011, 1)
+	// Ports below the ephemeral range (32768 and up), so that no port a test
+	// picks as free a moment ago is taken by the peer.
+	m1 := Mapping("test", "one", 11001, 2)
+	m2 := Mapping("test", "two", 11011, 1)
 
 	t.Run("add", func(t *testing.T) {
 		snk := h.New(t)
@@ -122,7 +124,7 @@ func Run(t *testing.T, h Harness) {
 	t.Run("update", func(t *testing.T) {
 		rt.emit.Set(m1)
 		s.waitState(t, m1)
-		m1b := Mapping("test", "one", 41002, 2) // keeps 41002, drops 41001, adds 41003
+		m1b := Mapping("test", "one", 11002, 2) // keeps 11002, drops 11001, adds 11003
 		rt.emit.Set(m1b)
 		s.waitState(t, m1b)
 		rt.emit.Set(m2)
@@ -145,7 +147,7 @@ func Run(t *testing.T, h Harness) {
 		}
 		rt.emit.Set(m1)
 		s.waitState(t, m1, m2)
-		m3 := Mapping("test", "three", 41021, 1)
+		m3 := Mapping("test", "three", 11021, 1)
 		h.Outage(t, func() {
 			rt.emit.Delete(m1.ID)
 			rt.emit.Set(m3)
@@ -161,7 +163,7 @@ func Run(t *testing.T, h Harness) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			_ = snk.Send(cctx, core.Change{Mapping: Mapping("test", "cancelled", 41031, 1)})
+			_ = snk.Send(cctx, core.Change{Mapping: Mapping("test", "cancelled", 11031, 1)})
 			if pw, ok := snk.(core.PeerWatcher); ok {
 				pw.WatchPeer(cctx, func() {})
 			}
@@ -180,7 +182,7 @@ func Run(t *testing.T, h Harness) {
 	})
 	// Leave the peer empty for the next user.
 	cleanup := h.New(t)
-	for _, m := range []core.Mapping{m1, m2, Mapping("test", "three", 41021, 1), Mapping("test", "cancelled", 41031, 1)} {
+	for _, m := range []core.Mapping{m1, m2, Mapping("test", "three", 11021, 1), Mapping("test", "cancelled", 11031, 1)} {
 		_ = cleanup.Send(ctx, core.Change{Remove: true, Mapping: m})
 	}
 }

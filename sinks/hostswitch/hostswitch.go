@@ -29,7 +29,7 @@ import (
 )
 
 // Name is the sink's registry name.
-const Name = core.SinkHostSwitch
+const Name = "host-switch"
 
 // Defaults of Rancher Desktop's virtual network.
 const (
@@ -46,7 +46,7 @@ const (
 
 func init() {
 	registry.RegisterSink(registry.Sink{
-		Name:    core.SinkHostSwitch,
+		Name:    Name,
 		Summary: "expose ports through host-switch's forwarder HTTP API",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			base := fs.String("hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")
@@ -113,7 +113,7 @@ func New(cfg Config) (*Sink, error) {
 		base:   strings.TrimSuffix(cfg.BaseURL, "/"),
 		guest:  guest,
 		every:  cfg.CheckInterval,
-		log:    cfg.Log.With(zap.String("sink", core.SinkHostSwitch)),
+		log:    cfg.Log.With(zap.String("sink", Name)),
 		client: &http.Client{Transport: tr},
 	}, nil
 }

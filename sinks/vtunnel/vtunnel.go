@@ -25,6 +25,9 @@ import (
 	"github.com/guestagent/guestagent/sinks/internal/peerwatch"
 )
 
+// Name is the sink's registry name.
+const Name = "vtunnel"
+
 // Defaults as Rancher Desktop uses them.
 const (
 	DefaultAddr      = "127.0.0.1:3040"
@@ -33,7 +36,7 @@ const (
 
 func init() {
 	registry.RegisterSink(registry.Sink{
-		Name:    core.SinkVTunnel,
+		Name:    Name,
 		Summary: "send mappings to the vtunnel peer, which carries them over AF_VSOCK to the privileged host service",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			addr := fs.String("vtunnelAddr", DefaultAddr, "vtunnel peer address: HOST:PORT (TCP) or vsock://CID:PORT")
@@ -71,7 +74,7 @@ func New(addr, iface string, every time.Duration, log *zap.Logger) (*Sink, error
 	if err != nil {
 		return nil, err
 	}
-	return &Sink{dial: dial, addr: addr, iface: iface, every: every, log: log.With(zap.String("sink", core.SinkVTunnel))}, nil
+	return &Sink{dial: dial, addr: addr, iface: iface, every: every, log: log.With(zap.String("sink", Name))}, nil
 }
 
 // Dialer returns how to reach addr: "HOST:PORT" or "tcp://HOST:PORT" for

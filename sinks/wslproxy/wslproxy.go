@@ -22,12 +22,15 @@ import (
 	"github.com/guestagent/guestagent/sinks/internal/oneshot"
 )
 
+// Name is the sink's registry name.
+const Name = "wsl-proxy"
+
 // DefaultSocket is where wsl-proxy listens.
 const DefaultSocket = "/run/wsl-proxy.sock"
 
 func init() {
 	registry.RegisterSink(registry.Sink{
-		Name:    core.SinkWSLProxy,
+		Name:    Name,
 		Summary: "send mappings to wsl-proxy so other WSL distributions reach the ports",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			sock := fs.String("wslProxySocket", DefaultSocket, "wsl-proxy's unix socket")
@@ -58,7 +61,7 @@ func New(path string, every time.Duration, log *zap.Logger) *Sink {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Sink{path: path, every: every, log: log.With(zap.String("sink", core.SinkWSLProxy))}
+	return &Sink{path: path, every: every, log: log.With(zap.String("sink", Name))}
 }
 
 func (s *Sink) dial(ctx context.Context) (net.Conn, error) {

@@ -57,7 +57,7 @@ func TestContract(t *testing.T) {
 func TestExactPayload(t *testing.T) {
 	p := startPeer(t, nil)
 	s := wslproxy.New(p.Path, 0, nil)
-	m := sinktest.Mapping("docker", "c1", 41201, 1)
+	m := sinktest.Mapping("docker", "c1", 11201, 1)
 	m.ConnectAddrs = []core.ConnectAddr{{Network: "tcp", Addr: "198.18.0.2:80"}}
 	if err := s.Send(context.Background(), core.Change{Mapping: m}); err != nil {
 		t.Fatal(err)
@@ -74,8 +74,8 @@ func TestExactPayload(t *testing.T) {
 		t.Fatalf("peer received %d messages, want 2", len(got))
 	}
 	want := []string{
-		`{"remove":false,"ports":{"80/tcp":[{"HostIp":"127.0.0.1","HostPort":"41201"}]},"connectAddrs":[{"network":"tcp","addr":"198.18.0.2:80"}]}`,
-		`{"remove":true,"ports":{"80/tcp":[{"HostIp":"127.0.0.1","HostPort":"41201"}]},"connectAddrs":[{"network":"tcp","addr":"198.18.0.2:80"}]}`,
+		`{"remove":false,"ports":{"80/tcp":[{"HostIp":"127.0.0.1","HostPort":"11201"}]},"connectAddrs":[{"network":"tcp","addr":"198.18.0.2:80"}]}`,
+		`{"remove":true,"ports":{"80/tcp":[{"HostIp":"127.0.0.1","HostPort":"11201"}]},"connectAddrs":[{"network":"tcp","addr":"198.18.0.2:80"}]}`,
 	}
 	for i, pm := range got {
 		b, _ := json.Marshal(pm)
@@ -104,14 +104,14 @@ func TestTrafficReachesUpstream(t *testing.T) {
 	}()
 	p := startPeer(t, func(uint16) string { return echo.Addr().String() })
 	s := wslproxy.New(p.Path, 0, nil)
-	m := sinktest.Mapping("docker", "web", 41211, 1)
+	m := sinktest.Mapping("docker", "web", 11211, 1)
 	if err := s.Send(context.Background(), core.Change{Mapping: m}); err != nil {
 		t.Fatal(err)
 	}
 	var c net.Conn
 	deadline := time.Now().Add(5 * time.Second)
 	for c == nil {
-		c, err = net.Dial("tcp", "127.0.0.1:41211")
+		c, err = net.Dial("tcp", "127.0.0.1:11211")
 		if err != nil && time.Now().After(deadline) {
 			t.Fatalf("peer never listened: %v", err)
 		}
@@ -130,7 +130,7 @@ func TestTrafficReachesUpstream(t *testing.T) {
 
 func TestMissingSocketIsPeerDown(t *testing.T) {
 	s := wslproxy.New(filepath.Join(t.TempDir(), "absent.sock"), 0, nil)
-	err := s.Send(context.Background(), core.Change{Mapping: sinktest.Mapping("d", "a", 41221, 1)})
+	err := s.Send(context.Background(), core.Change{Mapping: sinktest.Mapping("d", "a", 11221, 1)})
 	if !errors.Is(err, core.ErrPeerDown) || !strings.Contains(err.Error(), "absent.sock") {
 		t.Errorf("err = %v, want ErrPeerDown naming the socket", err)
 	}
