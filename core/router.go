@@ -62,7 +62,7 @@ type Router struct {
 	desired  map[Key]Mapping // admitted mappings, by key
 	ledger   *ledger         // the claims of desired, by host port
 	refused  map[Key][]Refusal
-	notes    map[Key]Note // things sources saw that expose nothing
+	notes    map[Key]Note        // things sources saw that expose nothing
 	unsynced map[string]struct{} // sources yet to send a first snapshot
 	ready    chan struct{}       // closed once unsynced is empty
 	changes  chan struct{}       // closed and replaced at every change of Status
