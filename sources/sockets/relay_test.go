@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -16,7 +14,6 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
-	"golang.org/x/sys/unix"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/testenv"
@@ -56,36 +53,9 @@ func (r *relayRig) relaySource(t *testing.T, cfg sockets.Config) core.Source {
 	return s
 }
 
-// dialFrom connects to addr over network from inside the namespace at
-// path, on a thread that enters it and is then thrown away.
-func dialFrom(path, network, addr string) (net.Conn, error) {
-	type result struct {
-		conn net.Conn
-		err  error
-	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
-		f, err := os.Open(path)
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			done <- result{err: fmt.Errorf("entering %s: %w", path, err)}
-			return
-		}
-		conn, err := net.DialTimeout(network, addr, 10*time.Second)
-		done <- result{conn, err}
-	}()
-	r := <-done
-	return r.conn, r.err
-}
-
 func (r *relayRig) dial(t *testing.T, network string, port int) net.Conn {
 	t.Helper()
-	c, err := dialFrom(r.host, network, fmt.Sprintf("%s:%d", relayAddr, port))
+	c, err := loopbacknattest.DialNetworkFrom(r.host, network, fmt.Sprintf("%s:%d", relayAddr, port))
 	if err != nil {
 		t.Fatalf("dial %s %s:%d from the host namespace: %v", network, relayAddr, port, err)
 	}
@@ -134,7 +104,7 @@ func (r *relayRig) checkUDP(t *testing.T, port int) {
 // is reset, a UDP datagram draws a port-unreachable error.
 func (r *relayRig) refused(t *testing.T, network string, port int) {
 	t.Helper()
-	c, err := dialFrom(r.host, network, fmt.Sprintf("%s:%d", relayAddr, port))
+	c, err := loopbacknattest.DialNetworkFrom(r.host, network, fmt.Sprintf("%s:%d", relayAddr, port))
 	if err == nil {
 		defer c.Close()
 		_ = c.SetDeadline(time.Now().Add(waitTimeout))
@@ -242,7 +212,7 @@ func TestRelayLimitsConnectionsAndEndsIdleOnes(t *testing.T) {
 	}
 	// The second one is reset while the first holds the only slot.
 	// The reset may come before the dial returns.
-	second, err := dialFrom(r.host, "tcp4", fmt.Sprintf("%s:%d", relayAddr, p))
+	second, err := loopbacknattest.DialNetworkFrom(r.host, "tcp4", fmt.Sprintf("%s:%d", relayAddr, p))
 	if err == nil {
 		defer second.Close()
 		_ = second.SetDeadline(time.Now().Add(waitTimeout))
@@ -257,7 +227,7 @@ func TestRelayLimitsConnectionsAndEndsIdleOnes(t *testing.T) {
 	}
 	// Its slot is free again.
 	testenv.Eventually(t, waitTimeout, "a new connection through the relay", func() (bool, string) {
-		c, err := dialFrom(r.host, "tcp4", fmt.Sprintf("%s:%d", relayAddr, p))
+		c, err := loopbacknattest.DialNetworkFrom(r.host, "tcp4", fmt.Sprintf("%s:%d", relayAddr, p))
 		if err != nil {
 			return false, err.Error()
 		}

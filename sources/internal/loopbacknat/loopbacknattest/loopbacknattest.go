@@ -79,10 +79,15 @@ func Get(path, addr string) (string, error) {
 }
 
 // DialFrom opens a TCP connection to addr from inside the network
-// namespace at path. The socket is made on a thread that enters the
-// namespace and is never handed back to the runtime, so no other goroutine
-// runs there; the connection stays in that namespace once made.
-func DialFrom(path, addr string) (net.Conn, error) {
+// namespace at path, as DialNetworkFrom with "tcp4".
+func DialFrom(path, addr string) (net.Conn, error) { return DialNetworkFrom(path, "tcp4", addr) }
+
+// DialNetworkFrom connects to addr over network ("tcp4", "udp6", ...) from
+// inside the network namespace at path. The socket is made on a thread
+// that enters the namespace and is never handed back to the runtime, so no
+// other goroutine runs there; the connection stays in that namespace once
+// made.
+func DialNetworkFrom(path, network, addr string) (net.Conn, error) {
 	type result struct {
 		conn net.Conn
 		err  error
@@ -100,7 +105,7 @@ func DialFrom(path, addr string) (net.Conn, error) {
 			done <- result{err: fmt.Errorf("entering %s: %w", path, err)}
 			return
 		}
-		conn, err := net.DialTimeout("tcp4", addr, 10*time.Second)
+		conn, err := net.DialTimeout(network, addr, 10*time.Second)
 		done <- result{conn, err}
 	}()
 	r := <-done
