@@ -741,14 +741,7 @@ func diffWSL(want map[string][]netip.Addr, got map[string]netip.Addr) (lost, lea
 // allForwards lists gvproxy's forwards as "proto local" -> remote, read
 // from gvproxy itself (not through the proxy).
 func (b *faultBed) allForwards() (map[string]string, error) {
-	s, err := hostswitch.New(hostswitch.Config{BaseURL: b.gv.URL(), GuestIP: guestIP})
-	if err != nil {
-		return nil, err
-	}
-	defer s.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	all, err := s.Forwards(ctx)
+	all, err := listForwards(b.gv.URL())
 	if err != nil {
 		return nil, err
 	}

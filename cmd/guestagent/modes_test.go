@@ -17,18 +17,23 @@ import (
 	"github.com/guestagent/guestagent/sinks/wslproxy/wslproxytest"
 )
 
-// ourForwards lists gvproxy's forwards that the agent owns (to the guest
-// address, on the port they listen on), as "proto local".
-func ourForwards(t testing.TB, url string) []string {
-	t.Helper()
+// listForwards returns the forwards gvproxy's API at url lists.
+func listForwards(url string) ([]hostswitch.Forward, error) {
 	s, err := hostswitch.New(hostswitch.Config{BaseURL: url, GuestIP: hostswitch.DefaultGuestIP})
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	defer s.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	all, err := s.Forwards(ctx)
+	return s.Forwards(ctx)
+}
+
+// ourForwards lists gvproxy's forwards that the agent owns (to the guest
+// address, on the port they listen on), as "proto local".
+func ourForwards(t testing.TB, url string) []string {
+	t.Helper()
+	all, err := listForwards(url)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -242,12 +242,7 @@ func wslRemovals(wsl *wslproxytest.Peer, p int) int {
 // forwardsOf returns gvproxy's forwards, local -> remote.
 func forwardsOf(t *testing.T, url string) map[string]string {
 	t.Helper()
-	s, err := hostswitch.New(hostswitch.Config{BaseURL: url, GuestIP: hostswitch.DefaultGuestIP})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	all, err := s.Forwards(t.Context())
+	all, err := listForwards(url)
 	if err != nil {
 		t.Fatal(err)
 	}
