@@ -348,9 +348,7 @@ func (r *Router) changed(k Key, touched []Port) {
 				continue
 			}
 			sk := w.keyOf(p)
-			if f := w.failing[sk]; f != nil {
-				delete(w.failing, sk) // what it wants changed: try at once
-			}
+			delete(w.failing, sk) // what it wants changed: try at once
 			if _, queued := w.queuedAt[sk]; !queued {
 				w.queuedAt[sk] = time.Now()
 			}

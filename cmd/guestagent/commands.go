@@ -175,7 +175,7 @@ func (c *controlClient) status(ctx context.Context) (core.Status, error) {
 // watch prints the agent's stream until ctx is done, reconnecting (and
 // saying so) when the agent goes away.
 func (c *controlClient) watch(ctx context.Context, stdout, stderr io.Writer, asJSON, wide bool) int {
-	print := func(ev watchEvent) {
+	emit := func(ev watchEvent) {
 		if asJSON {
 			_ = json.NewEncoder(stdout).Encode(ev)
 			return
@@ -199,7 +199,7 @@ func (c *controlClient) watch(ctx context.Context, stdout, stderr io.Writer, asJ
 			continue
 		}
 		if connected {
-			print(watchEvent{Time: time.Now(), Event: evReconnected})
+			emit(watchEvent{Time: time.Now(), Event: evReconnected})
 		}
 		connected = true
 		sc := bufio.NewScanner(res.Body)
@@ -207,14 +207,14 @@ func (c *controlClient) watch(ctx context.Context, stdout, stderr io.Writer, asJ
 		for sc.Scan() {
 			var ev watchEvent
 			if json.Unmarshal(sc.Bytes(), &ev) == nil {
-				print(ev)
+				emit(ev)
 			}
 		}
 		res.Body.Close()
 		if ctx.Err() != nil {
 			break
 		}
-		print(watchEvent{Time: time.Now(), Event: evDisconnected, Error: "the agent went away; reconnecting"})
+		emit(watchEvent{Time: time.Now(), Event: evDisconnected, Error: "the agent went away; reconnecting"})
 		if !core.Sleep(ctx, time.Second) {
 			break
 		}
