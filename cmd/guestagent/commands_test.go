@@ -176,7 +176,7 @@ func TestCommandsAgainstARunningAgent(t *testing.T) {
 	testenv.Eventually(t, 15*time.Second, "status to show the ports and the down peer", func() (bool, string) {
 		code, o, e := cmd("status")
 		out = o
-		return code == 0 && strings.Contains(o, "127.0.0.1:18080") && strings.Contains(o, "host-switch: peer unreachable"), o + e
+		return code == 0 && strings.Contains(o, "127.0.0.1:18080") && strings.Contains(o, "exposed") && strings.Contains(o, "host-switch: peer unreachable"), o + e
 	})
 	for _, want := range []string{
 		"PROTO", "HOST ADDRESS", "CLAIMED BY", "STDOUT", "HOST-SWITCH",
