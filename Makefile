@@ -10,6 +10,8 @@ STATICCHECK := $(BIN)/staticcheck
 STATICCHECK_VERSION := v0.8.2
 GVPROXY     := $(BIN)/gvproxy
 GVPROXY_VERSION := v0.8.9
+# gvisor-tap-vsock's guest side (its cmd/vm), for the tests' tap path.
+GVFORWARDER := $(BIN)/gvforwarder
 # kube-apiserver takes minutes to build, so it is cached across runs.
 KUBE_VERSION   := v1.37.2
 KUBE_CACHE     ?= $(HOME)/.cache/guestagent/k8s-$(KUBE_VERSION)
@@ -50,7 +52,7 @@ run: build ## run the agent on the demo mappings, printing every change as JSON
 test: lint unit fuzz-short ## vet, staticcheck, every test with -race, then each fuzz target briefly
 
 # Where the tests find the engines; a missing one fails them.
-ENGINE_ENV  := GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER)
+ENGINE_ENV  := GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_GVFORWARDER=$(GVFORWARDER) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER)
 
 unit: engines ## every test with -race, against the real engines and peers
 	$(ENGINE_ENV) $(GO) test -race -count=1 -timeout 20m ./...
@@ -68,7 +70,7 @@ ENGINE_BINARIES := dockerd containerd runc iptables nft ip nsenter setpriv etcd 
 
 # The real peers and engines the integration tests use; installed with
 # apt-get when run as root and missing.
-engines: $(GVPROXY) $(KUBE_APISERVER)
+engines: $(GVPROXY) $(GVFORWARDER) $(KUBE_APISERVER)
 	@missing=""; for b in $(ENGINE_BINARIES); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -84,6 +86,12 @@ $(KUBE_APISERVER):
 
 $(GVPROXY):
 	GOBIN=$(BIN) $(GO) install github.com/containers/gvisor-tap-vsock/cmd/gvproxy@$(GVPROXY_VERSION)
+
+# go install names the binary vm, after its package directory.
+$(GVFORWARDER):
+	@mkdir -p $(BIN)
+	d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && \
+		GOBIN=$$d $(GO) install github.com/containers/gvisor-tap-vsock/cmd/vm@$(GVPROXY_VERSION) && mv "$$d/vm" $@
 
 lint: vet staticcheck
 
