@@ -1,6 +1,8 @@
 // Package gvproxytest runs the real gvisor-tap-vsock gvproxy for tests,
 // with its forwarder API on a loopback port. Exposed forwards listen on this
-// machine's loopback. Like host-switch, it can start with static forwards
+// machine's loopback. A guest joins its virtual network (192.168.127.0/24)
+// through the unix socket at Socket, as gvforwarder does with
+// -url unix://PATH. Like host-switch, it can start with static forwards
 // of its own (from its configuration file), which it lists in /all and
 // brings back after every restart.
 package gvproxytest
@@ -80,11 +82,16 @@ func (g *Gvproxy) config(sock string) string {
 // URL is the base URL of the forwarder API.
 func (g *Gvproxy) URL() string { return fmt.Sprintf("http://127.0.0.1:%d", g.apiPort) }
 
+// Socket is the path of gvproxy's -listen unix socket: a guest's network
+// connection (POST /connect, then its Ethernet frames) and the API too.
+// The path stays the same across Stop and Start.
+func (g *Gvproxy) Socket() string { return filepath.Join(g.dir, "gv.sock") }
+
 // Start starts gvproxy again after Stop, on the same ports, with only its
 // static forwards.
 func (g *Gvproxy) Start() {
 	g.t.Helper()
-	sock := filepath.Join(g.dir, "gv.sock")
+	sock := g.Socket()
 	_ = os.Remove(sock)
 	log, err := os.OpenFile(filepath.Join(g.dir, "gvproxy.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {

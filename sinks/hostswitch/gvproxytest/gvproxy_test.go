@@ -2,7 +2,12 @@ package gvproxytest_test
 
 import (
 	"context"
+	"encoding/json"
+	"maps"
+	"net"
+	"net/http"
 	"testing"
+	"time"
 
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
@@ -28,6 +33,41 @@ func TestStaticForwardsAreListedAndComeBack(t *testing.T) {
 			if got[local] != remote {
 				t.Errorf("round %d: forward %s -> %q, want %q (all: %v)", round, local, got[local], remote, all)
 			}
+		}
+		g.Stop()
+		g.Start()
+	}
+}
+
+// TestSocketServesTheAPI checks that Socket is gvproxy's -listen socket:
+// it serves the forwarder API, with the same forwards as URL, and survives
+// a restart.
+func TestSocketServesTheAPI(t *testing.T) {
+	g := gvproxytest.Start(t)
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true, // each round dials the gvproxy of that round
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", g.Socket())
+		},
+	}}
+	for round := range 2 {
+		res, err := client.Get("http://gvproxy/services/forwarder/all")
+		if err != nil {
+			t.Fatalf("round %d: GET /services/forwarder/all on %s: %v", round, g.Socket(), err)
+		}
+		var all []hostswitch.Forward
+		err = json.NewDecoder(res.Body).Decode(&all)
+		res.Body.Close()
+		if err != nil || res.StatusCode != http.StatusOK {
+			t.Fatalf("round %d: HTTP %d, %v", round, res.StatusCode, err)
+		}
+		got := map[string]string{}
+		for _, f := range all {
+			got[f.Local] = f.Remote
+		}
+		if !maps.Equal(got, g.Static()) {
+			t.Errorf("round %d: the socket lists %v, want gvproxy's own forwards %v", round, got, g.Static())
 		}
 		g.Stop()
 		g.Start()
