@@ -40,8 +40,8 @@ func TestStaticForwardsAreListedAndComeBack(t *testing.T) {
 }
 
 // TestSocketServesTheAPI checks that Socket is gvproxy's -listen socket:
-// it serves the forwarder API, with the same forwards as URL, and survives
-// a restart.
+// it serves the forwarder API, listing gvproxy's own forwards, before and
+// after a restart.
 func TestSocketServesTheAPI(t *testing.T) {
 	g := gvproxytest.Start(t)
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
