@@ -63,6 +63,7 @@ type Router struct {
 	ledger   *ledger         // the claims of desired, by host port
 	refused  map[Key][]Refusal
 	notes    map[Key]Note        // things sources saw that expose nothing
+	watching map[string]string   // source -> how it watches, as it described itself
 	unsynced map[string]struct{} // sources yet to send a first snapshot
 	ready    chan struct{}       // closed once unsynced is empty
 	changes  chan struct{}       // closed and replaced at every change of Status
@@ -104,6 +105,7 @@ func NewRouter(cfg RouterConfig) *Router {
 		ledger:   newLedger(),
 		refused:  make(map[Key][]Refusal),
 		notes:    make(map[Key]Note),
+		watching: make(map[string]string),
 		unsynced: make(map[string]struct{}),
 		ready:    make(chan struct{}),
 		changes:  make(chan struct{}),
@@ -438,8 +440,21 @@ type emitter struct {
 	source string
 }
 
-// Interface guard: sources may note what they saw.
-var _ Noter = (*emitter)(nil)
+// Interface guards: sources may note what they saw and say how they watch.
+var (
+	_ Noter     = (*emitter)(nil)
+	_ Describer = (*emitter)(nil)
+)
+
+func (e *emitter) Describe(how string) {
+	e.r.mu.Lock()
+	defer e.r.mu.Unlock()
+	if e.r.watching[e.source] == how {
+		return
+	}
+	e.r.watching[e.source] = how
+	e.r.notify()
+}
 
 func (e *emitter) Set(m Mapping) {
 	m.Source = e.source

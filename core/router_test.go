@@ -841,3 +841,30 @@ func TestDeliveredHookAndChangedSignal(t *testing.T) {
 		t.Errorf("Delivered calls = %q", got)
 	}
 }
+
+// TestSourcesInStatus checks that the status lists every registered source,
+// whether it has reported its state, and how it says it watches.
+func TestSourcesInStatus(t *testing.T) {
+	p := newFakePeer()
+	described := make(chan struct{})
+	h := startRouter(t, fastConfig(), func(r *core.Router) {
+		r.AddSink("p", p, nil)
+		r.AddSource("quiet", core.SourceFunc(func(ctx context.Context, out core.Emitter) error {
+			<-ctx.Done()
+			return nil
+		}))
+		r.AddSource("talker", core.SourceFunc(func(ctx context.Context, out core.Emitter) error {
+			out.(core.Describer).Describe("reading twice a second")
+			out.Snapshot([]core.Mapping{mapping("a", 8080)})
+			close(described)
+			<-ctx.Done()
+			return nil
+		}))
+	})
+	<-described
+	got := h.r.Status().Sources
+	want := []core.SourceStatus{{Name: "quiet"}, {Name: "talker", Synced: true, Watching: "reading twice a second"}}
+	if !slices.Equal(got, want) {
+		t.Errorf("sources = %+v, want %+v", got, want)
+	}
+}

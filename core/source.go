@@ -46,6 +46,13 @@ type Note struct {
 	Reason string `json:"reason"`
 }
 
+// Describer is implemented by the Emitter the Router hands sources.
+// Describe sets one line that says how the source watches (which of its
+// ways of watching is in use, say); the status shows the latest one.
+type Describer interface {
+	Describe(how string)
+}
+
 // Noter is implemented by the Emitter the Router hands sources. Note keeps
 // n under its ID until the source sets, deletes or notes that ID again, or
 // leaves it out of a snapshot; a note without ports is forgotten.

@@ -11,10 +11,11 @@ import (
 type Status struct {
 	// Ports is the ledger: every claimed host address, its claims and
 	// what each sink holds for it.
-	Ports    []PortStatus `json:"ports"`
-	Mappings []Mapping    `json:"mappings"`
-	Refused  []Refusal    `json:"refused"`
-	Sinks    []SinkStatus `json:"sinks"`
+	Ports    []PortStatus   `json:"ports"`
+	Mappings []Mapping      `json:"mappings"`
+	Refused  []Refusal      `json:"refused"`
+	Sources  []SourceStatus `json:"sources,omitempty"`
+	Sinks    []SinkStatus   `json:"sinks"`
 	// Notes are things sources saw that expose nothing.
 	Notes []Note `json:"notes,omitempty"`
 }
@@ -62,6 +63,16 @@ type PortAtSink struct {
 	NextRetry time.Time `json:"nextRetry,omitzero"`
 }
 
+// SourceStatus describes one source registered with the Router.
+type SourceStatus struct {
+	Name string `json:"name"`
+	// Synced is whether the source has reported its complete state once.
+	Synced bool `json:"synced"`
+	// Watching says how the source watches, in its own words (empty when
+	// it does not say).
+	Watching string `json:"watching,omitempty"`
+}
+
 // SinkStatus describes one sink's delivery state.
 type SinkStatus struct {
 	Name        string    `json:"name"`
@@ -92,6 +103,10 @@ func (r *Router) Status() Status {
 	}
 	for _, k := range slices.SortedFunc(maps.Keys(r.notes), compareKeys) {
 		st.Notes = append(st.Notes, r.notes[k])
+	}
+	for _, s := range r.sources {
+		_, unsynced := r.unsynced[s.name]
+		st.Sources = append(st.Sources, SourceStatus{Name: s.name, Synced: !unsynced, Watching: r.watching[s.name]})
 	}
 	for _, addr := range r.ledger.addresses() {
 		ps := PortStatus{Protocol: addr.Protocol, HostIP: addr.HostIP, HostPort: addr.HostPort}

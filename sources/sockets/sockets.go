@@ -1,9 +1,12 @@
 // Package sockets is the source that reports the listening TCP sockets and
 // bound UDP sockets, IPv4 and IPv6, of a network namespace: the ports of
 // host-network containers and pods and of plain processes, which no engine
-// API reports. It reads them through NETLINK_SOCK_DIAG (inet_diag) dumps,
-// every interval and again when a socket it holds back is due; it does not
-// use eBPF wake-ups, so a new socket is seen on the next dump.
+// API reports. It reads them through NETLINK_SOCK_DIAG (inet_diag) dumps:
+// when an eBPF program on the inet_sock_set_state tracepoint tells it that
+// a TCP listener opened or closed (see wake.go), every interval (UDP, and a
+// safety net), and again when a socket it holds back is due. Without eBPF
+// (Config.Wakeups, or a kernel that refuses it) the interval's dumps alone
+// remain.
 //
 // A socket is reported once dumps have seen it for the settle time
 // without a gap, which filters transient sockets such as nerdctl's
@@ -47,7 +50,7 @@ const Name = "sockets"
 // Defaults of Config.
 const (
 	DefaultInterval = time.Second
-	DefaultSettle   = 300 * time.Millisecond
+	DefaultSettle   = 200 * time.Millisecond
 )
 
 func init() {
@@ -58,6 +61,7 @@ func init() {
 			netns := fs.String("socketsNetns", "", "network namespace (path) whose sockets are reported; empty for the agent's own")
 			every := fs.Duration("socketsInterval", DefaultInterval, "time between two sock_diag dumps")
 			settle := fs.Duration("socketsSettle", DefaultSettle, "how long a socket must be seen before it is reported")
+			wakeups := fs.String("socketsWakeups", WakeupsAuto, "eBPF wake-ups when a TCP listener opens or closes: auto (when the kernel allows it, else the periodic dump alone), ebpf (required: fail without it) or off")
 			exclude := fs.StringSlice("socketsExclude", DefaultExclude, "ports and ranges never reported, e.g. 22,10248-10259 (the Kubernetes API port is added)")
 			relay := fs.String("socketsRelayAddr", DefaultRelayAddr, "address where loopback-only sockets are made reachable by a relay; used in network-tunnel mode, or in any mode when given; empty for none")
 			idle := fs.Duration("socketsRelayIdle", DefaultRelayIdle, "how long a relayed TCP connection may carry nothing before it is closed")
@@ -72,7 +76,7 @@ func init() {
 				if env.Options.Mode == core.ModeTunnel || fs.Changed("socketsRelayAddr") {
 					relayAddr = *relay
 				}
-				return New(Config{Netns: *netns, Interval: *every, Settle: *settle, Exclude: ex, Log: env.Log,
+				return New(Config{Netns: *netns, Interval: *every, Settle: *settle, Wakeups: *wakeups, Exclude: ex, Log: env.Log,
 					RelayAddr: relayAddr, RelayIdle: *idle, RelayUDPIdle: *udpIdle, RelayMaxConns: *maxConns})
 			}
 		},
@@ -89,6 +93,10 @@ type Config struct {
 	// Settle is how long dumps must see a socket before it is reported
 	// (default DefaultSettle).
 	Settle time.Duration
+	// Wakeups says whether an eBPF program wakes a dump when a TCP
+	// listener opens or closes: WakeupsAuto (the default when empty),
+	// WakeupsEBPF or WakeupsOff.
+	Wakeups string
 	// Exclude are port numbers and ranges ("22", "10248-10259") never
 	// reported. Nil means DefaultExclude; an empty, non-nil slice excludes
 	// no port.
@@ -120,7 +128,8 @@ type Source struct {
 	log     *zap.Logger
 	exclude []PortRange
 	self    int
-	relay   netip.Addr // zero: no relay
+	relay   netip.Addr       // zero: no relay
+	onDump  func(woken bool) // tests: called before each dump
 }
 
 // New checks cfg and returns a Source.
@@ -139,6 +148,13 @@ func New(cfg Config) (*Source, error) {
 		return nil, fmt.Errorf("--socketsSettle must not be negative, got %s", cfg.Settle)
 	case cfg.Settle == 0:
 		cfg.Settle = DefaultSettle
+	}
+	switch cfg.Wakeups {
+	case "":
+		cfg.Wakeups = WakeupsAuto
+	case WakeupsAuto, WakeupsEBPF, WakeupsOff:
+	default:
+		return nil, fmt.Errorf("--socketsWakeups must be %s, %s or %s, got %q", WakeupsAuto, WakeupsEBPF, WakeupsOff, cfg.Wakeups)
 	}
 	if cfg.Exclude == nil {
 		cfg.Exclude = DefaultExclude
@@ -187,11 +203,31 @@ func New(cfg Config) (*Source, error) {
 	return &Source{cfg: cfg, log: log, exclude: ex, self: os.Getpid(), relay: relay}, nil
 }
 
+// Timing of the dumps that wake-ups trigger.
+const (
+	// wakeDelay lets a burst of listen() and close calls end before the
+	// dump it triggers.
+	wakeDelay = 2 * time.Millisecond
+	// wakeDuty bounds the share of time woken dumps take: a woken dump
+	// starts no sooner than wakeDuty times the last dump's duration after
+	// the last dump started, so at most 1/wakeDuty of a core goes to them
+	// however often listeners change (other namespaces' included).
+	wakeDuty = 10
+)
+
 // Run dumps the sockets until ctx is done. The first report is a snapshot,
 // made once the settle time has passed since Run started.
 func (s *Source) Run(ctx context.Context, out core.Emitter) error {
-	s.log.Info("reading sockets by periodic sock_diag dumps (eBPF wake-ups are not implemented)",
-		zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
+	wake, how, err := s.startWakeups()
+	if err != nil {
+		return err
+	}
+	var woken, stopped <-chan struct{}
+	if wake != nil {
+		defer wake.close()
+		woken, stopped = wake.C, wake.Stopped
+	}
+	describe(out, how)
 	d := &dumper{netns: s.cfg.Netns}
 	defer d.close()
 	relays := newRelays(s.cfg, s.relay, s.log)
@@ -201,19 +237,45 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 	synced, failing, badLogged := false, false, false
 	timer := time.NewTimer(0)
 	defer timer.Stop()
+	due := start // when the timer fires
+	var lastStart time.Time
+	var lastCost time.Duration
+	byWake := false // the timer was moved forward by a wake-up
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-timer.C:
+		case <-woken:
+			at := time.Now().Add(wakeDelay)
+			if capped := lastStart.Add(wakeDuty * lastCost); capped.After(at) {
+				at = capped
+			}
+			if at.Before(due) {
+				timer.Reset(time.Until(at))
+				due, byWake = at, true
+			}
+			continue
+		case <-stopped:
+			s.log.Warn("eBPF wake-ups stopped; reading sockets by the periodic dump alone", zap.Error(wake.Err))
+			woken, stopped = nil, nil
+			describe(out, fmt.Sprintf("sock_diag dump every %s (eBPF wake-ups stopped: %v)", s.cfg.Interval, wake.Err))
+			continue
 		}
+		if s.onDump != nil {
+			s.onDump(byWake)
+		}
+		byWake = false
 		wait := s.cfg.Interval
+		lastStart = time.Now()
 		socks, bad, err := d.dump()
+		lastCost = time.Since(lastStart)
 		if err != nil {
 			if !failing {
 				s.log.Warn("cannot read sockets; keeping what was reported, will retry", zap.Error(err))
 			}
 			failing = true
+			due = time.Now().Add(wait)
 			timer.Reset(wait)
 			continue
 		}
@@ -260,7 +322,39 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		if next > 0 {
 			wait = min(wait, next)
 		}
+		due = now.Add(wait)
 		timer.Reset(wait)
+	}
+}
+
+// startWakeups loads the eBPF wake-ups as Config.Wakeups asks, logs which
+// way the sockets are read, and returns the wake-ups (nil for none) and
+// that way in words.
+func (s *Source) startWakeups() (*wakeups, string, error) {
+	poll := fmt.Sprintf("sock_diag dump every %s", s.cfg.Interval)
+	if s.cfg.Wakeups == WakeupsOff {
+		s.log.Info("reading sockets by a periodic sock_diag dump; eBPF wake-ups are off",
+			zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
+		return nil, poll + " (eBPF wake-ups off)", nil
+	}
+	w, err := loadWakeups()
+	if err != nil {
+		if s.cfg.Wakeups == WakeupsEBPF {
+			return nil, "", fmt.Errorf("eBPF wake-ups (--socketsWakeups=%s): %w", WakeupsEBPF, err)
+		}
+		s.log.Warn("eBPF wake-ups unavailable; reading sockets by a periodic sock_diag dump alone",
+			zap.Error(err), zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
+		return nil, fmt.Sprintf("%s (eBPF wake-ups unavailable: %v)", poll, err), nil
+	}
+	s.log.Info("reading sockets by sock_diag dumps that eBPF wake-ups trigger when a TCP listener opens or closes, and every interval (UDP sockets, and as a safety net)",
+		zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
+	return w, fmt.Sprintf("sock_diag dump on eBPF wake-ups (TCP listeners, %s tracepoint) and every %s", tracepoint, s.cfg.Interval), nil
+}
+
+// describe tells the router how the source watches, when it can listen.
+func describe(out core.Emitter, how string) {
+	if d, ok := out.(core.Describer); ok {
+		d.Describe(how)
 	}
 }
 

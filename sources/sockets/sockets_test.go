@@ -25,10 +25,11 @@ const waitTimeout = 30 * time.Second
 // rig is a private network namespace with a helper process in it that
 // holds sockets, and the source configured to read that namespace.
 type rig struct {
-	ns    string
-	h     *helper
-	port  atomic.Int32
-	extra []string // Config.Exclude, when set
+	ns      string
+	h       *helper
+	port    atomic.Int32
+	extra   []string // Config.Exclude, when set
+	wakeups string   // Config.Wakeups
 }
 
 func newRig(t testing.TB) *rig {
@@ -39,13 +40,26 @@ func newRig(t testing.TB) *rig {
 	return r
 }
 
+// paths runs test on both ways of reading sockets: dumps that eBPF
+// wake-ups trigger as well as the interval's (required to load, so that
+// a kernel that refuses it fails the test), and the interval's alone.
+func paths(t *testing.T, test func(t *testing.T, r *rig)) {
+	for _, w := range []string{sockets.WakeupsEBPF, sockets.WakeupsOff} {
+		t.Run(w, func(t *testing.T) {
+			r := newRig(t)
+			r.wakeups = w
+			test(t, r)
+		})
+	}
+}
+
 func (r *rig) nextPort() int { return int(r.port.Add(1)) }
 
 func (r *rig) netnsPath() string { return "/var/run/netns/" + r.ns }
 
 func (r *rig) source(t testing.TB, interval, settle time.Duration, log *zap.Logger) core.Source {
 	t.Helper()
-	s, err := sockets.New(sockets.Config{Netns: r.netnsPath(), Interval: interval, Settle: settle, Exclude: r.extra, Log: log})
+	s, err := sockets.New(sockets.Config{Netns: r.netnsPath(), Interval: interval, Settle: settle, Wakeups: r.wakeups, Exclude: r.extra, Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,8 +182,9 @@ func (r *rig) barrier(t *testing.T, router *core.Router) {
 	}
 }
 
-func TestContract(t *testing.T) {
-	r := newRig(t)
+func TestContract(t *testing.T) { paths(t, testContract) }
+
+func testContract(t *testing.T, r *rig) {
 	var mu sync.Mutex
 	bound := map[string]string{} // mapping id -> helper key "proto addr"
 	sourcetest.Run(t, sourcetest.Harness{
@@ -216,8 +231,9 @@ func TestContract(t *testing.T) {
 
 // TestAddresses opens TCP and UDP sockets on every kind of address, checks
 // what each is reported as, and that closing them removes them.
-func TestAddresses(t *testing.T) {
-	r := newRig(t)
+func TestAddresses(t *testing.T) { paths(t, testAddresses) }
+
+func testAddresses(t *testing.T, r *rig) {
 	testenv.RunIn(t, r.ns, "ip", "addr", "add", "198.18.7.1/32", "dev", "lo")
 	testenv.RunIn(t, r.ns, "ip", "addr", "add", "fd00:7::1/128", "dev", "lo", "nodad")
 	router, _ := run(t, r.source(t, 50*time.Millisecond, 100*time.Millisecond, nil))
@@ -260,7 +276,10 @@ func TestAddresses(t *testing.T) {
 // TestShortLivedListenerIsNeverReported opens a TCP and a UDP socket for
 // 50ms each while scans run every 10ms with a settle time of 500ms.
 func TestShortLivedListenerIsNeverReported(t *testing.T) {
-	r := newRig(t)
+	paths(t, testShortLivedListenerIsNeverReported)
+}
+
+func testShortLivedListenerIsNeverReported(t *testing.T, r *rig) {
 	core, logs := observer.New(zap.DebugLevel)
 	router, rec := run(t, r.source(t, 10*time.Millisecond, 500*time.Millisecond, zap.New(core)))
 	waitIDs(t, router)
@@ -283,7 +302,10 @@ func TestShortLivedListenerIsNeverReported(t *testing.T) {
 // TestListenersOpenBeforeStartAreTheFirstSnapshot starts the source with
 // sockets already open.
 func TestListenersOpenBeforeStartAreTheFirstSnapshot(t *testing.T) {
-	r := newRig(t)
+	paths(t, testListenersOpenBeforeStartAreTheFirstSnapshot)
+}
+
+func testListenersOpenBeforeStartAreTheFirstSnapshot(t *testing.T, r *rig) {
 	var want []string
 	for range 3 {
 		p := r.nextPort()
@@ -303,9 +325,10 @@ func TestListenersOpenBeforeStartAreTheFirstSnapshot(t *testing.T) {
 
 // TestThousandListeners opens 1,000 TCP listeners at once, then closes
 // them all.
-func TestThousandListeners(t *testing.T) {
+func TestThousandListeners(t *testing.T) { paths(t, testThousandListeners) }
+
+func testThousandListeners(t *testing.T, r *rig) {
 	const n = 1000
-	r := newRig(t)
 	router, _ := run(t, r.source(t, 100*time.Millisecond, 100*time.Millisecond, nil))
 	waitIDs(t, router)
 	first := 30000
@@ -327,7 +350,10 @@ func TestThousandListeners(t *testing.T) {
 // TestExcludesAgentSocketsAndExcludedPorts opens a listener of the agent's
 // own process inside the namespace and helper listeners on excluded ports.
 func TestExcludesAgentSocketsAndExcludedPorts(t *testing.T) {
-	r := newRig(t)
+	paths(t, testExcludesAgentSocketsAndExcludedPorts)
+}
+
+func testExcludesAgentSocketsAndExcludedPorts(t *testing.T, r *rig) {
 	r.extra = []string{"22", "2222,3000-3002"}
 	own := r.nextPort()
 	listenInNetns(t, r.ns, fmt.Sprintf("0.0.0.0:%d", own))
@@ -357,8 +383,9 @@ func TestExcludesAgentSocketsAndExcludedPorts(t *testing.T) {
 
 // TestExcludesDockerProxy runs the helper under the name docker-proxy: its
 // listeners are Docker's published ports, which the docker source reports.
-func TestExcludesDockerProxy(t *testing.T) {
-	r := newRig(t)
+func TestExcludesDockerProxy(t *testing.T) { paths(t, testExcludesDockerProxy) }
+
+func testExcludesDockerProxy(t *testing.T, r *rig) {
 	proxy := startHelper(t, r.ns, "docker-proxy")
 	router, rec := run(t, r.source(t, 20*time.Millisecond, 50*time.Millisecond, nil))
 	p := r.nextPort()
@@ -375,4 +402,33 @@ func TestExcludesDockerProxy(t *testing.T) {
 	q := r.nextPort()
 	r.h.do(t, "listen tcp [::]:%d v6only", q)
 	waitHas(t, router, fmt.Sprintf("tcp/[::]:%d", q))
+}
+
+// TestWakeupsReportTCPListenersAtOnce runs the source with an interval of
+// an hour, so that only eBPF wake-ups can bring a dump forward: TCP
+// listeners that open and close are reported and removed all the same, by
+// dumps the wake-ups triggered.
+func TestWakeupsReportTCPListenersAtOnce(t *testing.T) {
+	r := newRig(t)
+	r.wakeups = sockets.WakeupsEBPF
+	src := r.source(t, time.Hour, 50*time.Millisecond, nil).(*sockets.Source)
+	var woken atomic.Int32
+	sockets.SetDumpHook(src, func(byWake bool) {
+		if byWake {
+			woken.Add(1)
+		}
+	})
+	router, _ := run(t, src)
+	waitIDs(t, router)
+	for _, addr := range []string{"0.0.0.0", "[::1]", "127.0.0.1"} {
+		p := r.nextPort()
+		id := fmt.Sprintf("tcp/%s:%d", addr, p)
+		r.h.do(t, "listen tcp %s:%d", addr, p)
+		waitHas(t, router, id)
+		r.h.do(t, "close tcp %s:%d", addr, p)
+		waitLacks(t, router, id)
+	}
+	if woken.Load() == 0 {
+		t.Error("no dump was brought forward by a wake-up")
+	}
 }
