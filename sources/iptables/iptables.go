@@ -1,26 +1,44 @@
 // Package iptables is the source that scans the kernel's NAT rules for the
-// service ports kube-proxy exposes — in iptables mode (KUBE-NODEPORTS and
-// KUBE-SERVICES, through go-iptables, on the nft and legacy back-ends) and
-// in nftables mode (the kube-proxy table's service-nodeports and
-// service-ips maps, over netlink) — and the hostPorts of the CNI portmap
-// plugin, leaving out the loopback NAT rules the container sources add to
-// CNI's chains. It rescans at once when nftables reports a change and at least
-// every scan interval, re-parses only when the rules changed, and opens
-// the listeners kubelet no longer creates for the ports it finds.
+// service ports kube-proxy exposes — in iptables mode (the KUBE-NODEPORTS
+// and KUBE-SERVICES chains of the nat table) and in nftables mode (the
+// kube-proxy table's service-nodeports and service-ips maps) — and the
+// hostPorts of the CNI portmap plugin (CNI-HOSTPORT-DNAT and the CNI-DN-*
+// chains it jumps to), leaving out the loopback NAT rules the container
+// sources add to CNI's chains.
+//
+// Everything in nftables is read over netlink, in the agent's network
+// namespace or the one --iptablesNetns names: kube-proxy's maps, and the
+// rules of iptables-nft and ip6tables-nft, whose match and target
+// expressions are decoded into what `iptables -S` prints of them, so that
+// both are parsed alike. The legacy back-end (x_tables) is read with
+// iptables-legacy-save and ip6tables-legacy-save run inside that namespace,
+// and only where the namespace has a legacy nat table; --iptablesCommands
+// names commands to run instead.
+//
+// Changes to the chains and maps the source reads trigger a scan:
+// notifications of one transaction count once, a burst is read by one
+// scan 20 ms after its first notification, and the next such scan waits
+// at least 9 times the last scan's duration, so that scans take at most a
+// tenth of a core however fast the rules change; notifications for other
+// tables and chains (Docker's filter rules, say) are ignored. The rules are
+// also read every scan interval, or every 20 times a scan's duration when
+// that is longer (the legacy back-end sends no notifications). Rules are
+// parsed only when they changed, and listeners are opened on the ports
+// found, as kubelet no longer does.
 package iptables
 
 import (
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	goipt "github.com/coreos/go-iptables/iptables"
@@ -41,10 +59,10 @@ func init() {
 		Name:    Name,
 		Summary: "service ports in kube-proxy's and CNI's NAT rules (iptables and nftables), with listeners",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
-			cmds := fs.StringSlice("iptablesCommands", nil, "iptables commands to scan (default: iptables-nft and iptables-legacy where installed, else iptables)")
-			every := fs.Duration("iptablesScanInterval", 3*time.Second, "time between two periodic scans, or 20 times what a scan takes if longer; nftables changes trigger a scan at once")
+			cmds := fs.StringSlice("iptablesCommands", nil, "legacy iptables commands to scan, each run as CMD -t nat -S CHAIN in --iptablesNetns (default: iptables-legacy-save and ip6tables-legacy-save where the namespace has a legacy nat table); iptables-nft rules are read over netlink either way")
+			every := fs.Duration("iptablesScanInterval", 3*time.Second, "time between two periodic scans, or 20 times what a scan takes if longer; nftables changes (iptables-nft's too) trigger a scan within 20 ms, or 9 times the last scan's duration after it")
 			listen := fs.Bool("iptablesListeners", true, "open a listener on each service port found, as kubelet no longer does")
-			netns := fs.String("iptablesNetns", "", "network namespace (path) whose rules are scanned; empty for the agent's own")
+			netns := fs.String("iptablesNetns", "", "network namespace (path) whose rules are scanned, on every back-end; empty for the agent's own")
 			return func(env registry.Env) (core.Source, error) {
 				if *every <= 0 {
 					return nil, fmt.Errorf("--iptablesScanInterval must be positive, got %s", *every)
@@ -60,16 +78,20 @@ func init() {
 
 // Config configures a Source.
 type Config struct {
-	// Commands are the iptables commands to scan; empty picks iptables-nft
-	// and iptables-legacy where installed, else iptables.
+	// Commands are iptables commands run per scan, as `CMD -t nat -S
+	// CHAIN` inside Netns, in place of iptables-legacy-save and
+	// ip6tables-legacy-save; empty reads the legacy back-end with those
+	// where the namespace has a legacy nat table. The rules of iptables-nft
+	// are read over netlink either way.
 	Commands []string
 	// Interval is the time between periodic scans; it stretches to
 	// scanCostFactor times a scan's duration when that is longer.
 	Interval time.Duration
 	// Listen opens a listener on each port found.
 	Listen bool
-	// Netns is the path of the network namespace to scan; empty for the
-	// current one. The iptables commands must already run there.
+	// Netns is the path of the network namespace whose rules are read
+	// (over netlink, and by the legacy commands, which run there); empty
+	// for the current one.
 	Netns string
 	// ListenAddr is where service ports are bound on the host (the
 	// --k8sServiceListenerAddr) and where listeners open.
@@ -80,19 +102,15 @@ type Config struct {
 
 // Source scans NAT rules.
 type Source struct {
-	cfg Config
-	log *zap.Logger
-	ipt []backend
+	cfg    Config
+	log    *zap.Logger
+	cmds   []command     // --iptablesCommands
+	legacy []legacySaver // the legacy back-end's save commands, without cmds
+	scans  atomic.Int64  // scans made, for tests
 }
 
-// backend is one iptables command (nft or legacy).
-type backend struct {
-	name string
-	ipt  *goipt.IPTables
-}
-
-// New checks cfg and returns a Source. Commands that are not installed are
-// left out; having none at all is fine when nftables is used.
+// New checks cfg and returns a Source. It fails when a command of
+// cfg.Commands cannot be run.
 func New(cfg Config) (*Source, error) {
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
@@ -104,27 +122,20 @@ func New(cfg Config) (*Source, error) {
 		cfg.ListenAddr = netip.AddrFrom4([4]byte{127, 0, 0, 1})
 	}
 	s := &Source{cfg: cfg, log: cfg.Log.With(zap.String("source", Name))}
-	cmds := cfg.Commands
-	if len(cmds) == 0 {
-		for _, c := range []string{"iptables-nft", "iptables-legacy"} {
-			if _, err := exec.LookPath(c); err == nil {
-				cmds = append(cmds, c)
-			}
-		}
-		if len(cmds) == 0 {
-			cmds = []string{"iptables"}
+	if cfg.Netns != "" {
+		if _, err := os.Stat(cfg.Netns); err != nil {
+			return nil, fmt.Errorf("--iptablesNetns: %w", err)
 		}
 	}
-	for _, c := range cmds {
+	for _, c := range cfg.Commands {
 		ipt, err := goipt.New(goipt.Path(c), goipt.Timeout(5))
 		if err != nil {
-			if len(cfg.Commands) > 0 {
-				return nil, fmt.Errorf("--iptablesCommands %s: %w", c, err)
-			}
-			s.log.Info("iptables command unavailable; not scanned", zap.String("command", c), zap.Error(err))
-			continue
+			return nil, fmt.Errorf("--iptablesCommands %s: %w", c, err)
 		}
-		s.ipt = append(s.ipt, backend{c, ipt})
+		s.cmds = append(s.cmds, command{c, ipt})
+	}
+	if len(s.cmds) == 0 {
+		s.legacy = legacySavers()
 	}
 	return s, nil
 }
@@ -133,19 +144,31 @@ func New(cfg Config) (*Source, error) {
 func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 	ls := &listeners{addr: s.cfg.ListenAddr, log: s.log, open: map[string]closer{}, failed: map[string]bool{}}
 	defer ls.closeAll()
-	changed, stop := s.watchNftables(ctx)
-	defer stop()
+	changed := make(chan struct{}, 1)
+	ready := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() { s.watch(ctx, changed, ready) })
+	defer wg.Wait()
+	select { // notifications first, so that no change is missed after the first scan
+	case <-ready:
+	case <-ctx.Done():
+		return nil
+	}
 	periodic := time.NewTimer(s.cfg.Interval)
 	defer periodic.Stop()
-	debounce := time.NewTimer(time.Hour)
-	debounce.Stop()
-	defer debounce.Stop()
+	notified := time.NewTimer(time.Hour)
+	notified.Stop()
+	defer notified.Stop()
 
+	var p pacer
 	st := &scanState{}
 	scan := func() {
+		notified.Stop()
 		start := time.Now()
 		s.scan(out, ls, st)
-		periodic.Reset(nextScan(s.cfg.Interval, time.Since(start)))
+		end := time.Now()
+		p.scanned(start, end)
+		periodic.Reset(nextScan(s.cfg.Interval, end.Sub(start)))
 	}
 	scan()
 	for {
@@ -153,11 +176,51 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		case <-ctx.Done():
 			return nil
 		case <-changed:
-			debounce.Reset(50 * time.Millisecond) // a rule update arrives as a burst
-		case <-debounce.C:
+			if wait, ok := p.changed(time.Now()); ok {
+				notified.Reset(wait)
+			}
+		case <-notified.C:
 			scan()
 		case <-periodic.C:
 			scan()
+		}
+	}
+}
+
+// watchRetry is the wait before the notification socket is opened again
+// after it failed.
+const watchRetry = 5 * time.Second
+
+// watch runs watchNft until ctx is done, opening the socket again when
+// it fails (and then scanning, as changes may have been missed). ready is
+// closed once the first socket listens, or the first attempt failed.
+func (s *Source) watch(ctx context.Context, changed chan<- struct{}, ready chan<- struct{}) {
+	signal := func() {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	var once sync.Once
+	isReady := func() { once.Do(func() { close(ready) }) }
+	defer isReady()
+	for first := true; ; first = false {
+		err := watchNft(ctx, s.cfg.Netns, signal, func() {
+			isReady()
+			if !first {
+				s.log.Info("nftables change notifications back")
+				signal()
+			}
+		})
+		if ctx.Err() != nil {
+			return
+		}
+		isReady()
+		s.log.Info("nftables change notifications unavailable; scanning on the interval", zap.Error(err), zap.Duration("retry_in", watchRetry))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(watchRetry):
 		}
 	}
 }
@@ -182,6 +245,7 @@ type scanState struct {
 
 // scan reads every rule set, and reports and listens only if they changed.
 func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState) {
+	s.scans.Add(1)
 	raw, problems := s.read()
 	failing := map[string]bool{}
 	for what, err := range problems {
@@ -196,7 +260,7 @@ func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState) {
 		}
 	}
 	st.failing = failing
-	if len(problems) > 0 && len(raw.lines) == 0 && len(raw.nft) == 0 && st.reported {
+	if len(problems) > 0 && len(raw.lines) == 0 && len(raw.rules) == 0 && len(raw.nft) == 0 && st.reported {
 		return // keep what was reported rather than remove everything on a failed read
 	}
 	digest := raw.digest()
@@ -229,8 +293,9 @@ func (s *Source) mapping(p ServicePort) core.Mapping {
 
 // rawRules is what one scan read, before parsing.
 type rawRules struct {
-	lines []string
-	nft   []nftMap
+	lines []string // `iptables -S` lines of the legacy back-end
+	rules []rule   // iptables-nft's rules, read over netlink
+	nft   []nftMap // kube-proxy's maps
 }
 
 type nftMap struct {
@@ -244,6 +309,12 @@ func (r rawRules) digest() [sha256.Size]byte {
 	for _, l := range r.lines {
 		h.Write([]byte(l))
 		h.Write([]byte{'\n'})
+	}
+	for _, r := range r.rules {
+		for _, f := range []string{r.chain, r.proto, r.target, r.dest, r.dport, r.comment} {
+			h.Write([]byte(f))
+			h.Write([]byte{0})
+		}
 	}
 	for _, m := range r.nft {
 		fmt.Fprintf(h, "%d %s\n", m.family, m.name)
@@ -260,6 +331,8 @@ func (r rawRules) digest() [sha256.Size]byte {
 
 func (r rawRules) parse() []ServicePort {
 	ports, _ := ParseIptables(r.lines)
+	fromNft, _ := portsOf(r.rules)
+	ports = append(ports, fromNft...)
 	for _, m := range r.nft {
 		switch m.name {
 		case "service-nodeports":
@@ -275,76 +348,66 @@ func (r rawRules) parse() []ServicePort {
 	return dedupe(ports)
 }
 
-// read lists the chains that matter from every iptables back-end and the
+// read reads the chains that matter from every iptables back-end and the
 // kube-proxy nftables maps. A missing chain or table is not a problem:
 // kube-proxy may use the other mode, or not run yet.
 func (s *Source) read() (rawRules, map[string]error) {
 	var r rawRules
 	problems := map[string]error{}
-	for _, b := range s.ipt {
-		lines, err := listChains(b.ipt, "KUBE-NODEPORTS", "KUBE-SERVICES", "CNI-HOSTPORT-DNAT")
-		if err == nil {
-			_, cni := ParseIptables(lines)
-			var more []string
-			more, err = listChains(b.ipt, cni...)
-			lines = append(lines, more...)
-		}
-		if err != nil {
-			problems[b.name] = err
-			continue
-		}
-		r.lines = append(r.lines, lines...)
-	}
-	nft, err := s.readNftables()
+	conn, done, err := s.nftConn()
 	if err != nil {
 		problems["nftables"] = err
+	} else {
+		if r.rules, err = readNatNft(conn); err != nil {
+			problems["iptables-nft"] = err
+		}
+		if r.nft, err = readNftables(conn); err != nil {
+			problems["nftables"] = err
+		}
+		done()
 	}
-	r.nft = nft
+	var more map[string]error
+	if len(s.cmds) > 0 {
+		r.lines, more = readCommands(s.cfg.Netns, s.cmds)
+	} else {
+		r.lines, more = readLegacy(s.cfg.Netns, s.legacy)
+	}
+	maps.Copy(problems, more)
 	return r, problems
 }
 
-func listChains(ipt *goipt.IPTables, chains ...string) ([]string, error) {
-	var out []string
-	for _, c := range chains {
-		lines, err := ipt.List("nat", c)
-		if err != nil {
-			// iptables-nft reports a chain that does not exist as
-			// "incompatible"; either way there is nothing to read.
-			var e *goipt.Error
-			if errors.As(err, &e) && (e.IsNotExist() || strings.Contains(e.Error(), "incompatible")) {
-				continue
-			}
-			return nil, fmt.Errorf("listing nat %s: %w", c, err)
+// nftConn opens a netlink connection for one scan, in the namespace.
+func (s *Source) nftConn() (*nftables.Conn, func(), error) {
+	opts := []nftables.ConnOption{nftables.AsLasting()}
+	var f *os.File
+	if s.cfg.Netns != "" {
+		var err error
+		if f, err = os.Open(s.cfg.Netns); err != nil {
+			return nil, nil, fmt.Errorf("opening network namespace: %w", err)
 		}
-		out = append(out, lines...)
+		opts = append(opts, nftables.WithNetNSFd(int(f.Fd())))
 	}
-	return out, nil
+	c, err := nftables.New(opts...)
+	if err != nil {
+		if f != nil {
+			f.Close()
+		}
+		return nil, nil, err
+	}
+	return c, func() {
+		_ = c.CloseLasting()
+		if f != nil {
+			f.Close()
+		}
+	}, nil
 }
 
-func (s *Source) nftConn() (*nftables.Conn, func(), error) {
-	if s.cfg.Netns == "" {
-		c, err := nftables.New()
-		return c, func() {}, err
-	}
-	f, err := os.Open(s.cfg.Netns)
-	if err != nil {
-		return nil, nil, err
-	}
-	c, err := nftables.New(nftables.WithNetNSFd(int(f.Fd())))
-	if err != nil {
-		f.Close()
-		return nil, nil, err
-	}
-	return c, func() { f.Close() }, nil
-}
+// kubeProxyMaps are the verdict maps of kube-proxy's nftables mode that the
+// source reads.
+var kubeProxyMaps = []string{"service-nodeports", "service-ips"}
 
 // readNftables reads the verdict maps of the ip and ip6 kube-proxy tables.
-func (s *Source) readNftables() ([]nftMap, error) {
-	conn, done, err := s.nftConn()
-	if err != nil {
-		return nil, err
-	}
-	defer done()
+func readNftables(conn *nftables.Conn) ([]nftMap, error) {
 	var out []nftMap
 	for _, family := range []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFamilyIPv6} {
 		tables, err := conn.ListTablesOfFamily(family)
@@ -355,7 +418,7 @@ func (s *Source) readNftables() ([]nftMap, error) {
 		if i < 0 {
 			continue
 		}
-		for _, name := range []string{"service-nodeports", "service-ips"} {
+		for _, name := range kubeProxyMaps {
 			set, err := conn.GetSetByName(tables[i], name)
 			if err != nil {
 				continue // an older or newer layout without this map
@@ -374,44 +437,6 @@ func (s *Source) readNftables() ([]nftMap, error) {
 		}
 	}
 	return out, nil
-}
-
-// watchNftables subscribes to nftables change notifications. The channel
-// gets a value per change; without notifications it never fires and the
-// interval scans carry on alone.
-func (s *Source) watchNftables(ctx context.Context) (<-chan struct{}, func()) {
-	changed := make(chan struct{}, 1)
-	conn, done, err := s.nftConn()
-	if err != nil {
-		s.log.Info("nftables change notifications unavailable; scanning on the interval", zap.Error(err))
-		return changed, func() {}
-	}
-	mon := nftables.NewMonitor(nftables.WithMonitorAction(nftables.MonitorActionAny), nftables.WithMonitorObject(nftables.MonitorObjectAny))
-	events, err := conn.AddMonitor(mon)
-	if err != nil {
-		done()
-		s.log.Info("nftables change notifications unavailable; scanning on the interval", zap.Error(err))
-		return changed, func() {}
-	}
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for ev := range events {
-			if ev.Error != nil {
-				continue
-			}
-			select {
-			case changed <- struct{}{}:
-			default:
-			}
-		}
-	})
-	stop := context.AfterFunc(ctx, func() { _ = mon.Close() })
-	return changed, func() {
-		stop()
-		_ = mon.Close()
-		wg.Wait()
-		done()
-	}
 }
 
 type closer interface{ Close() error }

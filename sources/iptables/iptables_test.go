@@ -20,8 +20,9 @@ import (
 
 var lo = netip.MustParseAddr("127.0.0.1")
 
-// rig is a network namespace with kube-proxy's base chains, and a source
-// that scans it.
+// rig is a network namespace, a wrapper that runs an iptables command in
+// it (to write rules), and a source that scans it, given the namespace
+// alone.
 type rig struct {
 	ns      string
 	wrapper string
@@ -44,8 +45,7 @@ func newRig(t testing.TB, command string) *rig {
 func (r *rig) source(t testing.TB, listen bool, interval time.Duration) core.Source {
 	t.Helper()
 	s, err := iptables.New(iptables.Config{
-		Commands: []string{r.wrapper}, Interval: interval, Listen: listen,
-		Netns: "/var/run/netns/" + r.ns, ListenAddr: lo,
+		Interval: interval, Listen: listen, Netns: "/var/run/netns/" + r.ns, ListenAddr: lo,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -115,7 +115,9 @@ func unescape(s string) string {
 	return b.String()
 }
 
-// rule is the part of an iptables rule the parser needs.
+// rule is the part of an iptables rule the parser needs, as
+// `iptables -S` prints it: the chain, the -p, -j (or -g), -d and --dport
+// arguments (whether negated or not) and the last --comment.
 type rule struct {
 	chain, proto, target, dest, dport, comment string
 }
@@ -166,31 +168,52 @@ func parseRule(line string) (rule, bool) {
 // that address as its HostIP. ParseIptables also returns the CNI-DN-*
 // chains that CNI-HOSTPORT-DNAT jumps to, so that the caller can list them.
 func ParseIptables(lines []string) (ports []ServicePort, cniChains []string) {
+	var c classifier
 	for _, line := range lines {
-		r, ok := parseRule(line)
-		if !ok || loopbacknat.IsOwnRule(r.comment) {
-			continue
-		}
-		switch {
-		case r.chain == "KUBE-NODEPORTS":
-			if strings.HasPrefix(r.target, "KUBE-EXT-") || strings.HasPrefix(r.target, "KUBE-SVC-") {
-				ports = appendPort(ports, r.proto, r.dport, netip.Addr{}, KindNodePort)
-			}
-		case r.chain == "KUBE-SERVICES":
-			if strings.HasPrefix(r.target, "KUBE-EXT-") {
-				ports = appendPort(ports, r.proto, r.dport, netip.Addr{}, KindExternal)
-			}
-		case r.chain == "CNI-HOSTPORT-DNAT":
-			if strings.HasPrefix(r.target, "CNI-DN-") && !slices.Contains(cniChains, r.target) {
-				cniChains = append(cniChains, r.target)
-			}
-		case strings.HasPrefix(r.chain, "CNI-DN-"):
-			if r.target == "DNAT" {
-				ports = appendPort(ports, r.proto, r.dport, hostIP(r.dest), KindHostPort)
-			}
+		if r, ok := parseRule(line); ok {
+			c.add(r)
 		}
 	}
-	return dedupe(ports), cniChains
+	return dedupe(c.ports), c.cniChains
+}
+
+// portsOf is ParseIptables for rules already decoded (read over netlink).
+func portsOf(rules []rule) (ports []ServicePort, cniChains []string) {
+	var c classifier
+	for _, r := range rules {
+		c.add(r)
+	}
+	return dedupe(c.ports), c.cniChains
+}
+
+// classifier collects the service ports of rules, one at a time.
+type classifier struct {
+	ports     []ServicePort
+	cniChains []string
+}
+
+func (c *classifier) add(r rule) {
+	if loopbacknat.IsOwnRule(r.comment) {
+		return
+	}
+	switch {
+	case r.chain == "KUBE-NODEPORTS":
+		if strings.HasPrefix(r.target, "KUBE-EXT-") || strings.HasPrefix(r.target, "KUBE-SVC-") {
+			c.ports = appendPort(c.ports, r.proto, r.dport, netip.Addr{}, KindNodePort)
+		}
+	case r.chain == "KUBE-SERVICES":
+		if strings.HasPrefix(r.target, "KUBE-EXT-") {
+			c.ports = appendPort(c.ports, r.proto, r.dport, netip.Addr{}, KindExternal)
+		}
+	case r.chain == "CNI-HOSTPORT-DNAT":
+		if strings.HasPrefix(r.target, "CNI-DN-") && !slices.Contains(c.cniChains, r.target) {
+			c.cniChains = append(c.cniChains, r.target)
+		}
+	case strings.HasPrefix(r.chain, "CNI-DN-"):
+		if r.target == "DNAT" {
+			c.ports = appendPort(c.ports, r.proto, r.dport, hostIP(r.dest), KindHostPort)
+		}
+	}
 }
 
 func appendPort(ports []ServicePort, proto, port string, ip netip.Addr, kind string) []ServicePort {

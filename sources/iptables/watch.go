@@ -1,0 +1,203 @@
+package iptables
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Pacing of the scans that change notifications trigger.
+const (
+	// coalesceDelay is how long a notified scan waits after the first
+	// notification of a burst, so that changes made by several commands in
+	// a row (the CNI portmap plugin runs a few) are read by one scan. It
+	// is not extended by later notifications: a steady stream of them
+	// cannot hold a scan back.
+	coalesceDelay = 20 * time.Millisecond
+	// notifyCostFactor is k: a notified scan starts no sooner than k times
+	// the last scan's duration after that scan ended, so that while
+	// changes keep coming the scans take at most 1/(k+1) (10%) of a core.
+	notifyCostFactor = 9
+)
+
+// pacer decides when a notified scan runs.
+type pacer struct {
+	armed   bool // a notified scan is due
+	lastEnd time.Time
+	lastDur time.Duration
+}
+
+// changed notes a change notified at now. It returns how long to wait
+// before scanning, and false when a scan is already due (it will read
+// this change too).
+func (p *pacer) changed(now time.Time) (time.Duration, bool) {
+	if p.armed {
+		return 0, false
+	}
+	p.armed = true
+	return max(coalesceDelay, p.lastEnd.Add(notifyCostFactor*p.lastDur).Sub(now)), true
+}
+
+// scanned notes a scan, notified or periodic, that ran from start to end:
+// it read every change notified before it started.
+func (p *pacer) scanned(start, end time.Time) {
+	p.armed = false
+	p.lastEnd, p.lastDur = end, end.Sub(start)
+}
+
+// Netlink message types and attributes of nf_tables
+// (linux/netfilter/nf_tables.h) that the watcher reads.
+const (
+	// The first attribute of tables is the name; of chains, rules, sets
+	// and set element lists, the table; the second (third for chains)
+	// is the object's name or, for rules, the chain.
+	nftaTableName   = 1
+	nftaOwnerTable  = 1
+	nftaRuleChain   = 2
+	nftaSetName     = 2
+	nftaElemSetName = 2
+	nftaChainName   = 3
+)
+
+// relevant tells whether a change notification of msgType (NFT_MSG_*)
+// for an object of family (NFPROTO_*) in table, named name (the chain of
+// a rule, the set of an element), touches what the source reads: the ip
+// and ip6 nat tables' chains that it reads, and the kube-proxy tables'
+// service maps. Docker's filter rules, kube-proxy's other chains and any
+// other table are not.
+func relevant(family uint8, msgType uint16, table, name string) bool {
+	if family != unix.NFPROTO_IPV4 && family != unix.NFPROTO_IPV6 {
+		return false
+	}
+	switch table {
+	case "nat":
+		switch msgType {
+		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
+			return true
+		case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN, unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE:
+			return slices.Contains(natChains, name) || strings.HasPrefix(name, "CNI-DN-")
+		}
+	case "kube-proxy":
+		switch msgType {
+		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
+			return true
+		case unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET, unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
+			return slices.Contains(kubeProxyMaps, name)
+		}
+	}
+	return false
+}
+
+// relevantMsg decodes the family, table and name of a notification and
+// tells whether it is relevant.
+func relevantMsg(m netlink.Message) bool {
+	typ := uint16(m.Header.Type)
+	if typ>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < 4 {
+		return false
+	}
+	msgType := typ & 0xff
+	tableAttr, nameAttr := uint16(nftaOwnerTable), uint16(0)
+	switch msgType {
+	case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
+		tableAttr = nftaTableName
+	case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN:
+		nameAttr = nftaChainName
+	case unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE:
+		nameAttr = nftaRuleChain
+	case unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET:
+		nameAttr = nftaSetName
+	case unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
+		nameAttr = nftaElemSetName
+	default:
+		return false
+	}
+	ad, err := netlink.NewAttributeDecoder(m.Data[4:])
+	if err != nil {
+		return true // cannot tell: read the rules again
+	}
+	ad.ByteOrder = binary.BigEndian
+	var table, name string
+	for ad.Next() {
+		switch ad.Type() {
+		case tableAttr:
+			table = ad.String()
+		case nameAttr:
+			name = ad.String()
+		}
+	}
+	return relevant(m.Data[0], msgType, table, name)
+}
+
+// watchBuffer is the receive buffer of the notification socket: a
+// restore of a large rule set sends a message per rule.
+const watchBuffer = 8 << 20
+
+// watchNft reads the nftables change notifications of the namespace at
+// netns ("" for the current one) until ctx is done or the socket fails,
+// and calls changed once per committed transaction that touched something
+// relevant, and whenever notifications were lost (the socket overflowed).
+// ready, if not nil, is called once the socket listens.
+func watchNft(ctx context.Context, netns string, changed, ready func()) error {
+	var cfg netlink.Config
+	if netns != "" {
+		f, err := os.Open(netns)
+		if err != nil {
+			return fmt.Errorf("opening network namespace: %w", err)
+		}
+		defer f.Close()
+		cfg.NetNS = int(f.Fd())
+	}
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &cfg)
+	if err != nil {
+		return fmt.Errorf("opening a netfilter socket: %w", err)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
+	defer func() {
+		if stop() {
+			_ = c.Close()
+		}
+	}()
+	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
+		return fmt.Errorf("subscribing to nftables changes: %w", err)
+	}
+	_ = c.SetReadBuffer(watchBuffer) // best effort: overflows are noticed
+	if ready != nil {
+		ready()
+	}
+	pending := false
+	for {
+		msgs, err := c.Receive()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if errors.Is(err, unix.ENOBUFS) {
+				pending = false
+				changed()
+				continue
+			}
+			return fmt.Errorf("reading nftables changes: %w", err)
+		}
+		for _, m := range msgs {
+			// NFT_MSG_NEWGEN ends the notifications of a transaction.
+			if uint16(m.Header.Type) == unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWGEN {
+				if pending {
+					pending = false
+					changed()
+				}
+				continue
+			}
+			if !pending && relevantMsg(m) {
+				pending = true
+			}
+		}
+	}
+}
