@@ -267,7 +267,7 @@ func shortClaims(names []string) []string {
 
 // renderStatus prints st as docker ps prints containers: one line per
 // claimed host address, a column per sink; then refused and conflicting
-// ports.
+// ports, the sources and how they watch, and unreachable peers.
 func renderStatus(w io.Writer, st core.Status, wide bool, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	header := []string{"PROTO", "HOST ADDRESS", "BACKEND", "CLAIMED BY"}
@@ -328,6 +328,22 @@ func renderStatus(w io.Writer, st core.Status, wide bool, now time.Time) {
 		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		for _, l := range conflicts {
 			fmt.Fprintln(tw, l)
+		}
+		_ = tw.Flush()
+	}
+	if len(st.Sources) > 0 {
+		fmt.Fprintln(w, "\nSOURCES")
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		for _, s := range st.Sources {
+			state := "synced"
+			if !s.Synced {
+				state = "waiting for its first report"
+			}
+			line := s.Name + "\t" + state
+			if s.Watching != "" {
+				line += "\t" + s.Watching
+			}
+			fmt.Fprintln(tw, line)
 		}
 		_ = tw.Flush()
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -51,6 +52,11 @@ func goldenStatus(now time.Time) core.Status {
 		Refused: []core.Refusal{{Key: core.Key{Source: "docker", ID: "4f1c0a7e9b2d4c3a8e6f5a1b2c3d4e5f"}, Port: core.Port{Protocol: core.TCP, ContainerPort: 443, HostIP: lo, HostPort: 443}, Reason: "host port 443 is privileged (< 1024) and not used in non-admin mode"}},
 		Notes: []core.Note{{Key: core.Key{Source: "kubernetes", ID: "7c0f3a2e-1d4b-4c5a-9e8f-0a1b2c3d4e5f"}, What: "Kubernetes service default/web",
 			Ports: []core.Port{{Protocol: core.TCP, ContainerPort: 80}}, Reason: "it is of type ClusterIP; only NodePort and LoadBalancer services are exposed on the host"}},
+		Sources: []core.SourceStatus{
+			{Name: "docker", Synced: true},
+			{Name: "kubernetes"},
+			{Name: "sockets", Synced: true, Watching: "sock_diag dump on eBPF wake-ups (TCP listeners, inet_sock_set_state tracepoint) and every 1s"},
+		},
 		Sinks: []core.SinkStatus{
 			{Name: "host-switch", Exposed: 1, Failing: 1},
 			{Name: "wsl-proxy", Exposed: 5, PeerDown: true, LastError: "dial unix /run/wsl-proxy.sock: connect: no such file or directory"},
@@ -378,6 +384,20 @@ func TestCommandsWithDocker(t *testing.T) {
 		if int(ps.HostPort) == port && (len(ps.Claims) != 1 || ps.Claims[0].Key.Source != "docker") {
 			t.Errorf("port %d has claims %+v, want the docker source's alone", port, ps.Claims)
 		}
+	}
+	// The status says how each source watches: the sockets source by eBPF
+	// wake-ups, which load here (the tests run as root).
+	var watching string
+	for _, s := range st.Sources {
+		if s.Name == "sockets" {
+			watching = s.Watching
+		}
+	}
+	if !strings.Contains(watching, "eBPF wake-ups (TCP listeners") {
+		t.Errorf("sockets source watching %q, want eBPF wake-ups; sources %+v", watching, st.Sources)
+	}
+	if code, o := cmd("status"); code != 0 || !strings.Contains(o, "\nSOURCES\n") || !regexp.MustCompile(`(?m)^docker +synced$`).MatchString(o) {
+		t.Errorf("status lacks the sources:\n%s", o)
 	}
 	code, o := cmd("explain", fmt.Sprint(port))
 	if code != 0 || !strings.Contains(o, "Docker container "+id) || !strings.Contains(o, "stdout holds it") {

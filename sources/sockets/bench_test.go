@@ -1,8 +1,15 @@
 package sockets_test
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -12,23 +19,20 @@ import (
 	"github.com/guestagent/guestagent/sources/sockets"
 )
 
-// BenchmarkDeliveryLatency measures, in a private namespace, the time from
-// the helper being told to listen on a new port to the delivery of that
-// port to a sink, on the periodic dump path: up to one interval until a
-// dump sees the socket, then the settle time. Listeners open at a random
-// point of the interval.
+// BenchmarkDeliveryLatency measures, in a private namespace and with the
+// default interval and settle time, the time from the helper being told
+// to listen on a new TCP port to the delivery of that port to a sink, with
+// eBPF wake-ups (a dump right after listen(), then the settle time) and
+// without (up to one interval until a dump sees the socket, then the
+// settle time). Each listener opens at a random moment of the interval.
 func BenchmarkDeliveryLatency(b *testing.B) {
-	for _, c := range []struct{ interval, settle time.Duration }{
-		{sockets.DefaultInterval, sockets.DefaultSettle},
-		{100 * time.Millisecond, sockets.DefaultSettle},
-	} {
-		b.Run(fmt.Sprintf("interval=%s,settle=%s", c.interval, c.settle), func(b *testing.B) {
+	for _, w := range []string{sockets.WakeupsEBPF, sockets.WakeupsOff} {
+		b.Run("wakeups="+w, func(b *testing.B) {
 			r := newRig(b)
-			arrivals := sourcetest.Deliver(b, sockets.Name, r.source(b, c.interval, c.settle, nil))
+			r.wakeups = w
+			arrivals := sourcetest.Deliver(b, sockets.Name, r.source(b, 0, 0, nil))
 			sourcetest.MeasureLatency(b, arrivals, func(int) (uint16, time.Time) {
-				// A listener opens at any moment of the interval, not just
-				// after the dump that delivered the previous one.
-				time.Sleep(rand.N(c.interval))
+				time.Sleep(rand.N(sockets.DefaultInterval))
 				port := r.nextPort()
 				start := time.Now()
 				r.h.do(b, "listen tcp 0.0.0.0:%d", port)
@@ -44,6 +48,7 @@ func BenchmarkDeliveryLatency(b *testing.B) {
 func BenchmarkIdleScans(b *testing.B) {
 	const n, interval = 1000, 50 * time.Millisecond
 	r := newRig(b)
+	r.wakeups = sockets.WakeupsOff
 	r.h.do(b, "range tcp 127.0.0.1 30000 %d", n)
 	router := sourcetest.Start(b, sockets.Name, r.source(b, interval, 50*time.Millisecond, nil))
 	testenv.Eventually(b, waitTimeout, fmt.Sprintf("%d mappings", n), func() (bool, string) {
@@ -62,6 +67,151 @@ func BenchmarkIdleScans(b *testing.B) {
 	perScan := float64(cpu) / scans / float64(time.Millisecond)
 	b.ReportMetric(perScan, "cpu-ms/scan")
 	b.ReportMetric(perScan/float64(sockets.DefaultInterval/time.Millisecond)*100, "core-%-at-1s")
+}
+
+// BenchmarkIdleAgent runs the agent binary (--sources=sockets
+// --sinks=stdout, every other setting its default) inside a private
+// namespace that holds 1,000 TCP listeners and an echo server, and
+// measures the agent process's CPU share of a core and resident memory
+// over idleWindow: at rest, then while a client in the namespace opens and
+// closes 100 connections a second to the echo server. With eBPF
+// wake-ups and without.
+func BenchmarkIdleAgent(b *testing.B) {
+	const n, churnRate, idleWindow = 1000, 100, 30 * time.Second
+	agent := buildAgent(b)
+	for _, w := range []string{sockets.WakeupsEBPF, sockets.WakeupsOff} {
+		b.Run("wakeups="+w, func(b *testing.B) {
+			r := newRig(b)
+			r.h.do(b, "range tcp 0.0.0.0 30000 %d", n)
+			r.h.do(b, "serve tcp 0.0.0.0:29999")
+			dir := b.TempDir()
+			sock := filepath.Join(dir, "agent.sock")
+			argv := testenv.InNetns(r.ns, agent, "--sources=sockets", "--sinks=stdout", "--socketsWakeups="+w,
+				"--stateDir="+filepath.Join(dir, "state"), "--controlSocket="+sock)
+			cmd := exec.Command(argv[0], argv[1:]...)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() {
+				_ = cmd.Process.Signal(syscall.SIGTERM)
+				_ = cmd.Wait()
+			})
+			testenv.Eventually(b, 60*time.Second, fmt.Sprintf("%d ports in the agent's status", n+1), func() (bool, string) {
+				got, err := statusPorts(agent, sock)
+				return got == n+1, fmt.Sprintf("have %d (%v); agent log: %s", got, err, lastLines(stderr.String(), 5))
+			})
+			pid := agentPID(b, cmd.Process.Pid)
+			time.Sleep(2 * time.Second) // the first deliveries' garbage settles
+			for b.Loop() {
+				rest, restRSS := measure(b, pid, idleWindow)
+				r.h.do(b, "churn 127.0.0.1:29999 %d", churnRate)
+				churn, churnRSS := measure(b, pid, idleWindow)
+				r.h.do(b, "churn 127.0.0.1:29999 0")
+				b.ReportMetric(rest, "rest-core-%")
+				b.ReportMetric(restRSS, "rest-rss-MB")
+				b.ReportMetric(churn, "churn-core-%")
+				b.ReportMetric(churnRSS, "churn-rss-MB")
+			}
+		})
+	}
+}
+
+// buildAgent builds the agent binary into a temporary directory.
+func buildAgent(b *testing.B) string {
+	b.Helper()
+	out := filepath.Join(b.TempDir(), "guestagent")
+	cmd := exec.Command("go", "build", "-o", out, "github.com/guestagent/guestagent/cmd/guestagent")
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		b.Fatalf("building the agent: %v\n%s", err, msg)
+	}
+	return out
+}
+
+// agentPID finds the agent under the namespace runner that started it.
+func agentPID(b *testing.B, runner int) int {
+	b.Helper()
+	var pid int
+	testenv.Eventually(b, 10*time.Second, "the agent's process", func() (bool, string) {
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", runner))
+		if err == nil && strings.TrimSpace(string(comm)) == "guestagent" {
+			pid = runner
+			return true, ""
+		}
+		kids, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", runner, runner))
+		for _, f := range strings.Fields(string(kids)) {
+			p, _ := strconv.Atoi(f)
+			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", p)); strings.TrimSpace(string(comm)) == "guestagent" {
+				pid = p
+				return true, ""
+			}
+		}
+		return false, "not found"
+	})
+	return pid
+}
+
+// statusPorts asks the agent at sock how many host addresses it claims.
+func statusPorts(agent, sock string) (int, error) {
+	out, err := exec.Command(agent, "status", "--json", "--socket="+sock).Output()
+	if err != nil {
+		return 0, err
+	}
+	var st struct {
+		Ports []json.RawMessage `json:"ports"`
+	}
+	if err := json.Unmarshal(out, &st); err != nil {
+		return 0, err
+	}
+	return len(st.Ports), nil
+}
+
+// measure returns pid's CPU use over window, in percent of one core, and
+// its resident memory at the end, in MB.
+func measure(b *testing.B, pid int, window time.Duration) (float64, float64) {
+	b.Helper()
+	before, start := procCPU(b, pid), time.Now()
+	time.Sleep(window)
+	cpu := procCPU(b, pid) - before
+	return float64(cpu) / float64(time.Since(start)) * 100, procRSS(b, pid)
+}
+
+// procCPU reads the user and system time of pid from /proc/PID/stat.
+func procCPU(b *testing.B, pid int) time.Duration {
+	b.Helper()
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// Fields after the command name, which is in parentheses.
+	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+1:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	const ticks = 100 // USER_HZ
+	return time.Duration(utime+stime) * time.Second / ticks
+}
+
+// procRSS reads VmRSS of pid, in MB.
+func procRSS(b *testing.B, pid int) float64 {
+	b.Helper()
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if rest, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 64)
+			return kb / 1024
+		}
+	}
+	b.Fatalf("no VmRSS in /proc/%d/status", pid)
+	return 0
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
 func cpuTime(tb testing.TB) time.Duration {

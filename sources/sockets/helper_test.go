@@ -45,10 +45,20 @@ func TestMain(m *testing.M) {
 //	serve PROTO ADDR:PORT             a TCP server that echoes what it gets
 //	                                  and answers "bye\n" to its end, or a
 //	                                  UDP server that answers "echo:" + datagram
+//	churn ADDR:PORT RATE              connect to ADDR:PORT and close at once,
+//	                                  RATE times a second, until in ends or
+//	                                  "churn ADDR:PORT 0"
 //
 // It exits when in ends, which closes everything it holds.
 func runHelper(in io.Reader, out io.Writer) int {
 	open := map[string][]io.Closer{}
+	defer func() {
+		for _, cs := range open {
+			for _, c := range cs {
+				_ = c.Close()
+			}
+		}
+	}()
 	sc := bufio.NewScanner(in)
 	for sc.Scan() {
 		f := strings.Fields(sc.Text())
@@ -72,6 +82,19 @@ func runHelper(in io.Reader, out io.Writer) int {
 					_ = c.Close()
 				}
 				delete(open, f[1]+" "+f[2])
+				return nil
+			case "churn":
+				for _, c := range open["churn "+f[1]] {
+					_ = c.Close()
+				}
+				delete(open, "churn "+f[1])
+				rate, err := strconv.Atoi(f[2])
+				if err != nil || rate < 0 {
+					return fmt.Errorf("churn rate %q", f[2])
+				}
+				if rate > 0 {
+					open["churn "+f[1]] = []io.Closer{churn(f[1], rate)}
+				}
 				return nil
 			case "serve":
 				c, err := serve(f[1], f[2])
@@ -199,6 +222,38 @@ func serve(proto, addr string) (io.Closer, error) {
 		}
 	}()
 	return c, nil
+}
+
+// churner connects and disconnects at a steady rate until closed.
+type churner struct {
+	stop chan struct{}
+	done chan struct{}
+}
+
+func churn(addr string, rate int) *churner {
+	c := &churner{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		tick := time.NewTicker(time.Second / time.Duration(rate))
+		defer tick.Stop()
+		for {
+			select {
+			case <-c.stop:
+				return
+			case <-tick.C:
+			}
+			if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+				_ = conn.Close()
+			}
+		}
+	}()
+	return c
+}
+
+func (c *churner) Close() error {
+	close(c.stop)
+	<-c.done
+	return nil
 }
 
 func boolInt(b bool) int {
