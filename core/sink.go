@@ -53,6 +53,15 @@ type PeerWatcher interface {
 	WatchPeer(ctx context.Context, check func())
 }
 
+// PeerBackNotifier is implemented by sinks that watch their peer's
+// reachability themselves (a PeerWatcher that probes it, say). While the
+// peer is unreachable the Router waits out its backoff before trying again;
+// a value on PeerBack ends that wait at once, so a peer that answers again
+// is reconciled without waiting for the rest of the backoff.
+type PeerBackNotifier interface {
+	PeerBack() <-chan struct{}
+}
+
 // PeerKeying says which parts of a port a sink's peer uses to tell ports
 // apart. The Router sends a peer at most one port per peer key, and removes
 // it only when no claim for that key remains.

@@ -22,8 +22,9 @@ const batchSize = 256
 type sinkWorker struct {
 	name   string
 	sink   Sink
-	lister Lister     // nil when the peer cannot be listed
-	filter PortFilter // nil when the peer takes every port
+	lister Lister          // nil when the peer cannot be listed
+	filter PortFilter      // nil when the peer takes every port
+	back   <-chan struct{} // the sink's PeerBack; nil when it has none
 	keying PeerKeying
 	accept func(Key) bool
 	log    *zap.Logger
@@ -77,6 +78,9 @@ func newSinkWorker(name string, s Sink, accept func(Key) bool, log *zap.Logger) 
 	}
 	w.lister, _ = s.(Lister)
 	w.filter, _ = s.(PortFilter)
+	if n, ok := s.(PeerBackNotifier); ok {
+		w.back = n.PeerBack()
+	}
 	if k, ok := s.(Keyer); ok {
 		w.keying = k.PeerKeying()
 	}
@@ -203,7 +207,7 @@ func (w *sinkWorker) run(ctx context.Context, r *Router, syncGo <-chan struct{})
 			delay := r.cfg.Backoff.Delay(attempt)
 			attempt++
 			w.log.Warn("peer unreachable; will retry", zap.Error(err), zap.Duration("retry_in", delay))
-			if !Sleep(ctx, delay) {
+			if !w.sleepDown(ctx, delay) {
 				return
 			}
 			if w.lister != nil {
@@ -237,6 +241,21 @@ func (w *sinkWorker) run(ctx context.Context, r *Router, syncGo <-chan struct{})
 			return
 		}
 	}
+}
+
+// sleepDown waits delay after the peer was unreachable, or less when the
+// sink says its peer answers again. It reports whether ctx is still live.
+func (w *sinkWorker) sleepDown(ctx context.Context, delay time.Duration) bool {
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+	case <-w.back:
+		w.log.Info("peer answers again; retrying before the backoff ends")
+	}
+	return true
 }
 
 // wait blocks until there is work: a signal, a retry that is due, or the

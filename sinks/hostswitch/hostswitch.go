@@ -51,9 +51,10 @@ func init() {
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			base := fs.String("hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")
 			guest := fs.String("hostSwitchGuestIP", DefaultGuestIP, "this guest's address on the virtual network: the remote end of every forward")
-			poll := fs.Duration("hostSwitchCheckInterval", 5*time.Second, "how often the API's list of forwards is checked for lost state (0 disables)")
+			probe := fs.Duration("hostSwitchProbeInterval", DefaultProbeInterval, "how often one small request on a connection kept open checks that host-switch is up and has not restarted; when it answers again or on a new connection (it restarted), its forwards are listed and restored at once (0 disables; at most 5s)")
+			poll := fs.Duration("hostSwitchCheckInterval", DefaultCheckInterval, "how often the whole list of forwards is read, to restore forwards someone removed and take up ports others released; skipped while the probe finds host-switch down (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
-				return New(Config{BaseURL: *base, GuestIP: *guest, CheckInterval: *poll, Log: env.Log})
+				return New(Config{BaseURL: *base, GuestIP: *guest, ProbeInterval: *probe, CheckInterval: *poll, Log: env.Log})
 			}
 		},
 	})
@@ -65,10 +66,18 @@ type Config struct {
 	BaseURL string
 	// GuestIP is the remote address of every forward.
 	GuestIP string
-	// CheckInterval is how often WatchPeer lists the forwards; 0 disables.
+	// ProbeInterval is how often WatchPeer probes host-switch for a
+	// restart (see DefaultProbeInterval); 0 disables, and it may not
+	// exceed MaxProbeInterval.
+	ProbeInterval time.Duration
+	// CheckInterval is how often WatchPeer has the whole list of forwards
+	// reconciled; 0 disables.
 	CheckInterval time.Duration
 	// Log receives the sink's log lines; nil discards them.
 	Log *zap.Logger
+	// Dial makes the connections to the API (from inside another network
+	// namespace, say); nil dials directly.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Forward is one entry of the forwarder API.
@@ -82,9 +91,13 @@ type Forward struct {
 type Sink struct {
 	base   string
 	guest  netip.Addr
-	every  time.Duration
+	every  time.Duration // full checks
 	log    *zap.Logger
 	client *http.Client
+
+	probeEvery time.Duration
+	prober     *prober
+	back       chan struct{} // PeerBack
 }
 
 // New checks cfg and returns a Sink.
@@ -100,27 +113,50 @@ func New(cfg Config) (*Sink, error) {
 	if cfg.CheckInterval < 0 {
 		return nil, fmt.Errorf("--hostSwitchCheckInterval must not be negative, got %s", cfg.CheckInterval)
 	}
+	if cfg.ProbeInterval < 0 || cfg.ProbeInterval > MaxProbeInterval {
+		return nil, fmt.Errorf("--hostSwitchProbeInterval must be between 0 (off) and %s (gvproxy closes connections idle for 10s), got %s", MaxProbeInterval, cfg.ProbeInterval)
+	}
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
 	}
+	dial := cfg.Dial
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
 	tr := &http.Transport{
 		Proxy:               nil, // the gateway is never reached through a proxy
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+		DialContext:         withTimeout(dial, 5*time.Second),
 		MaxIdleConnsPerHost: 2,
 		IdleConnTimeout:     30 * time.Second,
 	}
+	base := strings.TrimSuffix(cfg.BaseURL, "/")
 	return &Sink{
-		base:   strings.TrimSuffix(cfg.BaseURL, "/"),
-		guest:  guest,
-		every:  cfg.CheckInterval,
-		log:    cfg.Log.With(zap.String("sink", Name)),
-		client: &http.Client{Transport: tr},
+		base:       base,
+		guest:      guest,
+		every:      cfg.CheckInterval,
+		log:        cfg.Log.With(zap.String("sink", Name)),
+		client:     &http.Client{Transport: tr},
+		probeEvery: cfg.ProbeInterval,
+		prober:     newProber(base, withTimeout(dial, probeTimeout)),
+		back:       make(chan struct{}, 1),
 	}, nil
+}
+
+type dialFunc = func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// withTimeout bounds each dial of dial by d.
+func withTimeout(dial dialFunc, d time.Duration) dialFunc {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(ctx, d)
+		defer cancel()
+		return dial(ctx, network, addr)
+	}
 }
 
 // Close releases idle connections.
 func (s *Sink) Close() error {
 	s.client.CloseIdleConnections()
+	s.prober.close()
 	return nil
 }
 
@@ -337,24 +373,81 @@ func parseLocal(f Forward) (core.Port, bool) {
 	return core.Port{Protocol: proto, HostIP: ip.Unmap(), HostPort: uint16(port)}, true
 }
 
-// WatchPeer asks the router to reconcile (one list of the forwards) every
-// CheckInterval, so that a restarted host-switch gets its ports back and
-// forwards others release are taken up.
+// WatchPeer probes host-switch every ProbeInterval and asks the router to
+// reconcile (one list of the forwards) when it answers again after failing
+// or answers on a new connection: it restarted and lost the forwards this
+// agent made. Every CheckInterval it asks for a reconcile too, so that
+// forwards someone else removed come back and ports others release are
+// taken up; while the probe has no answer from host-switch it does not
+// (the router retries on its own then, and the probe says when it is
+// back).
 func (s *Sink) WatchPeer(ctx context.Context, check func()) {
-	if s.every <= 0 {
+	var probe, full <-chan time.Time
+	if s.probeEvery > 0 {
+		t := time.NewTicker(s.probeEvery)
+		defer t.Stop()
+		probe = t.C
+		// The first answer is what later ones are told from: get it
+		// now, before the router's first adds.
+		s.probe(ctx, check)
+	}
+	if s.every > 0 {
+		t := time.NewTicker(s.every)
+		defer t.Stop()
+		full = t.C
+	}
+	if probe == nil && full == nil {
 		return
 	}
-	t := time.NewTicker(s.every)
-	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
-			check()
+		case <-full:
+			if probe == nil || s.prober.up() {
+				check()
+			}
+		case <-probe:
+			s.probe(ctx, check)
 		}
 	}
 }
+
+// probe probes host-switch once and asks for a check when it restarted or
+// is back.
+func (s *Sink) probe(ctx context.Context, check func()) {
+	res, err := s.prober.probe(ctx)
+	if ctx.Err() != nil {
+		return
+	}
+	switch res {
+	case probeFailed:
+		s.log.Warn("host-switch not answering", zap.Error(err))
+	case probeBack:
+		s.log.Info("host-switch answers again; restoring its forwards")
+		s.peerBack(check)
+	case probeNew:
+		s.log.Info("host-switch answered on a new connection (it restarted); restoring its forwards")
+		s.peerBack(check)
+	}
+}
+
+// peerBack tells the router that host-switch may have lost its forwards.
+func (s *Sink) peerBack(check func()) {
+	// Connections made before the restart lead nowhere: on the virtual
+	// network they are only reset at their next request, which an
+	// expose (not retried by net/http) would fail with.
+	s.client.CloseIdleConnections()
+	select {
+	case s.back <- struct{}{}:
+	default:
+	}
+	check()
+}
+
+// PeerBack delivers a value when the probe finds host-switch back after
+// failing or restarted, so that the router ends its backoff at once.
+func (s *Sink) PeerBack() <-chan struct{} { return s.back }
 
 // Interface guards.
 var (
@@ -362,4 +455,6 @@ var (
 	_ core.Lister      = (*Sink)(nil)
 	_ core.PortFilter  = (*Sink)(nil)
 	_ core.PeerWatcher = (*Sink)(nil)
+
+	_ core.PeerBackNotifier = (*Sink)(nil)
 )

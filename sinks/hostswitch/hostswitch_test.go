@@ -256,6 +256,8 @@ func TestConfigValidation(t *testing.T) {
 		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "fd00::2"},
 		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "guest"},
 		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "192.168.127.2", CheckInterval: -time.Second},
+		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "192.168.127.2", ProbeInterval: -time.Second},
+		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "192.168.127.2", ProbeInterval: 10 * time.Second},
 	} {
 		if _, err := hostswitch.New(cfg); err == nil {
 			t.Errorf("%+v accepted", cfg)
