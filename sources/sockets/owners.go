@@ -8,11 +8,16 @@ import (
 	"strings"
 )
 
-// DefaultExcludeCommands are the processes whose sockets are left to the
-// sources that already report them: Docker's and rootless engines' port
-// proxies, and containerd's shims ("containerd-shim-runc-v2" shows as
-// "containerd-shim", the kernel keeps 15 bytes of a command name).
-var DefaultExcludeCommands = []string{"docker-proxy", "rootlessport", "containerd-shim"}
+// DefaultExcludeCommands are the processes whose sockets are not a user's
+// ports: those left to the sources that already report them (Docker's and
+// rootless engines' port proxies, containerd's shims:
+// "containerd-shim-runc-v2" shows as "containerd-shim", the kernel keeps
+// 15 bytes of a command name), and the agent's peers in the guest, whose
+// listeners are the agent's own doing or its channel to the host (the
+// vtunnel peer's listener, wsl-proxy's listeners for the ports it was
+// sent: reporting those would expose each port twice, or a port to
+// itself).
+var DefaultExcludeCommands = []string{"docker-proxy", "rootlessport", "containerd-shim", "vtunnel", "wsl-proxy"}
 
 // holder is a process with a descriptor of a socket.
 type holder struct {

@@ -383,19 +383,26 @@ func testExcludesAgentSocketsAndExcludedPorts(t *testing.T, r *rig) {
 
 // TestExcludesDockerProxy runs the helper under the name docker-proxy: its
 // listeners are Docker's published ports, which the docker source reports.
+// The same for the agent's peers: the vtunnel peer and wsl-proxy.
 func TestExcludesDockerProxy(t *testing.T) { paths(t, testExcludesDockerProxy) }
 
 func testExcludesDockerProxy(t *testing.T, r *rig) {
-	proxy := startHelper(t, r.ns, "docker-proxy")
+	var ports []int
 	router, rec := run(t, r.source(t, 20*time.Millisecond, 50*time.Millisecond, nil))
-	p := r.nextPort()
-	proxy.do(t, "listen tcp 0.0.0.0:%d", p)
-	proxy.do(t, "listen tcp [::]:%d v6only", p)
-	proxy.do(t, "listen udp 0.0.0.0:%d", p)
+	for _, name := range []string{"docker-proxy", "vtunnel", "wsl-proxy"} {
+		proxy := startHelper(t, r.ns, name)
+		p := r.nextPort()
+		ports = append(ports, p)
+		proxy.do(t, "listen tcp 0.0.0.0:%d", p)
+		proxy.do(t, "listen tcp [::]:%d v6only", p)
+		proxy.do(t, "listen udp 0.0.0.0:%d", p)
+	}
 	r.barrier(t, router)
-	for _, id := range []string{fmt.Sprintf("tcp/0.0.0.0:%d", p), fmt.Sprintf("tcp/[::]:%d", p), fmt.Sprintf("udp/0.0.0.0:%d", p)} {
-		if got := rec.mentions(id); len(got) != 0 {
-			t.Errorf("docker-proxy's %s was reported: %v", id, got)
+	for _, p := range ports {
+		for _, id := range []string{fmt.Sprintf("tcp/0.0.0.0:%d", p), fmt.Sprintf("tcp/[::]:%d", p), fmt.Sprintf("udp/0.0.0.0:%d", p)} {
+			if got := rec.mentions(id); len(got) != 0 {
+				t.Errorf("an excluded command's %s was reported: %v", id, got)
+			}
 		}
 	}
 	// The same program under its own name is reported.
