@@ -2,12 +2,16 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -70,10 +74,19 @@ func BenchmarkBurst(b *testing.B) {
 	}
 }
 
-// BenchmarkIdle builds the agent as `make build` does and runs it with
-// every source on (Docker, containerd, Kubernetes and the NAT rule scan)
-// against the real engines, holding a few containers and services, then
-// measures its CPU use and memory over idleWindow, and the binary's size.
+// BenchmarkIdle builds the agent as `make build` does and runs it at rest
+// against the real engines in two configurations, one after the other on
+// the same engines: "docker" (network-tunnel mode with the Docker source
+// alone, its containers running) and "every-source" (the fault suite's
+// configuration: Docker, containerd, Kubernetes, the NAT rule scan and the
+// sockets source, with containers and services in each engine). Once the
+// peers hold what the engines run, and 5 s more, it samples the agent's
+// memory every second over idleWindow and reports its CPU use over the
+// window, the median and maximum resident memory (VmRSS) and its anonymous
+// and file-backed parts, the peak (VmHWM), the Go heap and the memory the
+// Go runtime holds (from the agent's /debug/pprof/heap, --pprof), and the
+// binary's size. With GUESTAGENT_PROFILE_DIR set, each configuration's heap
+// profile is written there (idle-NAME.heap, for go tool pprof).
 func BenchmarkIdle(b *testing.B) {
 	dir := b.TempDir()
 	bin := filepath.Join(dir, "guestagent")
@@ -88,24 +101,148 @@ func BenchmarkIdle(b *testing.B) {
 
 	bed := newFaultBed(b, 1)
 	bed.agentBin = bin
-	bed.churn(true, true, true)
-	bed.churn(true, true, true)
-	bed.startAgent()
-	if res := bed.converge(time.Now()); res.bad() {
-		b.Fatalf("agent did not settle: %s", res)
+	b.Run("docker", func(b *testing.B) {
+		bed.t = b
+		bed.churn(true, false, false)
+		bed.churn(true, false, false)
+		cmd := bed.startDockerOnly()
+		defer func() {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			_ = cmd.Wait()
+		}()
+		want := bed.waitDockerOnly(cmd)
+		measureIdle(b, cmd.Process.Pid, bed.statusAddr, "docker")
+		b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
+		b.ReportMetric(float64(want), "forwards")
+	})
+	b.Run("every-source", func(b *testing.B) {
+		bed.churn(false, true, true)
+		bed.churn(false, true, true)
+		bed.t = b
+		bed.agentArgs = []string{"--pprof"}
+		bed.startAgent()
+		defer bed.stopAgent()
+		if res := bed.converge(time.Now()); res.bad() {
+			b.Fatalf("agent did not settle: %s", res)
+		}
+		measureIdle(b, bed.agent.Process.Pid, bed.statusAddr, "every-source")
+		b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
+		b.ReportMetric(float64(len(bed.lastHostSwitch)), "forwards")
+	})
+}
+
+// startDockerOnly runs the agent in network-tunnel mode with the Docker
+// source alone (the sockets source, on by default in that mode, off) and
+// its profiles served on the status address.
+func (b *faultBed) startDockerOnly() *exec.Cmd {
+	b.t.Helper()
+	log, err := os.OpenFile(filepath.Join(b.dir, "agent-docker.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	b.must(err)
+	defer log.Close()
+	cmd := exec.Command(b.agentBin,
+		"--adminInstall", "--sources=docker", "--sockets=false",
+		"--dockerHost="+b.docker.Host, "--dockerIptables="+b.iptables,
+		"--hostSwitchURL="+b.proxy.URL, "--wslProxySocket="+b.wsl.Path,
+		"--stateDir="+filepath.Join(b.dir, "state-docker"), "--controlSocket="+filepath.Join(b.dir, "ctl-docker.sock"),
+		"--statusAddr="+b.statusAddr, "--pprof")
+	cmd.Stdout, cmd.Stderr = log, log
+	b.must(cmd.Start())
+	return cmd
+}
+
+// waitDockerOnly waits until gvproxy holds exactly the IPv4 bindings of
+// the running Docker containers (the only workload of the engines then),
+// and 5 s more; it returns how many that is.
+func (b *faultBed) waitDockerOnly(cmd *exec.Cmd) int {
+	b.t.Helper()
+	deadline := time.Now().Add(convergeLimit)
+	for {
+		bs, err := b.bindings()
+		b.must(err)
+		want, _ := b.expected(bs)
+		got := b.forwards()
+		if len(want) > 0 && slices.Equal(want, got) {
+			time.Sleep(5 * time.Second)
+			return len(want)
+		}
+		if time.Now().After(deadline) {
+			out, _ := os.ReadFile(filepath.Join(b.dir, "agent-docker.log"))
+			b.t.Fatalf("gvproxy holds %v, want %v\n%s", got, want, out)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	time.Sleep(5 * time.Second)
-	pid := bed.agent.Process.Pid
+}
+
+// measureIdle samples the resting agent pid every second over idleWindow
+// per loop iteration and reports its CPU and memory; addr is its status
+// address, serving /debug/pprof/.
+func measureIdle(b *testing.B, pid int, addr, name string) {
+	var rss, anon, file []float64
+	var cpu float64
 	for b.Loop() {
 		before := cpuTicks(b, pid)
-		time.Sleep(idleWindow)
-		used := float64(cpuTicks(b, pid)-before) / userHZ
-		b.ReportMetric(100*used/idleWindow.Seconds(), "cpu-%")
+		start := time.Now()
+		for i := 1; i <= int(idleWindow/time.Second); i++ {
+			time.Sleep(time.Until(start.Add(time.Duration(i) * time.Second)))
+			st := procStatus(b, pid)
+			rss, anon, file = append(rss, st["VmRSS"]), append(anon, st["RssAnon"]), append(file, st["RssFile"])
+		}
+		cpu = float64(cpuTicks(b, pid)-before) / userHZ / time.Since(start).Seconds()
 	}
-	b.ReportMetric(float64(procStatusKB(b, pid, "VmRSS"))/1024, "rss-MB")
-	b.ReportMetric(float64(procStatusKB(b, pid, "VmHWM"))/1024, "peak-rss-MB")
-	b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
-	b.ReportMetric(float64(len(bed.lastHostSwitch)), "forwards")
+	st := procStatus(b, pid)
+	heap := heapStats(b, addr, name)
+	b.ReportMetric(100*cpu, "cpu-%")
+	b.ReportMetric(median(rss), "rss-MB")
+	b.ReportMetric(slices.Max(rss), "rss-max-MB")
+	b.ReportMetric(median(anon), "rss-anon-MB")
+	b.ReportMetric(median(file), "rss-file-MB")
+	b.ReportMetric(st["VmHWM"], "peak-rss-MB")
+	b.ReportMetric(float64(len(rss)), "rss-samples")
+	b.ReportMetric(heap["HeapInuse"]/(1<<20), "heap-inuse-MB")
+	b.ReportMetric(heap["HeapAlloc"]/(1<<20), "heap-alloc-MB")
+	b.ReportMetric(heap["Sys"]/(1<<20), "go-sys-MB")
+	b.ReportMetric(heap["NextGC"]/(1<<20), "next-gc-MB")
+}
+
+func median(xs []float64) float64 {
+	s := slices.Sorted(slices.Values(xs))
+	return s[len(s)/2]
+}
+
+// heapStats reads the runtime.MemStats figures at the end of the agent's
+// text heap profile, and writes its binary heap profile to
+// $GUESTAGENT_PROFILE_DIR/idle-NAME.heap when that is set.
+func heapStats(b *testing.B, addr, name string) map[string]float64 {
+	get := func(query string) []byte {
+		resp, err := http.Get("http://" + addr + "/debug/pprof/heap" + query)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer resp.Body.Close()
+		data, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			b.Fatalf("heap profile: %s %v", resp.Status, err)
+		}
+		return data
+	}
+	if d := os.Getenv("GUESTAGENT_PROFILE_DIR"); d != "" {
+		if err := os.WriteFile(filepath.Join(d, "idle-"+name+".heap"), get(""), 0o644); err != nil {
+			b.Fatal(err)
+		}
+	}
+	out := map[string]float64{}
+	for line := range strings.Lines(string(get("?debug=1"))) {
+		k, v, ok := strings.Cut(strings.TrimPrefix(line, "# "), " = ")
+		if n, err := strconv.ParseFloat(strings.TrimSpace(v), 64); ok && err == nil {
+			out[k] = n
+		}
+	}
+	for _, k := range []string{"HeapInuse", "HeapAlloc", "Sys", "NextGC"} {
+		if _, ok := out[k]; !ok {
+			b.Fatalf("no %s in the heap profile's statistics", k)
+		}
+	}
+	return out
 }
 
 // cpuTicks returns the user plus system CPU time of pid, in userHZ ticks.
@@ -122,21 +259,27 @@ func cpuTicks(b *testing.B, pid int) int64 {
 	return utime + stime
 }
 
-// procStatusKB returns a "kB" field of /proc/<pid>/status.
-func procStatusKB(b *testing.B, pid int, field string) int64 {
+// procStatus returns the "kB" fields of /proc/<pid>/status, in MB.
+func procStatus(b *testing.B, pid int) map[string]float64 {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		b.Fatal(err)
 	}
+	out := map[string]float64{}
 	for line := range strings.Lines(string(data)) {
-		if rest, ok := strings.CutPrefix(line, field+":"); ok {
-			n, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+		k, v, _ := strings.Cut(line, ":")
+		if v, ok := strings.CutSuffix(strings.TrimSpace(v), " kB"); ok {
+			n, err := strconv.ParseInt(v, 10, 64)
 			if err != nil {
-				b.Fatalf("%s: %q", field, line)
+				b.Fatalf("%s: %q", k, line)
 			}
-			return n
+			out[k] = float64(n) / 1024
 		}
 	}
-	b.Fatalf("no %s in /proc/%d/status", field, pid)
-	return 0
+	for _, k := range []string{"VmRSS", "VmHWM", "RssAnon", "RssFile"} {
+		if _, ok := out[k]; !ok {
+			b.Fatalf("no %s in /proc/%d/status", k, pid)
+		}
+	}
+	return out
 }

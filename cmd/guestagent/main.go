@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -70,6 +72,7 @@ type config struct {
 	unexposeOnExit          bool
 	statusAddr              string
 	statusAllowRemote       bool
+	pprof                   bool
 	controlSocket           string
 	stateDir                string
 	tapIP                   string
@@ -90,6 +93,7 @@ func defineFlags(fs *pflag.FlagSet) *config {
 	c.general.StringVar(&c.controlSocket, "controlSocket", DefaultControlSocket, "unix socket (root only) on which the agent serves its state to 'guestagent status', 'watch' and 'explain'; empty: off")
 	c.general.BoolVar(&c.statusAllowRemote, "statusAllowRemote", false, "let --statusAddr listen on an address other than loopback (anyone who reaches it reads the agent's state)")
 	c.general.StringVar(&c.statusAddr, "statusAddr", "", "serve GET /status (current mappings, JSON) and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9901; empty: off")
+	c.general.BoolVar(&c.pprof, "pprof", false, "with --statusAddr: also serve the Go runtime's profiles (heap, goroutines, CPU) under /debug/pprof/ there, for 'go tool pprof http://ADDR/debug/pprof/heap'")
 
 	c.mode = pflag.NewFlagSet("mode", pflag.ContinueOnError)
 	c.mode.BoolVar(&c.adminInstall, "adminInstall", false, "network-tunnel mode: forward to host-switch's API as bound (the agent runs in its own network namespace)")
@@ -143,6 +147,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, "guestagent", versionString())
 		return 0
 	}
+	if cfg.pprof && cfg.statusAddr == "" {
+		fmt.Fprintln(stderr, "guestagent: --pprof needs --statusAddr")
+		return 2
+	}
 	log := newLogger(cfg.debug, stderr)
 	defer func() { _ = log.Sync() }()
 
@@ -152,15 +160,21 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "guestagent:", err)
 		return 2
 	}
+	handler := statusHandler(router, m)
 	var listeners []net.Listener
 	var names []string
+	var handlers []http.Handler
 	if cfg.statusAddr != "" {
 		ln, err := listenStatus(cfg.statusAddr, cfg.statusAllowRemote)
 		if err != nil {
 			fmt.Fprintln(stderr, "guestagent:", err)
 			return 2
 		}
-		listeners, names = append(listeners, ln), append(names, "status and metrics")
+		h := handler
+		if cfg.pprof {
+			h = withProfiles(handler)
+		}
+		listeners, names, handlers = append(listeners, ln), append(names, "status and metrics"), append(handlers, h)
 	}
 	if cfg.controlSocket != "" {
 		ln, err := listenControl(cfg.controlSocket)
@@ -171,14 +185,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "guestagent:", err)
 			return 2
 		}
-		listeners, names = append(listeners, ln), append(names, "control socket")
+		listeners, names, handlers = append(listeners, ln), append(names, "control socket"), append(handlers, handler)
 	}
 	log.Info("guestagent starting", zap.String("version", versionString()))
-	handler := statusHandler(router, m)
 	sctx, stopServing := context.WithCancel(ctx)
 	var serving sync.WaitGroup
 	for i, ln := range listeners {
-		serving.Go(func() { serveHTTP(sctx, ln, handler, log, names[i]) })
+		serving.Go(func() { serveHTTP(sctx, ln, handlers[i], log, names[i]) })
 	}
 	defer func() { stopServing(); serving.Wait() }()
 	if err := router.Run(ctx); err != nil {
@@ -293,6 +306,19 @@ func listenStatus(addr string, allowRemote bool) (net.Listener, error) {
 		return nil, fmt.Errorf("--statusAddr: %w", err)
 	}
 	return ln, nil
+}
+
+// withProfiles serves the Go runtime's profiles under /debug/pprof/
+// beside h.
+func withProfiles(h http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/", h)
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	return mux
 }
 
 // guestIPFlags are the flags --tap-interface-ip sets.
