@@ -2,6 +2,7 @@ package kubernetes_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -15,9 +16,9 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/watch"
-	k8s "k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
@@ -60,15 +61,74 @@ func variantService(name string, variant int) *corev1.Service {
 	}
 }
 
+// lite is what the source decodes of svc: svc's JSON, as the API server
+// sends it, decoded into the source's Service.
+func lite(svc *corev1.Service) *kubernetes.Service {
+	data, err := json.Marshal(svc)
+	if err != nil {
+		panic(err)
+	}
+	var out kubernetes.Service
+	if err := json.Unmarshal(data, &out); err != nil {
+		panic(err)
+	}
+	return &out
+}
+
 func expect(svc *corev1.Service) core.Mapping {
-	m := kubernetes.Convert(svc, lo)
+	m := kubernetes.Convert(lite(svc), lo)
 	m.Source = ""
 	return m
 }
 
-func fakeSource(cs k8s.Interface) core.Source {
+// fakeCluster serves a fake clientset as the source's Client: its lists
+// and watches of services pass each object through its JSON form.
+type fakeCluster struct{ cs *fake.Clientset }
+
+func (f fakeCluster) Services() cache.ListerWatcher { return fakeServices(f) }
+
+func (f fakeCluster) Identity(ctx context.Context) (string, error) {
+	ns, err := f.cs.CoreV1().Namespaces().Get(ctx, metav1.NamespaceDefault, metav1.GetOptions{})
+	if err != nil {
+		return "", err
+	}
+	return string(ns.UID), nil
+}
+
+type fakeServices struct{ cs *fake.Clientset }
+
+func (f fakeServices) List(opts metav1.ListOptions) (runtime.Object, error) {
+	l, err := f.cs.CoreV1().Services(metav1.NamespaceAll).List(context.Background(), opts)
+	if err != nil {
+		return nil, err
+	}
+	out := &kubernetes.ServiceList{ListMeta: l.ListMeta}
+	for i := range l.Items {
+		out.Items = append(out.Items, *lite(&l.Items[i]))
+	}
+	return out, nil
+}
+
+func (f fakeServices) Watch(opts metav1.ListOptions) (watch.Interface, error) {
+	w, err := f.cs.CoreV1().Services(metav1.NamespaceAll).Watch(context.Background(), opts)
+	if err != nil {
+		return nil, err
+	}
+	return watch.Filter(w, func(e watch.Event) (watch.Event, bool) {
+		if svc, ok := e.Object.(*corev1.Service); ok {
+			e.Object = lite(svc)
+		}
+		return e, true
+	}), nil
+}
+
+// IsWatchListSemanticsUnSupported tells the informer that the fake
+// clientset cannot stream its initial list as watch events.
+func (fakeServices) IsWatchListSemanticsUnSupported() bool { return true }
+
+func fakeSource(cs *fake.Clientset) core.Source {
 	return kubernetes.New(kubernetes.Config{
-		NewClient:  func([]byte) (k8s.Interface, error) { return cs, nil },
+		NewClient:  func([]byte) (kubernetes.Client, error) { return fakeCluster{cs}, nil },
 		Check:      20 * time.Millisecond,
 		ListenAddr: lo,
 	})
@@ -207,12 +267,12 @@ func TestKubeconfigAppearsLaterAndChanges(t *testing.T) {
 	src := kubernetes.New(kubernetes.Config{
 		Path:  path,
 		Check: 20 * time.Millisecond,
-		NewClient: func(data []byte) (k8s.Interface, error) {
+		NewClient: func(data []byte) (kubernetes.Client, error) {
 			cs, ok := clusters[string(data)]
 			if !ok {
 				return nil, fmt.Errorf("unknown cluster %q", data)
 			}
-			return cs, nil
+			return fakeCluster{cs}, nil
 		},
 		ListenAddr: lo,
 	})
@@ -259,7 +319,7 @@ func TestConvert(t *testing.T) {
 		want string
 	}{sctp, "127.0.0.1:30090->30090/sctp"})
 	for _, tt := range tests {
-		m := kubernetes.Convert(tt.svc, lo)
+		m := kubernetes.Convert(lite(tt.svc), lo)
 		var got string
 		for i, p := range m.Ports {
 			if i > 0 {
@@ -276,7 +336,7 @@ func TestConvert(t *testing.T) {
 	}
 }
 
-var _ runtime.Object = (*corev1.Service)(nil)
+var _ runtime.Object = (*kubernetes.Service)(nil)
 
 // TestClusterIPServicesAreNoted checks that services exposing nothing are
 // kept as notes (at the first list and on later events) and forgotten when

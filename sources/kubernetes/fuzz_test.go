@@ -6,8 +6,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	corev1 "k8s.io/api/core/v1"
-
 	"github.com/guestagent/guestagent/sources/kubernetes"
 )
 
@@ -26,7 +24,7 @@ func FuzzConvertService(f *testing.F) {
 	seed(f, "service-*.json")
 	f.Add([]byte(`{"metadata":{"uid":"u"},"spec":{"type":"NodePort","ports":[{"protocol":"SCTP","nodePort":-1},{"protocol":"ICMP","nodePort":70000}]}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		var svc corev1.Service
+		var svc kubernetes.Service
 		if json.Unmarshal(data, &svc) != nil {
 			return
 		}
@@ -43,14 +41,14 @@ func FuzzConvertService(f *testing.F) {
 }
 
 // FuzzKubeconfig feeds arbitrary kubeconfig content to the client factory:
-// a clientset or an error, never a panic.
+// a client or an error, never a panic.
 func FuzzKubeconfig(f *testing.F) {
 	seed(f, "kubeconfig*.yaml")
 	f.Add([]byte("apiVersion: v1\nclusters: [{cluster: {server: '::'}, name: x}]\ncurrent-context: nope\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cs, err := kubernetes.FromKubeconfig("fuzz.yaml")(data)
 		if err == nil && cs == nil {
-			t.Fatal("no clientset and no error")
+			t.Fatal("no client and no error")
 		}
 	})
 }

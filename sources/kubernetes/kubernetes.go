@@ -18,15 +18,15 @@ import (
 	"io/fs"
 	"net/netip"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/informers"
-	k8s "k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -66,31 +66,77 @@ func init() {
 	})
 }
 
-// ClientFactory builds a clientset from a kubeconfig's content.
-type ClientFactory func(kubeconfig []byte) (k8s.Interface, error)
+// Client is what the source asks of one cluster.
+type Client interface {
+	// Services lists and watches the services of every namespace, as
+	// *Service objects.
+	Services() cache.ListerWatcher
+	// Identity returns the UID of the "default" namespace, which every API
+	// server creates and which changes when the cluster is recreated; an
+	// error that apierrors.IsNotFound accepts when there is none.
+	Identity(ctx context.Context) (string, error)
+}
 
-// FromKubeconfig returns the factory that reads the kubeconfig at path.
+// ClientFactory builds a Client from a kubeconfig's content.
+type ClientFactory func(kubeconfig []byte) (Client, error)
+
+// FromKubeconfig returns the factory that reads the kubeconfig at path. Its
+// client speaks JSON to the core API group and decodes only the fields the
+// source reads (see Service), so no generated clientset, API type or
+// scheme of client-go is linked into the agent.
 func FromKubeconfig(path string) ClientFactory {
-	return func(data []byte) (k8s.Interface, error) {
+	return func(data []byte) (Client, error) {
 		cfg, err := clientcmd.RESTConfigFromKubeConfig(data)
 		if err != nil {
 			return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
 		}
 		cfg.Timeout = 30 * time.Second
-		cs, err := k8s.NewForConfig(cfg)
+		c, err := newRESTClient(cfg)
 		if err != nil {
 			return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
 		}
-		return cs, nil
+		return c, nil
 	}
+}
+
+// restClient is the Client of a real API server.
+type restClient struct{ rc *rest.RESTClient }
+
+func newRESTClient(cfg *rest.Config) (*restClient, error) {
+	cfg = rest.CopyConfig(cfg)
+	cfg.APIPath = "/api"
+	cfg.GroupVersion = &coreV1
+	cfg.ContentType = "application/json"
+	cfg.AcceptContentTypes = "application/json"
+	cfg.NegotiatedSerializer = codecs.WithoutConversion()
+	if cfg.UserAgent == "" {
+		cfg.UserAgent = "guestagent"
+	}
+	rc, err := rest.RESTClientFor(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &restClient{rc}, nil
+}
+
+func (c *restClient) Services() cache.ListerWatcher {
+	return cache.NewListWatchFromClient(c.rc, "services", metav1.NamespaceAll, fields.Everything())
+}
+
+func (c *restClient) Identity(ctx context.Context) (string, error) {
+	var ns namespace
+	if err := c.rc.Get().Resource("namespaces").Name(metav1.NamespaceDefault).Do(ctx).Into(&ns); err != nil {
+		return "", err
+	}
+	return string(ns.UID), nil
 }
 
 // Config configures a Source.
 type Config struct {
-	// NewClient builds the clientset from the kubeconfig's content.
+	// NewClient builds the client from the kubeconfig's content.
 	NewClient ClientFactory
 	// Path is the kubeconfig file; empty means NewClient needs no file
-	// (tests with a fake clientset).
+	// (tests with a fake cluster).
 	Path string
 	// Check is how often the file is checked for (re)appearing or changing.
 	Check time.Duration
@@ -149,7 +195,7 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 			s.log.Warn("cannot read the kubeconfig", zap.String("path", s.cfg.Path), zap.Error(err))
 		case current == nil || !bytes.Equal(sha(data), sha(current)):
 			waiting = false
-			cs, err := s.cfg.NewClient(data)
+			cl, err := s.cfg.NewClient(data)
 			if err != nil {
 				s.log.Error("unusable kubeconfig; waiting for it to change", zap.Error(err))
 				current = data
@@ -167,7 +213,7 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 			stop, done = cancel, make(chan struct{})
 			go func(d chan struct{}) {
 				defer close(d)
-				s.watch(wctx, cs, out)
+				s.watch(wctx, cl, out)
 			}(done)
 		}
 		select {
@@ -195,9 +241,9 @@ func (s *Source) readKubeconfig() ([]byte, error) {
 // fresh one, whose full list corrects whatever changed meanwhile; an
 // informer resuming its old watch could wait a long time on a reset
 // cluster's resource versions.
-func (s *Source) watch(ctx context.Context, cs k8s.Interface, out core.Emitter) {
+func (s *Source) watch(ctx context.Context, cl Client, out core.Emitter) {
 	for attempt := 0; ; attempt++ {
-		synced := s.informer(ctx, cs, out)
+		synced := s.informer(ctx, cl, out)
 		if ctx.Err() != nil {
 			return
 		}
@@ -216,14 +262,18 @@ func (s *Source) watch(ctx context.Context, cs k8s.Interface, out core.Emitter) 
 // a watch expiry come as updates and deletes of what changed. It returns
 // when ctx is done or, once synced, when the watch fails for a reason other
 // than expiry; synced tells whether it got that far.
-func (s *Source) informer(ctx context.Context, cs k8s.Interface, out core.Emitter) (synced bool) {
+func (s *Source) informer(ctx context.Context, cl Client, out core.Emitter) (synced bool) {
 	ictx, cancel := context.WithCancel(ctx)
-	factory := informers.NewSharedInformerFactory(cs, s.cfg.Resync)
+	var running sync.WaitGroup
 	defer func() {
-		cancel() // Shutdown waits for the informers, which stop on ictx
-		factory.Shutdown()
+		cancel() // the informer stops on ictx
+		running.Wait()
 	}()
-	informer := factory.Core().V1().Services().Informer()
+	informer := cache.NewSharedIndexInformerWithOptions(cl.Services(), &Service{}, cache.SharedIndexInformerOptions{ResyncPeriod: s.cfg.Resync})
+	if err := informer.SetTransform(trim); err != nil {
+		s.log.Error("cannot watch services", zap.Error(err))
+		return false
+	}
 	_, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { s.report(out, obj) },
 		UpdateFunc: func(_, obj any) { s.report(out, obj) },
@@ -231,7 +281,7 @@ func (s *Source) informer(ctx context.Context, cs k8s.Interface, out core.Emitte
 			if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 				obj = tomb.Obj
 			}
-			if svc, ok := obj.(*corev1.Service); ok {
+			if svc, ok := obj.(*Service); ok {
 				out.Delete(string(svc.UID))
 			}
 		},
@@ -256,11 +306,11 @@ func (s *Source) informer(ctx context.Context, cs k8s.Interface, out core.Emitte
 	// "default" namespace, which the old watch would not notice. The UID is
 	// read before the list, so that it names the cluster that was listed.
 	s.log.Info("connecting to the Kubernetes API")
-	identity, err := waitIdentity(ictx, cs)
+	identity, err := waitIdentity(ictx, cl)
 	if err != nil {
 		return false
 	}
-	factory.Start(ictx.Done())
+	running.Go(func() { informer.RunWithContext(ictx) })
 	if !cache.WaitForCacheSync(ictx.Done(), informer.HasSynced) {
 		return false
 	}
@@ -290,7 +340,7 @@ func (s *Source) informer(ctx context.Context, cs k8s.Interface, out core.Emitte
 			if identity == "" {
 				continue
 			}
-			if id, err := clusterIdentity(ictx, cs); err == nil && id != identity {
+			if id, err := clusterIdentity(ictx, cl); err == nil && id != identity {
 				s.log.Info("the cluster was reset; relisting")
 				return true
 			}
@@ -302,9 +352,9 @@ func (s *Source) informer(ctx context.Context, cs k8s.Interface, out core.Emitte
 // The request is cheap, so the retries stay at most 2 s apart: a restarted
 // API server is relisted soon after it is back. A cluster without a
 // "default" namespace (a fake one) has identity "".
-func waitIdentity(ctx context.Context, cs k8s.Interface) (string, error) {
+func waitIdentity(ctx context.Context, cl Client) (string, error) {
 	for attempt := 0; ; attempt++ {
-		id, err := clusterIdentity(ctx, cs)
+		id, err := clusterIdentity(ctx, cl)
 		if err == nil || apierrors.IsNotFound(err) {
 			return id, nil
 		}
@@ -314,16 +364,11 @@ func waitIdentity(ctx context.Context, cs k8s.Interface) (string, error) {
 	}
 }
 
-// clusterIdentity returns the UID of the "default" namespace, which every
-// API server creates and which changes when the cluster is recreated.
-func clusterIdentity(ctx context.Context, cs k8s.Interface) (string, error) {
+// clusterIdentity asks cl for its identity, for at most 5 s.
+func clusterIdentity(ctx context.Context, cl Client) (string, error) {
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	ns, err := cs.CoreV1().Namespaces().Get(cctx, metav1.NamespaceDefault, metav1.GetOptions{})
-	if err != nil {
-		return "", err
-	}
-	return string(ns.UID), nil
+	return cl.Identity(cctx)
 }
 
 func (s *Source) report(out core.Emitter, obj any) {
@@ -341,7 +386,7 @@ func (s *Source) report(out core.Emitter, obj any) {
 // service, say), so that explaining one of its ports can name it.
 func note(out core.Emitter, obj any) {
 	n, ok := out.(core.Noter)
-	svc, isService := obj.(*corev1.Service)
+	svc, isService := obj.(*Service)
 	if !ok || !isService || svc.UID == "" {
 		return
 	}
@@ -355,7 +400,7 @@ func note(out core.Emitter, obj any) {
 	}
 	typ := svc.Spec.Type
 	if typ == "" {
-		typ = corev1.ServiceTypeClusterIP
+		typ = TypeClusterIP
 	}
 	n.Note(core.Note{
 		Key:    core.Key{ID: string(svc.UID)},
@@ -368,7 +413,7 @@ func note(out core.Emitter, obj any) {
 // mapping converts a service: a NodePort service's node ports, or a
 // LoadBalancer service's ports.
 func (s *Source) mapping(obj any) (core.Mapping, bool) {
-	svc, ok := obj.(*corev1.Service)
+	svc, ok := obj.(*Service)
 	if !ok || svc.UID == "" {
 		return core.Mapping{}, false
 	}
@@ -376,14 +421,14 @@ func (s *Source) mapping(obj any) (core.Mapping, bool) {
 }
 
 // Convert returns the mapping of svc: its id is the service UID.
-func Convert(svc *corev1.Service, listen netip.Addr) core.Mapping {
+func Convert(svc *Service, listen netip.Addr) core.Mapping {
 	m := core.Mapping{Key: core.Key{Source: Name, ID: string(svc.UID)}}
 	for _, p := range svc.Spec.Ports {
 		var port int32
 		switch svc.Spec.Type {
-		case corev1.ServiceTypeNodePort:
+		case TypeNodePort:
 			port = p.NodePort
-		case corev1.ServiceTypeLoadBalancer:
+		case TypeLoadBalancer:
 			port = p.Port
 		default:
 			continue
