@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -269,4 +270,79 @@ func TestRelaySkipsWhatItCannotBind(t *testing.T) {
 	// The relay of the other port works.
 	waitHas(t, router, fmt.Sprintf("tcp/127.0.0.1:%d", p))
 	r.checkTCP(t, p)
+}
+
+// TestRelayLimitsUDPSessionsAndEndsIdleOnes relays UDP with room for one
+// client session and a short idle time: a second client's datagrams are
+// dropped while the first one's session lives, and served once it has
+// been idle long enough to end.
+func TestRelayLimitsUDPSessionsAndEndsIdleOnes(t *testing.T) {
+	r := newRelayRig(t)
+	router, _ := run(t, r.relaySource(t, sockets.Config{RelayAddr: relayAddr, RelayMaxConns: 1, RelayUDPIdle: 500 * time.Millisecond}))
+	p := r.nextPort()
+	r.h.do(t, "serve udp 127.0.0.1:%d", p)
+	waitHas(t, router, fmt.Sprintf("udp/127.0.0.1:%d", p))
+
+	first := r.dial(t, "udp4", p)
+	second := r.dial(t, "udp4", p)
+	exchange := func(c net.Conn, payload string, wait time.Duration) error {
+		_ = c.SetDeadline(time.Now().Add(wait))
+		if _, err := io.WriteString(c, payload); err != nil {
+			return err
+		}
+		buf := make([]byte, 64)
+		n, err := c.Read(buf)
+		if err != nil {
+			return err
+		}
+		if got := string(buf[:n]); got != "echo:"+payload {
+			return fmt.Errorf("reply %q", got)
+		}
+		return nil
+	}
+	if err := exchange(first, "one", waitTimeout); err != nil {
+		t.Fatalf("first client: %v", err)
+	}
+	// While the first session is busy, the second client gets nothing.
+	for i := range 3 {
+		if err := exchange(first, fmt.Sprintf("keep%d", i), waitTimeout); err != nil {
+			t.Fatalf("first client: %v", err)
+		}
+		if err := exchange(second, fmt.Sprintf("two%d", i), 100*time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("second client while the only session is busy: %v; want no reply", err)
+		}
+	}
+	// The first session ends after its idle time; the second client is
+	// then served.
+	testenv.Eventually(t, waitTimeout, "the second client served once the first session idled out", func() (bool, string) {
+		err := exchange(second, "late", 200*time.Millisecond)
+		return err == nil, fmt.Sprint(err)
+	})
+}
+
+// TestRelayMovesBetweenLoopbackAddresses serves one port on 127.0.0.1 and
+// ::1 at once, as a server bound to "localhost" does: the relay forwards to
+// the first, and when that one closes it moves to the other, which stays
+// reachable; when both are gone the relay is too.
+func TestRelayMovesBetweenLoopbackAddresses(t *testing.T) {
+	r := newRelayRig(t)
+	router, _ := run(t, r.relaySource(t, sockets.Config{RelayAddr: relayAddr}))
+	for _, proto := range []string{"tcp", "udp"} {
+		p := r.nextPort()
+		r.h.do(t, "serve %s 127.0.0.1:%d", proto, p)
+		waitHas(t, router, fmt.Sprintf("%s/127.0.0.1:%d", proto, p))
+		r.h.do(t, "serve %s [::1]:%d", proto, p)
+		waitHas(t, router, fmt.Sprintf("%s/[::1]:%d", proto, p))
+		check := r.checkTCP
+		if proto == "udp" {
+			check = r.checkUDP
+		}
+		check(t, p)
+		r.h.do(t, "close %s 127.0.0.1:%d", proto, p)
+		waitLacks(t, router, fmt.Sprintf("%s/127.0.0.1:%d", proto, p))
+		check(t, p) // now through ::1
+		r.h.do(t, "close %s [::1]:%d", proto, p)
+		waitLacks(t, router, fmt.Sprintf("%s/[::1]:%d", proto, p))
+		r.refused(t, proto+"4", p)
+	}
 }
