@@ -26,6 +26,8 @@ var lo = netip.MustParseAddr("127.0.0.1")
 type rig struct {
 	ns      string
 	wrapper string
+	// commands, if set, are the source's --iptablesCommands.
+	commands []string
 }
 
 func newRig(t testing.TB, command string) *rig {
@@ -45,7 +47,7 @@ func newRig(t testing.TB, command string) *rig {
 func (r *rig) source(t testing.TB, listen bool, interval time.Duration) core.Source {
 	t.Helper()
 	s, err := iptables.New(iptables.Config{
-		Interval: interval, Listen: listen, Netns: "/var/run/netns/" + r.ns, ListenAddr: lo,
+		Commands: r.commands, Interval: interval, Listen: listen, Netns: "/var/run/netns/" + r.ns, ListenAddr: lo,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -256,8 +258,9 @@ func TestContractNftables(t *testing.T) {
 }
 
 // TestFixturesInNamespaces loads the rule dumps in testdata into fresh
-// namespaces (iptables-nft, iptables-legacy, nftables) and checks what a
-// scan finds.
+// namespaces (iptables-nft, iptables-legacy and their ip6 variants,
+// nftables) and checks what a scan finds, given the namespace alone (or,
+// once, with iptables-legacy as --iptablesCommands).
 func TestFixturesInNamespaces(t *testing.T) {
 	fixture := filepath.Join("..", "..", "testdata", "iptables")
 	tests := []struct {
@@ -271,6 +274,16 @@ func TestFixturesInNamespaces(t *testing.T) {
 		{"iptables-legacy", "iptables-legacy", func(r *rig, t *testing.T) {
 			testenv.RunIn(t, r.ns, "iptables-legacy-restore", filepath.Join(fixture, "kube-proxy-iptables.rules"))
 		}, []string{"tcp/127.0.0.1:9090", "tcp/30081", "tcp/8088", "tcp/8443", "udp/30053"}},
+		{"iptables-legacy given as a command, run in the namespace", "iptables-legacy", func(r *rig, t *testing.T) {
+			r.commands = []string{"iptables-legacy"}
+			testenv.RunIn(t, r.ns, "iptables-legacy-restore", filepath.Join(fixture, "kube-proxy-iptables.rules"))
+		}, []string{"tcp/127.0.0.1:9090", "tcp/30081", "tcp/8088", "tcp/8443", "udp/30053"}},
+		{"ip6tables-legacy", "ip6tables-legacy", func(r *rig, t *testing.T) {
+			testenv.RunIn(t, r.ns, "ip6tables-legacy-restore", filepath.Join(fixture, "kube-proxy-ip6tables.rules"))
+		}, []string{"tcp/[::1]:9090", "tcp/30081", "tcp/8088", "tcp/8443", "udp/30053"}},
+		{"ip6tables-nft", "ip6tables-nft", func(r *rig, t *testing.T) {
+			testenv.RunIn(t, r.ns, "ip6tables-nft-restore", filepath.Join(fixture, "kube-proxy-ip6tables.rules"))
+		}, []string{"tcp/[::1]:9090", "tcp/30081", "tcp/8088", "tcp/8443", "udp/30053"}},
 		{"CNI portmap and loopback NAT, iptables-nft", "iptables-nft", func(r *rig, t *testing.T) {
 			testenv.RunIn(t, r.ns, "iptables-nft-restore", filepath.Join(fixture, "cni-portmap-loopback.rules"))
 		}, []string{"tcp/127.0.0.1:9090", "tcp/8443"}},

@@ -134,6 +134,10 @@ func decodeRule(family nftables.TableFamily, chain string, exprs []expr.Any) rul
 				r.proto = protoName(e.Data[0])
 			case l.meta == 0 && l.base == expr.PayloadBaseNetworkHeader && l.offset == dstOffset && l.len <= uint32(addrLen):
 				r.dest = addrArg(e.Data, l.mask, addrLen)
+			case l.meta == 0 && l.base == expr.PayloadBaseTransportHeader && l.offset == 0 && l.len == 4 && len(e.Data) == 4:
+				// --sport and --dport, both single and not negated, are
+				// one load of both fields.
+				r.dport = strconv.Itoa(int(binary.BigEndian.Uint16(e.Data[dportOffset:])))
 			case l.meta == 0 && l.base == expr.PayloadBaseTransportHeader && l.offset == dportOffset && l.len == 2 && len(e.Data) == 2:
 				port := strconv.Itoa(int(binary.BigEndian.Uint16(e.Data)))
 				switch e.Op {

@@ -72,7 +72,7 @@ const (
 // a rule, the set of an element), touches what the source reads: the ip
 // and ip6 nat tables' chains that it reads, and the kube-proxy tables'
 // service maps. Docker's filter rules, kube-proxy's other chains and any
-// other table are not.
+// other table are not. A new table is empty, so only its deletion counts.
 func relevant(family uint8, msgType uint16, table, name string) bool {
 	if family != unix.NFPROTO_IPV4 && family != unix.NFPROTO_IPV6 {
 		return false
@@ -80,14 +80,14 @@ func relevant(family uint8, msgType uint16, table, name string) bool {
 	switch table {
 	case "nat":
 		switch msgType {
-		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
+		case unix.NFT_MSG_DELTABLE:
 			return true
 		case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN, unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE:
 			return slices.Contains(natChains, name) || strings.HasPrefix(name, "CNI-DN-")
 		}
 	case "kube-proxy":
 		switch msgType {
-		case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
+		case unix.NFT_MSG_DELTABLE:
 			return true
 		case unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET, unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
 			return slices.Contains(kubeProxyMaps, name)
@@ -168,7 +168,7 @@ func watchNft(ctx context.Context, netns string, changed, ready func()) error {
 	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
 		return fmt.Errorf("subscribing to nftables changes: %w", err)
 	}
-	_ = c.SetReadBuffer(watchBuffer) // best effort: overflows are noticed
+	setReadBuffer(c, watchBuffer)
 	if ready != nil {
 		ready()
 	}
@@ -200,4 +200,19 @@ func watchNft(ctx context.Context, netns string, changed, ready func()) error {
 			}
 		}
 	}
+}
+
+// setReadBuffer sets the socket's receive buffer, past net.core.rmem_max
+// where the agent may (it has CAP_NET_ADMIN). It is best effort: an
+// overflow is noticed and answered with a scan.
+func setReadBuffer(c *netlink.Conn, n int) {
+	if raw, err := c.SyscallConn(); err == nil {
+		var serr error
+		if err := raw.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
+		}); err == nil && serr == nil {
+			return
+		}
+	}
+	_ = c.SetReadBuffer(n)
 }
