@@ -54,8 +54,8 @@ const (
 // sink, reaching gvproxy's API at the gateway through the tap. Sockets a
 // guest process holds on 127.0.0.1 (relayed from the guest address), on
 // [::] and on 0.0.0.0 answer TCP and UDP from this machine's loopback
-// through gvproxy, a closed one loses its forward, and the agent removes
-// the rest, and only those, when it stops.
+// through gvproxy, again after gvproxy restarts; a closed one loses its
+// forward, and the agent removes the rest, and only those, when it stops.
 func TestSocketsThroughGvforwarder(t *testing.T) {
 	forwarder := testenv.Binary(t, "GUESTAGENT_GVFORWARDER", "gvforwarder")
 	ports := []int{gvfLoopbackTCP, gvfLoopbackUDP, gvfAnyTCP, gvfAnyUDP}
@@ -71,7 +71,7 @@ func TestSocketsThroughGvforwarder(t *testing.T) {
 	loTCP := g.serve(t, "tcp4", fmt.Sprintf("127.0.0.1:%d", gvfLoopbackTCP))
 	loUDP := g.serve(t, "udp4", fmt.Sprintf("127.0.0.1:%d", gvfLoopbackUDP))
 	agent := g.startAgent(t, "--adminInstall", "--sources=sockets", "--sinks=host-switch",
-		"--hostSwitchURL=http://"+tapGateway)
+		"--hostSwitchURL=http://"+tapGateway, "--hostSwitchCheckInterval=1s")
 	want := map[string]string{
 		fmt.Sprintf("tcp 127.0.0.1:%d", gvfLoopbackTCP): fmt.Sprintf("%s:%d", hostswitch.DefaultGuestIP, gvfLoopbackTCP),
 		fmt.Sprintf("udp 127.0.0.1:%d", gvfLoopbackUDP): fmt.Sprintf("%s:%d", hostswitch.DefaultGuestIP, gvfLoopbackUDP),
@@ -87,19 +87,17 @@ func TestSocketsThroughGvforwarder(t *testing.T) {
 	// answers "bye" once it has read that end.
 	payload := make([]byte, 1<<20)
 	_, _ = rand.Read(payload)
-	for _, p := range []int{gvfLoopbackTCP, gvfAnyTCP} {
-		if err := tcpEcho(fmt.Sprintf("127.0.0.1:%d", p), payload); err != nil {
-			t.Errorf("TCP through gvproxy to the guest's port %d: %v", p, err)
-		}
-	}
-	for _, p := range []int{gvfLoopbackUDP, gvfAnyUDP} {
-		if err := udpEcho(fmt.Sprintf("127.0.0.1:%d", p)); err != nil {
-			t.Errorf("UDP through gvproxy to the guest's port %d: %v", p, err)
-		}
-	}
-	if t.Failed() {
-		t.FailNow()
-	}
+	exchange(t, "", payload, ports...)
+
+	// A restarted gvproxy has lost the forwards and the guest's link.
+	// Once the guest is back on the network the agent, seeing the
+	// forwards gone on its next check, exposes every port again, and the
+	// relays still answer.
+	gv.Stop()
+	gv.Start()
+	g.rejoin(t)
+	waitForwards(t, gv, agent, "the forwards back after gvproxy restarted", want, nil)
+	exchange(t, "after gvproxy restarted: ", payload[:64<<10], ports...)
 
 	// A socket that closes loses its forward, and gvproxy its listener.
 	loTCP.Close()
@@ -138,6 +136,26 @@ func TestSocketsThroughGvforwarder(t *testing.T) {
 	}
 }
 
+// exchange sends payload over TCP (tcpEcho) and a datagram over UDP
+// (udpEcho) to each of ports on this machine's loopback, where gvproxy
+// forwards them to the guest, and stops the test on a failure.
+func exchange(t *testing.T, stage string, payload []byte, ports ...int) {
+	t.Helper()
+	for _, p := range ports {
+		addr := fmt.Sprintf("127.0.0.1:%d", p)
+		if p == gvfLoopbackUDP || p == gvfAnyUDP {
+			if err := udpEcho(addr); err != nil {
+				t.Errorf("%sUDP through gvproxy to the guest's port %d: %v", stage, p, err)
+			}
+		} else if err := tcpEcho(addr, payload); err != nil {
+			t.Errorf("%sTCP through gvproxy to the guest's port %d: %v", stage, p, err)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+}
+
 // portsFree reports an error unless port is free for TCP and UDP on every
 // address of this machine.
 func portsFree(port int) error {
@@ -153,39 +171,40 @@ func portsFree(port int) error {
 	return pc.Close()
 }
 
-// guest is a network namespace on gvproxy's virtual network: its tap0
+// tapGuest is a network namespace on gvproxy's virtual network: its tap0
 // carries 192.168.127.2/24 with the default route to the gateway, and
 // gvforwarder passes its frames to gvproxy.
-type guest struct {
+type tapGuest struct {
 	ns, path string // the namespace's name and path
 	dir      string // logs
 	client   *http.Client
+	exited   <-chan error // gvforwarder's end
+	fwdLog   string
 }
 
 // startGuest makes the guest's namespace and tap device, runs gvforwarder
 // in it until the test ends, and waits until gvproxy's API answers from
 // inside the guest at the gateway's address.
-func startGuest(t *testing.T, gv *gvproxytest.Gvproxy, forwarder string) *guest {
+func startGuest(t *testing.T, gv *gvproxytest.Gvproxy, forwarder string) *tapGuest {
 	t.Helper()
 	ns := testenv.Netns(t)
-	g := &guest{ns: ns, path: "/var/run/netns/" + ns, dir: t.TempDir()}
+	g := &tapGuest{ns: ns, path: "/var/run/netns/" + ns, dir: t.TempDir()}
 	testenv.RunIn(t, ns, "ip", "tuntap", "add", tapName, "mode", "tap")
-	t.Cleanup(func() {
+	t.Cleanup(func() { // gvforwarder deletes it on exit; in case it did not start
 		argv := testenv.InNetns(ns, "ip", "link", "delete", tapName)
 		_ = exec.Command(argv[0], argv[1:]...).Run()
 	})
-	testenv.RunIn(t, ns, "ip", "link", "set", tapName, "address", tapMAC)
-	testenv.RunIn(t, ns, "ip", "addr", "add", hostswitch.DefaultGuestIP+"/24", "dev", tapName)
-	testenv.RunIn(t, ns, "ip", "link", "set", tapName, "up")
-	testenv.RunIn(t, ns, "ip", "route", "add", "default", "via", tapGateway)
+	if err := g.configureTap(); err != nil {
+		t.Fatal(err)
+	}
 
-	// -preexisting: the tap is configured above (no DHCP client);
+	// -preexisting: the tap is configured here (no DHCP client);
 	// -stop-if-exist "": gvforwarder otherwise exits when eth0 exists.
-	logPath := filepath.Join(g.dir, "gvforwarder.log")
-	exited := g.run(t, logPath, forwarder, "-url", "unix://"+gv.Socket(), "-iface", tapName, "-preexisting", "-stop-if-exist", "")
+	g.fwdLog = filepath.Join(g.dir, "gvforwarder.log")
+	g.exited = g.run(t, g.fwdLog, forwarder, "-url", "unix://"+gv.Socket(), "-iface", tapName, "-preexisting", "-stop-if-exist", "")
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("gvforwarder log:\n%s", tail(logPath, 20))
+			t.Logf("gvforwarder log:\n%s", fileTail(g.fwdLog, 20))
 		}
 	})
 
@@ -202,24 +221,72 @@ func startGuest(t *testing.T, gv *gvproxytest.Gvproxy, forwarder string) *guest 
 		},
 	}}
 	testenv.Eventually(t, 15*time.Second, "gvproxy's API from inside the guest at http://"+tapGateway, func() (bool, string) {
-		select {
-		case err := <-exited:
-			t.Fatalf("gvforwarder exited (%v):\n%s", err, tail(logPath, 20))
-		default:
-		}
-		res, err := g.client.Get("http://" + tapGateway + "/services/forwarder/all")
-		if err != nil {
-			return false, err.Error()
-		}
-		res.Body.Close()
-		return res.StatusCode == http.StatusOK, res.Status
+		return g.reachesAPI(t)
 	})
 	return g
 }
 
+// configureTap gives tap0 the guest's MAC address, its address and the
+// default route to the gateway, and brings it up.
+func (g *tapGuest) configureTap() error {
+	for _, argv := range [][]string{
+		{"ip", "link", "set", tapName, "address", tapMAC},
+		{"ip", "addr", "add", hostswitch.DefaultGuestIP + "/24", "dev", tapName},
+		{"ip", "link", "set", tapName, "up"},
+		{"ip", "route", "add", "default", "via", tapGateway},
+	} {
+		full := testenv.InNetns(g.ns, argv...)
+		if out, err := exec.Command(full[0], full[1:]...).CombinedOutput(); err != nil {
+			return fmt.Errorf("%s in the guest: %v: %s", strings.Join(argv, " "), err, bytes.TrimSpace(out))
+		}
+	}
+	return nil
+}
+
+// reachesAPI reports whether gvproxy's API answers from inside the guest
+// at the gateway, or why not; it stops the test if gvforwarder exited.
+func (g *tapGuest) reachesAPI(t *testing.T) (bool, string) {
+	t.Helper()
+	select {
+	case err := <-g.exited:
+		t.Fatalf("gvforwarder exited (%v):\n%s", err, fileTail(g.fwdLog, 20))
+	default:
+	}
+	res, err := g.client.Get("http://" + tapGateway + "/services/forwarder/all")
+	if err != nil {
+		return false, err.Error()
+	}
+	res.Body.Close()
+	return res.StatusCode == http.StatusOK, res.Status
+}
+
+// rejoin waits, after gvproxy restarted, until the guest reaches its API
+// again, configuring tap0 again whenever it lacks the guest's address, as
+// the guest's network set-up would: gvforwarder (v0.8.9) clears the tap's
+// persistent flag, so the tap goes when gvproxy drops the connection, and
+// the one gvforwarder makes when it reconnects is blank, -preexisting
+// notwithstanding.
+func (g *tapGuest) rejoin(t *testing.T) {
+	t.Helper()
+	testenv.Eventually(t, 30*time.Second, "the guest back on gvproxy's network", func() (bool, string) {
+		argv := testenv.InNetns(g.ns, "ip", "-o", "addr", "show", "dev", tapName)
+		out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+		if err != nil {
+			return false, fmt.Sprintf("%s: %v: %s", tapName, err, bytes.TrimSpace(out))
+		}
+		if !strings.Contains(string(out), " "+hostswitch.DefaultGuestIP+"/24 ") {
+			if err := g.configureTap(); err != nil {
+				return false, err.Error()
+			}
+			t.Logf("%s came back blank after gvproxy restarted; configured it again", tapName)
+		}
+		return g.reachesAPI(t)
+	})
+}
+
 // run starts argv in the guest with its output in logPath, and kills it
 // when the test ends. The returned channel gets how it exited.
-func (g *guest) run(t *testing.T, logPath string, argv ...string) <-chan error {
+func (g *tapGuest) run(t *testing.T, logPath string, argv ...string) <-chan error {
 	t.Helper()
 	log, err := os.Create(logPath)
 	if err != nil {
@@ -253,7 +320,7 @@ type guestAgent struct {
 // startAgent runs this test binary as the agent (main, as agentEnv tells
 // it) in the guest's namespace, with a state directory and control socket
 // of the test's own, until the test ends.
-func (g *guest) startAgent(t *testing.T, args ...string) *guestAgent {
+func (g *tapGuest) startAgent(t *testing.T, args ...string) *guestAgent {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
@@ -313,10 +380,10 @@ func (a *guestAgent) exited() bool {
 	}
 }
 
-func (a *guestAgent) logTail() string { return tail(a.log, 30) }
+func (a *guestAgent) logTail() string { return fileTail(a.log, 30) }
 
-// tail returns the last n lines of the file at path.
-func tail(path string, n int) string {
+// fileTail returns the last n lines of the file at path.
+func fileTail(path string, n int) string {
 	out, err := os.ReadFile(path)
 	if err != nil {
 		return err.Error()
@@ -363,7 +430,7 @@ type echoServer struct {
 // serve opens an echo server on addr over network (as net.Listen and
 // net.ListenPacket take them) in the guest, until Close or the end of the
 // test. Go makes "tcp" on [::] dual-stack, "tcp6" IPv6-only.
-func (g *guest) serve(t *testing.T, network, addr string) *echoServer {
+func (g *tapGuest) serve(t *testing.T, network, addr string) *echoServer {
 	t.Helper()
 	s := &echoServer{conns: map[net.Conn]bool{}}
 	err := inNetns(g.path, func() (err error) {
