@@ -558,9 +558,10 @@ func commonPrefix(a, b []byte) int {
 	return n
 }
 
-// udpEcho sends a datagram to addr from two sockets at once and checks
-// that each gets its own answer, resending while none arrives (UDP may
-// drop one).
+// udpEcho sends a datagram to addr from one socket, then from another
+// while the first one's session is still open, and checks that each gets
+// its own answer from addr, resending while none arrives (UDP may drop
+// one).
 func udpEcho(addr string) error {
 	var clients []net.Conn
 	defer func() {
