@@ -106,7 +106,10 @@ type Source struct {
 	log    *zap.Logger
 	cmds   []command     // --iptablesCommands
 	legacy []legacySaver // the legacy back-end's save commands, without cmds
-	scans  atomic.Int64  // scans made, for tests
+	scans  atomic.Int64  // scans made, for tests and benchmarks
+	busy   atomic.Int64  // nanoseconds spent scanning, likewise
+	// watching is set while nftables change notifications are read.
+	watching atomic.Bool
 }
 
 // New checks cfg and returns a Source. It fails when a command of
@@ -162,11 +165,18 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 
 	var p pacer
 	st := &scanState{}
+	stale := true // nftables changed since it was last read
 	scan := func() {
 		notified.Stop()
 		start := time.Now()
-		s.scan(out, ls, st)
+		readNft := stale || !s.watching.Load() ||
+			start.Sub(st.nftRead) >= max(nftRecheck*s.cfg.Interval, scanCostFactor*st.nftCost)
+		if readNft {
+			stale = false
+		}
+		s.scan(out, ls, st, readNft)
 		end := time.Now()
+		s.busy.Add(int64(end.Sub(start)))
 		p.scanned(start, end)
 		periodic.Reset(nextScan(s.cfg.Interval, end.Sub(start)))
 	}
@@ -176,6 +186,7 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		case <-ctx.Done():
 			return nil
 		case <-changed:
+			stale = true
 			if wait, ok := p.changed(time.Now()); ok {
 				notified.Reset(wait)
 			}
@@ -186,6 +197,13 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		}
 	}
 }
+
+// nftRecheck is how many scan intervals may pass without nftables being
+// read while its change notifications work and report nothing the source
+// reads: they are the news of its changes, so a periodic scan reads only
+// the legacy back-end, and nftables again every nftRecheck intervals (or
+// scanCostFactor times what reading it takes, if longer) in case.
+const nftRecheck = 10
 
 // watchRetry is the wait before the notification socket is opened again
 // after it failed.
@@ -206,12 +224,14 @@ func (s *Source) watch(ctx context.Context, changed chan<- struct{}, ready chan<
 	defer isReady()
 	for first := true; ; first = false {
 		err := watchNft(ctx, s.cfg.Netns, signal, func() {
+			s.watching.Store(true)
 			isReady()
 			if !first {
 				s.log.Info("nftables change notifications back")
 				signal()
 			}
 		})
+		s.watching.Store(false)
 		if ctx.Err() != nil {
 			return
 		}
@@ -241,12 +261,19 @@ type scanState struct {
 	reported bool
 	digest   [sha256.Size]byte
 	failing  map[string]bool // sources of rules that failed last time
+
+	// What nftables held when last read, kept for the scans that need
+	// not read it again, and when that was and what it took.
+	nft         rawRules
+	nftProblems map[string]error
+	nftRead     time.Time
+	nftCost     time.Duration
 }
 
 // scan reads every rule set, and reports and listens only if they changed.
-func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState) {
+func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState, readNft bool) {
 	s.scans.Add(1)
-	raw, problems := s.read()
+	raw, problems := s.read(st, readNft)
 	failing := map[string]bool{}
 	for what, err := range problems {
 		failing[what] = true
@@ -349,22 +376,19 @@ func (r rawRules) parse() []ServicePort {
 }
 
 // read reads the chains that matter from every iptables back-end and the
-// kube-proxy nftables maps. A missing chain or table is not a problem:
-// kube-proxy may use the other mode, or not run yet.
-func (s *Source) read() (rawRules, map[string]error) {
-	var r rawRules
-	problems := map[string]error{}
-	conn, done, err := s.nftConn()
-	if err != nil {
-		problems["nftables"] = err
-	} else {
-		if r.rules, err = readNatNft(conn); err != nil {
-			problems["iptables-nft"] = err
-		}
-		if r.nft, err = readNftables(conn); err != nil {
-			problems["nftables"] = err
-		}
-		done()
+// kube-proxy nftables maps; nftables only when readNft is set, else what
+// st kept of it. A missing chain or table is not a problem: kube-proxy may
+// use the other mode, or not run yet.
+func (s *Source) read(st *scanState, readNft bool) (rawRules, map[string]error) {
+	if readNft {
+		start := time.Now()
+		st.nft, st.nftProblems = s.readNft()
+		st.nftRead, st.nftCost = start, time.Since(start)
+	}
+	r := rawRules{rules: st.nft.rules, nft: st.nft.nft}
+	problems := maps.Clone(st.nftProblems)
+	if problems == nil {
+		problems = map[string]error{}
 	}
 	var more map[string]error
 	if len(s.cmds) > 0 {
@@ -373,6 +397,30 @@ func (s *Source) read() (rawRules, map[string]error) {
 		r.lines, more = readLegacy(s.cfg.Netns, s.legacy)
 	}
 	maps.Copy(problems, more)
+	return r, problems
+}
+
+// readNft reads what the source reads in nftables: the rules of
+// iptables-nft and kube-proxy's maps.
+func (s *Source) readNft() (rawRules, map[string]error) {
+	var r rawRules
+	problems := map[string]error{}
+	if d, err := newRuleDumper(s.cfg.Netns); err != nil {
+		problems["iptables-nft"] = err
+	} else {
+		if r.rules, err = readNatNft(d); err != nil {
+			problems["iptables-nft"] = err
+		}
+		_ = d.Close()
+	}
+	if conn, done, err := s.nftConn(); err != nil {
+		problems["nftables"] = err
+	} else {
+		if r.nft, err = readNftables(conn); err != nil {
+			problems["nftables"] = err
+		}
+		done()
+	}
 	return r, problems
 }
 

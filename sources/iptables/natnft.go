@@ -25,40 +25,30 @@ var natFamilies = []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.Tabl
 // tables iptables-nft and ip6tables-nft keep in nftables, over netlink, and
 // decodes them into what `iptables -S` would print of them. A missing table
 // or chain reads as no rules.
-func readNatNft(conn *nftables.Conn) ([]rule, error) {
+func readNatNft(d *ruleDumper) ([]rule, error) {
 	var out []rule
 	for _, family := range natFamilies {
 		table := &nftables.Table{Name: "nat", Family: family}
 		start := len(out)
-		for _, chain := range natChains {
-			rs, err := readNftChain(conn, table, chain)
+		read := func(chain string) error {
+			rs, err := d.rules(table, chain)
 			if err != nil {
-				return nil, err
+				return fmt.Errorf("%s nat %s: %w", familyName(family), chain, err)
 			}
 			out = append(out, rs...)
+			return nil
+		}
+		for _, chain := range natChains {
+			if err := read(chain); err != nil {
+				return nil, err
+			}
 		}
 		_, cni := portsOf(out[start:])
 		for _, chain := range cni {
-			rs, err := readNftChain(conn, table, chain)
-			if err != nil {
+			if err := read(chain); err != nil {
 				return nil, err
 			}
-			out = append(out, rs...)
 		}
-	}
-	return out, nil
-}
-
-func readNftChain(conn *nftables.Conn, table *nftables.Table, chain string) ([]rule, error) {
-	// A dump filtered by table and chain returns nothing for a table or
-	// chain that does not exist.
-	rs, err := conn.GetRules(table, &nftables.Chain{Name: chain, Table: table})
-	if err != nil {
-		return nil, fmt.Errorf("reading %s nat %s: %w", familyName(table.Family), chain, err)
-	}
-	out := make([]rule, 0, len(rs))
-	for _, r := range rs {
-		out = append(out, decodeRule(table.Family, chain, r.Exprs))
 	}
 	return out, nil
 }

@@ -124,12 +124,12 @@ func TestNetlinkReadsWhatIptablesSavePrints(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			conn, done, err := s.nftConn()
+			d, err := newRuleDumper(s.cfg.Netns)
 			if err != nil {
 				t.Fatal(err)
 			}
-			fromNetlink, err := readNatNft(conn)
-			done()
+			fromNetlink, err := readNatNft(d)
+			d.Close()
 			if err != nil {
 				t.Fatal(err)
 			}

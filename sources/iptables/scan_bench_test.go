@@ -14,21 +14,24 @@ import (
 	"github.com/guestagent/guestagent/core/testenv"
 )
 
-// BenchmarkScan measures one full scan (listing the chains through the
-// real iptables command, or reading the nftables maps over netlink, then
-// parsing) of n NodePort services in a private namespace.
+// BenchmarkScan measures one full scan (reading the chains over netlink,
+// or with iptables-legacy-save, or reading the nftables maps over
+// netlink, then parsing) of n NodePort services in a private namespace,
+// given to the source as --iptablesNetns alone.
 func BenchmarkScan(b *testing.B) {
 	for _, n := range []int{1000, 10000, 50000} {
 		b.Run(fmt.Sprintf("iptables-nft/%d", n), func(b *testing.B) {
-			s := benchRig(b, "iptables-nft", func(ns, dir string) error {
-				return restore(ns, dir, n)
-			})
+			s := benchRig(b, func(ns, dir string) error { return restore(ns, dir, "iptables-nft-restore", n) })
 			benchScan(b, s, n)
 		})
-		b.Run(fmt.Sprintf("nftables/%d", n), func(b *testing.B) {
-			s := benchRig(b, "iptables-nft", func(ns, dir string) error {
-				return nftLoad(ns, dir, n)
+		if n <= 10000 {
+			b.Run(fmt.Sprintf("iptables-legacy/%d", n), func(b *testing.B) {
+				s := benchRig(b, func(ns, dir string) error { return restore(ns, dir, "iptables-legacy-restore", n) })
+				benchScan(b, s, n)
 			})
+		}
+		b.Run(fmt.Sprintf("nftables/%d", n), func(b *testing.B) {
+			s := benchRig(b, func(ns, dir string) error { return nftLoad(ns, dir, n) })
 			benchScan(b, s, n)
 		})
 	}
@@ -37,7 +40,7 @@ func BenchmarkScan(b *testing.B) {
 func benchScan(b *testing.B, s *Source, n int) {
 	b.ReportAllocs()
 	for b.Loop() {
-		raw, problems := s.read()
+		raw, problems := s.read(&scanState{}, true)
 		if len(problems) > 0 {
 			b.Fatal(problems)
 		}
@@ -47,25 +50,27 @@ func benchScan(b *testing.B, s *Source, n int) {
 	}
 }
 
-func benchRig(b *testing.B, command string, load func(ns, dir string) error) *Source {
+// benchNetns is a namespace for a benchmark, loaded by load.
+func benchNetns(b *testing.B, load func(ns, dir string) error) string {
 	ns := testenv.Netns(b)
-	dir := b.TempDir()
-	if err := load(ns, dir); err != nil {
+	if err := load(ns, b.TempDir()); err != nil {
 		b.Fatal(err)
 	}
-	wrapper := filepath.Join(dir, "wrapper")
-	script := "#!/bin/sh\nexec " + strings.Join(testenv.InNetns(ns, command), " ") + " \"$@\"\n"
-	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
-		b.Fatal(err)
-	}
-	s, err := New(Config{Commands: []string{wrapper}, Netns: "/var/run/netns/" + ns})
+	return ns
+}
+
+func benchRig(b *testing.B, load func(ns, dir string) error) *Source {
+	s, err := New(Config{Netns: "/var/run/netns/" + benchNetns(b, load)})
 	if err != nil {
 		b.Fatal(err)
 	}
 	return s
 }
 
-func restore(ns, dir string, n int) error {
+// restore loads n NodePort services as kube-proxy writes them (a
+// KUBE-NODEPORTS, a KUBE-SERVICES and a KUBE-EXT rule each) with the
+// restore command.
+func restore(ns, dir, command string, n int) error {
 	var sb strings.Builder
 	sb.WriteString("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n")
 	for i := range n {
@@ -81,7 +86,7 @@ func restore(ns, dir string, n int) error {
 	if err := os.WriteFile(path, []byte(sb.String()), 0o644); err != nil {
 		return err
 	}
-	argv := testenv.InNetns(ns, "iptables-nft-restore", path)
+	argv := testenv.InNetns(ns, command, path)
 	if out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput(); err != nil {
 		return fmt.Errorf("%v: %s", err, out)
 	}
@@ -113,28 +118,64 @@ func nftLoad(ns, dir string, n int) error {
 	return nil
 }
 
-// idleScanWindow is how long BenchmarkIdleScanCPU watches the source.
-const idleScanWindow = 30 * time.Second
+// cpuWindow is how long BenchmarkIdleScanCPU watches the source.
+const cpuWindow = 30 * time.Second
 
-// BenchmarkIdleScanCPU runs the source with the default interval over 10k
-// NodePort services that do not change, in a private namespace, and reports
-// the CPU that it and the iptables commands it runs use, as a share of one
-// core.
+// BenchmarkIdleScanCPU runs the source with the default settings over n
+// NodePort services written with iptables-nft in a private namespace, and
+// changes one rule a second there for cpuWindow: an unrelated one (a
+// DOCKER-USER rule of the filter table, added then deleted), or a NodePort
+// rule (a KUBE-NODEPORTS rule added, then deleted), which triggers scans.
+// It reports the CPU that the process and the commands the source runs
+// used over the window, as a share of one core (the rule-changing
+// commands' own CPU left out), the share of the time the source spent
+// scanning, and the number of scans.
 func BenchmarkIdleScanCPU(b *testing.B) {
-	const n = 10000
-	s := benchRig(b, "iptables-nft", func(ns, dir string) error { return restore(ns, dir, n) })
-	r := sourcetest.Start(b, Name, s)
-	deadline := time.Now().Add(time.Minute)
-	for len(r.Desired()) < n {
-		if time.Now().After(deadline) {
-			b.Fatalf("the source reported %d of %d services", len(r.Desired()), n)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	for b.Loop() {
-		before := cpuUsed(b)
-		time.Sleep(idleScanWindow)
-		b.ReportMetric(100*(cpuUsed(b)-before).Seconds()/idleScanWindow.Seconds(), "cpu-%")
+	for _, c := range []struct {
+		n       int
+		changes string
+	}{{10000, "unrelated"}, {50000, "unrelated"}, {50000, "nodeport"}} {
+		b.Run(fmt.Sprintf("%d/%s", c.n, c.changes), func(b *testing.B) {
+			ns := benchNetns(b, func(ns, dir string) error { return restore(ns, dir, "iptables-nft-restore", c.n) })
+			s, err := New(Config{Netns: "/var/run/netns/" + ns})
+			if err != nil {
+				b.Fatal(err)
+			}
+			r := sourcetest.Start(b, Name, s)
+			deadline := time.Now().Add(2 * time.Minute)
+			for len(r.Desired()) < c.n {
+				if time.Now().After(deadline) {
+					b.Fatalf("the source reported %d of %d services", len(r.Desired()), c.n)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			change := func(i int) []string {
+				op := []string{"-A", "-D"}[i%2]
+				if c.changes == "unrelated" {
+					return []string{"iptables-nft", "-t", "filter", op, "DOCKER-USER", "-s", "198.18.0.1/32", "-j", "RETURN"}
+				}
+				return []string{"iptables-nft", "-t", "nat", op, "KUBE-NODEPORTS", "-p", "tcp", "-m", "tcp", "--dport", "9999", "-j", "KUBE-EXT-0000000000000000"}
+			}
+			testenv.RunIn(b, ns, "iptables-nft", "-t", "filter", "-N", "DOCKER-USER")
+			for b.Loop() {
+				cpu0, scans0, busy0 := cpuUsed(b), s.scans.Load(), s.busy.Load()
+				var changers time.Duration
+				start := time.Now()
+				for i := 0; time.Since(start) < cpuWindow; i++ {
+					argv := testenv.InNetns(ns, change(i)...)
+					cmd := exec.Command(argv[0], argv[1:]...)
+					if out, err := cmd.CombinedOutput(); err != nil {
+						b.Fatalf("%s: %v: %s", strings.Join(argv, " "), err, out)
+					}
+					changers += cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+					time.Sleep(time.Until(start.Add(time.Duration(i+1) * time.Second)))
+				}
+				wall := time.Since(start)
+				b.ReportMetric(100*(cpuUsed(b)-cpu0-changers).Seconds()/wall.Seconds(), "cpu-%")
+				b.ReportMetric(100*float64(s.busy.Load()-busy0)/float64(wall), "scanning-%")
+				b.ReportMetric(float64(s.scans.Load()-scans0), "scans")
+			}
+		})
 	}
 }
 
