@@ -119,7 +119,7 @@ func BenchmarkIdleAgent(b *testing.B) {
 }
 
 // buildAgent builds the agent binary into a temporary directory.
-func buildAgent(b *testing.B) string {
+func buildAgent(b testing.TB) string {
 	b.Helper()
 	out := filepath.Join(b.TempDir(), "guestagent")
 	cmd := exec.Command("go", "build", "-o", out, "github.com/guestagent/guestagent/cmd/guestagent")

@@ -1,13 +1,19 @@
 package sockets_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -438,4 +444,87 @@ func TestWakeupsReportTCPListenersAtOnce(t *testing.T) {
 	if woken.Load() == 0 {
 		t.Error("no dump was brought forward by a wake-up")
 	}
+}
+
+// TestWithoutPrivilegeTheDumpTakesOver runs the agent binary as an
+// unprivileged user, who may dump sockets but not load eBPF programs: with
+// --socketsWakeups=auto the source says so in the log and the status and
+// reports the namespace's sockets by the periodic dump; with ebpf it fails
+// and says why.
+func TestWithoutPrivilegeTheDumpTakesOver(t *testing.T) {
+	agent := buildAgent(t)
+	if err := os.Chmod(filepath.Dir(agent), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := newRig(t)
+	p := r.nextPort()
+	r.h.do(t, "listen tcp 0.0.0.0:%d", p)
+	for _, mode := range []string{sockets.WakeupsAuto, sockets.WakeupsEBPF} {
+		t.Run(mode, func(t *testing.T) {
+			dir := t.TempDir()
+			if err := os.Chown(dir, 65534, 65534); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(filepath.Dir(dir), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			sock := filepath.Join(dir, "ctl", "agent.sock")
+			argv := testenv.InNetns(r.ns, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+				agent, "--sources=sockets", "--sinks=stdout", "--socketsWakeups="+mode,
+				"--stateDir="+filepath.Join(dir, "state"), "--controlSocket="+sock)
+			cmd := exec.Command(argv[0], argv[1:]...)
+			var logs syncWriter
+			cmd.Stderr = &logs
+			if err := cmd.Start(); err != nil {
+				testenv.Missing(t, "setpriv ("+err.Error()+")")
+			}
+			t.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
+			if mode == sockets.WakeupsEBPF {
+				testenv.Eventually(t, waitTimeout, "the source to fail for want of eBPF", func() (bool, string) {
+					l := logs.String()
+					return strings.Contains(l, "eBPF wake-ups (--socketsWakeups=ebpf)") && strings.Contains(l, "operation not permitted"), lastLines(l, 5)
+				})
+				return
+			}
+			var st core.Status
+			testenv.Eventually(t, waitTimeout, "the listener in the agent's status", func() (bool, string) {
+				out, err := exec.Command(agent, "status", "--json", "--socket="+sock).Output()
+				st = core.Status{}
+				if err != nil || json.Unmarshal(out, &st) != nil {
+					return false, fmt.Sprintf("%v %s; log: %s", err, out, lastLines(logs.String(), 5))
+				}
+				for _, ps := range st.Ports {
+					if int(ps.HostPort) == p {
+						return true, ""
+					}
+				}
+				return false, string(out)
+			})
+			if len(st.Sources) != 1 || !strings.Contains(st.Sources[0].Watching, "eBPF wake-ups unavailable") {
+				t.Errorf("sources %+v: want the sockets source to say eBPF is unavailable", st.Sources)
+			}
+			if !strings.Contains(logs.String(), "eBPF wake-ups unavailable; reading sockets by a periodic sock_diag dump alone") {
+				t.Errorf("the log does not say which way sockets are read:\n%s", logs.String())
+			}
+		})
+	}
+}
+
+// syncWriter is a bytes.Buffer safe for a process's output and a test's
+// reads at once.
+type syncWriter struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (w *syncWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (w *syncWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.String()
 }

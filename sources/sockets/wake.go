@@ -94,22 +94,28 @@ func loadWakeups() (*wakeups, error) {
 
 // newWakeups loads the program, its ring buffer and the buffer's reader,
 // attached to nothing.
-func newWakeups() (w *wakeups, err error) {
+func newWakeups() (*wakeups, error) {
 	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones
-	// to the memory cgroup, where this does nothing.
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return nil, fmt.Errorf("raising the locked-memory limit for eBPF: %w", err)
+	// to the memory cgroup, where this does nothing. Without the privilege
+	// to raise it the loading below fails too, and says why.
+	memlockErr := rlimit.RemoveMemlock()
+	w := &wakeups{C: make(chan struct{}, 1), Stopped: make(chan struct{})}
+	if err := w.open(memlockErr); err != nil {
+		w.close()
+		return nil, err
 	}
-	w = &wakeups{C: make(chan struct{}, 1), Stopped: make(chan struct{})}
-	defer func() {
-		if err != nil {
-			w.close()
-		}
-	}()
+	return w, nil
+}
+
+// open creates the ring buffer, the program and the reader.
+func (w *wakeups) open(memlockErr error) (err error) {
 	// One page: 256 events of 16 bytes. When it is full a wake-up is
 	// already due, so a dropped event loses nothing.
 	if w.ring, err = ebpf.NewMap(&ebpf.MapSpec{Name: "listen_changes", Type: ebpf.RingBuf, MaxEntries: 4096}); err != nil {
-		return nil, fmt.Errorf("creating the eBPF ring buffer: %w", err)
+		if memlockErr != nil {
+			return fmt.Errorf("creating the eBPF ring buffer: %w (and raising the locked-memory limit: %v)", err, memlockErr)
+		}
+		return fmt.Errorf("creating the eBPF ring buffer: %w", err)
 	}
 	if w.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name:         "listen_changes",
@@ -117,12 +123,12 @@ func newWakeups() (w *wakeups, err error) {
 		Instructions: wakeProgram(w.ring),
 		License:      "MIT",
 	}); err != nil {
-		return nil, fmt.Errorf("loading the eBPF program: %w", err)
+		return fmt.Errorf("loading the eBPF program: %w", err)
 	}
 	if w.rd, err = ringbuf.NewReader(w.ring); err != nil {
-		return nil, fmt.Errorf("reading the eBPF ring buffer: %w", err)
+		return fmt.Errorf("reading the eBPF ring buffer: %w", err)
 	}
-	return w, nil
+	return nil
 }
 
 // read turns ring buffer records into wake-ups until the reader is closed
