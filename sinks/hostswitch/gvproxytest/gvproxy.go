@@ -1,10 +1,11 @@
 // Package gvproxytest runs the real gvisor-tap-vsock gvproxy for tests,
 // with its forwarder API on a loopback port. Exposed forwards listen on this
 // machine's loopback. A guest joins its virtual network (192.168.127.0/24)
-// through the unix socket at Socket, as gvforwarder does with
-// -url unix://PATH. Like host-switch, it can start with static forwards
-// of its own (from its configuration file), which it lists in /all and
-// brings back after every restart.
+// through the unix socket at Socket: StartGuest runs gvforwarder on a tap
+// device in a network namespace of the test's own, the real
+// network-tunnel path with no VM. Like host-switch, it can start with
+// static forwards of its own (from its configuration file), which it lists
+// in /all and brings back after every restart.
 package gvproxytest
 
 import (
@@ -53,7 +54,7 @@ func Start(t testing.TB, static ...map[string]string) *Gvproxy {
 	for _, m := range static {
 		maps.Copy(g.static, m)
 	}
-	g.static[fmt.Sprintf("127.0.0.1:%d", g.sshPort)] = "192.168.127.2:22"
+	g.static[fmt.Sprintf("127.0.0.1:%d", g.sshPort)] = GuestIP + ":22"
 	g.Start()
 	t.Cleanup(g.Stop)
 	return g
@@ -71,8 +72,8 @@ func (g *Gvproxy) Static() map[string]string { return maps.Clone(g.static) }
 func (g *Gvproxy) config(sock string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "listen:\n  - unix://%s\nservices: tcp://127.0.0.1:%d\npid-file: %s\n", sock, g.apiPort, filepath.Join(g.dir, "pid"))
-	b.WriteString("stack:\n  mtu: 1500\n  subnet: 192.168.127.0/24\n  gatewayIP: 192.168.127.1\n  gatewayMacAddress: 5a:94:ef:e4:0c:dd\n")
-	b.WriteString("  dhcpStaticLeases:\n    192.168.127.2: 5a:94:ef:e4:0c:ee\n  forwards:\n")
+	fmt.Fprintf(&b, "stack:\n  mtu: 1500\n  subnet: 192.168.127.0/24\n  gatewayIP: %s\n  gatewayMacAddress: 5a:94:ef:e4:0c:dd\n", GatewayIP)
+	fmt.Fprintf(&b, "  dhcpStaticLeases:\n    %s: %s\n  forwards:\n", GuestIP, GuestMAC)
 	for _, local := range slices.Sorted(maps.Keys(g.static)) {
 		fmt.Fprintf(&b, "    %q: %q\n", local, g.static[local])
 	}

@@ -3,12 +3,15 @@ package gvproxytest_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"io"
 	"maps"
 	"net"
 	"net/http"
 	"testing"
 	"time"
 
+	"github.com/guestagent/guestagent/core/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
 )
@@ -71,5 +74,53 @@ func TestSocketServesTheAPI(t *testing.T) {
 		}
 		g.Stop()
 		g.Start()
+	}
+}
+
+// TestGuestReachesAndIsReachedThroughGvproxy checks the guest path: a
+// forward to the guest's address reaches a listener in the guest through
+// gvforwarder, before and after gvproxy restarts and the guest rejoins.
+func TestGuestReachesAndIsReachedThroughGvproxy(t *testing.T) {
+	g := gvproxytest.Start(t)
+	gu := gvproxytest.StartGuest(t, g)
+	port := testenv.FreePort(t)
+	remote := fmt.Sprintf("%s:%d", gvproxytest.GuestIP, port)
+	var ln net.Listener
+	if err := gu.In(func() (err error) { ln, err = net.Listen("tcp4", remote); return err }); err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = io.WriteString(c, "from the guest\n")
+			c.Close()
+		}
+	}()
+	defer func() { ln.Close(); <-served }()
+	for round := range 2 {
+		if round > 0 {
+			g.Stop()
+			g.Start()
+			t.Logf("tap0 set up again %d times after gvproxy restarted", gu.Rejoin())
+		}
+		local := fmt.Sprintf("127.0.0.1:%d", port)
+		if err := g.Expose("tcp", local, remote); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		c, err := net.DialTimeout("tcp4", local, 5*time.Second)
+		if err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		got, err := io.ReadAll(c)
+		c.Close()
+		if string(got) != "from the guest\n" {
+			t.Fatalf("round %d: %s -> %s answered %q (%v), want the guest's listener", round, local, remote, got, err)
+		}
 	}
 }
