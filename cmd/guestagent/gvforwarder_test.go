@@ -2,18 +2,15 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -21,19 +18,9 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/guestagent/guestagent/core/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
-)
-
-// The guest's side of gvproxy's virtual network, as gvproxytest configures
-// it (its DHCP lease for the guest's MAC address).
-const (
-	tapName    = "tap0"
-	tapMAC     = "5a:94:ef:e4:0c:ee"
-	tapGateway = "192.168.127.1"
 )
 
 // Ports of TestSocketsThroughGvforwarder, held in the guest and forwarded
@@ -57,7 +44,6 @@ const (
 // through gvproxy, again after gvproxy restarts; a closed one loses its
 // forward, and the agent removes the rest, and only those, when it stops.
 func TestSocketsThroughGvforwarder(t *testing.T) {
-	forwarder := testenv.Binary(t, "GUESTAGENT_GVFORWARDER", "gvforwarder")
 	ports := []int{gvfLoopbackTCP, gvfLoopbackUDP, gvfAnyTCP, gvfAnyUDP}
 	for _, p := range ports {
 		if err := portsFree(p); err != nil {
@@ -65,20 +51,20 @@ func TestSocketsThroughGvforwarder(t *testing.T) {
 		}
 	}
 	gv := gvproxytest.Start(t)
-	g := startGuest(t, gv, forwarder)
+	g := gvproxytest.StartGuest(t, gv)
 
 	// Two sockets exist before the agent starts, two come after.
-	loTCP := g.serve(t, "tcp4", fmt.Sprintf("127.0.0.1:%d", gvfLoopbackTCP))
-	loUDP := g.serve(t, "udp4", fmt.Sprintf("127.0.0.1:%d", gvfLoopbackUDP))
-	agent := g.startAgent(t, "--adminInstall", "--sources=sockets", "--sinks=host-switch",
-		"--hostSwitchURL=http://"+tapGateway, "--hostSwitchCheckInterval=1s")
+	loTCP := serveIn(t, g, "tcp4", fmt.Sprintf("127.0.0.1:%d", gvfLoopbackTCP))
+	loUDP := serveIn(t, g, "udp4", fmt.Sprintf("127.0.0.1:%d", gvfLoopbackUDP))
+	agent := startAgentIn(t, g, "--adminInstall", "--sources=sockets", "--sinks=host-switch",
+		"--hostSwitchURL=http://"+gvproxytest.GatewayIP, "--hostSwitchCheckInterval=1s")
 	want := map[string]string{
 		fmt.Sprintf("tcp 127.0.0.1:%d", gvfLoopbackTCP): fmt.Sprintf("%s:%d", hostswitch.DefaultGuestIP, gvfLoopbackTCP),
 		fmt.Sprintf("udp 127.0.0.1:%d", gvfLoopbackUDP): fmt.Sprintf("%s:%d", hostswitch.DefaultGuestIP, gvfLoopbackUDP),
 	}
 	waitForwards(t, gv, agent, "the loopback-only sockets' forwards", want, nil)
-	g.serve(t, "tcp", fmt.Sprintf("[::]:%d", gvfAnyTCP)) // "tcp6" would make it IPv6-only
-	g.serve(t, "udp4", fmt.Sprintf("0.0.0.0:%d", gvfAnyUDP))
+	serveIn(t, g, "tcp", fmt.Sprintf("[::]:%d", gvfAnyTCP)) // "tcp6" would make it IPv6-only
+	serveIn(t, g, "udp4", fmt.Sprintf("0.0.0.0:%d", gvfAnyUDP))
 	want[fmt.Sprintf("tcp 0.0.0.0:%d", gvfAnyTCP)] = fmt.Sprintf("%s:%d", hostswitch.DefaultGuestIP, gvfAnyTCP)
 	want[fmt.Sprintf("udp 0.0.0.0:%d", gvfAnyUDP)] = fmt.Sprintf("%s:%d", hostswitch.DefaultGuestIP, gvfAnyUDP)
 	waitForwards(t, gv, agent, "the forwards of every socket", want, nil)
@@ -95,7 +81,7 @@ func TestSocketsThroughGvforwarder(t *testing.T) {
 	// relays still answer.
 	gv.Stop()
 	gv.Start()
-	g.rejoin(t)
+	t.Logf("tap0 set up again %d times after gvproxy restarted", g.Rejoin())
 	waitForwards(t, gv, agent, "the forwards back after gvproxy restarted", want, nil)
 	exchange(t, "after gvproxy restarted: ", payload[:64<<10], ports...)
 
@@ -171,144 +157,6 @@ func portsFree(port int) error {
 	return pc.Close()
 }
 
-// tapGuest is a network namespace on gvproxy's virtual network: its tap0
-// carries 192.168.127.2/24 with the default route to the gateway, and
-// gvforwarder passes its frames to gvproxy.
-type tapGuest struct {
-	ns, path string // the namespace's name and path
-	dir      string // logs
-	client   *http.Client
-	exited   <-chan error // gvforwarder's end
-	fwdLog   string
-}
-
-// startGuest makes the guest's namespace and tap device, runs gvforwarder
-// in it until the test ends, and waits until gvproxy's API answers from
-// inside the guest at the gateway's address.
-func startGuest(t *testing.T, gv *gvproxytest.Gvproxy, forwarder string) *tapGuest {
-	t.Helper()
-	ns := testenv.Netns(t)
-	g := &tapGuest{ns: ns, path: "/var/run/netns/" + ns, dir: t.TempDir()}
-	testenv.RunIn(t, ns, "ip", "tuntap", "add", tapName, "mode", "tap")
-	t.Cleanup(func() { // gvforwarder deletes it on exit; in case it did not start
-		argv := testenv.InNetns(ns, "ip", "link", "delete", tapName)
-		_ = exec.Command(argv[0], argv[1:]...).Run()
-	})
-	if err := g.configureTap(); err != nil {
-		t.Fatal(err)
-	}
-
-	// -preexisting: the tap is configured here (no DHCP client);
-	// -stop-if-exist "": gvforwarder otherwise exits when eth0 exists.
-	g.fwdLog = filepath.Join(g.dir, "gvforwarder.log")
-	g.exited = g.run(t, g.fwdLog, forwarder, "-url", "unix://"+gv.Socket(), "-iface", tapName, "-preexisting", "-stop-if-exist", "")
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("gvforwarder log:\n%s", fileTail(g.fwdLog, 20))
-		}
-	})
-
-	g.client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			var c net.Conn
-			err := inNetns(g.path, func() (err error) {
-				var d net.Dialer
-				c, err = d.DialContext(ctx, network, addr)
-				return err
-			})
-			return c, err
-		},
-	}}
-	testenv.Eventually(t, 15*time.Second, "gvproxy's API from inside the guest at http://"+tapGateway, func() (bool, string) {
-		return g.reachesAPI(t)
-	})
-	return g
-}
-
-// configureTap gives tap0 the guest's MAC address, its address and the
-// default route to the gateway, and brings it up.
-func (g *tapGuest) configureTap() error {
-	for _, argv := range [][]string{
-		{"ip", "link", "set", tapName, "address", tapMAC},
-		{"ip", "addr", "add", hostswitch.DefaultGuestIP + "/24", "dev", tapName},
-		{"ip", "link", "set", tapName, "up"},
-		{"ip", "route", "add", "default", "via", tapGateway},
-	} {
-		full := testenv.InNetns(g.ns, argv...)
-		if out, err := exec.Command(full[0], full[1:]...).CombinedOutput(); err != nil {
-			return fmt.Errorf("%s in the guest: %v: %s", strings.Join(argv, " "), err, bytes.TrimSpace(out))
-		}
-	}
-	return nil
-}
-
-// reachesAPI reports whether gvproxy's API answers from inside the guest
-// at the gateway, or why not; it stops the test if gvforwarder exited.
-func (g *tapGuest) reachesAPI(t *testing.T) (bool, string) {
-	t.Helper()
-	select {
-	case err := <-g.exited:
-		t.Fatalf("gvforwarder exited (%v):\n%s", err, fileTail(g.fwdLog, 20))
-	default:
-	}
-	res, err := g.client.Get("http://" + tapGateway + "/services/forwarder/all")
-	if err != nil {
-		return false, err.Error()
-	}
-	res.Body.Close()
-	return res.StatusCode == http.StatusOK, res.Status
-}
-
-// rejoin waits, after gvproxy restarted, until the guest reaches its API
-// again, configuring tap0 again whenever it lacks the guest's address, as
-// the guest's network set-up would: gvforwarder (v0.8.9) clears the tap's
-// persistent flag, so the tap goes when gvproxy drops the connection, and
-// the one gvforwarder makes when it reconnects is blank, -preexisting
-// notwithstanding.
-func (g *tapGuest) rejoin(t *testing.T) {
-	t.Helper()
-	testenv.Eventually(t, 30*time.Second, "the guest back on gvproxy's network", func() (bool, string) {
-		argv := testenv.InNetns(g.ns, "ip", "-o", "addr", "show", "dev", tapName)
-		out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
-		if err != nil {
-			return false, fmt.Sprintf("%s: %v: %s", tapName, err, bytes.TrimSpace(out))
-		}
-		if !strings.Contains(string(out), " "+hostswitch.DefaultGuestIP+"/24 ") {
-			if err := g.configureTap(); err != nil {
-				return false, err.Error()
-			}
-			t.Logf("%s came back blank after gvproxy restarted; configured it again", tapName)
-		}
-		return g.reachesAPI(t)
-	})
-}
-
-// run starts argv in the guest with its output in logPath, and kills it
-// when the test ends. The returned channel gets how it exited.
-func (g *tapGuest) run(t *testing.T, logPath string, argv ...string) <-chan error {
-	t.Helper()
-	log, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer log.Close()
-	full := testenv.InNetns(g.ns, argv...)
-	cmd := exec.Command(full[0], full[1:]...)
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting %s in the guest: %v", argv[0], err)
-	}
-	exited := make(chan error, 1)
-	done := make(chan struct{})
-	go func() { exited <- cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-done
-	})
-	return exited
-}
-
 // guestAgent is the agent running as its own process in the guest.
 type guestAgent struct {
 	cmd  *exec.Cmd
@@ -317,22 +165,22 @@ type guestAgent struct {
 	code int
 }
 
-// startAgent runs this test binary as the agent (main, as agentEnv tells
+// startAgentIn runs this test binary as the agent (main, as agentEnv tells
 // it) in the guest's namespace, with a state directory and control socket
 // of the test's own, until the test ends.
-func (g *tapGuest) startAgent(t *testing.T, args ...string) *guestAgent {
+func startAgentIn(t *testing.T, g *gvproxytest.Guest, args ...string) *guestAgent {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := &guestAgent{log: filepath.Join(g.dir, "agent.log"), done: make(chan struct{})}
+	a := &guestAgent{log: filepath.Join(t.TempDir(), "agent.log"), done: make(chan struct{})}
 	log, err := os.Create(a.log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer log.Close()
-	argv := testenv.InNetns(g.ns, append([]string{exe}, isolated(t, args)...)...)
+	argv := testenv.InNetns(g.Netns, append([]string{exe}, isolated(t, args)...)...)
 	a.cmd = exec.Command(argv[0], argv[1:]...)
 	a.cmd.Env = append(os.Environ(), agentEnv+"=1")
 	a.cmd.Stdout, a.cmd.Stderr = log, log
@@ -392,29 +240,6 @@ func fileTail(path string, n int) string {
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
-// inNetns runs f on a thread that enters the network namespace at path.
-// The thread is never handed back to the runtime (it ends with its
-// goroutine), so nothing else runs there; the sockets f makes stay in that
-// namespace.
-func inNetns(path string, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		ns, err := os.Open(path)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer ns.Close()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("entering %s: %w", path, err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
-}
-
 // echoServer is a socket this test process holds in the guest (so the
 // agent sees another process's socket). On TCP it echoes each connection
 // and, once the peer has closed its side, writes "bye\n" and closes; on UDP
@@ -427,13 +252,13 @@ type echoServer struct {
 	once  sync.Once
 }
 
-// serve opens an echo server on addr over network (as net.Listen and
+// serveIn opens an echo server on addr over network (as net.Listen and
 // net.ListenPacket take them) in the guest, until Close or the end of the
 // test. Go makes "tcp" on [::] dual-stack, "tcp6" IPv6-only.
-func (g *tapGuest) serve(t *testing.T, network, addr string) *echoServer {
+func serveIn(t *testing.T, g *gvproxytest.Guest, network, addr string) *echoServer {
 	t.Helper()
 	s := &echoServer{conns: map[net.Conn]bool{}}
-	err := inNetns(g.path, func() (err error) {
+	err := g.In(func() (err error) {
 		if strings.HasPrefix(network, "udp") {
 			s.sock, err = net.ListenPacket(network, addr)
 		} else {
