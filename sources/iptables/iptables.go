@@ -20,11 +20,13 @@
 // scan 20 ms after its first notification, and the next such scan waits
 // at least 9 times the last scan's duration, so that scans take at most a
 // tenth of a core however fast the rules change; notifications for other
-// tables and chains (Docker's filter rules, say) are ignored. The rules are
-// also read every scan interval, or every 20 times a scan's duration when
-// that is longer (the legacy back-end sends no notifications). Rules are
-// parsed only when they changed, and listeners are opened on the ports
-// found, as kubelet no longer does.
+// tables and chains (Docker's filter rules, say) are ignored. A periodic
+// scan runs every scan interval, or every 20 times a scan's duration when
+// that is longer: it reads the legacy back-end (which sends no
+// notifications), and nftables only every 10 intervals (or 20 times what
+// reading it takes) while its notifications work, and every time when they
+// do not. Rules are parsed only when they changed, and listeners are opened
+// on the ports found, as kubelet no longer does.
 package iptables
 
 import (
@@ -59,8 +61,8 @@ func init() {
 		Name:    Name,
 		Summary: "service ports in kube-proxy's and CNI's NAT rules (iptables and nftables), with listeners",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
-			cmds := fs.StringSlice("iptablesCommands", nil, "legacy iptables commands to scan, each run as CMD -t nat -S CHAIN in --iptablesNetns (default: iptables-legacy-save and ip6tables-legacy-save where the namespace has a legacy nat table); iptables-nft rules are read over netlink either way")
-			every := fs.Duration("iptablesScanInterval", 3*time.Second, "time between two periodic scans, or 20 times what a scan takes if longer; nftables changes (iptables-nft's too) trigger a scan within 20 ms, or 9 times the last scan's duration after it")
+			cmds := fs.StringSlice("iptablesCommands", nil, "iptables commands run per scan as CMD -t nat -S CHAIN in --iptablesNetns, in place of the legacy back-end's iptables-legacy-save and ip6tables-legacy-save (run by default where the namespace has a legacy nat table); iptables-nft rules are read over netlink either way")
+			every := fs.Duration("iptablesScanInterval", 3*time.Second, "time between two periodic scans, or 20 times what a scan takes if longer; they read nftables (iptables-nft's rules too) every 10 intervals while its change notifications work, as each change to the chains and maps read triggers a scan 20 ms later (or 9 times the last scan's duration after it)")
 			listen := fs.Bool("iptablesListeners", true, "open a listener on each service port found, as kubelet no longer does")
 			netns := fs.String("iptablesNetns", "", "network namespace (path) whose rules are scanned, on every back-end; empty for the agent's own")
 			return func(env registry.Env) (core.Source, error) {
