@@ -16,10 +16,12 @@
 // names commands to run instead.
 //
 // Changes to the chains and maps the source reads trigger a scan:
-// notifications of one transaction count once, a burst is read by one
-// scan 20 ms after its first notification, and the next such scan waits
-// at least 9 times the last scan's duration, so that scans take at most a
-// tenth of a core however fast the rules change; notifications for other
+// notifications of one transaction count once, and a burst is read by one
+// scan 20 ms after its first notification. Scanning earns credit at a
+// tenth of the time passing (at most 100 ms of it) and each scan spends
+// its duration; a notified scan waits while the credit is overdrawn (ten
+// times the overdraft), so that scans take at most about a tenth of a
+// core however fast the rules change. Notifications for other
 // tables and chains (Docker's filter rules, say) are ignored. A periodic
 // scan runs every scan interval, or every 20 times a scan's duration when
 // that is longer: it reads the legacy back-end (which sends no
@@ -62,7 +64,7 @@ func init() {
 		Summary: "service ports in kube-proxy's and CNI's NAT rules (iptables and nftables), with listeners",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			cmds := fs.StringSlice("iptablesCommands", nil, "iptables commands run per scan as CMD -t nat -S CHAIN in --iptablesNetns, in place of the legacy back-end's iptables-legacy-save and ip6tables-legacy-save (run by default where the namespace has a legacy nat table); iptables-nft rules are read over netlink either way")
-			every := fs.Duration("iptablesScanInterval", 3*time.Second, "time between two periodic scans, or 20 times what a scan takes if longer; they read nftables (iptables-nft's rules too) every 10 intervals while its change notifications work, as each change to the chains and maps read triggers a scan 20 ms later (or 9 times the last scan's duration after it)")
+			every := fs.Duration("iptablesScanInterval", 3*time.Second, "time between two periodic scans, or 20 times what a scan takes if longer; they read nftables (iptables-nft's rules too) every 10 intervals while its change notifications work, as each change to the chains and maps read triggers a scan 20 ms later (paced to at most about a tenth of a core)")
 			listen := fs.Bool("iptablesListeners", true, "open a listener on each service port found, as kubelet no longer does")
 			netns := fs.String("iptablesNetns", "", "network namespace (path) whose rules are scanned, on every back-end; empty for the agent's own")
 			return func(env registry.Env) (core.Source, error) {

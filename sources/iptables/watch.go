@@ -22,17 +22,32 @@ const (
 	// is not extended by later notifications: a steady stream of them
 	// cannot hold a scan back.
 	coalesceDelay = 20 * time.Millisecond
-	// notifyCostFactor is k: a notified scan starts no sooner than k times
-	// the last scan's duration after that scan ended, so that while
-	// changes keep coming the scans take at most 1/(k+1) (10%) of a core.
-	notifyCostFactor = 9
+	// notifyCostFactor is k: scanning earns credit at 1/k of the time
+	// passing and every scan spends its duration, so that while changes
+	// keep coming the scans take at most 1/k (10%) of the time, plus
+	// scanBurst. A notified scan waits until the credit is no longer
+	// negative: k times the overdraft.
+	notifyCostFactor = 10
+	// scanBurst is the most credit there is: cheap scans of sporadic
+	// changes run at once, and a costly scan (tens of thousands of rules)
+	// is followed by about k times its duration without scans.
+	scanBurst = 100 * time.Millisecond
 )
 
 // pacer decides when a notified scan runs.
 type pacer struct {
-	armed   bool // a notified scan is due
-	lastEnd time.Time
-	lastDur time.Duration
+	armed  bool          // a notified scan is due
+	credit time.Duration // scan time that may be spent now
+	at     time.Time     // when credit was brought up to date
+}
+
+func (p *pacer) refill(now time.Time) {
+	if p.at.IsZero() {
+		p.credit = scanBurst
+	} else {
+		p.credit = min(scanBurst, p.credit+now.Sub(p.at)/notifyCostFactor)
+	}
+	p.at = now
 }
 
 // changed notes a change notified at now. It returns how long to wait
@@ -43,14 +58,16 @@ func (p *pacer) changed(now time.Time) (time.Duration, bool) {
 		return 0, false
 	}
 	p.armed = true
-	return max(coalesceDelay, p.lastEnd.Add(notifyCostFactor*p.lastDur).Sub(now)), true
+	p.refill(now)
+	return max(coalesceDelay, -p.credit*notifyCostFactor), true
 }
 
 // scanned notes a scan, notified or periodic, that ran from start to end:
 // it read every change notified before it started.
 func (p *pacer) scanned(start, end time.Time) {
 	p.armed = false
-	p.lastEnd, p.lastDur = end, end.Sub(start)
+	p.refill(end)
+	p.credit -= end.Sub(start)
 }
 
 // Netlink message types and attributes of nf_tables

@@ -237,22 +237,22 @@ func TestPacerCoalescesABurst(t *testing.T) {
 }
 
 func TestPacerFollowsAScanWithOneMore(t *testing.T) {
-	// Ten notifications while the first scan runs (it takes 100 ms): one
-	// more scan, k times the first's duration after it.
+	// Ten notifications while the first scan runs (it takes all the
+	// credit): one more scan, after the coalescing delay.
 	var during []time.Duration
 	for i := range 10 {
 		during = append(during, time.Duration(i+1)*5*time.Millisecond)
 	}
-	starts, _ := simulate(during, 100*time.Millisecond)
-	want := 100*time.Millisecond + notifyCostFactor*100*time.Millisecond
-	if len(starts) != 2 || starts[1] != want {
+	starts, _ := simulate(during, scanBurst)
+	if want := scanBurst + coalesceDelay; len(starts) != 2 || starts[1] != want {
 		t.Errorf("scans at %v, want at 0 and %v", starts, want)
 	}
 }
 
 func TestPacerCapsTheDutyCycle(t *testing.T) {
 	// A notification every millisecond for a minute, with scans of 50k
-	// services (1 s): the scans take a tenth of the time, no more.
+	// services (1 s): after the first, each scan overdraws the credit by
+	// 900 ms and the next one waits k times that.
 	var storm []time.Duration
 	for i := range 60000 {
 		storm = append(storm, time.Duration(i)*time.Millisecond)
@@ -260,18 +260,44 @@ func TestPacerCapsTheDutyCycle(t *testing.T) {
 	const cost = time.Second
 	starts, ends := simulate(storm, cost)
 	for i := 1; i < len(starts); i++ {
-		if gap := starts[i] - ends[i-1]; gap < notifyCostFactor*cost {
-			t.Fatalf("scan %d started %v after the previous one ended, want at least %v", i, gap, notifyCostFactor*cost)
+		if gap, want := starts[i]-ends[i-1], notifyCostFactor*(cost-scanBurst); gap != want {
+			t.Fatalf("scan %d started %v after the previous one ended, want %v", i, gap, want)
 		}
 	}
 	// From the first scan's start to the last one's, the scans before it
 	// were busy.
 	busy := time.Duration(len(starts)-1) * cost
 	total := starts[len(starts)-1] - starts[0]
-	if share := float64(busy) / float64(total); share > 1.0/(notifyCostFactor+1)+0.001 {
-		t.Errorf("scans took %.3f of the time, want at most %.3f", share, 1.0/(notifyCostFactor+1))
+	if share, limit := float64(busy)/float64(total), 1.0/notifyCostFactor+float64(scanBurst)/float64(total); share > limit {
+		t.Errorf("scans took %.3f of the time, want at most %.3f", share, limit)
 	}
 	if len(starts) != 7 { // at 0, 10, 20, ... 60 s: the storm ends before 60, the scan at 60 reads its end
 		t.Errorf("%d scans: %v", len(starts), starts)
+	}
+}
+
+func TestPacerLetsCheapScansRunAtOnce(t *testing.T) {
+	// A change every 40 ms for 20 s, with scans of 5 ms: the credit (4 ms
+	// earned per change, 5 spent) lasts 100 changes, then scans wait k
+	// times the overdraft; no scan waits longer than k times one scan.
+	var changes []time.Duration
+	for i := range 500 {
+		changes = append(changes, time.Duration(i)*40*time.Millisecond)
+	}
+	const cost = 5 * time.Millisecond
+	starts, ends := simulate(changes, cost)
+	if len(starts) < 400 {
+		t.Errorf("%d scans for 500 changes 40 ms apart", len(starts))
+	}
+	for i := 1; i < len(starts); i++ {
+		if gap := starts[i] - ends[i-1]; gap > max(coalesceDelay+40*time.Millisecond, notifyCostFactor*cost) {
+			t.Fatalf("scan %d waited %v", i, gap)
+		}
+	}
+	// At most the credit at the start, what was earned since, and the
+	// overdraft of the last scan.
+	busy := time.Duration(len(starts)) * cost
+	if limit := ends[len(ends)-1]/notifyCostFactor + scanBurst + cost; busy > limit {
+		t.Errorf("scans took %v, more than %v", busy, limit)
 	}
 }
