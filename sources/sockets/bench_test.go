@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -221,4 +222,44 @@ func cpuTime(tb testing.TB) time.Duration {
 		tb.Fatal(err)
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkIdleChurnWakeups counts the dumps that eBPF wake-ups bring
+// forward over 10 s with the default interval and settle time: first with
+// nothing happening in the namespace, then while a client in it opens and
+// closes 100 connections a second to an echo server. The program sees
+// every namespace, so listeners that other processes on the machine open
+// or close count in both windows; the difference is churn's share.
+func BenchmarkIdleChurnWakeups(b *testing.B) {
+	const churnRate, window = 100, 10 * time.Second
+	r := newRig(b)
+	r.wakeups = sockets.WakeupsEBPF
+	r.h.do(b, "serve tcp 0.0.0.0:29999")
+	src := r.source(b, 0, 0, nil).(*sockets.Source)
+	var woken atomic.Int64
+	sockets.SetDumpHook(src, func(byWake bool) {
+		if byWake {
+			woken.Add(1)
+		}
+	})
+	router := sourcetest.Start(b, sockets.Name, src)
+	testenv.Eventually(b, waitTimeout, "the echo server reported", func() (bool, string) {
+		return len(router.Desired()) == 1, fmt.Sprintf("have %d", len(router.Desired()))
+	})
+	count := func(during func()) float64 {
+		before := woken.Load()
+		during()
+		return float64(woken.Load() - before)
+	}
+	for b.Loop() {
+		quiet := count(func() { time.Sleep(window) })
+		churn := count(func() {
+			r.h.do(b, "churn 127.0.0.1:29999 %d", churnRate)
+			time.Sleep(window)
+			r.h.do(b, "churn 127.0.0.1:29999 0")
+		})
+		b.ReportMetric(quiet, "woken-dumps-quiet")
+		b.ReportMetric(churn, "woken-dumps-churn")
+		b.ReportMetric(float64(churnRate)*window.Seconds(), "connections")
+	}
 }
