@@ -137,7 +137,7 @@ func New(cfg Config) (*Sink, error) {
 		log:        cfg.Log.With(zap.String("sink", Name)),
 		client:     &http.Client{Transport: tr},
 		probeEvery: cfg.ProbeInterval,
-		prober:     newProber(base, withTimeout(dial, probeTimeout)),
+		prober:     newProber(base, probeTimeout(cfg.ProbeInterval), withTimeout(dial, probeTimeout(cfg.ProbeInterval))),
 		back:       make(chan struct{}, 1),
 	}, nil
 }

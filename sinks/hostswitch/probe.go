@@ -27,9 +27,14 @@ const (
 	MaxProbeInterval = 5 * time.Second
 	// DefaultCheckInterval is how often the whole list is read by default.
 	DefaultCheckInterval = 5 * time.Second
-	// probeTimeout bounds one probe: longer than any answer of a working
-	// host-switch, short enough to notice an outage at once.
-	probeTimeout = 2 * time.Second
+	// minProbeTimeout and maxProbeTimeout bound the time one probe may
+	// take, which is its interval otherwise: a working host-switch
+	// answers in a millisecond, and a probe that outlives its interval
+	// most likely sits in a connection the restart made dead (its packets
+	// lost while the virtual network was down, and retransmitted only
+	// seconds later), which the next probe replaces by a new one.
+	minProbeTimeout = 500 * time.Millisecond
+	maxProbeTimeout = 2 * time.Second
 )
 
 // probeResult is what one probe found.
@@ -44,9 +49,15 @@ const (
 	probeStillDown                    // no answer again
 )
 
+// probeTimeout is how long one probe at interval every may take.
+func probeTimeout(every time.Duration) time.Duration {
+	return min(max(every, minProbeTimeout), maxProbeTimeout)
+}
+
 // prober holds the probe's connection; one goroutine uses it at a time.
 type prober struct {
 	url      string
+	timeout  time.Duration
 	client   *http.Client
 	answered bool // a probe was answered before
 	down     bool // the last probe failed
@@ -55,7 +66,7 @@ type prober struct {
 // up reports whether the last probe was answered.
 func (p *prober) up() bool { return p.answered && !p.down }
 
-func newProber(base string, dial dialFunc) *prober {
+func newProber(base string, timeout time.Duration, dial dialFunc) *prober {
 	tr := &http.Transport{
 		Proxy:               nil,
 		DialContext:         dial,
@@ -64,12 +75,12 @@ func newProber(base string, dial dialFunc) *prober {
 		IdleConnTimeout:     0, // kept until it breaks: its loss is the signal
 		DisableCompression:  true,
 	}
-	return &prober{url: base + exposePath, client: &http.Client{Transport: tr}}
+	return &prober{url: base + exposePath, timeout: timeout, client: &http.Client{Transport: tr}}
 }
 
 // probe asks host-switch once and says what it found.
 func (p *prober) probe(ctx context.Context) (probeResult, error) {
-	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	fresh, err := p.ask(ctx)
 	if err != nil {

@@ -28,32 +28,46 @@ import (
 // the same gateway address, as host-switch has when the desktop app
 // restarts it.
 type tapPath struct {
-	t          testing.TB
-	gvproxy    string
-	dir        string
-	apiPort    int // gvproxy's services API on loopback, for the test's own looks
-	ns         string
-	gv, fwd    *exec.Cmd
-	gvLog, log string
+	*gvproxyProc
+	ns  string
+	fwd *exec.Cmd
+	log string
+}
+
+// gvproxyProc is gvproxy with the default virtual network and no forwards
+// of its own, its network on a unix socket (for gvforwarder) and its
+// services API on loopback.
+type gvproxyProc struct {
+	t       testing.TB
+	bin     string
+	dir     string
+	apiPort int
+	cmd     *exec.Cmd
+	upAt    time.Time // when the API last accepted a connection after Start
+}
+
+// startGvproxy runs gvproxy until the test ends.
+func startGvproxy(t testing.TB) *gvproxyProc {
+	t.Helper()
+	g := &gvproxyProc{
+		t:       t,
+		bin:     testenv.Binary(t, "GUESTAGENT_GVPROXY", "gvproxy"),
+		dir:     t.TempDir(),
+		apiPort: testenv.FreePort(t),
+	}
+	g.Start()
+	t.Cleanup(g.Stop)
+	return g
 }
 
 // startTapPath sets up the path and waits until the guest reaches the API.
 func startTapPath(t testing.TB) *tapPath {
 	t.Helper()
-	p := &tapPath{
-		t:       t,
-		gvproxy: testenv.Binary(t, "GUESTAGENT_GVPROXY", "gvproxy"),
-		dir:     t.TempDir(),
-		apiPort: testenv.FreePort(t),
-	}
 	forwarder := testenv.Binary(t, "GUESTAGENT_GVFORWARDER", "gvforwarder")
-	p.ns = testenv.Netns(t)
+	p := &tapPath{gvproxyProc: startGvproxy(t), ns: testenv.Netns(t)}
 	testenv.RunIn(t, p.ns, "ip", "tuntap", "add", "tap0", "mode", "tap")
 	p.configureTap()
-	p.gvLog = filepath.Join(p.dir, "gvproxy.log")
 	p.log = filepath.Join(p.dir, "gvforwarder.log")
-	p.Start()
-	t.Cleanup(p.Stop)
 
 	argv := testenv.InNetns(p.ns, forwarder, "-url", "unix://"+p.sock(), "-iface", "tap0", "-preexisting", "-stop-if-exist", "")
 	log, err := os.Create(p.log)
@@ -74,50 +88,57 @@ func startTapPath(t testing.TB) *tapPath {
 	return p
 }
 
-func (p *tapPath) sock() string { return filepath.Join(p.dir, "gv.sock") }
+func (g *gvproxyProc) sock() string { return filepath.Join(g.dir, "gv.sock") }
 
 // URL is the API's address as the guest reaches it.
 func (p *tapPath) URL() string { return hostswitch.DefaultBaseURL }
 
-// LoopbackURL is the same API on this machine's loopback.
-func (p *tapPath) LoopbackURL() string { return fmt.Sprintf("http://127.0.0.1:%d", p.apiPort) }
+// LoopbackURL is gvproxy's services API (the forwarder API too) on this
+// machine's loopback.
+func (g *gvproxyProc) LoopbackURL() string { return fmt.Sprintf("http://127.0.0.1:%d", g.apiPort) }
 
-// Start starts gvproxy (again, after Stop) with the default virtual network
-// and no forwards, and waits for its API on loopback.
-func (p *tapPath) Start() {
-	p.t.Helper()
-	_ = os.Remove(p.sock())
-	conf := filepath.Join(p.dir, "gvproxy.yaml")
-	text := fmt.Sprintf("listen:\n  - unix://%s\nservices: tcp://127.0.0.1:%d\n", p.sock(), p.apiPort) +
+// Start starts gvproxy (again, after Stop) and waits for its API on
+// loopback, noting when it first accepts a connection.
+func (g *gvproxyProc) Start() {
+	g.t.Helper()
+	_ = os.Remove(g.sock())
+	conf := filepath.Join(g.dir, "gvproxy.yaml")
+	text := fmt.Sprintf("listen:\n  - unix://%s\nservices: tcp://127.0.0.1:%d\n", g.sock(), g.apiPort) +
 		"stack:\n  mtu: 1500\n  subnet: 192.168.127.0/24\n  gatewayIP: 192.168.127.1\n  gatewayMacAddress: 5a:94:ef:e4:0c:dd\n" +
 		"  dhcpStaticLeases:\n    192.168.127.2: 5a:94:ef:e4:0c:ee\n"
 	if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
-		p.t.Fatal(err)
+		g.t.Fatal(err)
 	}
-	log, err := os.OpenFile(p.gvLog, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	logPath := filepath.Join(g.dir, "gvproxy.log")
+	log, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
-		p.t.Fatal(err)
+		g.t.Fatal(err)
 	}
 	defer log.Close()
-	p.gv = exec.Command(p.gvproxy, "-config", conf)
-	p.gv.Stdout, p.gv.Stderr = log, log
-	if err := p.gv.Start(); err != nil {
-		p.t.Fatalf("starting gvproxy: %v", err)
+	g.cmd = exec.Command(g.bin, "-config", conf)
+	g.cmd.Stdout, g.cmd.Stderr = log, log
+	if err := g.cmd.Start(); err != nil {
+		g.t.Fatalf("starting gvproxy: %v", err)
 	}
+	addr := fmt.Sprintf("127.0.0.1:%d", g.apiPort)
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", p.apiPort), time.Second)
+		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
+			g.upAt = time.Now()
 			c.Close()
 			return
 		}
 		if time.Now().After(deadline) {
-			out, _ := os.ReadFile(p.gvLog)
-			p.t.Fatalf("gvproxy API did not come up: %v\n%s", err, out)
+			out, _ := os.ReadFile(logPath)
+			g.t.Fatalf("gvproxy API did not come up: %v\n%s", err, out)
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(time.Millisecond)
 	}
 }
+
+// Pid is the running gvproxy's process id.
+func (g *gvproxyProc) Pid() int { return g.cmd.Process.Pid }
 
 // configureTap gives tap0 the guest's MAC and address and brings it up.
 func (p *tapPath) configureTap() {
@@ -170,15 +191,14 @@ func (p *tapPath) Restart() {
 	p.configureTap()
 }
 
-// Stop kills gvproxy; its forwards go with it, and gvforwarder loses its
-// connection (it dials again every second).
-func (p *tapPath) Stop() {
-	if p.gv == nil {
+// Stop kills gvproxy; its forwards go with it.
+func (g *gvproxyProc) Stop() {
+	if g.cmd == nil {
 		return
 	}
-	_ = p.gv.Process.Kill()
-	_ = p.gv.Wait()
-	p.gv = nil
+	_ = g.cmd.Process.Kill()
+	_ = g.cmd.Wait()
+	g.cmd = nil
 }
 
 // Dial makes a connection from inside the guest's namespace.
@@ -211,9 +231,9 @@ func (p *tapPath) waitGuest() {
 
 // local lists gvproxy's forwards, through its API on loopback, as "proto
 // local".
-func (p *tapPath) local(t testing.TB) []string {
+func (g *gvproxyProc) local(t testing.TB) []string {
 	t.Helper()
-	s, err := hostswitch.New(hostswitch.Config{BaseURL: p.LoopbackURL(), GuestIP: hostswitch.DefaultGuestIP})
+	s, err := hostswitch.New(hostswitch.Config{BaseURL: g.LoopbackURL(), GuestIP: hostswitch.DefaultGuestIP})
 	if err != nil {
 		t.Fatal(err)
 	}
