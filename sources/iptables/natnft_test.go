@@ -18,8 +18,9 @@ import (
 
 // oddRules are iptables-nft commands (of ip, or ip6 when they start with
 // "ip6") for what the netlink reader must decode as iptables prints it:
-// every protocol with ports, port ranges, negations, gotos, compat tcp
-// matches, masks that are and are not prefixes, comments that need quoting,
+// every protocol with ports, port ranges (all ports too), negations, gotos,
+// compat tcp matches, masks that are and are not prefixes, comments that
+// need quoting and one of the longest length,
 // other matches around them, verdicts and compat targets, a CNI-DN chain
 // that CNI-HOSTPORT-DNAT does not jump to (not read) and a chain that is
 // not read.
@@ -45,6 +46,8 @@ var oddRules = [][]string{
 	{"-A", "KUBE-NODEPORTS", "-p", "udp", "-m", "udp", "!", "--sport", "1000", "--dport", "31014", "-j", "KUBE-EXT-A"},
 	{"-A", "KUBE-NODEPORTS", "-p", "udp", "-m", "udp", "--sport", "1000:1001", "--dport", "31015:31016", "-j", "KUBE-EXT-A"},
 	{"-A", "KUBE-NODEPORTS", "-p", "udplite", "-j", "KUBE-EXT-A"},
+	{"-A", "KUBE-NODEPORTS", "-p", "tcp", "-m", "comment", "--comment", strings.Repeat("c", 255), "-m", "tcp", "--dport", "31017", "-j", "KUBE-EXT-A"},
+	{"-A", "KUBE-NODEPORTS", "-p", "udp", "-m", "udp", "--dport", "0:65535", "-j", "KUBE-EXT-A"},
 	{"-A", "KUBE-SERVICES", "-d", "10.0.0.0/8", "-p", "tcp", "-m", "tcp", "--dport", "443", "-j", "KUBE-EXT-A"},
 	{"-A", "KUBE-SERVICES", "-d", "10.1.16.0/20", "-p", "tcp", "-m", "tcp", "--dport", "444", "-j", "KUBE-EXT-A"},
 	{"-A", "KUBE-SERVICES", "!", "-d", "10.1.2.3/32", "-p", "udp", "-m", "udp", "--dport", "53", "-j", "KUBE-EXT-A"},
@@ -100,7 +103,7 @@ func TestNetlinkReadsWhatIptablesSavePrints(t *testing.T) {
 				testenv.RunIn(t, ns, append([]string{bin, "-t", "nat"}, c...)...)
 			}
 		}, "sctp/31002(nodeport) tcp/82(external) tcp/443(external) tcp/444(external) tcp/127.0.0.1:8080(hostport) tcp/[::1]:8080(hostport) " +
-			"tcp/31000(nodeport) tcp/31006(nodeport) tcp/31007(nodeport) tcp/31008(nodeport) tcp/31012(nodeport) tcp/31013(nodeport) " +
+			"tcp/31000(nodeport) tcp/31006(nodeport) tcp/31007(nodeport) tcp/31008(nodeport) tcp/31012(nodeport) tcp/31013(nodeport) tcp/31017(nodeport) " +
 			"tcp/31100(nodeport) udp/53(external) udp/8081(hostport) udp/31001(nodeport) udp/31014(nodeport) udp/31101(nodeport)"},
 		{"kube-proxy-iptables.rules", func(t *testing.T, ns string) {
 			testenv.RunIn(t, ns, "iptables-nft-restore", filepath.Join(fixture, "kube-proxy-iptables.rules"))

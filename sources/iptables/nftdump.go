@@ -9,30 +9,39 @@ import (
 	"time"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/expr"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
 // ruleDumper dumps the rules of nftables chains over one netlink socket.
 //
-// nftables.Conn.GetRules reads a dump with buffers of a page, so the
-// kernel answers in page-sized parts, and it walks the chain from its
-// first rule again for every part: reading 10,000 rules that way costs
-// most of a second. The dumper reads with dumpBuffer instead (the size
-// nft and iptables-nft use), and decodes only the expressions the parser
-// needs, with the nftables expr package.
+// The kernel answers a dump in parts of at most 32 KiB (dumpBuffer; a
+// smaller receive buffer makes smaller parts, as nftables.Conn.GetRules
+// gets with its page-sized reads), about 47 iptables-nft rules each, and
+// for every part it walks the chain again from its first rule to where
+// the previous part ended. That walk is the part of a dump that grows
+// faster than the chain: the rules after the first few thousand cost
+// more each than the ones before. The dumper adds as little as it can on
+// top of it: it reads the parts into one buffer, walks the messages and
+// their attributes in place and copies only the strings a rule keeps.
 type ruleDumper struct {
 	c   *netlink.Conn
 	buf []byte
 }
 
 // dumpBuffer is the receive size of a dump: the kernel fills parts of up
-// to 32 KiB when the reader's buffer allows it.
+// to 32 KiB when the reader's buffer allows it, and no larger.
 const dumpBuffer = 32 << 10
 
 // dumpTimeout bounds one dump.
 const dumpTimeout = 10 * time.Second
+
+// dumpAttempts is how many times a chain is dumped when it changes while
+// it is read (the kernel marks the parts NLM_F_DUMP_INTR then, and the
+// dump may have missed or repeated rules). The last attempt's rules are
+// kept even if it too was interrupted: the change that interrupted it is
+// notified, and the notification brings another scan.
+const dumpAttempts = 3
 
 // newRuleDumper opens a netfilter socket in the namespace at netns ("" for
 // the current one).
@@ -58,12 +67,27 @@ func (d *ruleDumper) Close() error { return d.c.Close() }
 // rules returns the rules of chain in table, decoded. A table or chain
 // that does not exist has none.
 func (d *ruleDumper) rules(table *nftables.Table, chain string) ([]rule, error) {
+	var out []rule
+	for range dumpAttempts {
+		var intr bool
+		var err error
+		out, intr, err = d.dump(table, chain, out[:0])
+		if err != nil || !intr {
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+// dump dumps chain once, appending its rules to out, and tells whether
+// the chain changed while it was read.
+func (d *ruleDumper) dump(table *nftables.Table, chain string, out []rule) ([]rule, bool, error) {
 	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
 		{Type: unix.NFTA_RULE_TABLE, Data: append([]byte(table.Name), 0)},
 		{Type: unix.NFTA_RULE_CHAIN, Data: append([]byte(chain), 0)},
 	})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	req, err := d.c.Send(netlink.Message{
 		Header: netlink.Header{
@@ -73,16 +97,16 @@ func (d *ruleDumper) rules(table *nftables.Table, chain string) ([]rule, error) 
 		Data: append([]byte{byte(table.Family), unix.NFNETLINK_V0, 0, 0}, attrs...),
 	})
 	if err != nil {
-		return nil, fmt.Errorf("asking for the rules: %w", err)
+		return nil, false, fmt.Errorf("asking for the rules: %w", err)
 	}
 	if err := d.c.SetReadDeadline(time.Now().Add(dumpTimeout)); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	raw, err := d.c.SyscallConn()
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	var out []rule
+	intr := false
 	for {
 		var n int
 		var rerr error
@@ -90,130 +114,50 @@ func (d *ruleDumper) rules(table *nftables.Table, chain string) ([]rule, error) 
 			n, _, rerr = unix.Recvfrom(int(fd), d.buf, 0)
 			return rerr != unix.EAGAIN
 		}); err != nil {
-			return nil, fmt.Errorf("reading the rules: %w", err)
+			return nil, false, fmt.Errorf("reading the rules: %w", err)
 		}
 		if rerr != nil {
-			return nil, fmt.Errorf("reading the rules: %w", rerr)
+			return nil, false, fmt.Errorf("reading the rules: %w", rerr)
 		}
-		msgs, err := syscall.ParseNetlinkMessage(d.buf[:n])
-		if err != nil {
-			return nil, fmt.Errorf("reading the rules: %w", err)
-		}
-		for _, m := range msgs {
-			if m.Header.Seq != req.Header.Sequence {
+		for b := d.buf[:n]; len(b) > 0; {
+			if len(b) < unix.NLMSG_HDRLEN {
+				return nil, false, errors.New("reading the rules: truncated message")
+			}
+			size := int(binary.NativeEndian.Uint32(b))
+			if size < unix.NLMSG_HDRLEN || size > len(b) {
+				return nil, false, errors.New("reading the rules: malformed message")
+			}
+			typ := binary.NativeEndian.Uint16(b[4:])
+			flags := binary.NativeEndian.Uint16(b[6:])
+			seq := binary.NativeEndian.Uint32(b[8:])
+			data := b[unix.NLMSG_HDRLEN:size]
+			b = b[min((size+unix.NLMSG_ALIGNTO-1)&^(unix.NLMSG_ALIGNTO-1), len(b)):]
+			if seq != req.Header.Sequence {
 				continue // a late part of an earlier dump
 			}
-			switch m.Header.Type {
+			if flags&unix.NLM_F_DUMP_INTR != 0 {
+				intr = true
+			}
+			switch typ {
 			case unix.NLMSG_DONE:
-				return out, nil
+				return out, intr, nil
 			case unix.NLMSG_ERROR:
-				if len(m.Data) >= 4 {
-					if errno := -int32(binary.NativeEndian.Uint32(m.Data)); errno != 0 {
+				if len(data) >= 4 {
+					if errno := -int32(binary.NativeEndian.Uint32(data)); errno != 0 {
 						if errno == int32(unix.ENOENT) {
-							return out, nil
+							return out, false, nil
 						}
-						return nil, fmt.Errorf("reading the rules: %w", syscall.Errno(errno))
+						return nil, false, fmt.Errorf("reading the rules: %w", syscall.Errno(errno))
 					}
 				}
-				return out, nil
+				return out, intr, nil
 			case unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWRULE:
-				exprs, err := ruleExprs(m.Data)
+				r, _, err := decodeRule(table.Family, chain, data)
 				if err != nil {
-					return nil, fmt.Errorf("decoding a rule of %s: %w", chain, err)
+					return nil, false, fmt.Errorf("decoding a rule of %s: %w", chain, err)
 				}
-				out = append(out, decodeRule(table.Family, chain, exprs))
+				out = append(out, r)
 			}
 		}
 	}
-}
-
-// ruleExprs decodes the expressions of a rule message that decodeRule
-// reads, leaving out the others (counters, say).
-func ruleExprs(data []byte) ([]expr.Any, error) {
-	if len(data) < 4 {
-		return nil, errors.New("short message")
-	}
-	family := data[0]
-	ad, err := netlink.NewAttributeDecoder(data[4:])
-	if err != nil {
-		return nil, err
-	}
-	ad.ByteOrder = binary.BigEndian
-	var exprs []expr.Any
-	for ad.Next() {
-		if ad.Type() != unix.NFTA_RULE_EXPRESSIONS {
-			continue
-		}
-		ad.Nested(func(list *netlink.AttributeDecoder) error {
-			for list.Next() {
-				if list.Type() != unix.NFTA_LIST_ELEM {
-					continue
-				}
-				list.Nested(func(el *netlink.AttributeDecoder) error {
-					var name string
-					for el.Next() {
-						switch el.Type() {
-						case unix.NFTA_EXPR_NAME:
-							name = el.String()
-						case unix.NFTA_EXPR_DATA:
-							e, err := decodeExpr(family, name, el.Bytes())
-							if err != nil {
-								return fmt.Errorf("%s expression: %w", name, err)
-							}
-							if e != nil {
-								exprs = append(exprs, e)
-							}
-						}
-					}
-					return nil
-				})
-			}
-			return nil
-		})
-	}
-	return exprs, ad.Err()
-}
-
-// decodeExpr decodes one expression of the kinds decodeRule reads, and
-// returns nil for the others.
-func decodeExpr(family byte, name string, data []byte) (expr.Any, error) {
-	var e expr.Any
-	switch name {
-	case "meta":
-		e = &expr.Meta{}
-	case "payload":
-		e = &expr.Payload{}
-	case "bitwise":
-		e = &expr.Bitwise{}
-	case "cmp":
-		e = &expr.Cmp{}
-	case "range":
-		e = &expr.Range{}
-	case "match":
-		e = &expr.Match{}
-	case "target":
-		e = &expr.Target{}
-	case "nat":
-		e = &expr.NAT{}
-	case "masq":
-		e = &expr.Masq{}
-	case "redir":
-		e = &expr.Redir{}
-	case "immediate":
-		// A verdict is an immediate writing the verdict register.
-		imm := &expr.Immediate{}
-		if err := expr.Unmarshal(family, data, imm); err != nil {
-			return nil, err
-		}
-		if imm.Register != unix.NFT_REG_VERDICT || len(imm.Data) != 0 {
-			return imm, nil
-		}
-		e = &expr.Verdict{}
-	default:
-		return nil, nil
-	}
-	if err := expr.Unmarshal(family, data, e); err != nil {
-		return nil, err
-	}
-	return e, nil
 }

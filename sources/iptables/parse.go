@@ -47,7 +47,10 @@ func compareServicePorts(a, b ServicePort) int {
 // KUBE-MARK-MASQ and a KUBE-EXT rule in older kube-proxies, say).
 func dedupe(ports []ServicePort) []ServicePort {
 	slices.SortFunc(ports, compareServicePorts)
-	return slices.CompactFunc(ports, func(a, b ServicePort) bool { return a.ID() == b.ID() })
+	// The same protocol, port and address is the same id.
+	return slices.CompactFunc(ports, func(a, b ServicePort) bool {
+		return a.Protocol == b.Protocol && a.Port == b.Port && a.HostIP == b.HostIP
+	})
 }
 
 // Fields splits an `iptables -S` line into its arguments, honouring the
