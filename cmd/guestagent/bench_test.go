@@ -21,9 +21,6 @@ import (
 const (
 	burstSize  = 500
 	idleWindow = 60 * time.Second
-	// idleStart is how long after its start the agent is first measured at
-	// rest: past its first page-out (pageOutDelay).
-	idleStart = pageOutDelay + 5*time.Second
 	// userHZ is the unit of /proc/<pid>/stat's CPU times on Linux.
 	userHZ = 100
 )
@@ -82,18 +79,14 @@ func BenchmarkBurst(b *testing.B) {
 // the same engines: "docker" (network-tunnel mode with the Docker source
 // alone, its containers running) and "every-source" (the fault suite's
 // configuration: Docker, containerd, Kubernetes, the NAT rule scan and the
-// sockets source, with containers and services in each engine), each with
-// the default settings and again with --pageOutInterval=0 (the agent never
-// hands its executable's pages back). Once the peers hold what the engines
-// run, 5 s more and at least idleStart after the agent started (so past
-// its first page-out), it samples the agent's memory every second over
-// idleWindow and reports its CPU use over the window, the median and
-// maximum resident memory (VmRSS) and the median of its anonymous and
-// file-backed parts, the peak (VmHWM), the Go heap and the memory the Go
-// runtime holds (from the agent's /debug/pprof/heap, --pprof), and the
-// binary's size. With GUESTAGENT_PROFILE_DIR set, each row's heap profile
-// is written there (idle-ROW.heap, for go tool pprof; GODEBUG=memprofilerate=N
-// in the environment samples finer, and changes the figures).
+// sockets source, with containers and services in each engine). Once the
+// peers hold what the engines run, and 5 s more, it samples the agent's
+// memory every second over idleWindow and reports its CPU use over the
+// window, the median and maximum resident memory (VmRSS) and its anonymous
+// and file-backed parts, the peak (VmHWM), the Go heap and the memory the
+// Go runtime holds (from the agent's /debug/pprof/heap, --pprof), and the
+// binary's size. With GUESTAGENT_PROFILE_DIR set, each configuration's heap
+// profile is written there (idle-NAME.heap, for go tool pprof).
 func BenchmarkIdle(b *testing.B) {
 	dir := b.TempDir()
 	bin := filepath.Join(dir, "guestagent")
@@ -108,67 +101,50 @@ func BenchmarkIdle(b *testing.B) {
 
 	bed := newFaultBed(b, 1)
 	bed.agentBin = bin
-	bed.churn(true, false, false)
-	bed.churn(true, false, false)
-	for _, row := range []struct{ name, flag string }{{"docker", ""}, {"docker-no-pageout", "--pageOutInterval=0"}} {
-		b.Run(row.name, func(b *testing.B) {
-			bed.t = b
-			started := time.Now()
-			cmd := bed.startDockerOnly(row.flag)
-			defer func() {
-				_ = cmd.Process.Signal(syscall.SIGTERM)
-				_ = cmd.Wait()
-			}()
-			want := bed.waitDockerOnly()
-			time.Sleep(time.Until(started.Add(idleStart)))
-			measureIdle(b, cmd.Process.Pid, bed.statusAddr, row.name)
-			b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
-			b.ReportMetric(float64(want), "forwards")
-		})
-	}
-	bed.churn(false, true, true)
-	bed.churn(false, true, true)
-	for _, row := range []struct{ name, flag string }{{"every-source", ""}, {"every-source-no-pageout", "--pageOutInterval=0"}} {
-		b.Run(row.name, func(b *testing.B) {
-			bed.t = b
-			bed.agentArgs = []string{"--pprof"}
-			if row.flag != "" {
-				bed.agentArgs = append(bed.agentArgs, row.flag)
-			}
-			started := time.Now()
-			bed.startAgent()
-			defer bed.stopAgent()
-			if res := bed.converge(time.Now()); res.bad() {
-				b.Fatalf("agent did not settle: %s", res)
-			}
-			time.Sleep(max(5*time.Second, time.Until(started.Add(idleStart))))
-			measureIdle(b, bed.agent.Process.Pid, bed.statusAddr, row.name)
-			b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
-			b.ReportMetric(float64(len(bed.lastHostSwitch)), "forwards")
-		})
-	}
+	b.Run("docker", func(b *testing.B) {
+		bed.t = b
+		bed.churn(true, false, false)
+		bed.churn(true, false, false)
+		cmd := bed.startDockerOnly()
+		defer func() {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			_ = cmd.Wait()
+		}()
+		want := bed.waitDockerOnly(cmd)
+		measureIdle(b, cmd.Process.Pid, bed.statusAddr, "docker")
+		b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
+		b.ReportMetric(float64(want), "forwards")
+	})
+	b.Run("every-source", func(b *testing.B) {
+		bed.churn(false, true, true)
+		bed.churn(false, true, true)
+		bed.t = b
+		bed.agentArgs = []string{"--pprof"}
+		bed.startAgent()
+		defer bed.stopAgent()
+		if res := bed.converge(time.Now()); res.bad() {
+			b.Fatalf("agent did not settle: %s", res)
+		}
+		measureIdle(b, bed.agent.Process.Pid, bed.statusAddr, "every-source")
+		b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
+		b.ReportMetric(float64(len(bed.lastHostSwitch)), "forwards")
+	})
 }
 
 // startDockerOnly runs the agent in network-tunnel mode with the Docker
-// source alone (the sockets source, on by default in that mode, off), its
-// profiles served on the status address, and the extra flags.
-func (b *faultBed) startDockerOnly(extra ...string) *exec.Cmd {
+// source alone (the sockets source, on by default in that mode, off) and
+// its profiles served on the status address.
+func (b *faultBed) startDockerOnly() *exec.Cmd {
 	b.t.Helper()
 	log, err := os.OpenFile(filepath.Join(b.dir, "agent-docker.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	b.must(err)
 	defer log.Close()
-	args := []string{
+	cmd := exec.Command(b.agentBin,
 		"--adminInstall", "--sources=docker", "--sockets=false",
-		"--dockerHost=" + b.docker.Host, "--dockerIptables=" + b.iptables,
-		"--hostSwitchURL=" + b.proxy.URL, "--wslProxySocket=" + b.wsl.Path,
-		"--stateDir=" + filepath.Join(b.dir, "state-docker"), "--controlSocket=" + filepath.Join(b.dir, "ctl-docker.sock"),
-		"--statusAddr=" + b.statusAddr, "--pprof"}
-	for _, e := range extra {
-		if e != "" {
-			args = append(args, e)
-		}
-	}
-	cmd := exec.Command(b.agentBin, args...)
+		"--dockerHost="+b.docker.Host, "--dockerIptables="+b.iptables,
+		"--hostSwitchURL="+b.proxy.URL, "--wslProxySocket="+b.wsl.Path,
+		"--stateDir="+filepath.Join(b.dir, "state-docker"), "--controlSocket="+filepath.Join(b.dir, "ctl-docker.sock"),
+		"--statusAddr="+b.statusAddr, "--pprof")
 	cmd.Stdout, cmd.Stderr = log, log
 	b.must(cmd.Start())
 	return cmd
@@ -177,7 +153,7 @@ func (b *faultBed) startDockerOnly(extra ...string) *exec.Cmd {
 // waitDockerOnly waits until gvproxy holds exactly the IPv4 bindings of
 // the running Docker containers (the only workload of the engines then),
 // and 5 s more; it returns how many that is.
-func (b *faultBed) waitDockerOnly() int {
+func (b *faultBed) waitDockerOnly(cmd *exec.Cmd) int {
 	b.t.Helper()
 	deadline := time.Now().Add(convergeLimit)
 	for {

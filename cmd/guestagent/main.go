@@ -73,7 +73,6 @@ type config struct {
 	statusAddr              string
 	statusAllowRemote       bool
 	pprof                   bool
-	pageOutInterval         time.Duration
 	controlSocket           string
 	stateDir                string
 	tapIP                   string
@@ -91,7 +90,6 @@ func defineFlags(fs *pflag.FlagSet) *config {
 	c.general.StringSliceVar(&c.sinks, "sinks", []string{"auto"}, `sinks to deliver to by name, comma-separated; "auto" means the ones the networking mode selects`)
 	c.general.BoolVar(&c.unexposeOnExit, "unexposeOnExit", true, "on SIGINT/SIGTERM, remove every exposed port before exiting")
 	c.general.StringVar(&c.stateDir, "stateDir", "/var/lib/guestagent", "directory of the ownership records: which ports this agent exposed on each sink, so that after a restart (or a crash) it removes exactly its own leftovers and never another party's; empty keeps them in memory only")
-	c.general.DurationVar(&c.pageOutInterval, "pageOutInterval", 10*time.Minute, "how often the agent hands the pages of its own executable back to the kernel (madvise MADV_PAGEOUT), first 15s after start: most of those resident after start-up were used once, by initialisation and the first sync, and at rest it needs a few MB of them, which come back as used; 0: never")
 	c.general.StringVar(&c.controlSocket, "controlSocket", DefaultControlSocket, "unix socket (root only) on which the agent serves its state to 'guestagent status', 'watch' and 'explain'; empty: off")
 	c.general.BoolVar(&c.statusAllowRemote, "statusAllowRemote", false, "let --statusAddr listen on an address other than loopback (anyone who reaches it reads the agent's state)")
 	c.general.StringVar(&c.statusAddr, "statusAddr", "", "serve GET /status (current mappings, JSON) and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9901; empty: off")
@@ -153,10 +151,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "guestagent: --pprof needs --statusAddr")
 		return 2
 	}
-	if cfg.pageOutInterval < 0 {
-		fmt.Fprintf(stderr, "guestagent: --pageOutInterval must not be negative, got %s\n", cfg.pageOutInterval)
-		return 2
-	}
 	log := newLogger(cfg.debug, stderr)
 	defer func() { _ = log.Sync() }()
 
@@ -198,9 +192,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var serving sync.WaitGroup
 	for i, ln := range listeners {
 		serving.Go(func() { serveHTTP(sctx, ln, handlers[i], log, names[i]) })
-	}
-	if cfg.pageOutInterval > 0 {
-		serving.Go(func() { pageOutLoop(sctx, cfg.pageOutInterval, log) })
 	}
 	defer func() { stopServing(); serving.Wait() }()
 	if err := router.Run(ctx); err != nil {
