@@ -15,6 +15,13 @@
 // and only where the namespace has a legacy nat table; --iptablesCommands
 // names commands to run instead.
 //
+// iptables-nft's chains are dumped once and then kept up to date from the
+// nftables change notifications, which carry every added and deleted rule
+// whole: the kernel's dump of a chain costs in proportion to the square of
+// its length (seconds for 50,000 services), while a change costs what it
+// holds. The chains are dumped again when notifications were lost, and as
+// a check every 10 scan intervals or 20 times what the last dump took.
+//
 // Changes to the chains and maps the source reads trigger a scan:
 // notifications of one transaction count once, and a burst is read by one
 // scan 20 ms after its first notification. Scanning earns credit at a
@@ -25,10 +32,11 @@
 // tables and chains (Docker's filter rules, say) are ignored. A periodic
 // scan runs every scan interval, or every 20 times a scan's duration when
 // that is longer: it reads the legacy back-end (which sends no
-// notifications), and nftables only every 10 intervals (or 20 times what
-// reading it takes) while its notifications work, and every time when they
-// do not. Rules are parsed only when they changed, and listeners are opened
-// on the ports found, as kubelet no longer does.
+// notifications), and kube-proxy's maps only every 10 intervals (or 20
+// times what reading them takes) while notifications work, and every time
+// when they do not (iptables-nft's chains are then dumped every time too).
+// Rules are parsed only when they changed, and listeners are opened on the
+// ports found, as kubelet no longer does.
 package iptables
 
 import (
@@ -64,7 +72,7 @@ func init() {
 		Summary: "service ports in kube-proxy's and CNI's NAT rules (iptables and nftables), with listeners",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			cmds := fs.StringSlice("iptablesCommands", nil, "iptables commands run per scan as CMD -t nat -S CHAIN in --iptablesNetns, in place of the legacy back-end's iptables-legacy-save and ip6tables-legacy-save (run by default where the namespace has a legacy nat table); iptables-nft rules are read over netlink either way")
-			every := fs.Duration("iptablesScanInterval", 3*time.Second, "time between two periodic scans, or 20 times what a scan takes if longer; they read nftables (iptables-nft's rules too) every 10 intervals while its change notifications work, as each change to the chains and maps read triggers a scan 20 ms later (paced to at most about a tenth of a core)")
+			every := fs.Duration("iptablesScanInterval", 3*time.Second, "time between two periodic scans, or 20 times what a scan takes if longer; while nftables change notifications work they read kube-proxy's maps and dump iptables-nft's chains only every 10 intervals (or 20 times what that takes), as each change to the chains and maps read triggers a scan 20 ms later (paced to at most about a tenth of a core) and iptables-nft's rule changes are taken from the notifications")
 			listen := fs.Bool("iptablesListeners", true, "open a listener on each service port found, as kubelet no longer does")
 			netns := fs.String("iptablesNetns", "", "network namespace (path) whose rules are scanned, on every back-end; empty for the agent's own")
 			return func(env registry.Env) (core.Source, error) {
@@ -114,6 +122,9 @@ type Source struct {
 	busy   atomic.Int64  // nanoseconds spent scanning, likewise
 	// watching is set while nftables change notifications are read.
 	watching atomic.Bool
+	// changes carries what the notifications say changed in iptables-nft's
+	// chains, from the watcher to the scans.
+	changes ruleLog
 }
 
 // New checks cfg and returns a Source. It fails when a command of
@@ -169,16 +180,19 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 
 	var p pacer
 	st := &scanState{}
-	stale := true // nftables changed since it was last read
 	scan := func() {
 		notified.Stop()
 		start := time.Now()
-		readNft := stale || !s.watching.Load() ||
-			start.Sub(st.nftRead) >= max(nftRecheck*s.cfg.Interval, scanCostFactor*st.nftCost)
-		if readNft {
-			stale = false
+		ch := s.changes.drain()
+		watching := s.watching.Load()
+		due := func(last time.Time, cost time.Duration) bool {
+			return !watching || start.Sub(last) >= max(nftRecheck*s.cfg.Interval, scanCostFactor*cost)
 		}
-		s.scan(out, ls, st, readNft)
+		if due(st.natRead, st.natCost) {
+			ch.lost = true // dump iptables-nft's chains again
+		}
+		readMaps := ch.maps || ch.lost || due(st.mapsRead, st.mapsCost)
+		s.scan(out, ls, st, ch, readMaps)
 		end := time.Now()
 		s.busy.Add(int64(end.Sub(start)))
 		p.scanned(start, end)
@@ -190,7 +204,6 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		case <-ctx.Done():
 			return nil
 		case <-changed:
-			stale = true
 			if wait, ok := p.changed(time.Now()); ok {
 				notified.Reset(wait)
 			}
@@ -203,10 +216,11 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 }
 
 // nftRecheck is how many scan intervals may pass without nftables being
-// read while its change notifications work and report nothing the source
-// reads: they are the news of its changes, so a periodic scan reads only
-// the legacy back-end, and nftables again every nftRecheck intervals (or
-// scanCostFactor times what reading it takes, if longer) in case.
+// read in full while its change notifications work: they are the news of
+// its changes (and carry iptables-nft's rule changes whole), so a periodic
+// scan reads only the legacy back-end, and kube-proxy's maps and
+// iptables-nft's chains (dumped anew) again every nftRecheck intervals, or
+// scanCostFactor times what reading them took if longer, in case.
 const nftRecheck = 10
 
 // watchRetry is the wait before the notification socket is opened again
@@ -227,7 +241,7 @@ func (s *Source) watch(ctx context.Context, changed chan<- struct{}, ready chan<
 	isReady := func() { once.Do(func() { close(ready) }) }
 	defer isReady()
 	for first := true; ; first = false {
-		err := watchNft(ctx, s.cfg.Netns, signal, func() {
+		err := watchNft(ctx, s.cfg.Netns, &s.changes, signal, func() {
 			s.watching.Store(true)
 			isReady()
 			if !first {
@@ -266,18 +280,24 @@ type scanState struct {
 	digest   [sha256.Size]byte
 	failing  map[string]bool // sources of rules that failed last time
 
-	// What nftables held when last read, kept for the scans that need
-	// not read it again, and when that was and what it took.
-	nft         rawRules
-	nftProblems map[string]error
-	nftRead     time.Time
-	nftCost     time.Duration
+	// kube-proxy's maps when last read, kept for the scans that need not
+	// read them again, and when that was and what it took.
+	maps     []nftMap
+	mapsErr  error
+	mapsRead time.Time
+	mapsCost time.Duration
+
+	// iptables-nft's chains, and when they were last dumped in full and
+	// what that took.
+	nat     natCache
+	natRead time.Time
+	natCost time.Duration
 }
 
 // scan reads every rule set, and reports and listens only if they changed.
-func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState, readNft bool) {
+func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState, ch natChanges, readMaps bool) {
 	s.scans.Add(1)
-	raw, problems := s.read(st, readNft)
+	raw, problems := s.read(st, ch, readMaps)
 	failing := map[string]bool{}
 	for what, err := range problems {
 		failing[what] = true
@@ -291,7 +311,7 @@ func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState, readNft bo
 		}
 	}
 	st.failing = failing
-	if len(problems) > 0 && len(raw.lines) == 0 && len(raw.rules) == 0 && len(raw.nft) == 0 && st.reported {
+	if len(problems) > 0 && len(raw.lines) == 0 && len(raw.nat) == 0 && len(raw.nft) == 0 && st.reported {
 		return // keep what was reported rather than remove everything on a failed read
 	}
 	digest := raw.digest()
@@ -325,8 +345,11 @@ func (s *Source) mapping(p ServicePort) core.Mapping {
 // rawRules is what one scan read, before parsing.
 type rawRules struct {
 	lines []string // `iptables -S` lines of the legacy back-end
-	rules []rule   // iptables-nft's rules, read over netlink
-	nft   []nftMap // kube-proxy's maps
+	nat   [][]rule // iptables-nft's rules by chain, from a natCache
+	// natVersion is the natCache's version: the same version, the same
+	// rules.
+	natVersion uint64
+	nft        []nftMap // kube-proxy's maps
 }
 
 type nftMap struct {
@@ -341,12 +364,7 @@ func (r rawRules) digest() [sha256.Size]byte {
 		h.Write([]byte(l))
 		h.Write([]byte{'\n'})
 	}
-	for _, r := range r.rules {
-		for _, f := range []string{r.chain, r.proto, r.target, r.dest, r.dport, r.comment} {
-			h.Write([]byte(f))
-			h.Write([]byte{0})
-		}
-	}
+	fmt.Fprintf(h, "nat %d\n", r.natVersion)
 	for _, m := range r.nft {
 		fmt.Fprintf(h, "%d %s\n", m.family, m.name)
 		for _, e := range m.elems {
@@ -362,7 +380,7 @@ func (r rawRules) digest() [sha256.Size]byte {
 
 func (r rawRules) parse() []ServicePort {
 	ports, _ := ParseIptables(r.lines)
-	fromNft, _ := portsOf(r.rules)
+	fromNft, _ := portsOf(r.nat...)
 	ports = append(ports, fromNft...)
 	for _, m := range r.nft {
 		switch m.name {
@@ -380,20 +398,44 @@ func (r rawRules) parse() []ServicePort {
 }
 
 // read reads the chains that matter from every iptables back-end and the
-// kube-proxy nftables maps; nftables only when readNft is set, else what
-// st kept of it. A missing chain or table is not a problem: kube-proxy may
+// kube-proxy nftables maps: iptables-nft's chains from st's natCache,
+// brought up to date with ch (and dumped where it does not hold them, or
+// anew when ch.lost), and the maps only when readMaps is set, else what st
+// kept of them. A missing chain or table is not a problem: kube-proxy may
 // use the other mode, or not run yet.
-func (s *Source) read(st *scanState, readNft bool) (rawRules, map[string]error) {
-	if readNft {
+func (s *Source) read(st *scanState, ch natChanges, readMaps bool) (rawRules, map[string]error) {
+	problems := map[string]error{}
+	if readMaps {
 		start := time.Now()
-		st.nft, st.nftProblems = s.readNft()
-		st.nftRead, st.nftCost = start, time.Since(start)
+		st.maps, st.mapsErr = s.readMaps()
+		st.mapsRead, st.mapsCost = start, time.Since(start)
 	}
-	r := rawRules{rules: st.nft.rules, nft: st.nft.nft}
-	problems := maps.Clone(st.nftProblems)
-	if problems == nil {
-		problems = map[string]error{}
+	if st.mapsErr != nil {
+		problems["nftables"] = st.mapsErr
 	}
+	r := rawRules{nft: st.maps}
+
+	start := time.Now()
+	full := ch.lost || st.nat.chains == nil
+	st.nat.apply(ch)
+	var d *ruleDumper
+	chains, err := st.nat.read(func() (chainDumper, error) {
+		var err error
+		d, err = newRuleDumper(s.cfg.Netns)
+		return d, err
+	})
+	if d != nil {
+		_ = d.Close()
+	}
+	if full {
+		st.natRead, st.natCost = start, time.Since(start)
+	}
+	if err != nil {
+		problems["iptables-nft"] = err
+	} else {
+		r.nat, r.natVersion = chains, st.nat.version
+	}
+
 	var more map[string]error
 	if len(s.cmds) > 0 {
 		r.lines, more = readCommands(s.cfg.Netns, s.cmds)
@@ -404,28 +446,14 @@ func (s *Source) read(st *scanState, readNft bool) (rawRules, map[string]error) 
 	return r, problems
 }
 
-// readNft reads what the source reads in nftables: the rules of
-// iptables-nft and kube-proxy's maps.
-func (s *Source) readNft() (rawRules, map[string]error) {
-	var r rawRules
-	problems := map[string]error{}
-	if d, err := newRuleDumper(s.cfg.Netns); err != nil {
-		problems["iptables-nft"] = err
-	} else {
-		if r.rules, err = readNatNft(d); err != nil {
-			problems["iptables-nft"] = err
-		}
-		_ = d.Close()
+// readMaps reads kube-proxy's maps.
+func (s *Source) readMaps() ([]nftMap, error) {
+	conn, done, err := s.nftConn()
+	if err != nil {
+		return nil, err
 	}
-	if conn, done, err := s.nftConn(); err != nil {
-		problems["nftables"] = err
-	} else {
-		if r.nft, err = readNftables(conn); err != nil {
-			problems["nftables"] = err
-		}
-		done()
-	}
-	return r, problems
+	defer done()
+	return readNftables(conn)
 }
 
 // nftConn opens a netlink connection for one scan, in the namespace.

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"math/bits"
 	"net/netip"
 	"strconv"
@@ -24,31 +23,17 @@ var natFamilies = []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.Tabl
 // readNatNft reads the rules of the chains the source reads from the nat
 // tables iptables-nft and ip6tables-nft keep in nftables, over netlink, and
 // decodes them into what `iptables -S` would print of them. A missing table
-// or chain reads as no rules.
+// or chain reads as no rules. It reads every chain; scans keep a natCache
+// instead.
 func readNatNft(d *ruleDumper) ([]rule, error) {
+	var c natCache
+	chains, err := c.read(func() (chainDumper, error) { return d, nil })
+	if err != nil {
+		return nil, err
+	}
 	var out []rule
-	for _, family := range natFamilies {
-		table := &nftables.Table{Name: "nat", Family: family}
-		start := len(out)
-		read := func(chain string) error {
-			rs, err := d.rules(table, chain)
-			if err != nil {
-				return fmt.Errorf("%s nat %s: %w", familyName(family), chain, err)
-			}
-			out = append(out, rs...)
-			return nil
-		}
-		for _, chain := range natChains {
-			if err := read(chain); err != nil {
-				return nil, err
-			}
-		}
-		_, cni := portsOf(out[start:])
-		for _, chain := range cni {
-			if err := read(chain); err != nil {
-				return nil, err
-			}
-		}
+	for _, rs := range chains {
+		out = append(out, rs...)
 	}
 	return out, nil
 }

@@ -39,8 +39,9 @@ const dumpTimeout = 10 * time.Second
 // dumpAttempts is how many times a chain is dumped when it changes while
 // it is read (the kernel marks the parts NLM_F_DUMP_INTR then, and the
 // dump may have missed or repeated rules). The last attempt's rules are
-// kept even if it too was interrupted: the change that interrupted it is
-// notified, and the notification brings another scan.
+// used even if it too was interrupted, but not kept: the change that
+// interrupted it is notified, and the scan it brings dumps the chain
+// again.
 const dumpAttempts = 3
 
 // newRuleDumper opens a netfilter socket in the namespace at netns ("" for
@@ -64,24 +65,63 @@ func newRuleDumper(netns string) (*ruleDumper, error) {
 
 func (d *ruleDumper) Close() error { return d.c.Close() }
 
-// rules returns the rules of chain in table, decoded. A table or chain
-// that does not exist has none.
-func (d *ruleDumper) rules(table *nftables.Table, chain string) ([]rule, error) {
-	var out []rule
+// generation returns the ruleset's generation (NFT_MSG_GETGEN): the
+// counter that each committed transaction increments.
+func (d *ruleDumper) generation() (uint32, error) {
+	replies, err := d.c.Execute(netlink.Message{
+		Header: netlink.Header{
+			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETGEN),
+			Flags: netlink.Request,
+		},
+		Data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0},
+	})
+	if err != nil {
+		return 0, fmt.Errorf("asking for the generation: %w", err)
+	}
+	for _, m := range replies {
+		if gen, ok := genID(m); ok {
+			return gen, nil
+		}
+	}
+	return 0, errors.New("asking for the generation: no answer")
+}
+
+// genID reads the generation of an NFT_MSG_NEWGEN message.
+func genID(m netlink.Message) (uint32, bool) {
+	if uint16(m.Header.Type) != unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWGEN || len(m.Data) < sizeofNfgenmsg {
+		return 0, false
+	}
+	a := attrs{b: m.Data[sizeofNfgenmsg:]}
+	for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
+		if typ == unix.NFTA_GEN_ID && len(v) == 4 {
+			return binary.BigEndian.Uint32(v), true
+		}
+	}
+	return 0, false
+}
+
+// handledRules returns the rules of chain in table, decoded, with their
+// handles, and whether the dump was consistent (the chain did not change
+// while it was read, in the last of dumpAttempts). A table or chain that
+// does not exist has none.
+func (d *ruleDumper) handledRules(table *nftables.Table, chain string) ([]handledRule, bool, error) {
+	var out []handledRule
 	for range dumpAttempts {
 		var intr bool
 		var err error
-		out, intr, err = d.dump(table, chain, out[:0])
-		if err != nil || !intr {
-			return out, err
+		if out, intr, err = d.dump(table, chain, out[:0]); err != nil {
+			return nil, false, err
+		}
+		if !intr {
+			return out, true, nil
 		}
 	}
-	return out, nil
+	return out, false, nil
 }
 
 // dump dumps chain once, appending its rules to out, and tells whether
 // the chain changed while it was read.
-func (d *ruleDumper) dump(table *nftables.Table, chain string, out []rule) ([]rule, bool, error) {
+func (d *ruleDumper) dump(table *nftables.Table, chain string, out []handledRule) ([]handledRule, bool, error) {
 	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
 		{Type: unix.NFTA_RULE_TABLE, Data: append([]byte(table.Name), 0)},
 		{Type: unix.NFTA_RULE_CHAIN, Data: append([]byte(chain), 0)},
@@ -152,11 +192,11 @@ func (d *ruleDumper) dump(table *nftables.Table, chain string, out []rule) ([]ru
 				}
 				return out, intr, nil
 			case unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWRULE:
-				r, _, err := decodeRule(table.Family, chain, data)
+				r, handle, err := decodeRule(table.Family, chain, data)
 				if err != nil {
 					return nil, false, fmt.Errorf("decoding a rule of %s: %w", chain, err)
 				}
-				out = append(out, r)
+				out = append(out, handledRule{handle, r})
 			}
 		}
 	}

@@ -180,11 +180,14 @@ func ParseIptables(lines []string) (ports []ServicePort, cniChains []string) {
 	return dedupe(c.ports), c.cniChains
 }
 
-// portsOf is ParseIptables for rules already decoded (read over netlink).
-func portsOf(rules []rule) (ports []ServicePort, cniChains []string) {
+// portsOf is ParseIptables for rules already decoded (read over netlink),
+// given in one or more slices.
+func portsOf(rules ...[]rule) (ports []ServicePort, cniChains []string) {
 	var c classifier
-	for _, r := range rules {
-		c.add(r)
+	for _, rs := range rules {
+		for _, r := range rs {
+			c.add(r)
+		}
 	}
 	return dedupe(c.ports), c.cniChains
 }

@@ -40,7 +40,7 @@ func BenchmarkScan(b *testing.B) {
 func benchScan(b *testing.B, s *Source, n int) {
 	b.ReportAllocs()
 	for b.Loop() {
-		raw, problems := s.read(&scanState{}, true)
+		raw, problems := s.read(&scanState{}, natChanges{lost: true}, true)
 		if len(problems) > 0 {
 			b.Fatal(problems)
 		}

@@ -2,7 +2,6 @@ package iptables
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -10,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -113,16 +113,26 @@ func relevant(family uint8, msgType uint16, table, name string) bool {
 	return false
 }
 
-// relevantMsg decodes the family, table and name of a notification and
-// tells whether it is relevant.
-func relevantMsg(m netlink.Message) bool {
+// notice is what a notification is about: the family, message type,
+// table and name relevant reads.
+type notice struct {
+	family  uint8
+	msgType uint16
+	table   string
+	name    string
+}
+
+// decodeNotice decodes the family, table and name of a notification; ok is
+// false for messages that are not about tables, chains, rules, sets or set
+// elements.
+func decodeNotice(m netlink.Message) (n notice, ok bool) {
 	typ := uint16(m.Header.Type)
-	if typ>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < 4 {
-		return false
+	if typ>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < sizeofNfgenmsg {
+		return notice{}, false
 	}
-	msgType := typ & 0xff
+	n.family, n.msgType = m.Data[0], typ&0xff
 	tableAttr, nameAttr := uint16(nftaOwnerTable), uint16(0)
-	switch msgType {
+	switch n.msgType {
 	case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
 		tableAttr = nftaTableName
 	case unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN:
@@ -134,23 +144,98 @@ func relevantMsg(m netlink.Message) bool {
 	case unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
 		nameAttr = nftaElemSetName
 	default:
-		return false
+		return notice{}, false
 	}
-	ad, err := netlink.NewAttributeDecoder(m.Data[4:])
-	if err != nil {
-		return true // cannot tell: read the rules again
-	}
-	ad.ByteOrder = binary.BigEndian
-	var table, name string
-	for ad.Next() {
-		switch ad.Type() {
+	a := attrs{b: m.Data[sizeofNfgenmsg:]}
+	for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
+		switch typ {
 		case tableAttr:
-			table = ad.String()
+			n.table = string(cstring(v))
 		case nameAttr:
-			name = ad.String()
+			n.name = string(cstring(v))
 		}
 	}
-	return relevant(m.Data[0], msgType, table, name)
+	return n, true
+}
+
+// transaction collects the relevant notifications of one transaction
+// until its NFT_MSG_NEWGEN.
+type transaction struct {
+	relevant bool
+	maps     bool // a kube-proxy map changed
+	ops      []ruleOp
+	bad      bool // a rule change could not be decoded
+}
+
+// note reads one notification.
+func (t *transaction) note(m netlink.Message) {
+	n, ok := decodeNotice(m)
+	if !ok || !relevant(n.family, n.msgType, n.table, n.name) {
+		return
+	}
+	t.relevant = true
+	if n.table != "nat" {
+		t.maps = true
+		return
+	}
+	family := nftables.TableFamily(n.family)
+	switch n.msgType {
+	case unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE:
+		r, handle, err := decodeRule(family, n.name, m.Data)
+		if err != nil {
+			t.bad = true
+			return
+		}
+		kind := opAdd
+		if n.msgType == unix.NFT_MSG_DELRULE {
+			kind = opDelete
+		}
+		t.ops = append(t.ops, ruleOp{kind: kind, family: family, chain: n.name, handle: handle, rule: r})
+	case unix.NFT_MSG_DELCHAIN:
+		t.ops = append(t.ops, ruleOp{kind: opClear, family: family, chain: n.name})
+	case unix.NFT_MSG_DELTABLE:
+		t.ops = append(t.ops, ruleOp{kind: opClearAll, family: family})
+	}
+}
+
+// commit dates the transaction's changes with its generation. A rule
+// replaced in place (iptables -R) is notified as its new version added
+// and its old one deleted, under one handle; as the same handle added and
+// deleted could also be a rule that came and went, such a chain is dumped
+// again instead.
+func (t *transaction) commit(gen uint32) []ruleOp {
+	type ruleKey struct {
+		chainKey
+		handle uint64
+	}
+	added := map[ruleKey]bool{}
+	reload := map[chainKey]bool{}
+	for _, op := range t.ops {
+		k := ruleKey{chainKey{op.family, op.chain}, op.handle}
+		switch op.kind {
+		case opAdd:
+			added[k] = true
+		case opDelete:
+			if added[k] {
+				reload[k.chainKey] = true
+			}
+		}
+	}
+	ops := t.ops[:0]
+	for _, op := range t.ops {
+		k := chainKey{op.family, op.chain}
+		if reload[k] {
+			if op.kind == opAdd || op.kind == opDelete {
+				continue
+			}
+		}
+		op.gen = gen
+		ops = append(ops, op)
+	}
+	for k := range reload {
+		ops = append(ops, ruleOp{gen: gen, kind: opReload, family: k.family, chain: k.name})
+	}
+	return ops
 }
 
 // watchBuffer is the receive buffer of the notification socket: a
@@ -161,8 +246,10 @@ const watchBuffer = 8 << 20
 // netns ("" for the current one) until ctx is done or the socket fails,
 // and calls changed once per committed transaction that touched something
 // relevant, and whenever notifications were lost (the socket overflowed).
-// ready, if not nil, is called once the socket listens.
-func watchNft(ctx context.Context, netns string, changed, ready func()) error {
+// If log is not nil, it also records there the changes of each such
+// transaction to the nat chains the source reads, and the losses. ready,
+// if not nil, is called once the socket listens.
+func watchNft(ctx context.Context, netns string, log *ruleLog, changed, ready func()) error {
 	var cfg netlink.Config
 	if netns != "" {
 		f, err := os.Open(netns)
@@ -186,10 +273,13 @@ func watchNft(ctx context.Context, netns string, changed, ready func()) error {
 		return fmt.Errorf("subscribing to nftables changes: %w", err)
 	}
 	setReadBuffer(c, watchBuffer)
+	if log != nil {
+		log.markLost() // what changed before now is read by dumps
+	}
 	if ready != nil {
 		ready()
 	}
-	pending := false
+	var t transaction
 	for {
 		msgs, err := c.Receive()
 		if err != nil {
@@ -197,7 +287,10 @@ func watchNft(ctx context.Context, netns string, changed, ready func()) error {
 				return nil
 			}
 			if errors.Is(err, unix.ENOBUFS) {
-				pending = false
+				t = transaction{}
+				if log != nil {
+					log.markLost()
+				}
 				changed()
 				continue
 			}
@@ -205,16 +298,21 @@ func watchNft(ctx context.Context, netns string, changed, ready func()) error {
 		}
 		for _, m := range msgs {
 			// NFT_MSG_NEWGEN ends the notifications of a transaction.
-			if uint16(m.Header.Type) == unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWGEN {
-				if pending {
-					pending = false
-					changed()
-				}
+			if uint16(m.Header.Type) != unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWGEN {
+				t.note(m)
 				continue
 			}
-			if !pending && relevantMsg(m) {
-				pending = true
+			if t.relevant {
+				if log != nil {
+					if gen, ok := genID(m); !ok || t.bad {
+						log.markLost()
+					} else {
+						log.add(t.commit(gen), t.maps)
+					}
+				}
+				changed()
 			}
+			t = transaction{}
 		}
 	}
 }

@@ -75,7 +75,7 @@ func startWatch(t *testing.T, ns string) *atomic.Int64 {
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() {
-		done <- watchNft(ctx, "/var/run/netns/"+ns, func() { calls.Add(1) }, func() { close(ready) })
+		done <- watchNft(ctx, "/var/run/netns/"+ns, nil, func() { calls.Add(1) }, func() { close(ready) })
 	}()
 	t.Cleanup(func() {
 		cancel()
