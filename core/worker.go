@@ -207,8 +207,12 @@ func (w *sinkWorker) run(ctx context.Context, r *Router, syncGo <-chan struct{})
 			delay := r.cfg.Backoff.Delay(attempt)
 			attempt++
 			w.log.Warn("peer unreachable; will retry", zap.Error(err), zap.Duration("retry_in", delay))
-			if !w.sleepDown(ctx, delay) {
+			live, back := w.sleepDown(ctx, delay)
+			if !live {
 				return
+			}
+			if back {
+				attempt = 0 // the peer answers: start the backoff over
 			}
 			if w.lister != nil {
 				r.requestResync(w) // listing is the probe, and the replay
@@ -244,18 +248,20 @@ func (w *sinkWorker) run(ctx context.Context, r *Router, syncGo <-chan struct{})
 }
 
 // sleepDown waits delay after the peer was unreachable, or less when the
-// sink says its peer answers again. It reports whether ctx is still live.
-func (w *sinkWorker) sleepDown(ctx context.Context, delay time.Duration) bool {
+// sink says its peer answers again. It reports whether ctx is still live,
+// and whether the sink's word ended the wait.
+func (w *sinkWorker) sleepDown(ctx context.Context, delay time.Duration) (live, back bool) {
 	t := time.NewTimer(delay)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
-		return false
+		return false, false
 	case <-t.C:
+		return true, false
 	case <-w.back:
 		w.log.Info("peer answers again; retrying before the backoff ends")
+		return true, true
 	}
-	return true
 }
 
 // wait blocks until there is work: a signal, a retry that is due, or the

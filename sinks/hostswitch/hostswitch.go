@@ -52,7 +52,7 @@ func init() {
 			base := fs.String("hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")
 			guest := fs.String("hostSwitchGuestIP", DefaultGuestIP, "this guest's address on the virtual network: the remote end of every forward")
 			probe := fs.Duration("hostSwitchProbeInterval", DefaultProbeInterval, "how often one small request on a connection kept open checks that host-switch is up and has not restarted; when it answers again or on a new connection (it restarted), its forwards are listed and restored at once (0 disables; at most 5s)")
-			poll := fs.Duration("hostSwitchCheckInterval", DefaultCheckInterval, "how often the whole list of forwards is read, to restore forwards someone removed and take up ports others released; skipped while the probe finds host-switch down (0 disables)")
+			poll := fs.Duration("hostSwitchCheckInterval", DefaultCheckInterval, "how often the whole list of forwards is read, to restore forwards someone removed and take up ports others released; not while the probe has no answer from host-switch (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
 				return New(Config{BaseURL: *base, GuestIP: *guest, ProbeInterval: *probe, CheckInterval: *poll, Log: env.Log})
 			}

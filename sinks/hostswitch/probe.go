@@ -31,8 +31,8 @@ const (
 	// take, which is its interval otherwise: a working host-switch
 	// answers in a millisecond, and a probe that outlives its interval
 	// most likely sits in a connection the restart made dead (its packets
-	// lost while the virtual network was down, and retransmitted only
-	// seconds later), which the next probe replaces by a new one.
+	// lost while the virtual network was down, and retransmitted ever
+	// more slowly), which the next probe replaces by a new one.
 	minProbeTimeout = 500 * time.Millisecond
 	maxProbeTimeout = 2 * time.Second
 )
