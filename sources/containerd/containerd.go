@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -19,10 +20,12 @@ import (
 	"time"
 
 	apievents "github.com/containerd/containerd/api/events"
-	containerd "github.com/containerd/containerd/v2/client"
-	"github.com/containerd/containerd/v2/core/events"
+	eventsapi "github.com/containerd/containerd/api/services/events/v1"
+	apitypes "github.com/containerd/containerd/api/types"
+	tasktypes "github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	cerrdefs "github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/typeurl/v2"
 	cniutils "github.com/containernetworking/plugins/pkg/utils"
 	"github.com/spf13/pflag"
@@ -115,48 +118,50 @@ func (s *Source) session(ctx context.Context, out core.Emitter) (connected bool,
 	if _, err := os.Stat(s.cfg.Socket); err != nil {
 		return false, err
 	}
-	cli, err := containerd.New(s.cfg.Socket, containerd.WithTimeout(5*time.Second))
+	e, err := dial(s.cfg.Socket, 5*time.Second)
 	if err != nil {
 		return false, err
 	}
-	defer cli.Close()
+	defer e.conn.Close()
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	serving, err := cli.IsServing(sctx)
+	serving, err := e.serving(sctx)
 	cancel()
 	if err != nil || !serving {
 		return false, fmt.Errorf("containerd is not serving: %w", err)
 	}
 	ectx, stop := context.WithCancel(ctx)
 	defer stop()
-	// Subscribe before listing, so that nothing starting in between is lost.
-	envelopes, errs := cli.Subscribe(ectx,
-		`topic=="`+topicTaskStart+`"`, `topic=="`+topicContainerUpdate+`"`, `topic=="`+topicTaskExit+`"`)
-	if err := s.resync(ctx, cli, out); err != nil {
+	// Subscribe before listing, so that nothing starting in between is lost;
+	// the stream holds what arrives while the list is read.
+	stream, subErr := e.events.Subscribe(ectx, &eventsapi.SubscribeRequest{Filters: []string{
+		`topic=="` + topicTaskStart + `"`, `topic=="` + topicContainerUpdate + `"`, `topic=="` + topicTaskExit + `"`}})
+	if err := s.resync(ctx, e, out); err != nil {
 		return true, err
+	}
+	if subErr != nil {
+		return true, errgrpc.ToNative(subErr)
 	}
 	s.log.Info("watching containerd events", zap.String("socket", s.cfg.Socket))
 	for {
-		select {
-		case <-ctx.Done():
+		env, err := stream.Recv()
+		if ctx.Err() != nil {
 			return true, nil
-		case err := <-errs:
-			if err == nil {
-				err = errors.New("event stream closed")
+		}
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				err = errgrpc.ToNative(err)
 			}
 			return true, err
-		case env := <-envelopes:
-			if env != nil {
-				s.handle(ctx, cli, out, env)
-			}
 		}
+		s.handle(ctx, e, out, env)
 	}
 }
 
 // resync reports every container with a running task, in every namespace.
-func (s *Source) resync(ctx context.Context, cli *containerd.Client, out core.Emitter) error {
+func (s *Source) resync(ctx context.Context, e *engine, out core.Emitter) error {
 	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	nss, err := cli.NamespaceService().List(lctx)
+	nss, err := e.listNamespaces(lctx)
 	if err != nil {
 		return fmt.Errorf("listing namespaces: %w", err)
 	}
@@ -165,28 +170,23 @@ func (s *Source) resync(ctx context.Context, cli *containerd.Client, out core.Em
 	running := 0
 	for _, ns := range nss {
 		nctx := namespaces.WithNamespace(lctx, ns)
-		ctrs, err := cli.Containers(nctx)
+		ctrs, err := e.listContainers(nctx)
 		if err != nil {
 			return fmt.Errorf("listing containers in %s: %w", ns, err)
 		}
 		for _, c := range ctrs {
-			task, err := c.Task(nctx, nil)
+			proc, err := e.task(nctx, c.ID)
 			if cerrdefs.IsNotFound(err) {
 				continue
 			}
 			if err != nil {
-				return fmt.Errorf("task of %s/%s: %w", ns, c.ID(), err)
+				return fmt.Errorf("task of %s/%s: %w", ns, c.ID, err)
 			}
-			st, err := task.Status(nctx)
-			if err != nil || st.Status != containerd.Running {
+			if proc.Status != tasktypes.Status_RUNNING {
 				continue
 			}
 			running++
-			labels, err := c.Labels(nctx)
-			if err != nil {
-				return fmt.Errorf("labels of %s/%s: %w", ns, c.ID(), err)
-			}
-			m, bindings := s.mapping(ns, c.ID(), labels, task.Pid())
+			m, bindings := s.mapping(ns, c.ID, c.Labels, proc.Pid)
 			if len(m.Ports) > 0 {
 				ms = append(ms, m)
 			}
@@ -205,7 +205,7 @@ func (s *Source) resync(ctx context.Context, cli *containerd.Client, out core.Em
 	return nil
 }
 
-func (s *Source) handle(ctx context.Context, cli *containerd.Client, out core.Emitter, env *events.Envelope) {
+func (s *Source) handle(ctx context.Context, e *engine, out core.Emitter, env *apitypes.Envelope) {
 	if env.Event == nil {
 		s.log.Warn("event without payload ignored", zap.String("topic", env.Topic))
 		return
@@ -219,9 +219,9 @@ func (s *Source) handle(ctx context.Context, cli *containerd.Client, out core.Em
 	defer cancel()
 	switch ev := payload.(type) {
 	case *apievents.TaskStart:
-		s.refresh(nctx, cli, out, env.Namespace, ev.ContainerID)
+		s.refresh(nctx, e, out, env.Namespace, ev.ContainerID)
 	case *apievents.ContainerUpdate:
-		s.refresh(nctx, cli, out, env.Namespace, ev.ID)
+		s.refresh(nctx, e, out, env.Namespace, ev.ID)
 	case *apievents.TaskExit:
 		if ev.ID != "" && ev.ID != ev.ContainerID {
 			return // an exec'd process, not the container's own
@@ -235,9 +235,9 @@ func (s *Source) handle(ctx context.Context, cli *containerd.Client, out core.Em
 // refresh reports a container as it is now: its ports if its task runs,
 // nothing otherwise. An update of labels thus becomes a remove of the old
 // ports and an add of the new in the router.
-func (s *Source) refresh(ctx context.Context, cli *containerd.Client, out core.Emitter, ns, id string) {
+func (s *Source) refresh(ctx context.Context, e *engine, out core.Emitter, ns, id string) {
 	key := ID(ns, id)
-	c, err := cli.LoadContainer(ctx, id)
+	c, err := e.container(ctx, id)
 	if cerrdefs.IsNotFound(err) {
 		s.remove(out, key)
 		return
@@ -246,7 +246,7 @@ func (s *Source) refresh(ctx context.Context, cli *containerd.Client, out core.E
 		s.log.Error("loading container", zap.String("container", key), zap.Error(err))
 		return
 	}
-	task, err := c.Task(ctx, nil)
+	proc, err := e.task(ctx, id)
 	if err != nil {
 		if !cerrdefs.IsNotFound(err) {
 			s.log.Error("loading task", zap.String("container", key), zap.Error(err))
@@ -254,17 +254,11 @@ func (s *Source) refresh(ctx context.Context, cli *containerd.Client, out core.E
 		s.remove(out, key)
 		return
 	}
-	st, err := task.Status(ctx)
-	if err != nil || st.Status != containerd.Running {
+	if proc.Status != tasktypes.Status_RUNNING {
 		s.remove(out, key)
 		return
 	}
-	labels, err := c.Labels(ctx)
-	if err != nil {
-		s.log.Error("reading labels", zap.String("container", key), zap.Error(err))
-		return
-	}
-	m, bindings := s.mapping(ns, id, labels, task.Pid())
+	m, bindings := s.mapping(ns, id, c.Labels, proc.Pid)
 	out.Set(m)
 	if s.cfg.NAT != nil {
 		if err := s.cfg.NAT.Set(key, bindings); err != nil {
