@@ -897,7 +897,7 @@ func (b *faultBed) startAgent() {
 		"--docker", "--dockerHost=" + b.docker.Host, "--dockerIptables=" + b.iptables,
 		"--containerd", "--containerdSock=" + b.ctrd.Socket, "--containerdIptables=" + b.iptables,
 		"--kubernetes", "--kubeconfig=" + b.kube.Kubeconfig, fmt.Sprintf("--k8sAPIPort=%d", b.k8sAPIPort),
-		"--iptables", "--iptablesNetns=" + netns, "--iptablesCommands=" + b.iptables,
+		"--iptables", "--iptablesNetns=" + netns,
 		"--sockets", "--socketsNetns=" + netns, // the guest's sockets: docker-proxy's, never reported
 		"--hostSwitchURL=" + b.proxy.URL, "--hostSwitchCheckInterval=1s",
 		"--wslProxySocket=" + b.wsl.Path,

@@ -54,10 +54,6 @@ func TestOverlappingClaimsInTheRealConfiguration(t *testing.T) {
 	}
 	defer wsl.Stop()
 	ns := testenv.Netns(t)
-	wrapper, err := testenv.IptablesWrapper(dir, ns)
-	if err != nil {
-		t.Fatal(err)
-	}
 	for _, chain := range []string{"KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-EXT-NP"} {
 		testenv.RunIn(t, ns, "iptables", "-t", "nat", "-N", chain)
 	}
@@ -67,7 +63,7 @@ func TestOverlappingClaimsInTheRealConfiguration(t *testing.T) {
 	statusAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	args := isolated(t, []string{"--adminInstall", "--sockets=false", "--statusAddr=" + statusAddr, "--kubernetes", "--kubeconfig=" + kube.Kubeconfig,
 		"--k8sAPIPort=" + fmt.Sprint(apiPort), "--iptables",
-		"--iptablesNetns=/var/run/netns/" + ns, "--iptablesCommands=" + wrapper,
+		"--iptablesNetns=/var/run/netns/" + ns,
 		"--iptablesListeners=false", "--iptablesScanInterval=200ms",
 		"--hostSwitchURL=" + gv.URL(), "--hostSwitchCheckInterval=200ms", "--wslProxySocket=" + wsl.Path})
 	var out, errOut syncBuffer
