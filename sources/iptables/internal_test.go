@@ -1,8 +1,12 @@
 package iptables
 
 import (
+	"net/netip"
+	"slices"
 	"testing"
 	"time"
+
+	"github.com/guestagent/guestagent/core"
 )
 
 func TestNextScanStretchesWithScanCost(t *testing.T) {
@@ -19,5 +23,57 @@ func TestNextScanStretchesWithScanCost(t *testing.T) {
 		if got := nextScan(tt.interval, tt.took); got != tt.want {
 			t.Errorf("nextScan(%v, %v) = %v, want %v", tt.interval, tt.took, got, tt.want)
 		}
+	}
+}
+
+func TestPacerDoesNotChargeUnnotifiedScans(t *testing.T) {
+	// A first or periodic scan that dumps 50k services (10 s) leaves the
+	// next change to be scanned after the coalescing delay alone.
+	var p pacer
+	t0 := time.Unix(0, 0)
+	p.scanned(t0, t0.Add(10*time.Second), false)
+	if wait, ok := p.changed(t0.Add(10*time.Second + time.Millisecond)); !ok || wait != coalesceDelay {
+		t.Errorf("changed = %v, %v; want %v, true", wait, ok, coalesceDelay)
+	}
+	// A notified scan as costly overdraws the credit: ten times over.
+	p.scanned(t0.Add(11*time.Second), t0.Add(21*time.Second), true)
+	if wait, ok := p.changed(t0.Add(21 * time.Second)); !ok || wait < 90*time.Second {
+		t.Errorf("changed = %v, %v after a 10 s notified scan; want about 100 s", wait, ok)
+	}
+}
+
+func TestDiffPorts(t *testing.T) {
+	port := func(proto core.Protocol, n uint16, ip, kind string) ServicePort {
+		p := ServicePort{Protocol: proto, Port: n, Kind: kind}
+		if ip != "" {
+			p.HostIP = netip.MustParseAddr(ip)
+		}
+		return p
+	}
+	before := dedupe([]ServicePort{
+		port(core.TCP, 80, "", KindNodePort), port(core.TCP, 443, "", KindExternal),
+		port(core.TCP, 8080, "127.0.0.1", KindHostPort), port(core.UDP, 53, "", KindNodePort),
+	})
+	now := dedupe([]ServicePort{
+		port(core.TCP, 80, "", KindExternal), // the same id, another kind: unchanged
+		port(core.TCP, 8080, "::1", KindHostPort),
+		port(core.UDP, 53, "", KindNodePort), port(core.SCTP, 9, "", KindNodePort),
+	})
+	added, removed := diffPorts(before, now)
+	ids := func(ps []ServicePort) []string {
+		var out []string
+		for _, p := range ps {
+			out = append(out, p.ID())
+		}
+		return out
+	}
+	if got, want := ids(added), []string{"sctp/9", "tcp/[::1]:8080"}; !slices.Equal(got, want) {
+		t.Errorf("added %v, want %v", got, want)
+	}
+	if got, want := ids(removed), []string{"tcp/443", "tcp/127.0.0.1:8080"}; !slices.Equal(got, want) {
+		t.Errorf("removed %v, want %v", got, want)
+	}
+	if a, r := diffPorts(nil, now); len(a) != len(now) || len(r) != 0 {
+		t.Errorf("from nothing: %d added, %d removed", len(a), len(r))
 	}
 }

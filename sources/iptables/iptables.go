@@ -25,10 +25,10 @@
 // Changes to the chains and maps the source reads trigger a scan:
 // notifications of one transaction count once, and a burst is read by one
 // scan 20 ms after its first notification. Scanning earns credit at a
-// tenth of the time passing (at most 100 ms of it) and each scan spends
-// its duration; a notified scan waits while the credit is overdrawn (ten
-// times the overdraft), so that scans take at most about a tenth of a
-// core however fast the rules change. Notifications for other
+// tenth of the time passing (at most 100 ms of it) and each notified scan
+// spends its duration; a notified scan waits while the credit is
+// overdrawn (ten times the overdraft), so that notified scans take at most
+// about a tenth of a core however fast the rules change. Notifications for other
 // tables and chains (Docker's filter rules, say) are ignored. A periodic
 // scan runs every scan interval, or every 20 times a scan's duration when
 // that is longer: it reads the legacy back-end (which sends no
@@ -180,7 +180,9 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 
 	var p pacer
 	st := &scanState{}
-	scan := func() {
+	// scan scans; notifiedScan tells whether notifications brought it,
+	// and so whether it spends the pacer's credit.
+	scan := func(notifiedScan bool) {
 		notified.Stop()
 		start := time.Now()
 		ch := s.changes.drain()
@@ -195,10 +197,10 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		s.scan(out, ls, st, ch, readMaps)
 		end := time.Now()
 		s.busy.Add(int64(end.Sub(start)))
-		p.scanned(start, end)
+		p.scanned(start, end, notifiedScan)
 		periodic.Reset(nextScan(s.cfg.Interval, end.Sub(start)))
 	}
-	scan()
+	scan(false)
 	for {
 		select {
 		case <-ctx.Done():
@@ -208,9 +210,9 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 				notified.Reset(wait)
 			}
 		case <-notified.C:
-			scan()
+			scan(true)
 		case <-periodic.C:
-			scan()
+			scan(false)
 		}
 	}
 }
@@ -278,6 +280,7 @@ func nextScan(interval, took time.Duration) time.Duration {
 type scanState struct {
 	reported bool
 	digest   [sha256.Size]byte
+	ports    []ServicePort // reported, as parse returned them
 	failing  map[string]bool // sources of rules that failed last time
 
 	// kube-proxy's maps when last read, kept for the scans that need not
@@ -319,12 +322,24 @@ func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState, ch natChan
 		return
 	}
 	ports := raw.parse()
-	ms := make([]core.Mapping, 0, len(ports))
-	for _, p := range ports {
-		ms = append(ms, s.mapping(p))
+	if st.reported {
+		// Only what changed: with tens of thousands of ports, a snapshot
+		// costs the router more than the scan.
+		added, removed := diffPorts(st.ports, ports)
+		for _, p := range removed {
+			out.Delete(p.ID())
+		}
+		for _, p := range added {
+			out.Set(s.mapping(p))
+		}
+	} else {
+		ms := make([]core.Mapping, 0, len(ports))
+		for _, p := range ports {
+			ms = append(ms, s.mapping(p))
+		}
+		out.Snapshot(ms)
 	}
-	out.Snapshot(ms)
-	st.reported, st.digest = true, digest
+	st.reported, st.digest, st.ports = true, digest, ports
 	s.log.Debug("NAT rules scanned", zap.Int("service_ports", len(ports)))
 	if s.cfg.Listen {
 		ls.sync(ports)
@@ -345,7 +360,9 @@ func (s *Source) mapping(p ServicePort) core.Mapping {
 // rawRules is what one scan read, before parsing.
 type rawRules struct {
 	lines []string // `iptables -S` lines of the legacy back-end
-	nat   [][]rule // iptables-nft's rules by chain, from a natCache
+	// nat is the service ports of iptables-nft's chains, by chain (each
+	// with rules), from a natCache: sorted, with repeats.
+	nat [][]ServicePort
 	// natVersion is the natCache's version: the same version, the same
 	// rules.
 	natVersion uint64
@@ -379,22 +396,21 @@ func (r rawRules) digest() [sha256.Size]byte {
 }
 
 func (r rawRules) parse() []ServicePort {
-	ports, _ := ParseIptables(r.lines)
-	fromNft, _ := portsOf(r.nat...)
-	ports = append(ports, fromNft...)
+	legacy, _ := ParseIptables(r.lines)
+	lists := append([][]ServicePort{legacy}, r.nat...)
 	for _, m := range r.nft {
 		switch m.name {
 		case "service-nodeports":
-			ports = append(ports, ParseNodePorts(m.elems)...)
+			lists = append(lists, ParseNodePorts(m.elems))
 		case "service-ips":
 			n := 4
 			if m.family == nftables.TableFamilyIPv6 {
 				n = 16
 			}
-			ports = append(ports, ParseServiceIPs(m.elems, n)...)
+			lists = append(lists, ParseServiceIPs(m.elems, n))
 		}
 	}
-	return dedupe(ports)
+	return mergePorts(lists...)
 }
 
 // read reads the chains that matter from every iptables back-end and the
@@ -433,7 +449,11 @@ func (s *Source) read(st *scanState, ch natChanges, readMaps bool) (rawRules, ma
 	if err != nil {
 		problems["iptables-nft"] = err
 	} else {
-		r.nat, r.natVersion = chains, st.nat.version
+		for _, chain := range chains {
+			ports, _ := chain.classified()
+			r.nat = append(r.nat, ports)
+		}
+		r.natVersion = st.nat.version
 	}
 
 	var more map[string]error

@@ -2,6 +2,8 @@ package iptables
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
 
@@ -106,6 +108,100 @@ type natChain struct {
 	gen   uint32
 	rules map[uint64]rule // by handle
 	list  []rule          // the rules in no particular order; nil after a change
+	// ports is the service ports of the rules, one per rule that has
+	// one, sorted by compareServicePorts; cni counts the rules that jump
+	// to each CNI-DN-* chain. Both follow the changes one at a time, and
+	// are made again from the rules when more than maxIncremental come
+	// between two scans (valid unset).
+	ports []ServicePort
+	cni   map[string]int
+	valid bool
+	ops   int // changes followed one at a time since the last scan
+}
+
+// maxIncremental is how many changes to a chain between two scans are
+// followed one at a time (each moves the chain's ports once): past it,
+// the ports are made again from the rules.
+const maxIncremental = 64
+
+func newNatChain(gen uint32, rules map[uint64]rule) *natChain {
+	return &natChain{gen: gen, rules: rules}
+}
+
+// put adds (or replaces) the rule of handle h.
+func (c *natChain) put(h uint64, r rule) {
+	if old, ok := c.rules[h]; ok {
+		c.follow(old, -1)
+	}
+	c.rules[h] = r
+	c.follow(r, 1)
+}
+
+// remove deletes the rule of handle h.
+func (c *natChain) remove(h uint64) {
+	if old, ok := c.rules[h]; ok {
+		delete(c.rules, h)
+		c.follow(old, -1)
+	}
+}
+
+// clear deletes every rule.
+func (c *natChain) clear() {
+	c.rules, c.list = map[uint64]rule{}, nil
+	c.ports, c.cni, c.valid = nil, nil, true
+}
+
+// follow updates the ports and CNI-DN-* targets for r added (by 1) or
+// removed (by -1).
+func (c *natChain) follow(r rule, by int) {
+	c.list = nil
+	if !c.valid {
+		return
+	}
+	if c.ops++; c.ops > maxIncremental {
+		c.valid = false
+		return
+	}
+	p, ok, cni := classify(r)
+	switch {
+	case ok && by > 0:
+		i, _ := slices.BinarySearchFunc(c.ports, p, compareServicePorts)
+		c.ports = slices.Insert(c.ports, i, p)
+	case ok:
+		if i, found := slices.BinarySearchFunc(c.ports, p, compareServicePorts); found {
+			c.ports = slices.Delete(c.ports, i, i+1)
+		}
+	case cni != "":
+		if c.cni == nil {
+			c.cni = map[string]int{}
+		}
+		if c.cni[cni] += by; c.cni[cni] <= 0 {
+			delete(c.cni, cni)
+		}
+	}
+}
+
+// classified returns the chain's service ports (sorted, with a port
+// repeated for each rule that has it; valid until the chain next changes)
+// and the CNI-DN-* chains its rules jump to.
+func (c *natChain) classified() ([]ServicePort, []string) {
+	if !c.valid {
+		c.ports, c.cni = nil, nil
+		for _, r := range c.rules {
+			if p, ok, cni := classify(r); ok {
+				c.ports = append(c.ports, p)
+			} else if cni != "" {
+				if c.cni == nil {
+					c.cni = map[string]int{}
+				}
+				c.cni[cni]++
+			}
+		}
+		slices.SortFunc(c.ports, compareServicePorts)
+		c.valid = true
+	}
+	c.ops = 0
+	return c.ports, slices.Sorted(maps.Keys(c.cni))
 }
 
 func (c *natChain) all() []rule {
@@ -143,7 +239,7 @@ func (c *natCache) apply(ch natChanges) {
 		if op.kind == opClearAll {
 			for k, chain := range c.chains {
 				if k.family == op.family && newer(op.gen, chain.gen) && len(chain.rules) > 0 {
-					chain.rules, chain.list = map[uint64]rule{}, nil
+					chain.clear()
 					c.version++
 				}
 			}
@@ -156,15 +252,14 @@ func (c *natCache) apply(ch natChanges) {
 		}
 		switch op.kind {
 		case opAdd:
-			chain.rules[op.handle] = op.rule
+			chain.put(op.handle, op.rule)
 		case opDelete:
-			delete(chain.rules, op.handle)
+			chain.remove(op.handle)
 		case opClear:
-			chain.rules = map[uint64]rule{}
+			chain.clear()
 		case opReload:
 			delete(c.chains, k)
 		}
-		chain.list = nil
 		c.version++
 	}
 	// Every kept chain is now as of the last change's generation: the
@@ -191,9 +286,8 @@ type handledRule struct {
 
 // read dumps the chains the source reads that the cache does not hold,
 // with d (opened, by open, only when a dump is needed), drops the CNI-DN-*
-// chains no longer jumped to, and returns the rules of every chain read,
-// by chain.
-func (c *natCache) read(open func() (chainDumper, error)) ([][]rule, error) {
+// chains no longer jumped to, and returns every chain read that has rules.
+func (c *natCache) read(open func() (chainDumper, error)) ([]*natChain, error) {
 	if c.chains == nil {
 		c.chains = map[chainKey]*natChain{}
 	}
@@ -219,17 +313,18 @@ func (c *natCache) read(open func() (chainDumper, error)) ([][]rule, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s nat %s: %w", familyName(k.family), k.name, err)
 		}
-		chain := &natChain{gen: gen, rules: make(map[uint64]rule, len(rs))}
+		rules := make(map[uint64]rule, len(rs))
 		for _, r := range rs {
-			chain.rules[r.handle] = r.rule
+			rules[r.handle] = r.rule
 		}
+		chain := newNatChain(gen, rules)
 		c.version++
 		if consistent {
 			c.chains[k] = chain
 		} // else the chain changed while read, every time: read it again next scan
 		return chain, nil
 	}
-	var out [][]rule
+	var out []*natChain
 	referenced := map[chainKey]bool{}
 	for _, family := range natFamilies {
 		var cni []string
@@ -238,10 +333,10 @@ func (c *natCache) read(open func() (chainDumper, error)) ([][]rule, error) {
 			if err != nil {
 				return nil, err
 			}
-			if rs := chain.all(); len(rs) > 0 {
-				out = append(out, rs)
+			if len(chain.rules) > 0 {
+				out = append(out, chain)
 				if name == "CNI-HOSTPORT-DNAT" {
-					_, cni = portsOf(rs)
+					_, cni = chain.classified()
 				}
 			}
 		}
@@ -252,8 +347,8 @@ func (c *natCache) read(open func() (chainDumper, error)) ([][]rule, error) {
 			if err != nil {
 				return nil, err
 			}
-			if rs := chain.all(); len(rs) > 0 {
-				out = append(out, rs)
+			if len(chain.rules) > 0 {
+				out = append(out, chain)
 			}
 		}
 	}

@@ -29,7 +29,8 @@ func (c countingDumper) handledRules(table *nftables.Table, chain string) ([]han
 // replacement, deletions, a restore, flushes, a CNI-DN chain jumped to
 // and no longer, a deleted and re-made nat table), and after each change
 // compares what the cache holds with a fresh dump of every chain, rule for
-// rule. It also counts the chains dumped again: none, except a CNI-DN
+// rule, and the service ports it keeps (one change at a time, or made
+// again after a restore or a flush) with those of the dump. It also counts the chains dumped again: none, except a CNI-DN
 // chain once CNI-HOSTPORT-DNAT jumps to it, and maybe the chain of the
 // replacement (the kernel notifies the old rule's deletion, then the new
 // one's addition under the same handle; the opposite order would have the
@@ -97,6 +98,8 @@ func TestCacheFollowsNotifications(t *testing.T) {
 		{[][]string{{"iptables-nft-restore", "--noflush", restoreFile(t, "nat", services)}}, 0},
 		{[][]string{ipt("-A", "CNI-HOSTPORT-DNAT", "-p", "tcp", "-m", "multiport", "--dports", "8080", "-j", "CNI-DN-x")}, 1},
 		{[][]string{ipt("-A", "CNI-DN-x", "-d", "127.0.0.1/32", "-p", "tcp", "-m", "tcp", "--dport", "8081", "-j", "DNAT", "--to-destination", "10.0.0.2:81")}, 0},
+		{[][]string{ipt("-D", "KUBE-SERVICES", "-d", "10.43.0.5/32", "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", "KUBE-EXT-A")}, 0},
+		{[][]string{ipt("-A", "KUBE-SERVICES", "-d", "10.43.9.9/32", "-p", "udp", "-m", "udp", "--dport", "53", "-j", "KUBE-EXT-A")}, 0},
 		{[][]string{ipt("-F", "KUBE-SERVICES")}, 0},
 		{[][]string{ip6("-N", "KUBE-NODEPORTS"), ip6("-A", "KUBE-NODEPORTS", "-p", "tcp", "-m", "tcp", "--dport", "30100", "-j", "RETURN")}, 0},
 		{[][]string{ipt("-D", "CNI-HOSTPORT-DNAT", "-p", "tcp", "-m", "multiport", "--dports", "8080", "-j", "CNI-DN-x")}, 0},
@@ -117,8 +120,8 @@ func TestCacheFollowsNotifications(t *testing.T) {
 			t.Fatal(err)
 		}
 		var cached []rule
-		for _, rs := range chains {
-			cached = append(cached, rs...)
+		for _, chain := range chains {
+			cached = append(cached, chain.all()...)
 		}
 		fresh, err := readNatNft(d)
 		if err != nil {
@@ -128,6 +131,15 @@ func TestCacheFollowsNotifications(t *testing.T) {
 		sortRules(fresh)
 		if !slices.Equal(cached, fresh) {
 			t.Errorf("step %d (%v): the cache and a dump differ:\n%s", i, step.cmds, diffRules(cached, fresh))
+		}
+		var lists [][]ServicePort
+		for _, chain := range chains {
+			ports, _ := chain.classified()
+			lists = append(lists, ports)
+		}
+		freshPorts, _ := portsOf(fresh)
+		if got, want := portIDs(mergePorts(lists...)), portIDs(freshPorts); got != want {
+			t.Errorf("step %d (%v): ports from the cache %s, from a dump %s", i, step.cmds, got, want)
 		}
 		if step.wantDumps != anyDumps && dumps != step.wantDumps {
 			t.Errorf("step %d (%v): %d chains dumped again, want %d", i, step.cmds, dumps, step.wantDumps)

@@ -53,6 +53,42 @@ func dedupe(ports []ServicePort) []ServicePort {
 	})
 }
 
+// sameID orders service ports by what their ids hold (protocol, port and
+// address), as dedupe sorts them.
+func sameID(a, b ServicePort) int {
+	return cmp.Or(cmp.Compare(a.Protocol, b.Protocol), cmp.Compare(a.Port, b.Port), a.HostIP.Compare(b.HostIP))
+}
+
+// diffPorts returns the ports of now whose ids were not in before, and
+// the ports of before whose ids are not in now; both lists come from
+// dedupe.
+func diffPorts(before, now []ServicePort) (added, removed []ServicePort) {
+	i, j := 0, 0
+	for i < len(before) || j < len(now) {
+		switch {
+		case j == len(now):
+			removed = append(removed, before[i])
+			i++
+		case i == len(before):
+			added = append(added, now[j])
+			j++
+		default:
+			switch c := sameID(before[i], now[j]); {
+			case c < 0:
+				removed = append(removed, before[i])
+				i++
+			case c > 0:
+				added = append(added, now[j])
+				j++
+			default:
+				i++
+				j++
+			}
+		}
+	}
+	return added, removed
+}
+
 // Fields splits an `iptables -S` line into its arguments, honouring the
 // double quotes iptables puts around comments with spaces.
 func Fields(line string) []string {
@@ -199,39 +235,77 @@ type classifier struct {
 }
 
 func (c *classifier) add(r rule) {
+	p, ok, cni := classify(r)
+	switch {
+	case ok:
+		c.ports = append(c.ports, p)
+	case cni != "" && !slices.Contains(c.cniChains, cni):
+		c.cniChains = append(c.cniChains, cni)
+	}
+}
+
+// classify returns the service port of r, if it has one, or the CNI-DN-*
+// chain it jumps to from CNI-HOSTPORT-DNAT.
+func classify(r rule) (p ServicePort, ok bool, cniChain string) {
 	if loopbacknat.IsOwnRule(r.comment) {
-		return
+		return ServicePort{}, false, ""
 	}
 	switch {
 	case r.chain == "KUBE-NODEPORTS":
 		if strings.HasPrefix(r.target, "KUBE-EXT-") || strings.HasPrefix(r.target, "KUBE-SVC-") {
-			c.ports = appendPort(c.ports, r.proto, r.dport, netip.Addr{}, KindNodePort)
+			p, ok = servicePort(r.proto, r.dport, netip.Addr{}, KindNodePort)
 		}
 	case r.chain == "KUBE-SERVICES":
 		if strings.HasPrefix(r.target, "KUBE-EXT-") {
-			c.ports = appendPort(c.ports, r.proto, r.dport, netip.Addr{}, KindExternal)
+			p, ok = servicePort(r.proto, r.dport, netip.Addr{}, KindExternal)
 		}
 	case r.chain == "CNI-HOSTPORT-DNAT":
-		if strings.HasPrefix(r.target, "CNI-DN-") && !slices.Contains(c.cniChains, r.target) {
-			c.cniChains = append(c.cniChains, r.target)
+		if strings.HasPrefix(r.target, "CNI-DN-") {
+			cniChain = r.target
 		}
 	case strings.HasPrefix(r.chain, "CNI-DN-"):
 		if r.target == "DNAT" {
-			c.ports = appendPort(c.ports, r.proto, r.dport, hostIP(r.dest), KindHostPort)
+			p, ok = servicePort(r.proto, r.dport, hostIP(r.dest), KindHostPort)
 		}
 	}
+	return p, ok, cniChain
 }
 
-func appendPort(ports []ServicePort, proto, port string, ip netip.Addr, kind string) []ServicePort {
+func servicePort(proto, port string, ip netip.Addr, kind string) (ServicePort, bool) {
 	p, err := core.ParseProtocol(proto)
 	if err != nil || proto == "" {
-		return ports
+		return ServicePort{}, false
 	}
 	n, err := strconv.ParseUint(port, 10, 16)
 	if err != nil || n == 0 {
-		return ports
+		return ServicePort{}, false
 	}
-	return append(ports, ServicePort{Protocol: p, Port: uint16(n), HostIP: ip, Kind: kind})
+	return ServicePort{Protocol: p, Port: uint16(n), HostIP: ip, Kind: kind}, true
+}
+
+// mergePorts merges lists sorted by compareServicePorts (with repeats)
+// into one, without repeats of an id, as dedupe would.
+func mergePorts(lists ...[]ServicePort) []ServicePort {
+	var out []ServicePort
+	for _, l := range lists {
+		if len(l) == 0 {
+			continue
+		}
+		merged := make([]ServicePort, 0, len(out)+len(l))
+		i, j := 0, 0
+		for i < len(out) && j < len(l) {
+			if compareServicePorts(out[i], l[j]) <= 0 {
+				merged = append(merged, out[i])
+				i++
+			} else {
+				merged = append(merged, l[j])
+				j++
+			}
+		}
+		merged = append(append(merged, out[i:]...), l[j:]...)
+		out = merged
+	}
+	return slices.CompactFunc(out, func(a, b ServicePort) bool { return sameID(a, b) == 0 })
 }
 
 // hostIP returns the single address of a "-d" match, if it is one.

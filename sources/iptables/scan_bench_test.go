@@ -1,11 +1,14 @@
 package iptables
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -18,11 +21,33 @@ import (
 // or with iptables-legacy-save, or reading the nftables maps over
 // netlink, then parsing) of n NodePort services in a private namespace,
 // given to the source as --iptablesNetns alone.
+//
+// The iptables-nft-commands rows read the same iptables-nft rules with
+// `iptables-nft -t nat -S CHAIN` (--iptablesCommands iptables-nft, the
+// legacy reader alone), as the source did before it read them over
+// netlink, for comparison on the same machine.
 func BenchmarkScan(b *testing.B) {
 	for _, n := range []int{1000, 10000, 50000} {
 		b.Run(fmt.Sprintf("iptables-nft/%d", n), func(b *testing.B) {
 			s := benchRig(b, func(ns, dir string) error { return restore(ns, dir, "iptables-nft-restore", n) })
 			benchScan(b, s, n)
+		})
+		b.Run(fmt.Sprintf("iptables-nft-commands/%d", n), func(b *testing.B) {
+			ns := benchNetns(b, func(ns, dir string) error { return restore(ns, dir, "iptables-nft-restore", n) })
+			s, err := New(Config{Commands: []string{"iptables-nft"}, Netns: "/var/run/netns/" + ns})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				lines, problems := readCommands(s.cfg.Netns, s.cmds)
+				if len(problems) > 0 {
+					b.Fatal(problems)
+				}
+				if got, _ := ParseIptables(lines); len(got) != n {
+					b.Fatalf("found %d ports, want %d", len(got), n)
+				}
+			}
 		})
 		if n <= 10000 {
 			b.Run(fmt.Sprintf("iptables-legacy/%d", n), func(b *testing.B) {
@@ -48,6 +73,111 @@ func benchScan(b *testing.B, s *Source, n int) {
 			b.Fatalf("found %d ports, want %d", got, n)
 		}
 	}
+}
+
+// BenchmarkNotifiedScan measures the scan that a relevant change brings
+// with n NodePort services written with iptables-nft in a private
+// namespace, once the source has read them: one KUBE-NODEPORTS rule added
+// or deleted with iptables-nft (not timed), its notification read by the
+// source's watcher, then the scan (timed): the change applied to the
+// source's copy of the chains, the legacy check, the digest and the parse.
+func BenchmarkNotifiedScan(b *testing.B) {
+	for _, n := range []int{1000, 10000, 50000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			ns := benchNetns(b, func(ns, dir string) error { return restore(ns, dir, "iptables-nft-restore", n) })
+			s, err := New(Config{Netns: "/var/run/netns/" + ns})
+			if err != nil {
+				b.Fatal(err)
+			}
+			var calls atomic.Int64
+			ready := make(chan struct{})
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() {
+				done <- watchNft(ctx, s.cfg.Netns, &s.changes, func() { calls.Add(1) }, func() { close(ready) })
+			}()
+			b.Cleanup(func() {
+				cancel()
+				if err := <-done; err != nil {
+					b.Errorf("watchNft: %v", err)
+				}
+			})
+			<-ready
+			st := &scanState{}
+			raw, problems := s.read(st, s.changes.drain(), true)
+			if len(problems) > 0 {
+				b.Fatal(problems)
+			}
+			if got := len(raw.parse()); got != n {
+				b.Fatalf("found %d ports, want %d", got, n)
+			}
+			testenv.RunIn(b, ns, "iptables-nft", "-t", "nat", "-N", "KUBE-EXT-BENCH")
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := range b.N {
+				b.StopTimer()
+				before := calls.Load()
+				testenv.RunIn(b, ns, "iptables-nft", "-t", "nat", []string{"-A", "-D"}[i%2], "KUBE-NODEPORTS",
+					"-p", "tcp", "-m", "tcp", "--dport", "9999", "-j", "KUBE-EXT-BENCH")
+				for calls.Load() == before {
+					time.Sleep(time.Millisecond)
+				}
+				b.StartTimer()
+				raw, problems := s.read(st, s.changes.drain(), false)
+				if len(problems) > 0 {
+					b.Fatal(problems)
+				}
+				_ = raw.digest()
+				if got, want := len(raw.parse()), n+1-i%2; got != want {
+					b.Fatalf("found %d ports, want %d", got, want)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkDeliveryLatencyLoaded is BenchmarkDeliveryLatency's
+// iptables-nft row with 10,000 NodePort services loaded first (with
+// iptables-nft-restore, as BenchmarkScan loads them): the time from the
+// start of the iptables-nft command that adds a KUBE-NODEPORTS rule to the
+// delivery of its port to a sink, one change at a time, with the default
+// settings. It also reports how long the command itself took (p50), which
+// grows with the rules it loads first.
+func BenchmarkDeliveryLatencyLoaded(b *testing.B) {
+	const n = 10000
+	ns := benchNetns(b, func(ns, dir string) error { return restore(ns, dir, "iptables-nft-restore", n) })
+	s, err := New(Config{Netns: "/var/run/netns/" + ns})
+	if err != nil {
+		b.Fatal(err)
+	}
+	arrivals := sourcetest.Deliver(b, Name, s)
+	arrivals.Wait(b, uint16(10000+n-1), 2*time.Minute)
+	ipt := func(args ...string) time.Duration {
+		argv := testenv.InNetns(ns, append([]string{"iptables-nft", "-t", "nat"}, args...)...)
+		start := time.Now()
+		if out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput(); err != nil {
+			b.Fatalf("%s: %v: %s", strings.Join(argv, " "), err, out)
+		}
+		return time.Since(start)
+	}
+	var lat, cmds []time.Duration
+	port := 30000
+	for b.Loop() {
+		for range sourcetest.LatencySamples {
+			port++
+			chain := fmt.Sprintf("KUBE-EXT-L%015X", port)
+			ipt("-N", chain)
+			start := time.Now()
+			cmds = append(cmds, ipt("-A", "KUBE-NODEPORTS", "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(port), "-j", chain))
+			lat = append(lat, arrivals.Wait(b, uint16(port), 30*time.Second).Sub(start))
+		}
+	}
+	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+	b.ReportMetric(ms(sourcetest.Percentile(lat, 0.50)), "p50-ms")
+	b.ReportMetric(ms(sourcetest.Percentile(lat, 0.99)), "p99-ms")
+	b.ReportMetric(ms(slices.Max(lat)), "max-ms")
+	b.ReportMetric(ms(sourcetest.Percentile(cmds, 0.50)), "command-p50-ms")
+	b.ReportMetric(float64(len(lat)), "samples")
 }
 
 // benchNetns is a namespace for a benchmark, loaded by load.

@@ -23,10 +23,10 @@ const (
 	// cannot hold a scan back.
 	coalesceDelay = 20 * time.Millisecond
 	// notifyCostFactor is k: scanning earns credit at 1/k of the time
-	// passing and every scan spends its duration, so that while changes
-	// keep coming the scans take at most 1/k (10%) of the time, plus
-	// scanBurst. A notified scan waits until the credit is no longer
-	// negative: k times the overdraft.
+	// passing and every notified scan spends its duration, so that while
+	// changes keep coming the notified scans take at most 1/k (10%) of
+	// the time, plus scanBurst. A notified scan waits until the credit is
+	// no longer negative: k times the overdraft.
 	notifyCostFactor = 10
 	// scanBurst is the most credit there is: cheap scans of sporadic
 	// changes run at once, and a costly scan (tens of thousands of rules)
@@ -63,11 +63,16 @@ func (p *pacer) changed(now time.Time) (time.Duration, bool) {
 }
 
 // scanned notes a scan, notified or periodic, that ran from start to end:
-// it read every change notified before it started.
-func (p *pacer) scanned(start, end time.Time) {
+// it read every change notified before it started. A notified scan spends
+// its duration; the others (the first, and the periodic ones, which are
+// paced by nextScan) do not, so that a costly periodic dump does not hold
+// back the next change.
+func (p *pacer) scanned(start, end time.Time, notified bool) {
 	p.armed = false
 	p.refill(end)
-	p.credit -= end.Sub(start)
+	if notified {
+		p.credit -= end.Sub(start)
+	}
 }
 
 // Netlink message types and attributes of nf_tables

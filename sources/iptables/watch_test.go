@@ -199,18 +199,18 @@ func simulate(notes []time.Duration, cost time.Duration) (starts, ends []time.Du
 	var p pacer
 	t0 := time.Unix(0, 0)
 	at := func(d time.Duration) time.Time { return t0.Add(d) }
-	scan := func(start time.Duration) time.Duration {
+	scan := func(start time.Duration, notified bool) time.Duration {
 		starts, ends = append(starts, start), append(ends, start+cost)
-		p.scanned(at(start), at(start+cost))
+		p.scanned(at(start), at(start+cost), notified)
 		return start + cost
 	}
-	now := scan(0)
+	now := scan(0, true)
 	due := time.Duration(-1)
 	for i := 0; i < len(notes) || due >= 0; {
 		// The next event: a due scan, or a notification (read only
 		// between scans, as Run's loop does).
 		if due >= 0 && (i == len(notes) || due <= max(notes[i], now)) {
-			now, due = scan(due), -1
+			now, due = scan(due, true), -1
 			continue
 		}
 		now = max(notes[i], now)
