@@ -280,7 +280,7 @@ func nextScan(interval, took time.Duration) time.Duration {
 type scanState struct {
 	reported bool
 	digest   [sha256.Size]byte
-	ports    []ServicePort // reported, as parse returned them
+	ports    []ServicePort   // reported, as parse returned them
 	failing  map[string]bool // sources of rules that failed last time
 
 	// kube-proxy's maps when last read, kept for the scans that need not
