@@ -899,7 +899,7 @@ func (b *faultBed) startAgent() {
 		"--kubernetes", "--kubeconfig=" + b.kube.Kubeconfig, fmt.Sprintf("--k8sAPIPort=%d", b.k8sAPIPort),
 		"--iptables", "--iptablesNetns=" + netns,
 		"--sockets", "--socketsNetns=" + netns, // the guest's sockets: docker-proxy's, never reported
-		"--hostSwitchURL=" + b.proxy.URL, "--hostSwitchCheckInterval=1s",
+		"--hostSwitchURL=" + b.proxy.URL,
 		"--wslProxySocket=" + b.wsl.Path,
 		"--stateDir=" + filepath.Join(b.dir, "state"), "--controlSocket=" + filepath.Join(b.dir, "ctl.sock"),
 		"--statusAddr=" + b.statusAddr},
