@@ -6,6 +6,10 @@ GO          ?= go
 BIN         := $(CURDIR)/bin
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS     := -s -w -X main.version=$(VERSION)
+# grpcnotrace is gRPC's own switch that leaves out its golang.org/x/net/trace
+# support, which the agent never turns on; its templates keep every exported
+# method in the binary (4.4 MiB).
+BUILD_TAGS  := grpcnotrace
 STATICCHECK := $(BIN)/staticcheck
 STATICCHECK_VERSION := v0.8.2
 GVPROXY     := $(BIN)/gvproxy
@@ -28,7 +32,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 build: ## build bin/guestagent
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/guestagent ./cmd/guestagent
+	$(GO) build -trimpath -tags '$(BUILD_TAGS)' -ldflags '$(LDFLAGS)' -o $(BIN)/guestagent ./cmd/guestagent
 
 # Release binaries: static (no cgo), for the distribution image's platforms.
 DIST           ?= $(CURDIR)/dist
@@ -40,7 +44,7 @@ dist: ## build static linux/amd64 and linux/arm64 binaries and their SHA256SUMS 
 	@set -e; for p in $(DIST_PLATFORMS); do \
 		os=$${p%/*}; arch=$${p#*/}; \
 		echo "building $(DIST)/guestagent-$$os-$$arch"; \
-		CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -ldflags '$(LDFLAGS)' \
+		CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -tags '$(BUILD_TAGS)' -ldflags '$(LDFLAGS)' \
 			-o $(DIST)/guestagent-$$os-$$arch ./cmd/guestagent; \
 	done
 	cd $(DIST) && sha256sum $(foreach p,$(DIST_PLATFORMS),guestagent-$(subst /,-,$(p))) > SHA256SUMS
