@@ -1,32 +1,69 @@
 package core
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
+
+	"go.uber.org/zap"
 )
 
 // record is the durable list of the ports one sink was sent by this agent
 // and still holds: its proof of ownership. A restarted agent (even one that
 // was killed) reads it to remove exactly its own leftovers and never
-// touches ports other parties hold. It is written atomically (a new file
-// renamed over the old), before adds are sent and after changes are
-// acknowledged, so it always covers what the peer may hold from the agent.
+// touches ports other parties hold. It is written before adds are sent and
+// after changes are acknowledged, so it always covers what the peer may
+// hold from the agent.
+//
+// It lives in two files: the base, <sink>.json, a whole list written
+// atomically (a new file renamed over the old), and the journal,
+// <sink>.journal, to which each change of the list appends one line, so
+// that a batch costs what it changes, not what the sink holds. A journal
+// line is written with one write: a write torn by a crash leaves a last
+// line without its newline, which loading ignores (the adds it recorded
+// were not sent yet). When the journal outgrows the base, the list is
+// compacted: a new base is written, then a new journal replaces the old.
+// Both carry a generation (a random number each compaction draws anew), and
+// a journal is replayed only over the base of its generation: one from
+// before an interrupted compaction (already in the new base), or one a
+// base written without it outdates, is not replayed again.
+//
+// A record belongs to one goroutine at a time (its sink's worker, then the
+// drain), which keeps its own copy of what the files say; it never needs
+// the router's lock.
 type record struct {
-	path string
-	sink string
+	path    string // the base
+	journal string
+	sink    string
 
-	// What the last successful save wrote, so that a save of the same
-	// content (the acknowledgements of a batch whose adds all succeeded
-	// repeat its intent) is skipped. buf is reused between saves.
-	lastLen  int
-	lastHash uint64
-	buf      []byte
+	held  map[sinkKey]exposure // what base and journal say together
+	gen   uint64               // the generation of the base (and of the journal appended to)
+	f     *os.File             // the journal, open for appends; nil until the first change
+	reuse bool                 // the journal read at load may be appended to
+	stale bool                 // the files lag behind held: the next write compacts
+
+	journalSize, baseSize int64
+	buf                   []byte
+	removed               []Port
+}
+
+// compactMin is the size the journal may reach before a compaction
+// whatever the size of the base.
+const compactMin = 64 << 10
+
+// recordOp is one key's entry in the record: held with exp, or gone.
+type recordOp struct {
+	key  sinkKey
+	exp  exposure
+	held bool
 }
 
 // plainJSON marks the bytes encoding/json writes as they are in a
@@ -42,129 +79,369 @@ var plainJSON = func() (t [256]bool) {
 	return t
 }()
 
-// recordSeed seeds the hash that tells a save of unchanged content.
-var recordSeed = maphash.MakeSeed()
-
+// recordFile is the base. Generation is absent in bases written before
+// the journal existed (and by versions that do not know it), which then
+// have no journal to replay.
 type recordFile struct {
-	Sink    string     `json:"sink"`
-	Exposed []exposure `json:"exposed"`
+	Sink       string     `json:"sink"`
+	Generation uint64     `json:"generation,omitempty"`
+	Exposed    []exposure `json:"exposed"`
+}
+
+// journalLine is one line of the journal: the header (sink and
+// generation; the first line), or one change of the list.
+type journalLine struct {
+	Sink       string     `json:"sink,omitempty"`
+	Generation uint64     `json:"generation,omitempty"`
+	Add        []exposure `json:"add,omitempty"`
+	Remove     []Port     `json:"remove,omitempty"`
 }
 
 func newRecord(dir, sink string) *record {
 	if dir == "" {
 		return nil
 	}
-	return &record{path: filepath.Join(dir, sink+".json"), sink: sink}
+	return &record{
+		path:    filepath.Join(dir, sink+".json"),
+		journal: filepath.Join(dir, sink+".journal"),
+		sink:    sink,
+		held:    map[sinkKey]exposure{},
+	}
 }
 
-// load returns the recorded exposures; a missing file is an empty record.
-func (r *record) load() ([]exposure, error) {
+// load reads the record, keying its entries with key, and returns what
+// it holds; missing files are an empty record. log notes a torn last
+// journal line and a journal that is not replayed.
+func (r *record) load(key func(Port) sinkKey, log *zap.Logger) ([]exposure, error) {
+	clear(r.held)
+	r.gen, r.reuse, r.stale = 0, false, false
+	r.journalSize, r.baseSize = 0, 0
+	r.removeTemps()
 	b, err := os.ReadFile(r.path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
 		return nil, fmt.Errorf("reading the ownership record: %w", err)
-	}
-	var f recordFile
-	if err := json.Unmarshal(b, &f); err != nil {
-		return nil, fmt.Errorf("ownership record %s is not valid: %w", r.path, err)
-	}
-	out := f.Exposed[:0]
-	for _, e := range f.Exposed {
-		if e.Port.Protocol != "" && e.Port.HostPort != 0 {
-			out = append(out, e)
+	default:
+		var f recordFile
+		if err := json.Unmarshal(b, &f); err != nil {
+			return nil, fmt.Errorf("ownership record %s is not valid: %w", r.path, err)
+		}
+		r.gen, r.baseSize = f.Generation, int64(len(b))
+		for _, e := range f.Exposed {
+			if e.Port.Protocol != "" && e.Port.HostPort != 0 {
+				r.held[key(e.Port)] = e
+			}
 		}
 	}
-	return out, nil
+	if err := r.replay(key, log); err != nil {
+		clear(r.held)
+		return nil, err
+	}
+	return slices.Collect(func(yield func(exposure) bool) {
+		for _, e := range r.held {
+			if !yield(e) {
+				return
+			}
+		}
+	}), nil
 }
 
-// save replaces the record with es. The record is rewritten whole at
-// every change, so its encoding is written out by hand (appendRecord)
-// rather than through reflection, and content identical to the last
-// save is not written again. Saves must not run concurrently (one
-// worker owns the record).
-func (r *record) save(es []exposure) error {
-	b := appendRecord(r.buf[:0], r.sink, es)
-	r.buf = b
-	h := maphash.Bytes(recordSeed, b)
-	if len(b) == r.lastLen && h == r.lastHash {
+// replay applies the journal to held when it continues the base.
+func (r *record) replay(key func(Port) sinkKey, log *zap.Logger) error {
+	b, err := os.ReadFile(r.journal)
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	if err := r.write(b); err != nil {
-		r.lastLen, r.lastHash = 0, 0
-		return err
+	if err != nil {
+		return fmt.Errorf("reading the ownership journal: %w", err)
 	}
-	r.lastLen, r.lastHash = len(b), h
+	size := int64(len(b))
+	var lines [][]byte
+	for len(b) > 0 {
+		line, rest, ok := bytes.Cut(b, []byte{'\n'})
+		if !ok {
+			log.Warn("ignoring the torn last line of the ownership journal (the agent stopped while writing it)", zap.String("path", r.journal), zap.Int("bytes", len(line)))
+			r.stale = true
+			break
+		}
+		lines = append(lines, line)
+		b = rest
+	}
+	var parsed []journalLine
+	for i, line := range lines {
+		var l journalLine
+		if err := json.Unmarshal(line, &l); err != nil {
+			if i == len(lines)-1 {
+				log.Warn("ignoring the unreadable last line of the ownership journal", zap.String("path", r.journal), zap.Error(err))
+				r.stale = true
+				break
+			}
+			return fmt.Errorf("ownership journal %s line %d is not valid: %w", r.journal, i+1, err)
+		}
+		if i == 0 && l.Generation == 0 {
+			return fmt.Errorf("ownership journal %s has no header", r.journal)
+		}
+		parsed = append(parsed, l)
+	}
+	if len(parsed) == 0 {
+		r.stale = true
+		return nil
+	}
+	if g := parsed[0].Generation; g != r.gen {
+		// The base was written after this journal began (a compaction
+		// that stopped before it replaced the journal, or a version that
+		// writes the base alone): the base has it all.
+		log.Info("ownership journal not replayed: the base record is newer", zap.String("path", r.journal), zap.Uint64("journal_generation", g), zap.Uint64("base_generation", r.gen))
+		r.stale = true
+		return nil
+	}
+	for _, l := range parsed[1:] {
+		for _, p := range l.Remove {
+			delete(r.held, key(p))
+		}
+		for _, e := range l.Add {
+			if e.Port.Protocol != "" && e.Port.HostPort != 0 {
+				r.held[key(e.Port)] = e
+			}
+		}
+	}
+	r.reuse = !r.stale
+	r.journalSize = size
 	return nil
 }
 
-// write replaces the file with b, atomically.
-func (r *record) write(b []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(r.path), "."+filepath.Base(r.path)+".*")
+// removeTemps removes the temporary files of writes a killed agent left.
+func (r *record) removeTemps() {
+	ents, err := os.ReadDir(filepath.Dir(r.path))
 	if err != nil {
-		return fmt.Errorf("writing the ownership record: %w", err)
+		return
+	}
+	for _, e := range ents {
+		n := e.Name()
+		if strings.HasPrefix(n, "."+filepath.Base(r.path)+".") || strings.HasPrefix(n, "."+filepath.Base(r.journal)+".") {
+			_ = os.Remove(filepath.Join(filepath.Dir(r.path), n))
+		}
+	}
+}
+
+// apply records ops (one per key at most): a journal line of the entries
+// that differ from what the record holds, written at once; nothing when
+// none differs. full means ops list every held entry: the others are
+// removed. A failed write leaves the record stale, and the next apply
+// rewrites it whole.
+func (r *record) apply(ops []recordOp, full bool) error {
+	var keep map[sinkKey]bool
+	if full {
+		keep = make(map[sinkKey]bool, len(ops))
+	}
+	b := append(r.buf[:0], '{')
+	adds := 0
+	removed := r.removed[:0]
+	for _, op := range ops {
+		cur, had := r.held[op.key]
+		if full {
+			keep[op.key] = true
+		}
+		switch {
+		case op.held && had && identical(cur, op.exp):
+		case op.held:
+			r.held[op.key] = op.exp
+			if adds == 0 {
+				b = append(b, `"add":[`...)
+			} else {
+				b = append(b, ',')
+			}
+			b = appendExposure(b, op.exp)
+			adds++
+		case had:
+			delete(r.held, op.key)
+			removed = append(removed, cur.Port)
+		}
+	}
+	if full {
+		for k, e := range r.held {
+			if !keep[k] {
+				delete(r.held, k)
+				removed = append(removed, e.Port)
+			}
+		}
+	}
+	for i, p := range removed {
+		switch {
+		case i > 0:
+			b = append(b, ',')
+		case adds > 0:
+			b = append(b, `],"remove":[`...)
+		default:
+			b = append(b, `"remove":[`...)
+		}
+		b = appendPort(b, p)
+	}
+	b = append(b, "]}\n"...)
+	r.buf, r.removed = b, removed[:0]
+	changed := adds > 0 || len(removed) > 0
+	if r.f == nil && !r.stale && r.reuse {
+		f, err := os.OpenFile(r.journal, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			r.stale = true
+		} else {
+			r.f = f
+		}
+	}
+	switch {
+	case r.stale:
+		return r.compact()
+	case !changed:
+		return nil
+	case r.f == nil:
+		return r.compact()
+	}
+	n, err := r.f.Write(b)
+	r.journalSize += int64(n)
+	if err != nil {
+		r.stale = true
+		return fmt.Errorf("writing the ownership journal: %w", err)
+	}
+	if r.journalSize > max(r.baseSize, compactMin) {
+		return r.compact()
+	}
+	return nil
+}
+
+// compact writes held as a new base, then starts a new journal.
+func (r *record) compact() error {
+	es := slices.SortedFunc(func(yield func(exposure) bool) {
+		for _, e := range r.held {
+			if !yield(e) {
+				return
+			}
+		}
+	}, func(a, b exposure) int { return ComparePorts(a.Port, b.Port) })
+	r.stale = true
+	gen := rand.Uint64()
+	for gen == 0 || gen == r.gen {
+		gen = rand.Uint64()
+	}
+	b := appendRecord(r.buf[:0], r.sink, gen, es)
+	r.buf = b
+	base, err := r.write(r.path, b)
+	if err != nil {
+		return err
+	}
+	_ = base.Close()
+	r.gen, r.baseSize = gen, int64(len(b))
+	if r.f != nil {
+		_ = r.f.Close()
+		r.f = nil
+	}
+	b = append(r.buf[:0], `{"sink":`...)
+	b = appendJSONString(b, r.sink)
+	b = append(b, `,"generation":`...)
+	b = strconv.AppendUint(b, gen, 10)
+	b = append(b, "}\n"...)
+	r.buf = b
+	f, err := r.write(r.journal, b)
+	if err != nil {
+		return err
+	}
+	r.f, r.journalSize, r.stale = f, int64(len(b)), false
+	return nil
+}
+
+// write replaces the file at path with b, atomically, and returns it
+// open for appends.
+func (r *record) write(path string, b []byte) (*os.File, error) {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return nil, fmt.Errorf("writing the ownership record: %w", err)
 	}
 	defer os.Remove(tmp.Name())
 	if _, err := tmp.Write(b); err != nil {
 		tmp.Close()
-		return fmt.Errorf("writing the ownership record: %w", err)
+		return nil, fmt.Errorf("writing the ownership record: %w", err)
 	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("writing the ownership record: %w", err)
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		tmp.Close()
+		return nil, fmt.Errorf("writing the ownership record: %w", err)
 	}
-	if err := os.Rename(tmp.Name(), r.path); err != nil {
-		return fmt.Errorf("writing the ownership record: %w", err)
-	}
-	return nil
+	return tmp, nil
 }
 
-// appendRecord appends the JSON of recordFile{sink, es} to b: the same
-// bytes json.Marshal produces for it.
-func appendRecord(b []byte, sink string, es []exposure) []byte {
+// close releases the journal's file.
+func (r *record) close() {
+	if r.f != nil {
+		_ = r.f.Close()
+		r.f = nil
+	}
+}
+
+// identical reports whether a and b record the same entry.
+func identical(a, b exposure) bool {
+	return a.Claim == b.Claim && a.Port == b.Port && slices.Equal(a.ConnectAddrs, b.ConnectAddrs)
+}
+
+// appendRecord appends the JSON of recordFile{sink, gen, es} to b: the
+// same bytes json.Marshal produces for it.
+func appendRecord(b []byte, sink string, gen uint64, es []exposure) []byte {
 	b = append(b, `{"sink":`...)
 	b = appendJSONString(b, sink)
+	if gen != 0 {
+		b = append(b, `,"generation":`...)
+		b = strconv.AppendUint(b, gen, 10)
+	}
 	b = append(b, `,"exposed":[`...)
 	for i, e := range es {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = append(b, `{"claim":{"source":`...)
-		b = appendJSONString(b, e.Claim.Source)
-		b = append(b, `,"id":`...)
-		b = appendJSONString(b, e.Claim.ID)
-		b = append(b, `},"port":{"protocol":`...)
-		b = appendJSONString(b, string(e.Port.Protocol))
-		b = append(b, `,"containerPort":`...)
-		b = strconv.AppendUint(b, uint64(e.Port.ContainerPort), 10)
-		b = append(b, `,"hostIP":`...)
-		if e.Port.HostIP.Zone() == "" {
-			b = append(b, '"')
-			b = e.Port.HostIP.AppendTo(b) // digits, dots, colons and hex: nothing to escape
-			b = append(b, '"')
-		} else {
-			b = appendJSONString(b, e.Port.HostIP.String())
-		}
-		b = append(b, `,"hostPort":`...)
-		b = strconv.AppendUint(b, uint64(e.Port.HostPort), 10)
-		b = append(b, '}')
-		if len(e.ConnectAddrs) > 0 {
-			b = append(b, `,"connectAddrs":[`...)
-			for j, c := range e.ConnectAddrs {
-				if j > 0 {
-					b = append(b, ',')
-				}
-				b = append(b, `{"network":`...)
-				b = appendJSONString(b, c.Network)
-				b = append(b, `,"addr":`...)
-				b = appendJSONString(b, c.Addr)
-				b = append(b, '}')
-			}
-			b = append(b, ']')
-		}
-		b = append(b, '}')
+		b = appendExposure(b, e)
 	}
 	return append(b, "]}"...)
+}
+
+// appendExposure appends the JSON of e, as json.Marshal writes it.
+func appendExposure(b []byte, e exposure) []byte {
+	b = append(b, `{"claim":{"source":`...)
+	b = appendJSONString(b, e.Claim.Source)
+	b = append(b, `,"id":`...)
+	b = appendJSONString(b, e.Claim.ID)
+	b = append(b, `},"port":`...)
+	b = appendPort(b, e.Port)
+	if len(e.ConnectAddrs) > 0 {
+		b = append(b, `,"connectAddrs":[`...)
+		for j, c := range e.ConnectAddrs {
+			if j > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, `{"network":`...)
+			b = appendJSONString(b, c.Network)
+			b = append(b, `,"addr":`...)
+			b = appendJSONString(b, c.Addr)
+			b = append(b, '}')
+		}
+		b = append(b, ']')
+	}
+	return append(b, '}')
+}
+
+// appendPort appends the JSON of p, as json.Marshal writes it.
+func appendPort(b []byte, p Port) []byte {
+	b = append(b, `{"protocol":`...)
+	b = appendJSONString(b, string(p.Protocol))
+	b = append(b, `,"containerPort":`...)
+	b = strconv.AppendUint(b, uint64(p.ContainerPort), 10)
+	b = append(b, `,"hostIP":`...)
+	if p.HostIP.Zone() == "" {
+		b = append(b, '"')
+		b = p.HostIP.AppendTo(b) // digits, dots, colons and hex: nothing to escape
+		b = append(b, '"')
+	} else {
+		b = appendJSONString(b, p.HostIP.String())
+	}
+	b = append(b, `,"hostPort":`...)
+	b = strconv.AppendUint(b, uint64(p.HostPort), 10)
+	return append(b, '}')
 }
 
 // appendJSONString appends s as encoding/json writes it: as is when it

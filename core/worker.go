@@ -40,10 +40,12 @@ type sinkWorker struct {
 	foreign     map[sinkKey]foreignHold  // mu: ports the peer holds for other parties
 	failing     map[sinkKey]*portFailure // mu: ports the peer refused, with their retry schedule
 	forced      map[sinkKey]bool         // mu: keys to add again although acked (the peer lost them)
-	recordDirty bool                     // mu: acked changed since the record was written
+	recordKeys  map[sinkKey]struct{}     // mu: keys whose acked entry may differ from the record's
+	recordDirty bool                     // mu: acked changed in ways recordKeys does not say (the drain): compare it whole
 	queuedAt    map[sinkKey]time.Time    // mu: when a source's change first queued each key
 
-	down bool // the last failure was ErrPeerDown
+	down      bool       // the last failure was ErrPeerDown
+	recordOps []recordOp // reused between writes of the record
 }
 
 // foreignHold is a port the peer holds for another party.
@@ -64,17 +66,18 @@ type portFailure struct {
 
 func newSinkWorker(name string, s Sink, accept func(Key) bool, log *zap.Logger) *sinkWorker {
 	w := &sinkWorker{
-		name:      name,
-		sink:      s,
-		accept:    accept,
-		log:       log.With(zap.String("sink", name)),
-		wake:      make(chan struct{}, 1),
-		acked:     map[sinkKey]exposure{},
-		inherited: map[sinkKey]bool{},
-		foreign:   map[sinkKey]foreignHold{},
-		failing:   map[sinkKey]*portFailure{},
-		forced:    map[sinkKey]bool{},
-		queuedAt:  map[sinkKey]time.Time{},
+		name:       name,
+		sink:       s,
+		accept:     accept,
+		log:        log.With(zap.String("sink", name)),
+		wake:       make(chan struct{}, 1),
+		acked:      map[sinkKey]exposure{},
+		inherited:  map[sinkKey]bool{},
+		foreign:    map[sinkKey]foreignHold{},
+		failing:    map[sinkKey]*portFailure{},
+		forced:     map[sinkKey]bool{},
+		queuedAt:   map[sinkKey]time.Time{},
+		recordKeys: map[sinkKey]struct{}{},
 	}
 	w.lister, _ = s.(Lister)
 	w.filter, _ = s.(PortFilter)
@@ -118,7 +121,7 @@ func (w *sinkWorker) loadRecord() {
 	if w.record == nil {
 		return
 	}
-	es, err := w.record.load()
+	es, err := w.record.load(w.keyOf, w.log)
 	if err != nil {
 		w.log.Warn("ignoring the ownership record; ports a previous run left on this sink cannot be removed", zap.Error(err))
 		return
@@ -367,7 +370,7 @@ func (w *sinkWorker) reconcile(ctx context.Context, r *Router) error {
 		}
 		delete(w.acked, sk)
 		delete(w.inherited, sk)
-		w.recordDirty = true
+		w.noteRecord(sk)
 		w.dirty.push(sk)
 		lost++
 	}
@@ -489,14 +492,16 @@ func (w *sinkWorker) deliverBatch(ctx context.Context, r *Router) (bool, error) 
 			adds = adds || st.add != nil
 		}
 	}
-	var intent []exposure
+	var intent []recordOp
 	if w.record != nil && adds {
 		// Record the adds before sending them, so that an agent killed
-		// in between still knows them for its own.
-		intent = slices.Collect(maps.Values(w.acked))
+		// in between still knows them for its own; the flush after the
+		// batch records what the peer took instead.
+		intent = w.recordOps[:0]
 		for _, st := range plan {
 			if st.add != nil {
-				intent = append(intent, *st.add)
+				intent = append(intent, recordOp{key: st.key, exp: *st.add, held: true})
+				w.noteRecord(st.key)
 			}
 		}
 	}
@@ -505,10 +510,8 @@ func (w *sinkWorker) deliverBatch(ctx context.Context, r *Router) (bool, error) 
 		return false, nil
 	}
 	if intent != nil {
-		w.saveRecord(r, intent)
-		r.mu.Lock()
-		w.recordDirty = true // the intent is rewritten with what the peer took
-		r.mu.Unlock()
+		w.recordOps = intent
+		w.writeRecord(intent, false)
 	}
 	defer w.flushRecord(r)
 	for i, st := range plan {
@@ -553,7 +556,7 @@ func (w *sinkWorker) execute(ctx context.Context, r *Router, st step) error {
 			delete(w.acked, st.key)
 			delete(w.inherited, st.key)
 			delete(w.forced, st.key)
-			w.recordDirty = true
+			w.noteRecord(st.key)
 			if st.add == nil {
 				r.delivered(w, st.key, *st.remove, true)
 			}
@@ -580,7 +583,7 @@ func (w *sinkWorker) execute(ctx context.Context, r *Router, st step) error {
 		w.acked[st.key] = *st.add
 		delete(w.inherited, st.key)
 		delete(w.forced, st.key)
-		w.recordDirty = true
+		w.noteRecord(st.key)
 		r.delivered(w, st.key, *st.add, false)
 		if f := w.failing[st.key]; f != nil {
 			w.log.Info("port exposed after failing", zap.Stringer("port", st.add.Port), zap.Duration("after", time.Since(f.since)))
@@ -590,7 +593,7 @@ func (w *sinkWorker) execute(ctx context.Context, r *Router, st step) error {
 		// The add may have reached the peer: keep it as held, so that the
 		// drain or the next run removes it.
 		w.acked[st.key] = *st.add
-		w.recordDirty = true
+		w.noteRecord(st.key)
 		return err
 	case errors.Is(err, errSendTimeout), errors.Is(err, ErrPeerDown):
 		// The add may have reached the peer (the answer was lost): count
@@ -598,7 +601,7 @@ func (w *sinkWorker) execute(ctx context.Context, r *Router, st step) error {
 		// the drain or the next run removes it, and check it again: the
 		// reconcile lists it, or a plain peer gets it again.
 		w.acked[st.key] = *st.add
-		w.recordDirty = true
+		w.noteRecord(st.key)
 		if w.lister != nil {
 			w.resync = true
 		} else {
@@ -676,28 +679,55 @@ func (w *sinkWorker) send(ctx context.Context, r *Router, c Change) error {
 	return err
 }
 
-// flushRecord writes the record if acked changed.
+// noteRecord marks sk's entry in acked for the next write of the record;
+// the caller holds r.mu.
+func (w *sinkWorker) noteRecord(sk sinkKey) {
+	if w.record != nil {
+		w.recordKeys[sk] = struct{}{}
+	}
+}
+
+// flushRecord writes to the record what changed in acked: the entries of
+// the keys noted since the last write (all of acked after the drain). Only
+// those are looked at under r.mu; the record compares and writes them
+// without it.
 func (w *sinkWorker) flushRecord(r *Router) {
 	if w.record == nil {
 		return
 	}
 	r.mu.Lock()
-	if !w.recordDirty {
+	full := w.recordDirty
+	if !full && len(w.recordKeys) == 0 && !w.record.stale {
 		r.mu.Unlock()
 		return
 	}
+	ops := w.recordOps[:0]
+	if full {
+		for sk, e := range w.acked {
+			ops = append(ops, recordOp{key: sk, exp: e, held: true})
+		}
+	} else {
+		for sk := range w.recordKeys {
+			e, ok := w.acked[sk]
+			ops = append(ops, recordOp{key: sk, exp: e, held: ok})
+		}
+	}
+	if len(w.recordKeys) > 4*batchSize {
+		w.recordKeys = map[sinkKey]struct{}{} // do not keep (and clear) a large table
+	} else {
+		clear(w.recordKeys)
+	}
 	w.recordDirty = false
-	es := slices.Collect(maps.Values(w.acked))
 	r.mu.Unlock()
-	w.saveRecord(r, es)
+	w.recordOps = ops
+	w.writeRecord(ops, full)
 }
 
-func (w *sinkWorker) saveRecord(r *Router, es []exposure) {
-	slices.SortFunc(es, func(a, b exposure) int { return ComparePorts(a.Port, b.Port) })
-	if err := w.record.save(es); err != nil {
-		r.mu.Lock()
-		w.recordDirty = true
-		r.mu.Unlock()
+// writeRecord records ops; a record that could not be written is
+// rewritten whole at the next write.
+func (w *sinkWorker) writeRecord(ops []recordOp, full bool) {
+	if err := w.record.apply(ops, full); err != nil {
 		w.log.Warn("cannot write the ownership record", zap.Error(err))
 	}
+	clear(ops) // drop the references to claims
 }
