@@ -32,8 +32,8 @@ func readNatNft(d *ruleDumper) ([]rule, error) {
 		return nil, err
 	}
 	var out []rule
-	for _, rs := range chains {
-		out = append(out, rs...)
+	for _, chain := range chains {
+		out = append(out, chain.all()...)
 	}
 	return out, nil
 }
