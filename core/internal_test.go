@@ -302,7 +302,6 @@ func TestRecordIgnoresATornJournalLine(t *testing.T) {
 	if err := r.apply(heldOps(all[3:]), false); err != nil {
 		t.Fatal(err)
 	}
-	r.close()
 	b, err := os.ReadFile(r.journal)
 	if err != nil {
 		t.Fatal(err)
@@ -356,12 +355,10 @@ func TestRecordSurvivesAnInterruptedCompaction(t *testing.T) {
 	}
 	// all[0] goes, but its line is lost (a failed write), then the
 	// compaction renames the new base in and stops.
-	r.close()
 	r.stale = true
 	if err := r.apply(goneOps(all[:1]), false); err != nil {
 		t.Fatal(err)
 	}
-	r.close()
 	if err := os.WriteFile(r.journal, old, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -429,7 +426,6 @@ func TestRecordRejectsAJournalDamagedInTheMiddle(t *testing.T) {
 	if err := r.apply(heldOps(all[3:]), false); err != nil {
 		t.Fatal(err)
 	}
-	r.close()
 	b, err := os.ReadFile(r.journal)
 	if err != nil {
 		t.Fatal(err)

@@ -37,18 +37,17 @@ import (
 // base written without it outdates, is not replayed again.
 //
 // A record belongs to one goroutine at a time (its sink's worker, then the
-// drain), which keeps its own copy of what the files say; it never needs
-// the router's lock.
+// drain), which keeps its own copy of what the files say and holds no file
+// open between writes; it never needs the router's lock.
 type record struct {
 	path    string // the base
 	journal string
 	sink    string
 
-	held  map[sinkKey]exposure // what base and journal say together
-	gen   uint64               // the generation of the base (and of the journal appended to)
-	f     *os.File             // the journal, open for appends; nil until the first change
-	reuse bool                 // the journal read at load may be appended to
-	stale bool                 // the files lag behind held: the next write compacts
+	held       map[sinkKey]exposure // what base and journal say together
+	gen        uint64               // the generation of the base
+	appendable bool                 // the journal continues the base and ends with a whole line
+	stale      bool                 // the files lag behind held: the next apply compacts
 
 	journalSize, baseSize int64
 	buf                   []byte
@@ -114,7 +113,7 @@ func newRecord(dir, sink string) *record {
 // journal line and a journal that is not replayed.
 func (r *record) load(key func(Port) sinkKey, log *zap.Logger) ([]exposure, error) {
 	clear(r.held)
-	r.gen, r.reuse, r.stale = 0, false, false
+	r.gen, r.appendable, r.stale = 0, false, false
 	r.journalSize, r.baseSize = 0, 0
 	r.removeTemps()
 	b, err := os.ReadFile(r.path)
@@ -206,7 +205,7 @@ func (r *record) replay(key func(Port) sinkKey, log *zap.Logger) error {
 			}
 		}
 	}
-	r.reuse = !r.stale
+	r.appendable = !r.stale
 	r.journalSize = size
 	return nil
 }
@@ -280,31 +279,37 @@ func (r *record) apply(ops []recordOp, full bool) error {
 	}
 	b = append(b, "]}\n"...)
 	r.buf, r.removed = b, removed[:0]
-	changed := adds > 0 || len(removed) > 0
-	if r.f == nil && !r.stale && r.reuse {
-		f, err := os.OpenFile(r.journal, os.O_WRONLY|os.O_APPEND, 0)
-		if err != nil {
-			r.stale = true
-		} else {
-			r.f = f
-		}
-	}
 	switch {
 	case r.stale:
 		return r.compact()
-	case !changed:
+	case adds == 0 && len(removed) == 0:
 		return nil
-	case r.f == nil:
-		return r.compact()
+	case !r.appendable:
+		return r.compact() // the first change of this run after a journal it cannot continue
 	}
-	n, err := r.f.Write(b)
-	r.journalSize += int64(n)
-	if err != nil {
+	if err := r.append(b); err != nil {
 		r.stale = true
-		return fmt.Errorf("writing the ownership journal: %w", err)
+		return err
 	}
 	if r.journalSize > max(r.baseSize, compactMin) {
 		return r.compact()
+	}
+	return nil
+}
+
+// append appends line to the journal in one write.
+func (r *record) append(line []byte) error {
+	f, err := os.OpenFile(r.journal, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return fmt.Errorf("writing the ownership journal: %w", err)
+	}
+	n, err := f.Write(line)
+	r.journalSize += int64(n)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("writing the ownership journal: %w", err)
 	}
 	return nil
 }
@@ -325,55 +330,41 @@ func (r *record) compact() error {
 	}
 	b := appendRecord(r.buf[:0], r.sink, gen, es)
 	r.buf = b
-	base, err := r.write(r.path, b)
-	if err != nil {
+	if err := r.write(r.path, b); err != nil {
 		return err
 	}
-	_ = base.Close()
-	r.gen, r.baseSize = gen, int64(len(b))
-	if r.f != nil {
-		_ = r.f.Close()
-		r.f = nil
-	}
+	r.gen, r.baseSize, r.appendable = gen, int64(len(b)), false
 	b = append(r.buf[:0], `{"sink":`...)
 	b = appendJSONString(b, r.sink)
 	b = append(b, `,"generation":`...)
 	b = strconv.AppendUint(b, gen, 10)
 	b = append(b, "}\n"...)
 	r.buf = b
-	f, err := r.write(r.journal, b)
-	if err != nil {
+	if err := r.write(r.journal, b); err != nil {
 		return err
 	}
-	r.f, r.journalSize, r.stale = f, int64(len(b)), false
+	r.journalSize, r.appendable, r.stale = int64(len(b)), true, false
 	return nil
 }
 
-// write replaces the file at path with b, atomically, and returns it
-// open for appends.
-func (r *record) write(path string, b []byte) (*os.File, error) {
+// write replaces the file at path with b, atomically.
+func (r *record) write(path string, b []byte) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
 	if err != nil {
-		return nil, fmt.Errorf("writing the ownership record: %w", err)
+		return fmt.Errorf("writing the ownership record: %w", err)
 	}
 	defer os.Remove(tmp.Name())
 	if _, err := tmp.Write(b); err != nil {
 		tmp.Close()
-		return nil, fmt.Errorf("writing the ownership record: %w", err)
+		return fmt.Errorf("writing the ownership record: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("writing the ownership record: %w", err)
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
-		tmp.Close()
-		return nil, fmt.Errorf("writing the ownership record: %w", err)
+		return fmt.Errorf("writing the ownership record: %w", err)
 	}
-	return tmp, nil
-}
-
-// close releases the journal's file.
-func (r *record) close() {
-	if r.f != nil {
-		_ = r.f.Close()
-		r.f = nil
-	}
+	return nil
 }
 
 // identical reports whether a and b record the same entry.
