@@ -1,12 +1,16 @@
 package iptables
 
 import (
+	"net"
 	"net/netip"
 	"slices"
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/testenv"
 )
 
 func TestNextScanStretchesWithScanCost(t *testing.T) {
@@ -76,4 +80,39 @@ func TestDiffPorts(t *testing.T) {
 	if a, r := diffPorts(nil, now); len(a) != len(now) || len(r) != 0 {
 		t.Errorf("from nothing: %d added, %d removed", len(a), len(r))
 	}
+}
+
+// TestListenersFollowChanges opens listeners as ports are added and
+// removed one change at a time: a NodePort and a hostPort on the listen
+// address share one listener, which stays open while either is reported.
+func TestListenersFollowChanges(t *testing.T) {
+	lo := netip.MustParseAddr("127.0.0.1")
+	port := uint16(testenv.FreePort(t))
+	addr := netip.AddrPortFrom(lo, port).String()
+	ls := newListeners(lo, zap.NewNop())
+	defer ls.closeAll()
+	node := ServicePort{Protocol: core.TCP, Port: port, Kind: KindNodePort}
+	host := ServicePort{Protocol: core.TCP, Port: port, HostIP: lo, Kind: KindHostPort}
+	listening := func(want bool, when string) {
+		t.Helper()
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		if got := err == nil; got != want {
+			t.Errorf("%s: listening on %s is %v, want %v", when, addr, got, want)
+		}
+	}
+	ls.sync([]ServicePort{node})
+	listening(true, "the NodePort reported")
+	ls.update([]ServicePort{host}, nil)
+	listening(true, "the hostPort added")
+	ls.update(nil, []ServicePort{node})
+	listening(true, "the NodePort removed, the hostPort still there")
+	ls.update(nil, []ServicePort{host})
+	listening(false, "both removed")
+	ls.update([]ServicePort{node}, nil)
+	listening(true, "the NodePort back")
+	ls.sync(nil)
+	listening(false, "a snapshot without it")
 }

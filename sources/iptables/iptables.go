@@ -160,7 +160,7 @@ func New(cfg Config) (*Source, error) {
 
 // Run scans until ctx is done.
 func (s *Source) Run(ctx context.Context, out core.Emitter) error {
-	ls := &listeners{addr: s.cfg.ListenAddr, log: s.log, open: map[string]closer{}, failed: map[string]bool{}}
+	ls := newListeners(s.cfg.ListenAddr, s.log)
 	defer ls.closeAll()
 	changed := make(chan struct{}, 1)
 	ready := make(chan struct{})
@@ -324,7 +324,7 @@ func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState, ch natChan
 	ports := raw.parse()
 	if st.reported {
 		// Only what changed: with tens of thousands of ports, a snapshot
-		// costs the router more than the scan.
+		// (and a pass over every listener) costs more than the scan.
 		added, removed := diffPorts(st.ports, ports)
 		for _, p := range removed {
 			out.Delete(p.ID())
@@ -332,18 +332,21 @@ func (s *Source) scan(out core.Emitter, ls *listeners, st *scanState, ch natChan
 		for _, p := range added {
 			out.Set(s.mapping(p))
 		}
+		if s.cfg.Listen {
+			ls.update(added, removed)
+		}
 	} else {
 		ms := make([]core.Mapping, 0, len(ports))
 		for _, p := range ports {
 			ms = append(ms, s.mapping(p))
 		}
 		out.Snapshot(ms)
+		if s.cfg.Listen {
+			ls.sync(ports)
+		}
 	}
 	st.reported, st.digest, st.ports = true, digest, ports
 	s.log.Debug("NAT rules scanned", zap.Int("service_ports", len(ports)))
-	if s.cfg.Listen {
-		ls.sync(ports)
-	}
 }
 
 func (s *Source) mapping(p ServicePort) core.Mapping {
@@ -544,44 +547,108 @@ type closer interface{ Close() error }
 // listeners holds a socket on each service port, so the port shows as in
 // use (and is forwarded by WSL) while kube-proxy's rules route the traffic.
 type listeners struct {
-	addr   netip.Addr
-	log    *zap.Logger
-	open   map[string]closer
-	failed map[string]bool
+	addr netip.Addr
+	log  *zap.Logger
+	// want counts the reported ports that need each listener (a NodePort
+	// and a hostPort on the listen address share one), by key; open and
+	// pending are the wanted listeners that are open and those that are
+	// not (yet, or could not be).
+	want    map[string]int
+	open    map[string]closer
+	pending map[string]pendingListener
 }
 
+// pendingListener is a wanted listener that is not open, and whether its
+// failure to open was logged.
+type pendingListener struct {
+	port   ServicePort
+	warned bool
+}
+
+func newListeners(addr netip.Addr, log *zap.Logger) *listeners {
+	return &listeners{addr: addr, log: log, want: map[string]int{}, open: map[string]closer{}, pending: map[string]pendingListener{}}
+}
+
+// wantOpen notes that the listener of key k, for p, should be open.
+func (l *listeners) wantOpen(k string, p ServicePort) {
+	if _, ok := l.pending[k]; !ok && l.open[k] == nil {
+		l.pending[k] = pendingListener{port: p}
+	}
+}
+
+// sync makes the listeners those that ports need, and tries again the
+// ones that could not be opened.
 func (l *listeners) sync(ports []ServicePort) {
-	want := map[string]ServicePort{}
+	want := map[string]int{}
 	for _, p := range ports {
-		if p.Protocol == core.TCP || p.Protocol == core.UDP {
-			want[l.key(p)] = p
+		if listened(p) {
+			want[l.key(p)]++
 		}
 	}
-	for k, c := range l.open {
-		if _, ok := want[k]; !ok {
-			_ = c.Close()
-			delete(l.open, k)
-			l.log.Debug("listener closed", zap.String("listener", k))
+	for k := range l.want {
+		if want[k] == 0 {
+			l.drop(k)
 		}
 	}
-	for k := range l.failed {
-		if _, ok := want[k]; !ok {
-			delete(l.failed, k)
+	l.want = want
+	for _, p := range ports {
+		if listened(p) {
+			l.wantOpen(l.key(p), p)
 		}
 	}
-	for k, p := range want {
-		if _, ok := l.open[k]; ok {
+	l.retry()
+}
+
+// update adds the listeners the added ports need and closes those that
+// only the removed ports needed (as diffPorts gives them), and tries again
+// the ones that could not be opened.
+func (l *listeners) update(added, removed []ServicePort) {
+	for _, p := range removed {
+		if !listened(p) {
 			continue
 		}
-		c, err := l.listen(p)
+		k := l.key(p)
+		if l.want[k]--; l.want[k] <= 0 {
+			delete(l.want, k)
+			l.drop(k)
+		}
+	}
+	for _, p := range added {
+		if !listened(p) {
+			continue
+		}
+		k := l.key(p)
+		l.want[k]++
+		l.wantOpen(k, p)
+	}
+	l.retry()
+}
+
+func listened(p ServicePort) bool { return p.Protocol == core.TCP || p.Protocol == core.UDP }
+
+// drop closes the listener of key k, if it is open, and forgets it.
+func (l *listeners) drop(k string) {
+	if c, ok := l.open[k]; ok {
+		_ = c.Close()
+		delete(l.open, k)
+		l.log.Debug("listener closed", zap.String("listener", k))
+	}
+	delete(l.pending, k)
+}
+
+// retry opens the wanted listeners that are not open; each failure is
+// logged the first time.
+func (l *listeners) retry() {
+	for k, w := range l.pending {
+		c, err := l.listen(w.port)
 		if err != nil {
-			if !l.failed[k] {
+			if !w.warned {
 				l.log.Warn("cannot open listener; port left to its current owner", zap.String("listener", k), zap.Error(err))
+				l.pending[k] = pendingListener{port: w.port, warned: true}
 			}
-			l.failed[k] = true
 			continue
 		}
-		delete(l.failed, k)
+		delete(l.pending, k)
 		l.open[k] = c
 		l.log.Debug("listener opened", zap.String("listener", k))
 	}
