@@ -7,7 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mdlayher/netlink"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/testenv"
@@ -115,4 +117,31 @@ func TestListenersFollowChanges(t *testing.T) {
 	listening(true, "the NodePort back")
 	ls.sync(nil)
 	listening(false, "a snapshot without it")
+}
+
+// TestNoticeReadsDestroyAsDelete decodes a chain destroy notification as
+// the kernel lays it out (nfgenmsg, then the table and chain names) and
+// finds it the same as a delete.
+func TestNoticeReadsDestroyAsDelete(t *testing.T) {
+	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: nftaOwnerTable, Data: []byte("nat\x00")},
+		{Type: nftaChainName, Data: []byte("KUBE-NODEPORTS\x00")},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const destroyChain = 27 // NFT_MSG_DESTROYCHAIN
+	m := netlink.Message{
+		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | destroyChain)},
+		Data:   append([]byte{unix.NFPROTO_IPV4, unix.NFNETLINK_V0, 0, 0}, attrs...),
+	}
+	n, ok := decodeNotice(m)
+	if !ok || n.msgType != unix.NFT_MSG_DELCHAIN || n.table != "nat" || n.name != "KUBE-NODEPORTS" {
+		t.Fatalf("decodeNotice = %+v, %v", n, ok)
+	}
+	var tx transaction
+	tx.note(m)
+	if !tx.relevant || len(tx.ops) != 1 || tx.ops[0].kind != opClear {
+		t.Errorf("the destroy noted as %+v", tx)
+	}
 }

@@ -118,6 +118,17 @@ func relevant(family uint8, msgType uint16, table, name string) bool {
 	return false
 }
 
+// destroyed maps the NFT_MSG_DESTROY* types (Linux 6.3; a delete that
+// does not fail when the object is missing) to the deletes they stand for,
+// in case the kernel notifies them under their own type.
+var destroyed = map[uint16]uint16{
+	26: unix.NFT_MSG_DELTABLE,   // NFT_MSG_DESTROYTABLE
+	27: unix.NFT_MSG_DELCHAIN,   // NFT_MSG_DESTROYCHAIN
+	28: unix.NFT_MSG_DELRULE,    // NFT_MSG_DESTROYRULE
+	29: unix.NFT_MSG_DELSET,     // NFT_MSG_DESTROYSET
+	30: unix.NFT_MSG_DELSETELEM, // NFT_MSG_DESTROYSETELEM
+}
+
 // notice is what a notification is about: the family, message type,
 // table and name relevant reads.
 type notice struct {
@@ -136,6 +147,9 @@ func decodeNotice(m netlink.Message) (n notice, ok bool) {
 		return notice{}, false
 	}
 	n.family, n.msgType = m.Data[0], typ&0xff
+	if del, ok := destroyed[n.msgType]; ok {
+		n.msgType = del // what destroy removed, delete would have
+	}
 	tableAttr, nameAttr := uint16(nftaOwnerTable), uint16(0)
 	switch n.msgType {
 	case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE:
