@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"sync"
 	"time"
 
 	apievents "github.com/containerd/containerd/api/events"
@@ -109,6 +110,12 @@ func ID(namespace, container string) string { return namespace + "/" + container
 
 // Run watches containerd until ctx is done, reconnecting with backoff.
 func (s *Source) Run(ctx context.Context, out core.Emitter) error {
+	if s.cfg.NAT != nil {
+		qctx, cancel := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Go(func() { s.cfg.NAT.RunQueue(qctx) })
+		defer func() { cancel(); wg.Wait() }()
+	}
 	reconnect.Loop(ctx, s.log.With(zap.String("socket", s.cfg.Socket)), s.cfg.Backoff, "containerd",
 		func(ctx context.Context) (bool, error) { return s.session(ctx, out) })
 	return nil
@@ -261,18 +268,14 @@ func (s *Source) refresh(ctx context.Context, e *engine, out core.Emitter, ns, i
 	m, bindings := s.mapping(ns, id, c.Labels, proc.Pid)
 	out.Set(m)
 	if s.cfg.NAT != nil {
-		if err := s.cfg.NAT.Set(key, bindings); err != nil {
-			s.log.Error("loopback NAT rules", zap.Error(err))
-		}
+		s.cfg.NAT.Queue(key, bindings)
 	}
 }
 
 func (s *Source) remove(out core.Emitter, key string) {
 	out.Delete(key)
 	if s.cfg.NAT != nil {
-		if err := s.cfg.NAT.Remove(key); err != nil {
-			s.log.Error("loopback NAT rules", zap.Error(err))
-		}
+		s.cfg.NAT.Queue(key, nil)
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	cerrdefs "github.com/containerd/errdefs"
@@ -104,6 +105,12 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		return fmt.Errorf("docker client: %w", err)
 	}
 	defer cli.Close()
+	if s.cfg.NAT != nil {
+		qctx, cancel := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Go(func() { s.cfg.NAT.RunQueue(qctx) })
+		defer func() { cancel(); wg.Wait() }()
+	}
 	reconnect.Loop(ctx, s.log.With(zap.String("host", s.cfg.Host)), s.cfg.Backoff, "Docker API",
 		func(ctx context.Context) (bool, error) { return s.session(ctx, cli, out) })
 	return nil
@@ -208,9 +215,7 @@ func (s *Source) handle(ctx context.Context, cli *client.Client, out core.Emitte
 		s.log.Debug("container started", zap.String("container", short(id)), zap.Int("ports", len(m.Ports)))
 		out.Set(m)
 		if s.cfg.NAT != nil {
-			if err := s.cfg.NAT.Set(id, loopback); err != nil {
-				s.log.Error("loopback NAT rules", zap.Error(err))
-			}
+			s.cfg.NAT.Queue(id, loopback)
 		}
 	case events.ActionStop, events.ActionDie:
 		s.log.Debug("container ended", zap.String("container", short(id)), zap.String("action", string(msg.Action)))
@@ -221,9 +226,7 @@ func (s *Source) handle(ctx context.Context, cli *client.Client, out core.Emitte
 func (s *Source) remove(out core.Emitter, id string) {
 	out.Delete(id)
 	if s.cfg.NAT != nil {
-		if err := s.cfg.NAT.Remove(id); err != nil {
-			s.log.Error("loopback NAT rules", zap.Error(err))
-		}
+		s.cfg.NAT.Queue(id, nil)
 	}
 }
 

@@ -29,6 +29,7 @@ package loopbacknat
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -130,6 +131,14 @@ type Manager struct {
 
 	mu     sync.Mutex
 	owners map[string][]Binding // mu
+
+	// The queue of Queue: the latest request of each waiting owner, in
+	// the order the owners first asked.
+	qmu     sync.Mutex
+	pending map[string][]Binding // qmu
+	order   []string             // qmu
+	gen     uint64               // qmu: Syncs so far; a request from before one is dropped
+	wake    chan struct{}
 }
 
 // New checks cfg and that iptables runs, and returns a Manager.
@@ -155,7 +164,8 @@ func New(cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loopback NAT rules need iptables: %w", err)
 	}
-	return &Manager{cfg: cfg, comment: OwnerComment(cfg.Owner), ipt: ipt, log: cfg.Log, owners: map[string][]Binding{}}, nil
+	return &Manager{cfg: cfg, comment: OwnerComment(cfg.Owner), ipt: ipt, log: cfg.Log, owners: map[string][]Binding{},
+		pending: map[string][]Binding{}, wake: make(chan struct{}, 1)}, nil
 }
 
 // Comment returns the comment on the manager's rules.
@@ -248,7 +258,80 @@ func (m *Manager) apply(b Binding, add bool) []error {
 // Remove deletes owner's rules.
 func (m *Manager) Remove(owner string) error { return m.Set(owner, nil) }
 
-// Sync makes the rules match all, owner by owner, and deletes the rules
+// Queue asks for owner's rules to become those of bs without waiting for
+// iptables: RunQueue applies the requests in the order the owners asked,
+// and of an owner that asked again before its turn only the latest. A
+// source's event loop queues, so that a container's port never waits for
+// the rules of the containers before it (each iptables run reads the
+// whole nat table, which grows with every container). Failures are
+// logged; the next Sync puts the rules right.
+func (m *Manager) Queue(owner string, bs []Binding) {
+	m.qmu.Lock()
+	if _, waiting := m.pending[owner]; !waiting {
+		m.order = append(m.order, owner)
+	}
+	m.pending[owner] = slices.Clone(bs)
+	m.qmu.Unlock()
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
+}
+
+// RunQueue applies queued requests until ctx is done; requests still
+// waiting then are dropped (the next Sync makes the rules whole).
+func (m *Manager) RunQueue(ctx context.Context) {
+	for {
+		owner, bs, gen, ok := m.next()
+		if !ok {
+			select {
+			case <-ctx.Done():
+				return
+			case <-m.wake:
+			}
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		m.mu.Lock()
+		m.qmu.Lock()
+		stale := gen != m.gen
+		m.qmu.Unlock()
+		var err error
+		if !stale {
+			err = m.set(owner, bs)
+		}
+		m.mu.Unlock()
+		if err != nil {
+			m.log.Error("loopback NAT rules", zap.Error(err))
+		}
+	}
+}
+
+// next takes the oldest waiting request.
+func (m *Manager) next() (string, []Binding, uint64, bool) {
+	m.qmu.Lock()
+	defer m.qmu.Unlock()
+	if len(m.order) == 0 {
+		return "", nil, 0, false
+	}
+	owner := m.order[0]
+	m.order = m.order[1:]
+	bs := m.pending[owner]
+	delete(m.pending, owner)
+	return owner, bs, m.gen, true
+}
+
+// Pending reports how many owners' requests wait in the queue.
+func (m *Manager) Pending() int {
+	m.qmu.Lock()
+	defer m.qmu.Unlock()
+	return len(m.order)
+}
+
+// Sync makes the rules match all, owner by owner, dropping the queued
+// requests (see Queue), and deletes the rules
 // that no owner wants: those with the manager's own comment (left by an
 // earlier run), and those with the bare CommentPrefix. The latter come
 // from agent versions that tagged no owner; no running manager writes
@@ -258,6 +341,12 @@ func (m *Manager) Remove(owner string) error { return m.Set(owner, nil) }
 // Config.Chain and the chains of the bindings in all; the per-container
 // chains of containers that are gone went with them.
 func (m *Manager) Sync(all map[string][]Binding) error {
+	// all supersedes every queued request.
+	m.qmu.Lock()
+	m.gen++
+	clear(m.pending)
+	m.order = nil
+	m.qmu.Unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	want := map[string]bool{}

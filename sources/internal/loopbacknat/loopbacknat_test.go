@@ -1,10 +1,12 @@
 package loopbacknat_test
 
 import (
+	"context"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/testenv"
@@ -266,5 +268,53 @@ func TestInvalidBindingsAreIgnored(t *testing.T) {
 		if loopbacknat.Valid(b) {
 			t.Errorf("%+v reported valid", b)
 		}
+	}
+}
+
+// TestQueueAppliesLatestRequestsInTurn queues requests before the queue
+// runs: an owner that asks twice gets its latest rules, an owner whose
+// last request is a removal gets none, and the rules appear once the queue
+// runs. Requests queued before a Sync are dropped: the Sync's own state
+// wins.
+func TestQueueAppliesLatestRequestsInTurn(t *testing.T) {
+	ns, m := setup(t)
+	udp := loopbacknat.Binding{Protocol: core.UDP, HostPort: 5353, Backend: netip.MustParseAddrPort("198.18.0.2:53")}
+	m.Queue("c1", []loopbacknat.Binding{b8081})
+	m.Queue("c2", []loopbacknat.Binding{udp})
+	m.Queue("c1", []loopbacknat.Binding{udp}) // replaces c1's first request
+	m.Queue("c3", []loopbacknat.Binding{b8081})
+	m.Queue("c3", nil)
+	if n := m.Pending(); n != 3 {
+		t.Fatalf("%d owners waiting, want 3", n)
+	}
+	if got := ours(testenv.NatRules(t, ns), ""); len(got) != 0 {
+		t.Fatalf("rules before the queue ran: %v", got)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); m.RunQueue(ctx) }()
+	defer func() { cancel(); <-done }()
+	testenv.Eventually(t, 30*time.Second, "the queue to drain", func() (bool, string) {
+		got := ours(testenv.NatRules(t, ns), "")
+		return m.Pending() == 0 && len(got) == 3, strings.Join(got, "\n")
+	})
+	got := strings.Join(ours(testenv.NatRules(t, ns), ""), "\n")
+	if strings.Contains(got, "8081") || !strings.Contains(got, "5353") {
+		t.Errorf("rules after the queue ran (want 5353 alone, once: c1 and c2 share it):\n%s", got)
+	}
+
+	// Stop the queue, queue a request, then sync without it: the request
+	// is dropped and never applied.
+	cancel()
+	<-done
+	m.Queue("c4", []loopbacknat.Binding{b8081})
+	if err := m.Sync(map[string][]loopbacknat.Binding{"c2": {udp}}); err != nil {
+		t.Fatal(err)
+	}
+	if n := m.Pending(); n != 0 {
+		t.Errorf("%d owners waiting after a Sync, want 0", n)
+	}
+	if got := strings.Join(ours(testenv.NatRules(t, ns), ""), "\n"); strings.Contains(got, "8081") {
+		t.Errorf("a request from before the Sync was applied:\n%s", got)
 	}
 }
