@@ -76,7 +76,7 @@ func lite(svc *corev1.Service) *kubernetes.Service {
 }
 
 func expect(svc *corev1.Service) core.Mapping {
-	m := kubernetes.Convert(lite(svc), lo)
+	m, _ := kubernetes.Convert(lite(svc), lo)
 	m.Source = ""
 	return m
 }
@@ -319,7 +319,7 @@ func TestConvert(t *testing.T) {
 		want string
 	}{sctp, "127.0.0.1:30090->30090/sctp"})
 	for _, tt := range tests {
-		m := kubernetes.Convert(lite(tt.svc), lo)
+		m, _ := kubernetes.Convert(lite(tt.svc), lo)
 		var got string
 		for i, p := range m.Ports {
 			if i > 0 {
@@ -378,4 +378,29 @@ func TestClusterIPServicesAreNoted(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the note gone with the service", func() bool { return notes() == "" })
+}
+
+// TestConvertSaysWhatItSkips checks that the ports Convert leaves out are
+// named with the reason, not dropped in silence.
+func TestConvertSaysWhatItSkips(t *testing.T) {
+	svc := &kubernetes.Service{}
+	svc.UID = "u1"
+	svc.Spec.Type = kubernetes.TypeNodePort
+	svc.Spec.Ports = []kubernetes.ServicePort{
+		{Name: "web", Protocol: "TCP", Port: 80, NodePort: 30080},
+		{Name: "big", Protocol: "TCP", Port: 81, NodePort: 70000},
+		{Name: "odd", Protocol: "QUIC", Port: 82, NodePort: 30082},
+	}
+	m, skipped := kubernetes.Convert(svc, lo)
+	if len(m.Ports) != 1 || m.Ports[0].HostPort != 30080 {
+		t.Errorf("ports %v, want 30080 alone", m.Ports)
+	}
+	var msgs []string
+	for _, err := range skipped {
+		msgs = append(msgs, err.Error())
+	}
+	got := strings.Join(msgs, "; ")
+	if len(skipped) != 2 || !strings.Contains(got, `port "big": host port 70000 is out of range`) || !strings.Contains(got, `port "odd"`) {
+		t.Errorf("skipped: %s", got)
+	}
 }

@@ -28,7 +28,13 @@ func FuzzConvertService(f *testing.F) {
 		if json.Unmarshal(data, &svc) != nil {
 			return
 		}
-		m := kubernetes.Convert(&svc, lo)
+		m, skipped := kubernetes.Convert(&svc, lo)
+		if len(m.Ports)+len(skipped) > len(svc.Spec.Ports) {
+			t.Fatalf("%d ports and %d skipped from %d", len(m.Ports), len(skipped), len(svc.Spec.Ports))
+		}
+		if typ := svc.Spec.Type; typ != kubernetes.TypeNodePort && typ != kubernetes.TypeLoadBalancer && len(m.Ports)+len(skipped) > 0 {
+			t.Fatalf("a service of type %q gave ports %v or skips %v", typ, m.Ports, skipped)
+		}
 		for _, p := range m.Ports {
 			if err := p.Validate(); err != nil {
 				t.Fatalf("invalid port returned: %v", err)

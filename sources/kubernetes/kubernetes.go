@@ -417,12 +417,19 @@ func (s *Source) mapping(obj any) (core.Mapping, bool) {
 	if !ok || svc.UID == "" {
 		return core.Mapping{}, false
 	}
-	return Convert(svc, s.cfg.ListenAddr), true
+	m, skipped := Convert(svc, s.cfg.ListenAddr)
+	for _, err := range skipped {
+		s.log.Warn("service port skipped", zap.String("service", svc.Namespace+"/"+svc.Name), zap.Error(err))
+	}
+	return m, true
 }
 
-// Convert returns the mapping of svc: its id is the service UID.
-func Convert(svc *Service, listen netip.Addr) core.Mapping {
+// Convert returns the mapping of svc, whose id is the service UID, and
+// why each port of a NodePort or LoadBalancer service that it leaves out
+// (a port out of range, an unknown protocol) was left out.
+func Convert(svc *Service, listen netip.Addr) (core.Mapping, []error) {
 	m := core.Mapping{Key: core.Key{Source: Name, ID: string(svc.UID)}}
+	var skipped []error
 	for _, p := range svc.Spec.Ports {
 		var port int32
 		switch svc.Spec.Type {
@@ -434,13 +441,15 @@ func Convert(svc *Service, listen netip.Addr) core.Mapping {
 			continue
 		}
 		if port < 1 || port > 65535 {
+			skipped = append(skipped, fmt.Errorf("port %q: host port %d is out of range", p.Name, port))
 			continue
 		}
 		proto, err := core.ParseProtocol(string(p.Protocol))
 		if err != nil {
+			skipped = append(skipped, fmt.Errorf("port %q: %w", p.Name, err))
 			continue
 		}
 		m.Ports = append(m.Ports, core.Port{Protocol: proto, ContainerPort: uint16(port), HostIP: listen, HostPort: uint16(port)})
 	}
-	return m.Normalize()
+	return m.Normalize(), skipped
 }
