@@ -100,8 +100,8 @@ func Dialer(addr string) (oneshot.Dialer, error) {
 		if !ok || err1 != nil || err2 != nil {
 			return nil, fmt.Errorf("--vtunnelAddr %q: want vsock://CID:PORT with decimal numbers", addr)
 		}
-		return func(context.Context) (net.Conn, error) {
-			return vsock.Dial(uint32(cid), uint32(port), nil)
+		return func(ctx context.Context) (net.Conn, error) {
+			return vsock.DialContext(ctx, uint32(cid), uint32(port), nil)
 		}, nil
 	default:
 		return nil, fmt.Errorf("--vtunnelAddr %q: unknown scheme %q (want tcp or vsock)", addr, scheme)

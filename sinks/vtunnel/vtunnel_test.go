@@ -239,3 +239,25 @@ func TestVsock(t *testing.T) {
 	}
 	t.Log("vsock loopback round trip ran")
 }
+
+// TestVsockDialFollowsTheContext sends to a vsock port where nothing
+// listens with a context that ends first: the send gives up with the
+// context's error, not whatever the kernel answers later.
+func TestVsockDialFollowsTheContext(t *testing.T) {
+	ln, err := vsock.Listen(0, nil)
+	if err != nil {
+		t.Skipf("AF_VSOCK unavailable on this kernel: %v", err)
+	}
+	port := ln.Addr().(*vsock.Addr).Port
+	_ = ln.Close() // nothing listens there now
+	s := newSink(t, "vsock://1:"+strconv.FormatUint(uint64(port), 10), "", 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	err = s.Send(ctx, core.Change{Mapping: sinktest.Mapping("d", "a", 41322, 1)})
+	if err == nil {
+		t.Fatal("a send to a port nobody listens on succeeded")
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("send error %v; want the context's deadline (if the kernel refused at once, this test proves nothing here)", err)
+	}
+}
