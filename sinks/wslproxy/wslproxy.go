@@ -127,9 +127,20 @@ func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
 // it on any remove of that port, whatever the address.
 func (s *Sink) PeerKeying() core.PeerKeying { return core.ByPort }
 
+// Supports reports whether wsl-proxy can listen for p: it handles tcp and
+// udp. It never answers, so a port it cannot open would go unnoticed; such
+// ports are not sent and show as unsupported.
+func (s *Sink) Supports(p core.Port) error {
+	if p.Protocol != core.TCP && p.Protocol != core.UDP {
+		return fmt.Errorf("%s: wsl-proxy handles tcp and udp only", p)
+	}
+	return nil
+}
+
 // Interface guards.
 var (
 	_ core.Sink        = (*Sink)(nil)
 	_ core.Keyer       = (*Sink)(nil)
 	_ core.PeerWatcher = (*Sink)(nil)
+	_ core.PortFilter  = (*Sink)(nil)
 )

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"path/filepath"
@@ -166,5 +167,49 @@ func TestPeerThatStalls(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Send blocked past its deadline")
+	}
+}
+
+// TestSctpIsNotSent runs a router with the sink in front of the strict
+// peer: of a mapping with a tcp and an sctp port, wsl-proxy gets the tcp
+// one alone (it handles tcp and udp, and never answers, so an sctp port
+// would fail unseen), and the status shows the sctp port as unsupported.
+func TestSctpIsNotSent(t *testing.T) {
+	p := startPeer(t, nil)
+	r := core.NewRouter(core.RouterConfig{})
+	r.AddSink(wslproxy.Name, wslproxy.New(p.Path, 0, nil), nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	m := sinktest.Mapping("docker", "c1", 11211, 1)
+	sctp := m.Ports[0]
+	sctp.Protocol, sctp.HostPort = core.SCTP, 11212
+	m.Ports = append(m.Ports, sctp)
+	r.Emitter("docker").Set(m)
+	var status string
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		var states []string
+		for _, ps := range r.Status().Ports {
+			for _, at := range ps.Sinks {
+				states = append(states, fmt.Sprintf("%s/%d %s", ps.Protocol, ps.HostPort, at.State))
+			}
+		}
+		status = strings.Join(states, ", ")
+		if status == "sctp/11212 unsupported, tcp/11211 exposed" {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if status != "sctp/11212 unsupported, tcp/11211 exposed" {
+		t.Fatalf("status %q", status)
+	}
+	for _, pm := range p.Received() {
+		for key := range pm.Ports {
+			if strings.HasSuffix(key.String(), "/sctp") {
+				t.Errorf("wsl-proxy was sent %s", key)
+			}
+		}
 	}
 }
