@@ -216,7 +216,9 @@ const (
 )
 
 // Run dumps the sockets until ctx is done. The first report is a snapshot,
-// made once the settle time has passed since Run started.
+// made once the settle time has passed since the first dump, so that every
+// socket open when Run started has settled by then (a dump that a wake-up
+// brings forward in between does not make it early).
 func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 	wake, how, err := s.startWakeups()
 	if err != nil {
@@ -233,11 +235,11 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 	relays := newRelays(s.cfg, s.relay, s.log)
 	defer relays.close()
 	g := newGate(s.cfg.Settle)
-	start := time.Now()
+	var firstDump time.Time // the first dump that succeeded: what it saw settles first
 	synced, failing, badLogged := false, false, false
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	due := start // when the timer fires
+	due := time.Now() // when the timer fires
 	var lastStart time.Time
 	var lastCost time.Duration
 	byWake := false // the timer was moved forward by a wake-up
@@ -288,6 +290,9 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 			badLogged = true
 		}
 		now := time.Now()
+		if firstDump.IsZero() {
+			firstDump = now
+		}
 		ready, gone, transient, next := g.observe(now, s.candidates(socks))
 		for _, id := range transient {
 			s.log.Debug("socket gone before it settled; not reported", zap.String("id", id))
@@ -311,13 +316,13 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 					out.Set(g.mapping(id))
 				}
 			}
-		case now.Sub(start) >= s.cfg.Settle:
+		case now.Sub(firstDump) >= s.cfg.Settle:
 			ms := g.reported()
 			out.Snapshot(ms)
 			synced = true
 			s.log.Info("sockets listed", zap.Int("mappings", len(ms)))
 		default:
-			wait = min(wait, start.Add(s.cfg.Settle).Sub(now))
+			wait = min(wait, firstDump.Add(s.cfg.Settle).Sub(now))
 		}
 		if next > 0 {
 			wait = min(wait, next)
