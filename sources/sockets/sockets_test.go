@@ -1,7 +1,6 @@
 package sockets_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -473,7 +472,7 @@ func TestWithoutPrivilegeTheDumpTakesOver(t *testing.T) {
 				agent, "--sources=sockets", "--sinks=stdout", "--socketsWakeups="+mode,
 				"--stateDir="+filepath.Join(dir, "state"), "--controlSocket="+sock)
 			cmd := exec.Command(argv[0], argv[1:]...)
-			var logs syncWriter
+			var logs testenv.SyncBuffer
 			cmd.Stderr = &logs
 			if err := cmd.Start(); err != nil {
 				testenv.Missing(t, "setpriv ("+err.Error()+")")
@@ -508,23 +507,4 @@ func TestWithoutPrivilegeTheDumpTakesOver(t *testing.T) {
 			}
 		})
 	}
-}
-
-// syncWriter is a bytes.Buffer safe for a process's output and a test's
-// reads at once.
-type syncWriter struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (w *syncWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
-}
-
-func (w *syncWriter) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.String()
 }
