@@ -4,31 +4,23 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"sync"
+	"strings"
 	"testing"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sinktest"
+	"github.com/guestagent/guestagent/core/testenv"
 	"github.com/guestagent/guestagent/sinks/stdout"
 )
 
 // lockedBuffer is the sink's "peer": everything it printed.
 type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
+	testenv.SyncBuffer
 }
 
 func (b *lockedBuffer) lines(t *testing.T) []stdout.Line {
-	b.mu.Lock()
-	defer b.mu.Unlock()
 	var out []stdout.Line
-	sc := bufio.NewScanner(bytes.NewReader(b.buf.Bytes()))
+	sc := bufio.NewScanner(strings.NewReader(b.String()))
 	for sc.Scan() {
 		var l stdout.Line
 		if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
