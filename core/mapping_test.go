@@ -1,77 +1,12 @@
 package core_test
 
 import (
-	"encoding/json"
 	"net/netip"
 	"testing"
 	"time"
 
 	"github.com/guestagent/guestagent/core"
 )
-
-// referenceJSON is a PortMapping as the reference agent sends it.
-const referenceJSON = `{"remove":false,"ports":{"19090/tcp":[{"HostIp":"127.0.0.1","HostPort":"19090"}]},"connectAddrs":[{"network":"tcp","addr":"10.4.0.22:80"}]}`
-
-func TestWireFormMatchesReference(t *testing.T) {
-	c := core.Change{Mapping: core.Mapping{
-		Key:          core.Key{Source: "docker", ID: "abc"},
-		Ports:        []core.Port{{Protocol: core.TCP, ContainerPort: 19090, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 19090}},
-		ConnectAddrs: []core.ConnectAddr{{Network: "tcp", Addr: "10.4.0.22:80"}},
-	}}
-	got, err := json.Marshal(c.WireForm())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if string(got) != referenceJSON {
-		t.Errorf("wire form\n got %s\nwant %s", got, referenceJSON)
-	}
-
-	var back core.PortMapping
-	if err := json.Unmarshal([]byte(referenceJSON), &back); err != nil {
-		t.Fatal(err)
-	}
-	ports, err := core.ParsePorts(back.Ports)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(ports) != 1 || ports[0] != c.Mapping.Ports[0] {
-		t.Errorf("parsed ports %v, want %v", ports, c.Mapping.Ports)
-	}
-}
-
-func TestWireFormGroupsBindingsAndKeepsNull(t *testing.T) {
-	c := core.Change{Remove: true, Mapping: core.Mapping{Ports: []core.Port{
-		{Protocol: core.TCP, ContainerPort: 80, HostIP: netip.IPv4Unspecified(), HostPort: 8080},
-		{Protocol: core.TCP, ContainerPort: 80, HostIP: netip.IPv6Unspecified(), HostPort: 8080},
-		{Protocol: core.UDP, ContainerPort: 53, HostPort: 5353},
-	}}}
-	got, err := json.Marshal(c.WireForm())
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := `{"remove":true,"ports":{"53/udp":[{"HostIp":"","HostPort":"5353"}],"80/tcp":[{"HostIp":"0.0.0.0","HostPort":"8080"},{"HostIp":"::","HostPort":"8080"}]},"connectAddrs":null}`
-	if string(got) != want {
-		t.Errorf("got  %s\nwant %s", got, want)
-	}
-}
-
-func TestParsePortsRejectsBadBindings(t *testing.T) {
-	for _, in := range []string{
-		`{"80/tcp":[{"HostIp":"0.0.0.0","HostPort":""}]}`,
-		`{"80/tcp":[{"HostIp":"0.0.0.0","HostPort":"70000"}]}`,
-		`{"80/tcp":[{"HostIp":"0.0.0.0","HostPort":"0"}]}`,
-		`{"80/tcp":[{"HostIp":"0.0.0.0","HostPort":"http"}]}`,
-		`{"80/icmp":[{"HostIp":"0.0.0.0","HostPort":"80"}]}`,
-	} {
-		var pm core.PortMapping
-		if err := json.Unmarshal([]byte(`{"ports":`+in+`}`), &pm); err != nil {
-			continue // rejected while decoding is fine too
-		}
-		if _, err := core.ParsePorts(pm.Ports); err == nil {
-			t.Errorf("ParsePorts(%s) accepted a bad binding", in)
-		}
-	}
-}
 
 func TestPortValidate(t *testing.T) {
 	ok := core.Port{Protocol: core.SCTP, ContainerPort: 1, HostPort: 65535}

@@ -11,11 +11,10 @@ const (
 	// ModeLocal (neither admin install nor privileged service): every
 	// binding is moved to localhost and privileged host ports are refused.
 	ModeLocal Mode = iota
-	// ModeTunnel (admin install): mappings go to host-switch's forwarder
-	// API as they are.
+	// ModeTunnel (admin install): mappings go to the host as bound, with no
+	// port policy.
 	ModeTunnel
-	// ModePrivileged: mappings go through the vtunnel peer to the privileged
-	// host service.
+	// ModePrivileged: mappings go, as bound, to the privileged host service.
 	ModePrivileged
 )
 

@@ -69,10 +69,10 @@ type PeerKeying int
 
 // The ways peers key ports.
 const (
-	// ByAddress: protocol, host IP and host port (the forwarder API).
+	// ByAddress: protocol, host IP and host port.
 	ByAddress PeerKeying = iota
 	// ByPort: protocol and host port only; a remove closes the port
-	// whatever its address (wsl-proxy).
+	// whatever its address.
 	ByPort
 )
 

@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 // waitFor is how long a step of the service may take before the test fails.

@@ -26,19 +26,19 @@ type Bound struct {
 	sinks   map[string]SinkFactory
 }
 
-// Bind defines the flags of every registered plugin on fs and returns the
+// Bind defines the flags of every plugin in r on fs and returns the
 // plugins' factories. Each call gets fresh flag variables, so tests can bind
 // several flag sets independently.
-func Bind(fs *pflag.FlagSet) (*Bound, error) {
+func (r *Registry) Bind(fs *pflag.FlagSet) (*Bound, error) {
 	b := &Bound{sources: map[string]SourceFactory{}, sinks: map[string]SinkFactory{}}
-	for _, p := range Sources() {
+	for _, p := range r.Sources() {
 		g := Group{Kind: "source", Name: p.Name, Summary: p.Summary, Flags: pflag.NewFlagSet(p.Name, pflag.ContinueOnError)}
 		b.sources[p.Name] = p.Setup(g.Flags)
 		if err := b.merge(fs, g); err != nil {
 			return nil, err
 		}
 	}
-	for _, p := range Sinks() {
+	for _, p := range r.Sinks() {
 		g := Group{Kind: "sink", Name: p.Name, Summary: p.Summary, Flags: pflag.NewFlagSet(p.Name, pflag.ContinueOnError)}
 		b.sinks[p.Name] = p.Setup(g.Flags)
 		if err := b.merge(fs, g); err != nil {

@@ -1,6 +1,8 @@
 // Package registry maps plugin names to the factories of sources and sinks.
-// Each plugin registers itself, with its own flags, from an init function;
-// package plugins blank-imports them all.
+// A Registry is a value, so tests can build their own; Default is the one
+// plugins add themselves to, with their own flags, from an init function,
+// and that the command binds (cmd/guestagent/plugins.go blank-imports every
+// plugin).
 package registry
 
 import (
@@ -43,47 +45,67 @@ type SourceFactory func(Env) (core.Source, error)
 // SinkFactory builds a configured sink once flags are parsed.
 type SinkFactory func(Env) (core.Sink, error)
 
-// Source describes a source plugin.
-type Source struct {
+// SourcePlugin describes a source plugin.
+type SourcePlugin struct {
 	// Name is how --sources and the logs refer to the plugin.
 	Name string
 	// Summary is one line for --help.
 	Summary string
 	// Setup defines the plugin's flags on fs and returns the factory, which
-	// reads them after parsing. Flags should be prefixed with the plugin
-	// name unless Rancher Desktop's agent named them otherwise.
+	// copies them (and what it needs of Env) into the plugin's Config after
+	// parsing and calls its New. Flags are prefixed with the plugin name,
+	// except the Rancher Desktop-compatible ones.
 	Setup func(fs *pflag.FlagSet) SourceFactory
 }
 
-// Sink describes a sink plugin.
-type Sink struct {
+// SinkPlugin describes a sink plugin, as SourcePlugin does a source.
+type SinkPlugin struct {
 	Name    string
 	Summary string
 	Setup   func(fs *pflag.FlagSet) SinkFactory
 }
 
-var (
+// Registry holds plugins by name. Its methods are safe for concurrent use.
+type Registry struct {
 	mu      sync.Mutex
-	sources = map[string]Source{}
-	sinks   = map[string]Sink{}
-)
+	sources map[string]SourcePlugin
+	sinks   map[string]SinkPlugin
+}
+
+// New returns an empty registry.
+func New() *Registry {
+	return &Registry{sources: map[string]SourcePlugin{}, sinks: map[string]SinkPlugin{}}
+}
+
+// Default is the registry that plugins register with from init and that
+// the command binds.
+var Default = New()
+
+// RegisterSource adds a source plugin to Default.
+func RegisterSource(p SourcePlugin) { Default.RegisterSource(p) }
+
+// RegisterSink adds a sink plugin to Default.
+func RegisterSink(p SinkPlugin) { Default.RegisterSink(p) }
+
+// Bind binds Default's plugins to fs; see Registry.Bind.
+func Bind(fs *pflag.FlagSet) (*Bound, error) { return Default.Bind(fs) }
 
 // RegisterSource adds a source plugin. It panics on an empty or duplicate
 // name or a missing Setup: both are mistakes in the plugin's code, caught
 // the first time the binary runs.
-func RegisterSource(p Source) {
-	mu.Lock()
-	defer mu.Unlock()
-	check("source", p.Name, p.Setup == nil, sources)
-	sources[p.Name] = p
+func (r *Registry) RegisterSource(p SourcePlugin) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	check("source", p.Name, p.Setup == nil, r.sources)
+	r.sources[p.Name] = p
 }
 
 // RegisterSink adds a sink plugin, with the same rules as RegisterSource.
-func RegisterSink(p Sink) {
-	mu.Lock()
-	defer mu.Unlock()
-	check("sink", p.Name, p.Setup == nil, sinks)
-	sinks[p.Name] = p
+func (r *Registry) RegisterSink(p SinkPlugin) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	check("sink", p.Name, p.Setup == nil, r.sinks)
+	r.sinks[p.Name] = p
 }
 
 func check[T any](kind, name string, noSetup bool, m map[string]T) {
@@ -99,17 +121,17 @@ func check[T any](kind, name string, noSetup bool, m map[string]T) {
 }
 
 // Sources returns the registered source plugins sorted by name.
-func Sources() []Source {
-	mu.Lock()
-	defer mu.Unlock()
-	return sorted(sources, func(p Source) string { return p.Name })
+func (r *Registry) Sources() []SourcePlugin {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return sorted(r.sources, func(p SourcePlugin) string { return p.Name })
 }
 
 // Sinks returns the registered sink plugins sorted by name.
-func Sinks() []Sink {
-	mu.Lock()
-	defer mu.Unlock()
-	return sorted(sinks, func(p Sink) string { return p.Name })
+func (r *Registry) Sinks() []SinkPlugin {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return sorted(r.sinks, func(p SinkPlugin) string { return p.Name })
 }
 
 func sorted[T any](m map[string]T, name func(T) string) []T {

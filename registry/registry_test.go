@@ -15,8 +15,10 @@ type nopSource struct{ greeting string }
 
 func (nopSource) Run(ctx context.Context, _ core.Emitter) error { <-ctx.Done(); return nil }
 
-func init() {
-	registry.RegisterSource(registry.Source{
+// newRegistry returns a registry of its own holding the test plugin.
+func newRegistry() *registry.Registry {
+	r := registry.New()
+	r.RegisterSource(registry.SourcePlugin{
 		Name:    "regtest",
 		Summary: "a source for the registry's tests",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
@@ -24,16 +26,18 @@ func init() {
 			return func(registry.Env) (core.Source, error) { return nopSource{*greeting}, nil }
 		},
 	})
+	return r
 }
 
 func TestBindGivesEachFlagSetItsOwnValues(t *testing.T) {
 	fs1 := pflag.NewFlagSet("one", pflag.ContinueOnError)
 	fs2 := pflag.NewFlagSet("two", pflag.ContinueOnError)
-	b1, err := registry.Bind(fs1)
+	r := newRegistry()
+	b1, err := r.Bind(fs1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b2, err := registry.Bind(fs2)
+	b2, err := r.Bind(fs2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +70,7 @@ func TestBindGivesEachFlagSetItsOwnValues(t *testing.T) {
 }
 
 func TestUnknownPluginIsAClearError(t *testing.T) {
-	b, err := registry.Bind(pflag.NewFlagSet("x", pflag.ContinueOnError))
+	b, err := newRegistry().Bind(pflag.NewFlagSet("x", pflag.ContinueOnError))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,24 +86,40 @@ func TestUnknownPluginIsAClearError(t *testing.T) {
 func TestFlagClashIsAnError(t *testing.T) {
 	fs := pflag.NewFlagSet("x", pflag.ContinueOnError)
 	fs.String("regtestGreeting", "", "taken by the command")
-	if _, err := registry.Bind(fs); err == nil || !strings.Contains(err.Error(), "regtestGreeting") {
+	if _, err := newRegistry().Bind(fs); err == nil || !strings.Contains(err.Error(), "regtestGreeting") {
 		t.Errorf("err = %v, want a clash on --regtestGreeting", err)
 	}
 }
 
 func TestRegisterMistakesPanic(t *testing.T) {
-	for name, p := range map[string]registry.Source{
+	for name, p := range map[string]registry.SourcePlugin{
 		"duplicate": {Name: "regtest", Setup: func(*pflag.FlagSet) registry.SourceFactory { return nil }},
 		"no name":   {Setup: func(*pflag.FlagSet) registry.SourceFactory { return nil }},
 		"no setup":  {Name: "nosetup"},
 	} {
 		t.Run(name, func(t *testing.T) {
+			r := newRegistry()
 			defer func() {
 				if recover() == nil {
 					t.Error("no panic")
 				}
 			}()
-			registry.RegisterSource(p)
+			r.RegisterSource(p)
 		})
+	}
+}
+
+func TestRegistriesAreIndependent(t *testing.T) {
+	r := newRegistry()
+	if got := len(registry.New().Sources()); got != 0 {
+		t.Errorf("a new registry holds %d sources", got)
+	}
+	for _, p := range registry.Default.Sources() {
+		if p.Name == "regtest" {
+			t.Error("a test registry's plugin leaked into Default")
+		}
+	}
+	if got := r.Sources(); len(got) != 1 || got[0].Name != "regtest" {
+		t.Errorf("Sources() = %v", got)
 	}
 }

@@ -20,7 +20,8 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/guestagent/guestagent/core/sourcetest"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
+	"github.com/guestagent/guestagent/sources/docker/dockerdtest"
 )
 
 const (
@@ -81,7 +82,7 @@ func BenchmarkBurst(b *testing.B) {
 		go func() {
 			defer close(ran)
 			runErr = testenv.ForEach(8, names, func(name string) error {
-				_, err := bed.docker.Docker("run", "-d", "--name", name, "-p", fmt.Sprintf("127.0.0.1:%d:80", ports[name]), testenv.WebImage)
+				_, err := bed.docker.Docker("run", "-d", "--name", name, "-p", fmt.Sprintf("127.0.0.1:%d:80", ports[name]), dockerdtest.WebImage)
 				if err != nil {
 					failed.Add(1)
 				}

@@ -16,7 +16,8 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
+	"github.com/guestagent/guestagent/sources/docker/dockerdtest"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files of the command outputs")
@@ -325,13 +326,13 @@ func TestCommandsWithDocker(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts dockerd")
 	}
-	d, err := testenv.StartDockerd(t.TempDir())
+	d, err := dockerdtest.Start(t.TempDir())
 	if err != nil {
 		testenv.Missing(t, "dockerd ("+err.Error()+")")
 	}
 	defer d.Close()
 	port := testenv.FreePort(t)
-	id, err := d.Docker("run", "-d", "-p", fmt.Sprintf("127.0.0.1:%d:80", port), "-p", "80:80", testenv.WebImage)
+	id, err := d.Docker("run", "-d", "-p", fmt.Sprintf("127.0.0.1:%d:80", port), "-p", "80:80", dockerdtest.WebImage)
 	if err != nil {
 		t.Fatal(err)
 	}

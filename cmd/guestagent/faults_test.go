@@ -35,12 +35,13 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/guestagent/guestagent/core"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
 	"github.com/guestagent/guestagent/sinks/wslproxy/wslproxytest"
 	ctrd "github.com/guestagent/guestagent/sources/containerd"
 	"github.com/guestagent/guestagent/sources/containerd/containerdtest"
+	"github.com/guestagent/guestagent/sources/docker/dockerdtest"
 	"github.com/guestagent/guestagent/sources/kubernetes/apiservertest"
 )
 
@@ -338,7 +339,7 @@ type faultBed struct {
 	t      testing.TB
 	dir    string
 	rng    *rand.Rand
-	docker *testenv.Dockerd
+	docker *dockerdtest.Dockerd
 	ctrd   *containerdtest.Containerd
 	kube   *apiservertest.Server
 	gv     *gvproxytest.Gvproxy
@@ -385,7 +386,7 @@ func newFaultBed(t testing.TB, seed uint64) *faultBed {
 	}
 	var wg sync.WaitGroup
 	var dockerErr, ctrdErr, kubeErr error
-	wg.Go(func() { b.docker, dockerErr = testenv.StartDockerd(filepath.Join(b.dir, "docker")) })
+	wg.Go(func() { b.docker, dockerErr = dockerdtest.Start(filepath.Join(b.dir, "docker")) })
 	wg.Go(func() { b.ctrd, ctrdErr = containerdtest.StartContainerd(filepath.Join(b.dir, "containerd")) })
 	wg.Go(func() { b.kube, kubeErr = apiservertest.Start(filepath.Join(b.dir, "kube")) })
 	wg.Wait()
@@ -527,7 +528,7 @@ func (b *faultBed) dockerPublish(ip string, port int) string {
 	if ip != "" {
 		publish = ip + ":" + publish
 	}
-	_, err := b.docker.Docker("run", "-d", "--name", name, "-p", publish, testenv.WebImage)
+	_, err := b.docker.Docker("run", "-d", "--name", name, "-p", publish, dockerdtest.WebImage)
 	b.must(err)
 	return name
 }

@@ -15,12 +15,13 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/guestagent/guestagent/core"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/stdout"
 	"github.com/guestagent/guestagent/sinks/vtunnel"
 	"github.com/guestagent/guestagent/sinks/wslproxy"
+	"github.com/guestagent/guestagent/wire"
 )
 
 // syncBuffer is a bytes.Buffer safe for the agent's writers and the test.
@@ -242,7 +243,7 @@ func TestRunEndToEnd(t *testing.T) {
 	if len(lines) != 2 || lines[0].Remove || !lines[1].Remove {
 		t.Fatalf("want an add then a remove on shutdown, got %+v", lines)
 	}
-	ports, err := core.ParsePorts(lines[0].Ports)
+	ports, err := wire.ParsePorts(lines[0].Ports)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
 	"github.com/guestagent/guestagent/sinks/wslproxy/wslproxytest"

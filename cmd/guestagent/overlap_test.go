@@ -17,7 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/guestagent/guestagent/core"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
 	"github.com/guestagent/guestagent/sinks/wslproxy/wslproxytest"

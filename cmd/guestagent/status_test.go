@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 // TestStatusAndMetrics runs the agent with --statusAddr and reads both

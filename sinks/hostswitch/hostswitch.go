@@ -45,7 +45,7 @@ const (
 )
 
 func init() {
-	registry.RegisterSink(registry.Sink{
+	registry.RegisterSink(registry.SinkPlugin{
 		Name:    Name,
 		Summary: "expose ports through host-switch's forwarder HTTP API",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {

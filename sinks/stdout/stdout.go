@@ -15,13 +15,14 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
+	"github.com/guestagent/guestagent/wire"
 )
 
 // Name is the sink's registry name.
 const Name = "stdout"
 
 func init() {
-	registry.RegisterSink(registry.Sink{
+	registry.RegisterSink(registry.SinkPlugin{
 		Name:    Name,
 		Summary: "print every delivered change as a JSON line on standard output",
 		Setup: func(*pflag.FlagSet) registry.SinkFactory {
@@ -39,7 +40,7 @@ func init() {
 type Line struct {
 	Source string `json:"source"`
 	ID     string `json:"id"`
-	core.PortMapping
+	wire.PortMapping
 }
 
 // Sink writes changes to a writer.
@@ -58,7 +59,7 @@ func (s *Sink) Send(ctx context.Context, c core.Change) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := s.enc.Encode(Line{Source: c.Mapping.Source, ID: c.Mapping.ID, PortMapping: c.WireForm()}); err != nil {
+	if err := s.enc.Encode(Line{Source: c.Mapping.Source, ID: c.Mapping.ID, PortMapping: wire.FromChange(c)}); err != nil {
 		return fmt.Errorf("writing change: %w", err)
 	}
 	return nil

@@ -9,8 +9,9 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sinktest"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/stdout"
+	"github.com/guestagent/guestagent/wire"
 )
 
 // lockedBuffer is the sink's "peer": everything it printed.
@@ -35,7 +36,7 @@ func (b *lockedBuffer) lines(t *testing.T) []stdout.Line {
 func (b *lockedBuffer) state(t *testing.T) []string {
 	exposed := map[string]bool{}
 	for _, l := range b.lines(t) {
-		ports, err := core.ParsePorts(l.Ports)
+		ports, err := wire.ParsePorts(l.Ports)
 		if err != nil {
 			t.Fatalf("printed ports do not parse: %v", err)
 		}

@@ -23,6 +23,7 @@ import (
 	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sinks/internal/oneshot"
 	"github.com/guestagent/guestagent/sinks/internal/peerwatch"
+	"github.com/guestagent/guestagent/wire"
 )
 
 // Name is the sink's registry name.
@@ -35,7 +36,7 @@ const (
 )
 
 func init() {
-	registry.RegisterSink(registry.Sink{
+	registry.RegisterSink(registry.SinkPlugin{
 		Name:    Name,
 		Summary: "send mappings to the vtunnel peer, which carries them over AF_VSOCK to the privileged host service",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
@@ -111,7 +112,7 @@ func Dialer(addr string) (oneshot.Dialer, error) {
 // Send delivers c as one PortMapping, with the interface's addresses as
 // the backend when an interface is configured.
 func (s *Sink) Send(ctx context.Context, c core.Change) error {
-	pm := c.WireForm()
+	pm := wire.FromChange(c)
 	if s.iface != "" {
 		addrs, err := InterfaceAddrs(s.iface)
 		if err != nil {

@@ -18,6 +18,7 @@ import (
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sinktest"
 	"github.com/guestagent/guestagent/sinks/vtunnel"
+	"github.com/guestagent/guestagent/wire"
 )
 
 // peer records the PortMappings it is sent, one per connection, and keeps
@@ -28,7 +29,7 @@ type peer struct {
 	ln       net.Listener
 	addr     string
 	exposed  map[string]bool
-	received []core.PortMapping
+	received []wire.PortMapping
 	errs     []error
 	wg       sync.WaitGroup
 }
@@ -82,13 +83,13 @@ func (p *peer) handle(c net.Conn) {
 	if len(data) == 0 {
 		return // a probe
 	}
-	var pm core.PortMapping
+	var pm wire.PortMapping
 	if err := json.Unmarshal(data, &pm); err != nil {
 		p.errs = append(p.errs, err)
 		return
 	}
 	p.received = append(p.received, pm)
-	ports, err := core.ParsePorts(pm.Ports)
+	ports, err := wire.ParsePorts(pm.Ports)
 	if err != nil {
 		p.errs = append(p.errs, err)
 		return
@@ -113,7 +114,7 @@ func (p *peer) state() []string {
 	return out
 }
 
-func (p *peer) messages() []core.PortMapping {
+func (p *peer) messages() []wire.PortMapping {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return slices.Clone(p.received)

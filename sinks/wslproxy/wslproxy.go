@@ -20,6 +20,7 @@ import (
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sinks/internal/oneshot"
+	"github.com/guestagent/guestagent/wire"
 )
 
 // Name is the sink's registry name.
@@ -29,7 +30,7 @@ const Name = "wsl-proxy"
 const DefaultSocket = "/run/wsl-proxy.sock"
 
 func init() {
-	registry.RegisterSink(registry.Sink{
+	registry.RegisterSink(registry.SinkPlugin{
 		Name:    Name,
 		Summary: "send mappings to wsl-proxy so other WSL distributions reach the ports",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
@@ -72,7 +73,7 @@ func (s *Sink) dial(ctx context.Context) (net.Conn, error) {
 // Send delivers c as one PortMapping (the router sends one port per
 // change).
 func (s *Sink) Send(ctx context.Context, c core.Change) error {
-	return oneshot.Send(ctx, s.dial, c.WireForm())
+	return oneshot.Send(ctx, s.dial, wire.FromChange(c))
 }
 
 // socketID identifies the socket file; a restarted wsl-proxy makes a new one.

@@ -53,7 +53,7 @@ const (
 )
 
 func init() {
-	registry.RegisterSource(registry.Source{
+	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "containers' ports from the containerd API and nerdctl's port data",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {

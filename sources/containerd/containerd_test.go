@@ -17,7 +17,7 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/containerd"
 	"github.com/guestagent/guestagent/sources/containerd/containerdtest"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"

@@ -10,7 +10,7 @@ import (
 	cniutils "github.com/containernetworking/plugins/pkg/utils"
 
 	"github.com/guestagent/guestagent/core/sourcetest"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/containerd"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat/loopbacknattest"

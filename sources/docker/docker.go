@@ -41,7 +41,7 @@ const Name = "docker"
 const DefaultHost = "unix:///var/run/docker.sock"
 
 func init() {
-	registry.RegisterSource(registry.Source{
+	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "containers' published ports from the Docker (moby) API",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {

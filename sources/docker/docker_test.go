@@ -15,16 +15,18 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/docker"
+	"github.com/guestagent/guestagent/sources/docker/dockerdtest"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
+	"github.com/guestagent/guestagent/wire"
 )
 
 // engine is the dockerd the tests share; wrapper runs iptables in its
 // namespace.
 var (
-	engine = testenv.NewShared("dockerd", func(dir string) (*testenv.Dockerd, error) {
-		d, err := testenv.StartDockerd(dir)
+	engine = testenv.NewShared("dockerd", func(dir string) (*dockerdtest.Dockerd, error) {
+		d, err := dockerdtest.Start(dir)
 		if err != nil {
 			return nil, err
 		}
@@ -33,7 +35,7 @@ var (
 			return nil, err
 		}
 		return d, nil
-	}, (*testenv.Dockerd).Close)
+	}, (*dockerdtest.Dockerd).Close)
 	wrapper string
 )
 
@@ -43,7 +45,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func requireEngine(t testing.TB) *testenv.Dockerd {
+func requireEngine(t testing.TB) *dockerdtest.Dockerd {
 	t.Helper()
 	return engine.Get(t)
 }
@@ -65,7 +67,7 @@ func newSource(t testing.TB) core.Source {
 
 // inspectPorts asks the engine which ports a container published: the
 // ground truth the source must report.
-func inspectPorts(t *testing.T, d *testenv.Dockerd, id string) []core.Port {
+func inspectPorts(t *testing.T, d *dockerdtest.Dockerd, id string) []core.Port {
 	t.Helper()
 	out, err := d.Docker("inspect", "--format", "{{json .NetworkSettings.Ports}}", id)
 	if err != nil {
@@ -80,7 +82,7 @@ func inspectPorts(t *testing.T, d *testenv.Dockerd, id string) []core.Port {
 			delete(pm, k)
 		}
 	}
-	ports, err := core.ParsePorts(pm)
+	ports, err := wire.ParsePorts(pm)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,11 +92,11 @@ func inspectPorts(t *testing.T, d *testenv.Dockerd, id string) []core.Port {
 var seq atomic.Int64
 
 // run starts a container of the test image and returns its id.
-func run(t testing.TB, d *testenv.Dockerd, args ...string) string {
+func run(t testing.TB, d *dockerdtest.Dockerd, args ...string) string {
 	t.Helper()
 	name := fmt.Sprintf("t%d", seq.Add(1))
 	argv := append([]string{"run", "-d", "--name", name}, args...)
-	id, err := d.Docker(append(argv, testenv.WebImage)...)
+	id, err := d.Docker(append(argv, dockerdtest.WebImage)...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,7 +9,7 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/docker"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat/loopbacknattest"

@@ -67,7 +67,7 @@ import (
 const Name = "iptables"
 
 func init() {
-	registry.RegisterSource(registry.Source{
+	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "service ports in kube-proxy's and CNI's NAT rules (iptables and nftables), with listeners",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {

@@ -9,7 +9,7 @@ import (
 
 	"github.com/google/nftables"
 
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 // countingDumper counts the chains a natCache dumps.

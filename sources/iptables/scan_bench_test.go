@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core/sourcetest"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 // BenchmarkScan measures one full scan (reading the chains over netlink,

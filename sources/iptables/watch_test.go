@@ -13,7 +13,7 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 func needCommands(t testing.TB, cmds ...string) {

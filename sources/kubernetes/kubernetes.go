@@ -41,7 +41,7 @@ const Name = "kubernetes"
 const DefaultKubeconfig = "/etc/rancher/k3s/k3s.yaml"
 
 func init() {
-	registry.RegisterSource(registry.Source{
+	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "NodePort and LoadBalancer services from the Kubernetes API",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {

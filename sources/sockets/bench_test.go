@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core/sourcetest"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/sockets"
 )
 

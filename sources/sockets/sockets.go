@@ -54,7 +54,7 @@ const (
 )
 
 func init() {
-	registry.RegisterSource(registry.Source{
+	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "listening TCP and bound UDP sockets of the network namespace, read through sock_diag",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {

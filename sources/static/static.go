@@ -35,7 +35,7 @@ const Name = "static"
 const MaxFileSize = 8 << 20
 
 func init() {
-	registry.RegisterSource(registry.Source{
+	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "mappings read from a JSON file, re-read when it changes",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {

@@ -24,7 +24,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 // Gvproxy is a running gvproxy.

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/wire"
 )
 
 // Dialer opens a connection to the peer.
@@ -19,7 +20,7 @@ type Dialer func(ctx context.Context) (net.Conn, error)
 // Send dials the peer, writes pm as one JSON document and closes the
 // connection. Failures to connect or write are marked core.PeerDown: the
 // peer is gone or restarting.
-func Send(ctx context.Context, dial Dialer, pm core.PortMapping) error {
+func Send(ctx context.Context, dial Dialer, pm wire.PortMapping) error {
 	conn, err := dial(ctx)
 	if err != nil {
 		if ctx.Err() != nil {

@@ -19,6 +19,7 @@ import (
 	"sync"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/wire"
 )
 
 // Peer is a running test peer.
@@ -34,7 +35,7 @@ type Peer struct {
 	mu        sync.Mutex
 	ln        net.Listener
 	listeners map[string]listener // by "proto port"
-	received  []core.PortMapping
+	received  []wire.PortMapping
 	errs      []error
 	wg        sync.WaitGroup
 }
@@ -84,12 +85,12 @@ func (p *Peer) accept(ln net.Listener) {
 
 func (p *Peer) handle(c net.Conn) {
 	defer c.Close()
-	var pm core.PortMapping
+	var pm wire.PortMapping
 	if err := json.NewDecoder(io.LimitReader(c, 1<<20)).Decode(&pm); err != nil {
 		p.fail(fmt.Errorf("decoding message: %w", err))
 		return
 	}
-	ports, err := core.ParsePorts(pm.Ports)
+	ports, err := wire.ParsePorts(pm.Ports)
 	if err != nil {
 		p.fail(err)
 		return
@@ -215,7 +216,7 @@ func (p *Peer) State() []string {
 }
 
 // Received returns every message the peer decoded, in order.
-func (p *Peer) Received() []core.PortMapping {
+func (p *Peer) Received() []wire.PortMapping {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return slices.Clone(p.received)

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core"
-	"github.com/guestagent/guestagent/core/testenv"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 )
 

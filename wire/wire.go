@@ -1,4 +1,8 @@
-package core
+// Package wire is the JSON form in which wsl-proxy and the vtunnel peer
+// take port mappings: the Docker API's port map, keyed by "<port>/<proto>",
+// with the addresses the host connects to. The docker source reads the same
+// port map from container inspections.
+package wire
 
 import (
 	"fmt"
@@ -7,18 +11,19 @@ import (
 	"strings"
 
 	"github.com/moby/moby/api/types/network"
+
+	"github.com/guestagent/guestagent/core"
 )
 
-// PortMapping is the JSON wire form of a change as wsl-proxy and the vtunnel
-// peer expect it: ports are a Docker port map keyed by "<port>/<proto>".
+// PortMapping is one change as wsl-proxy and the vtunnel peer expect it.
 type PortMapping struct {
-	Remove       bool            `json:"remove"`
-	Ports        network.PortMap `json:"ports"`
-	ConnectAddrs []ConnectAddr   `json:"connectAddrs"`
+	Remove       bool               `json:"remove"`
+	Ports        network.PortMap    `json:"ports"`
+	ConnectAddrs []core.ConnectAddr `json:"connectAddrs"`
 }
 
-// WireForm converts c to its PortMapping wire form.
-func (c Change) WireForm() PortMapping {
+// FromChange converts c to its wire form.
+func FromChange(c core.Change) PortMapping {
 	pm := PortMapping{
 		Remove:       c.Remove,
 		Ports:        network.PortMap{},
@@ -41,7 +46,7 @@ func (c Change) WireForm() PortMapping {
 // rejecting bindings whose host port is missing or out of range. Bindings
 // with an empty host port (published to a random port that is not yet
 // known) are reported as errors too, so callers can log them.
-func ParsePorts(pm network.PortMap) ([]Port, error) {
+func ParsePorts(pm network.PortMap) ([]core.Port, error) {
 	keys := make([]network.Port, 0, len(pm))
 	for k := range pm {
 		keys = append(keys, k)
@@ -52,9 +57,9 @@ func ParsePorts(pm network.PortMap) ([]Port, error) {
 		}
 		return strings.Compare(string(a.Proto()), string(b.Proto()))
 	})
-	var ports []Port
+	var ports []core.Port
 	for _, k := range keys {
-		proto, err := ParseProtocol(string(k.Proto()))
+		proto, err := core.ParseProtocol(string(k.Proto()))
 		if err != nil {
 			return nil, fmt.Errorf("port %s: %w", k, err)
 		}
@@ -66,7 +71,7 @@ func ParsePorts(pm network.PortMap) ([]Port, error) {
 			if err != nil || hp == 0 {
 				return nil, fmt.Errorf("port %s: host port %q is not 1-65535", k, b.HostPort)
 			}
-			ports = append(ports, Port{Protocol: proto, ContainerPort: k.Num(), HostIP: b.HostIP, HostPort: uint16(hp)})
+			ports = append(ports, core.Port{Protocol: proto, ContainerPort: k.Num(), HostIP: b.HostIP, HostPort: uint16(hp)})
 		}
 	}
 	return ports, nil

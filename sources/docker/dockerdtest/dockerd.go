@@ -1,4 +1,7 @@
-package testenv
+// Package dockerdtest runs a real dockerd for the tests: Debian's docker.io
+// in a network namespace of its own, with private sockets and state, and
+// the test web server imported as an image.
+package dockerdtest
 
 import (
 	"archive/tar"
@@ -14,9 +17,11 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
-// WebImage is the image StartDockerd builds: the static test web server.
+// WebImage is the image Start builds: the static test web server.
 const WebImage = "guestagent-test/web:latest"
 
 // Dockerd is a dockerd from Debian's docker.io, run inside its own network
@@ -33,15 +38,15 @@ type Dockerd struct {
 	exited       chan struct{}
 }
 
-// StartDockerd starts a daemon under dir and builds WebImage in it.
-func StartDockerd(dir string) (*Dockerd, error) {
+// Start starts a daemon under dir and builds WebImage in it.
+func Start(dir string) (*Dockerd, error) {
 	for _, bin := range []string{"dockerd", "docker", "nsenter", "go"} {
 		if _, err := exec.LookPath(bin); err != nil {
 			return nil, fmt.Errorf("%s not found: %w", bin, err)
 		}
 	}
 	ns := fmt.Sprintf("gadocker-%d", os.Getpid())
-	cleanup, err := NewNetns(ns)
+	cleanup, err := testenv.NewNetns(ns)
 	if err != nil {
 		return nil, err
 	}
@@ -64,7 +69,7 @@ func (d *Dockerd) Start() error {
 		return err
 	}
 	defer log.Close()
-	argv := InNetns(d.Netns, "dockerd",
+	argv := testenv.InNetns(d.Netns, "dockerd",
 		"-H", d.Host,
 		"--data-root", filepath.Join(d.Dir, "root"),
 		"--exec-root", filepath.Join(d.Dir, "exec"),
@@ -143,7 +148,7 @@ func (d *Dockerd) Close() {
 	d.Stop()
 	// The daemon runs with --live-restore: containers it failed to remove
 	// would outlive it, so their shims and processes are killed.
-	killShims(filepath.Join(d.Dir, "exec"))
+	testenv.KillShims(filepath.Join(d.Dir, "exec"))
 	nsFiles, _ := filepath.Glob(filepath.Join(d.Dir, "exec", "netns", "*"))
 	for _, f := range nsFiles {
 		_ = exec.Command("umount", f).Run() // the namespaces of killed containers
@@ -157,7 +162,7 @@ func (d *Dockerd) Close() {
 // eight commands at a time, so that hundreds of them are gone within the
 // time one command may take. It returns the first error.
 func (d *Dockerd) RemoveAll(names []string) error {
-	return ForEach(8, slices.Collect(slices.Chunk(names, 10)), func(batch []string) error {
+	return testenv.ForEach(8, slices.Collect(slices.Chunk(names, 10)), func(batch []string) error {
 		_, err := d.Docker(append([]string{"rm", "-f"}, batch...)...)
 		return err
 	})
@@ -180,7 +185,7 @@ func (d *Dockerd) Docker(args ...string) (string, error) {
 
 // buildImage compiles the test web server and imports it as WebImage.
 func (d *Dockerd) buildImage() error {
-	bin, err := BuildWebServer(d.Dir)
+	bin, err := testenv.BuildWebServer(d.Dir)
 	if err != nil {
 		return err
 	}
@@ -208,55 +213,10 @@ func (d *Dockerd) buildImage() error {
 	return nil
 }
 
-// BuildWebServer compiles testdata/webserver statically into dir.
-func BuildWebServer(dir string) (string, error) {
-	root, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil {
-		return "", fmt.Errorf("go env GOMOD: %w", err)
-	}
-	out := filepath.Join(dir, "web")
-	cmd := exec.Command("go", "build", "-o", out, "./testdata/webserver")
-	cmd.Dir = filepath.Dir(strings.TrimSpace(string(root)))
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("building the test web server: %w: %s", err, b)
-	}
-	return out, nil
-}
-
 func tail(b []byte) string {
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	if len(lines) > 15 {
 		lines = lines[len(lines)-15:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-// killShims kills the containerd shims whose command line names dir, and
-// the container processes they run.
-func killShims(dir string) {
-	procs, _ := filepath.Glob("/proc/[0-9]*")
-	shims := map[int]bool{}
-	parent := map[int]int{}
-	for _, p := range procs {
-		pid, err := strconv.Atoi(filepath.Base(p))
-		if err != nil {
-			continue
-		}
-		if cmdline, err := os.ReadFile(p + "/cmdline"); err == nil &&
-			bytes.Contains(cmdline, []byte("containerd-shim")) && bytes.Contains(cmdline, []byte(dir)) {
-			shims[pid] = true
-		}
-		if f, err := ProcStat(pid); err == nil {
-			parent[pid], _ = strconv.Atoi(f[1])
-		}
-	}
-	for pid, ppid := range parent {
-		if shims[ppid] {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
-	for pid := range shims {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
 }
