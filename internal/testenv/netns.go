@@ -33,6 +33,7 @@ func NewNetns(name string) (func(), error) {
 // Netns creates a network namespace for t, or reports it missing.
 func Netns(t testing.TB) string {
 	t.Helper()
+	Integration(t)
 	name := fmt.Sprintf("gatest-%d-%d", os.Getpid(), nsCounter.Add(1))
 	cleanup, err := NewNetns(name)
 	if err != nil {

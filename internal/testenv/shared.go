@@ -32,6 +32,7 @@ func NewShared[T any](name string, start func(dir string) (T, error), stop func(
 // fails or skips as Missing says.
 func (s *Shared[T]) Get(t testing.TB) T {
 	t.Helper()
+	Integration(t)
 	s.once.Do(func() {
 		if s.dir, s.err = os.MkdirTemp("", "guestagent-"+s.name+"-"); s.err != nil {
 			return

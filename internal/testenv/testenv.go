@@ -23,6 +23,17 @@ func Required() bool {
 	return os.Getenv(RequireEnv) == "1" || os.Getenv("CI") == "true"
 }
 
+// Integration skips t under `go test -short` (make check): the test needs a
+// real engine or peer, root, a network namespace or a program it builds.
+// Every helper here that provides one of those calls it, so a test that
+// uses them need not; a test that needs them otherwise calls it first.
+func Integration(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("integration test: needs real engines or privileges; skipped with -short")
+	}
+}
+
 // Missing fails or skips t because what is not available.
 func Missing(t testing.TB, what string) {
 	t.Helper()
@@ -37,6 +48,7 @@ func Missing(t testing.TB, what string) {
 // envVar, or found as name on PATH.
 func Binary(t testing.TB, envVar, name string) string {
 	t.Helper()
+	Integration(t)
 	if p := os.Getenv(envVar); p != "" {
 		if _, err := os.Stat(p); err == nil {
 			return p
