@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/registry"
+	"github.com/guestagent/guestagent/sinks/hostswitch"
+	"github.com/guestagent/guestagent/sinks/vtunnel"
+	"github.com/guestagent/guestagent/sinks/wslproxy"
+)
+
+// k8sAPISource is the name under which the static Kubernetes API mapping is
+// reported.
+const k8sAPISource = "k8s-api"
+
+// build checks the configuration and wires the selected plugins into a
+// router.
+func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer, m *metrics) (*core.Router, error) {
+	mode, err := core.ModeFromFlags(cfg.adminInstall, cfg.privSvc)
+	if err != nil {
+		return nil, err
+	}
+	listener, err := netip.ParseAddr(cfg.k8sListener)
+	if err != nil || (listener != netip.IPv4Unspecified() && listener != netip.AddrFrom4([4]byte{127, 0, 0, 1})) {
+		return nil, fmt.Errorf("--k8sServiceListenerAddr %q is invalid: valid options are 0.0.0.0 and 127.0.0.1", cfg.k8sListener)
+	}
+	if cfg.k8sAPIPort < 1 || cfg.k8sAPIPort > 65535 {
+		return nil, fmt.Errorf("--k8sAPIPort %d is out of range 1-65535", cfg.k8sAPIPort)
+	}
+	env := registry.Env{Log: log, Stdout: stdout, Options: registry.Options{
+		Mode:                   mode,
+		K8sServiceListenerAddr: listener,
+		K8sAPIPort:             uint16(cfg.k8sAPIPort),
+	}}
+	kubernetes := *cfg.enabled["kubernetes"]
+
+	var sourceNames []string
+	for _, s := range sourceFlags {
+		on := *cfg.enabled[s.plugin]
+		switch s.plugin {
+		case "iptables":
+			on = on && kubernetes
+		case "sockets":
+			if !cfg.socketsGiven {
+				on = mode == core.ModeTunnel
+			}
+		}
+		if on {
+			sourceNames = append(sourceNames, s.plugin)
+		}
+	}
+	sourceNames = dedupe(append(sourceNames, cfg.sources...))
+	if len(sourceNames) == 0 {
+		return nil, errors.New("no source enabled: use --docker, --containerd, --kubernetes, --sockets or --sources NAME")
+	}
+	var sinkNames []string
+	for _, n := range cfg.sinks {
+		if n == "auto" {
+			sinkNames = append(sinkNames, modeSinks(mode, cfg.wslIntegration)...)
+		} else {
+			sinkNames = append(sinkNames, n)
+		}
+	}
+	sinkNames = dedupe(sinkNames)
+	if len(sinkNames) == 0 {
+		return nil, errors.New("no sink selected: --sinks is empty")
+	}
+
+	if cfg.stateDir != "" {
+		if err := os.MkdirAll(cfg.stateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("--stateDir: %w", err)
+		}
+	}
+	router := core.NewRouter(core.RouterConfig{
+		Log:          log,
+		Policy:       mode.Policy(),
+		DrainTimeout: drainTimeout(cfg.unexposeOnExit),
+		StateDir:     cfg.stateDir,
+		Delivered:    m.delivered,
+	})
+	for _, n := range sourceNames {
+		src, err := bound.NewSource(n, env)
+		if err != nil {
+			return nil, err
+		}
+		router.AddSource(n, src)
+	}
+	if kubernetes {
+		router.AddSource(k8sAPISource, k8sAPIMapping(uint16(cfg.k8sAPIPort)))
+	}
+	for _, n := range sinkNames {
+		snk, err := bound.NewSink(n, env)
+		if err != nil {
+			return nil, err
+		}
+		router.AddSink(n, snk, acceptFor(n))
+	}
+	log.Info("configuration",
+		zap.Stringer("mode", mode),
+		zap.Strings("sources", sourceNames),
+		zap.Strings("sinks", sinkNames))
+	return router, nil
+}
+
+func drainTimeout(on bool) time.Duration {
+	if on {
+		return 5 * time.Second
+	}
+	return 0
+}
+
+// modeSinks returns the names of the sinks a networking mode delivers to;
+// wsl adds the copy to wsl-proxy that WSL integration needs.
+func modeSinks(m core.Mode, wsl bool) []string {
+	switch {
+	case m == core.ModePrivileged:
+		return []string{vtunnel.Name}
+	case wsl:
+		return []string{hostswitch.Name, wslproxy.Name}
+	default:
+		return []string{hostswitch.Name}
+	}
+}
+
+// acceptFor keeps the static Kubernetes API mapping away from the sinks
+// that expose ports on the host: only wsl-proxy (and the debugging sinks)
+// want it.
+func acceptFor(sink string) func(core.Key) bool {
+	if sink == hostswitch.Name || sink == vtunnel.Name {
+		return func(k core.Key) bool { return k.Source != k8sAPISource }
+	}
+	return nil
+}
+
+// k8sAPIMapping reports the one static mapping of the Kubernetes API port.
+func k8sAPIMapping(port uint16) core.Source {
+	return core.SourceFunc(func(ctx context.Context, out core.Emitter) error {
+		out.Snapshot([]core.Mapping{{
+			Key: core.Key{ID: "api-server"},
+			Ports: []core.Port{{
+				Protocol: core.TCP, ContainerPort: port,
+				HostIP: netip.AddrFrom4([4]byte{127, 0, 0, 1}), HostPort: port,
+			}},
+		}})
+		<-ctx.Done()
+		return nil
+	})
+}
+
+func dedupe(names []string) []string {
+	var out []string
+	for _, n := range names {
+		n = strings.TrimSpace(n)
+		if n != "" && !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
+}

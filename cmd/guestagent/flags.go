@@ -1,0 +1,117 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/spf13/pflag"
+)
+
+// sourceFlag is one of the Rancher Desktop-compatible boolean flags that
+// enable a source.
+type sourceFlag struct {
+	flag, plugin, usage string
+	def                 bool
+}
+
+var sourceFlags = []sourceFlag{
+	{"docker", "docker", "watch the Docker (moby) API for container start/stop/die and their published ports", false},
+	{"containerd", "containerd", "watch the containerd API for /tasks/start, /containers/update and /tasks/exit", false},
+	{"kubernetes", "kubernetes", "watch Kubernetes services of type NodePort and LoadBalancer", false},
+	{"iptables", "iptables", "with --kubernetes: scan kube-proxy's NAT rules for service ports and open their listeners", true},
+	{"sockets", "sockets", "expose the listening sockets of the agent's network namespace (host-network containers and pods, plain processes); default: on in network-tunnel mode (--adminInstall), off otherwise", false},
+}
+
+// config is the parsed command line.
+type config struct {
+	debug, showVersion      bool
+	sources, sinks          []string
+	adminInstall, privSvc   bool
+	wslIntegration          bool
+	k8sListener             string
+	k8sAPIPort              int
+	unexposeOnExit          bool
+	statusAddr              string
+	statusAllowRemote       bool
+	pprof                   bool
+	controlSocket           string
+	stateDir                string
+	tapIP                   string
+	enabled                 map[string]*bool // by plugin name
+	socketsGiven            bool             // --sockets was on the command line
+	general, mode, enabling *pflag.FlagSet
+}
+
+func defineFlags(fs *pflag.FlagSet) *config {
+	c := &config{enabled: map[string]*bool{}}
+	c.general = pflag.NewFlagSet("general", pflag.ContinueOnError)
+	c.general.BoolVar(&c.debug, "debug", false, "debug logging")
+	c.general.BoolVar(&c.showVersion, "version", false, "print the version and exit")
+	c.general.StringSliceVar(&c.sources, "sources", nil, "more sources to enable by name, comma-separated (see the list below)")
+	c.general.StringSliceVar(&c.sinks, "sinks", []string{"auto"}, `sinks to deliver to by name, comma-separated; "auto" means the ones the networking mode selects`)
+	c.general.BoolVar(&c.unexposeOnExit, "unexposeOnExit", true, "on SIGINT/SIGTERM, remove every exposed port before exiting")
+	c.general.StringVar(&c.stateDir, "stateDir", "/var/lib/guestagent", "directory of the ownership records: which ports this agent exposed on each sink, so that after a restart (or a crash) it removes exactly its own leftovers and never another party's; empty keeps them in memory only")
+	c.general.StringVar(&c.controlSocket, "controlSocket", DefaultControlSocket, "unix socket (root only) on which the agent serves its state to 'guestagent status', 'watch' and 'explain'; empty: off")
+	c.general.BoolVar(&c.statusAllowRemote, "statusAllowRemote", false, "let --statusAddr listen on an address other than loopback (anyone who reaches it reads the agent's state)")
+	c.general.StringVar(&c.statusAddr, "statusAddr", "", "serve GET /status (current mappings, JSON) and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9901; empty: off")
+	c.general.BoolVar(&c.pprof, "pprof", false, "with --statusAddr: also serve the Go runtime's profiles (heap, goroutines, CPU) under /debug/pprof/ there, for 'go tool pprof http://ADDR/debug/pprof/heap'")
+
+	c.mode = pflag.NewFlagSet("mode", pflag.ContinueOnError)
+	c.mode.BoolVar(&c.adminInstall, "adminInstall", false, "network-tunnel mode: forward to host-switch's API as bound (the agent runs in its own network namespace)")
+	c.mode.BoolVar(&c.privSvc, "privilegedService", false, "privileged-service mode: forward over the vtunnel peer to the privileged host service")
+	c.mode.BoolVar(&c.wslIntegration, "wslIntegration", true, "also send mappings to wsl-proxy so other WSL distributions reach them (not in privileged-service mode)")
+	c.mode.StringVar(&c.k8sListener, "k8sServiceListenerAddr", "127.0.0.1", "IP to bind Kubernetes services on the host: 0.0.0.0 or 127.0.0.1")
+	c.mode.IntVar(&c.k8sAPIPort, "k8sAPIPort", 6443, "Kubernetes API port announced to wsl-proxy so other distributions can use kubectl")
+	c.mode.StringVar(&c.tapIP, "tap-interface-ip", "", "this guest's address on the virtual network, for every plugin that needs it (--hostSwitchGuestIP and the loopback NAT guest addresses, unless given); the name Rancher Desktop's agent uses")
+
+	c.enabling = pflag.NewFlagSet("sources", pflag.ContinueOnError)
+	for _, s := range sourceFlags {
+		c.enabled[s.plugin] = c.enabling.Bool(s.flag, s.def, s.usage)
+	}
+	fs.AddFlagSet(c.general)
+	fs.AddFlagSet(c.mode)
+	fs.AddFlagSet(c.enabling)
+	return c
+}
+
+// guestIPFlags are the flags --tap-interface-ip sets.
+var guestIPFlags = []string{"hostSwitchGuestIP", "dockerNATGuestIP", "containerdNATGuestIP"}
+
+// applyGuestIP sets each plugin's guest address flag that was not given to
+// ip, when ip is set.
+func applyGuestIP(fs *pflag.FlagSet, ip string) error {
+	if ip == "" {
+		return nil
+	}
+	if a, err := netip.ParseAddr(ip); err != nil || !a.Is4() {
+		return fmt.Errorf("--tap-interface-ip %q is not an IPv4 address", ip)
+	}
+	for _, name := range guestIPFlags {
+		if f := fs.Lookup(name); f != nil && !f.Changed {
+			if err := f.Value.Set(ip); err != nil {
+				return fmt.Errorf("--tap-interface-ip: --%s: %w", name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// longFlags rewrites "-name" and "-name=value" to their "--" form when name
+// is a long flag, so Rancher Desktop's single-dash style keeps working.
+func longFlags(fs *pflag.FlagSet, args []string) []string {
+	out := make([]string, 0, len(args))
+	for i, a := range args {
+		if a == "--" {
+			return append(out, args[i:]...)
+		}
+		if len(a) > 2 && a[0] == '-' && a[1] != '-' {
+			name, _, _ := strings.Cut(a[1:], "=")
+			if fs.Lookup(name) != nil {
+				a = "-" + a
+			}
+		}
+		out = append(out, a)
+	}
+	return out
+}
