@@ -11,7 +11,6 @@ package static
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -34,83 +33,42 @@ const Name = "static"
 // MaxFileSize bounds what the source reads; larger files are refused.
 const MaxFileSize = 8 << 20
 
+// DefaultFile is the --staticFile default.
+const DefaultFile = "/etc/guestagent/static.json"
+
+// DefaultPollInterval is the --staticPollInterval default.
+const DefaultPollInterval = 5 * time.Second
+
 func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "mappings read from a JSON file, re-read when it changes",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
-			path := fs.String("staticFile", "/etc/guestagent/static.json", "JSON file of static mappings (see README)")
-			poll := fs.Duration("staticPollInterval", 5*time.Second, "how often the static file is re-checked besides change notifications")
+			var cfg Config
+			fs.StringVar(&cfg.File, "staticFile", DefaultFile, "JSON file of static mappings (see README)")
+			fs.DurationVar(&cfg.PollInterval, "staticPollInterval", DefaultPollInterval, "how often the static file is re-checked besides change notifications")
 			return func(env registry.Env) (core.Source, error) {
-				if *path == "" {
-					return nil, errors.New("--staticFile is empty")
-				}
-				if *poll <= 0 {
-					return nil, fmt.Errorf("--staticPollInterval must be positive, got %s", *poll)
-				}
-				return New(*path, *poll, env.Log), nil
+				c := cfg
+				c.Log = env.Log
+				return New(c)
 			}
 		},
 	})
 }
 
-// File is the JSON document the source reads.
-type File struct {
-	Mappings []Entry `json:"mappings"`
-}
-
-// Entry is one mapping in the file.
-type Entry struct {
-	ID           string             `json:"id"`
-	Ports        []core.Port        `json:"ports"`
-	ConnectAddrs []core.ConnectAddr `json:"connectAddrs,omitempty"`
-}
-
-// Parse decodes and checks a static file. Unknown fields, duplicate ids and
-// invalid ports are errors; protocols are case-insensitive and default to
-// tcp.
-func Parse(data []byte) ([]core.Mapping, error) {
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	var f File
-	if err := dec.Decode(&f); err != nil {
-		return nil, fmt.Errorf("decoding: %w", err)
-	}
-	if dec.More() {
-		return nil, errors.New("decoding: trailing data after the JSON object")
-	}
-	seen := make(map[string]bool, len(f.Mappings))
-	out := make([]core.Mapping, 0, len(f.Mappings))
-	var errs []error
-	for i, e := range f.Mappings {
-		if e.ID == "" {
-			errs = append(errs, fmt.Errorf("mapping %d: id is empty", i))
-			continue
-		}
-		if seen[e.ID] {
-			errs = append(errs, fmt.Errorf("mapping %d: id %q used twice", i, e.ID))
-			continue
-		}
-		seen[e.ID] = true
-		m := core.Mapping{Key: core.Key{Source: Name, ID: e.ID}, Ports: e.Ports, ConnectAddrs: e.ConnectAddrs}
-		for j := range m.Ports {
-			p, err := core.ParseProtocol(string(m.Ports[j].Protocol))
-			if err != nil {
-				errs = append(errs, fmt.Errorf("mapping %q port %d: %w", e.ID, j, err))
-				continue
-			}
-			m.Ports[j].Protocol = p
-		}
-		if err := m.Validate(); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		out = append(out, m)
-	}
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
-	}
-	return out, nil
+// Config configures a Source. File and PollInterval have no zero default:
+// their flags always give a value, and an empty file name or a zero
+// interval given on the command line is an error.
+type Config struct {
+	// File is the JSON file to read (--staticFile, whose default is
+	// DefaultFile); it must not be empty.
+	File string
+	// PollInterval is how often the file is read again besides change
+	// notifications (--staticPollInterval, whose default is
+	// DefaultPollInterval); it must be positive.
+	PollInterval time.Duration
+	// Log receives the source's log lines; nil discards them.
+	Log *zap.Logger
 }
 
 // Source watches one static file.
@@ -120,12 +78,22 @@ type Source struct {
 	log  *zap.Logger
 }
 
-// New returns a Source for path, re-checked at least every poll.
-func New(path string, poll time.Duration, log *zap.Logger) *Source {
-	if log == nil {
-		log = zap.NewNop()
+// New checks cfg and returns a Source.
+func New(cfg Config) (*Source, error) {
+	if cfg.File == "" {
+		return nil, errors.New("--staticFile is empty")
 	}
-	return &Source{path: path, poll: poll, log: log.With(zap.String("source", Name), zap.String("file", path))}
+	if cfg.PollInterval <= 0 {
+		return nil, fmt.Errorf("--staticPollInterval must be positive, got %s", cfg.PollInterval)
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	return &Source{
+		path: cfg.File,
+		poll: cfg.PollInterval,
+		log:  cfg.Log.With(zap.String("source", Name), zap.String("file", cfg.File)),
+	}, nil
 }
 
 // Run reports the file's mappings until ctx is done.
@@ -242,3 +210,6 @@ func readFile(path string) ([]byte, error) {
 	}
 	return data, nil
 }
+
+// Interface guards.
+var _ core.Source = (*Source)(nil)

@@ -3,6 +3,7 @@ package static_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/static"
 )
 
@@ -65,7 +67,9 @@ func (b *fileBackend) set(t *testing.T, name string, variant int) core.Mapping {
 func TestContract(t *testing.T) {
 	b := &fileBackend{path: filepath.Join(t.TempDir(), "static.json"), bases: map[string]uint16{}}
 	sourcetest.Run(t, sourcetest.Harness{
-		New: func(*testing.T) core.Source { return static.New(b.path, time.Second, nil) },
+		New: func(t *testing.T) core.Source {
+			return newSource(t, static.Config{File: b.path, PollInterval: time.Second})
+		},
 		Expose: func(t *testing.T, name string, variant int) core.Mapping {
 			return b.set(t, name, variant)
 		},
@@ -154,7 +158,8 @@ func TestBadContentKeepsState(t *testing.T) {
 	out := r.Emitter(static.Name)
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
-	go func() { done <- static.New(path, 50*time.Millisecond, nil).Run(ctx, out) }()
+	src := newSource(t, static.Config{File: path, PollInterval: 50 * time.Millisecond})
+	go func() { done <- src.Run(ctx, out) }()
 	defer func() { cancel(); <-done }()
 
 	waitIDs(t, r, "a")
@@ -177,18 +182,45 @@ func TestBadContentKeepsState(t *testing.T) {
 
 func waitIDs(t *testing.T, r *core.Router, ids ...string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testenv.Eventually(t, 10*time.Second, fmt.Sprintf("desired ids %v", ids), func() (bool, string) {
 		var got []string
 		for _, m := range r.Desired() {
 			got = append(got, m.ID)
 		}
-		if slices.Equal(got, ids) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("desired ids %v, want %v", got, ids)
-		}
-		time.Sleep(20 * time.Millisecond)
+		return slices.Equal(got, ids), fmt.Sprintf("desired ids %v", got)
+	})
+}
+
+func newSource(t *testing.T, cfg static.Config) *static.Source {
+	t.Helper()
+	s, err := static.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestNewRejectsAnEmptyFileOrANonPositiveInterval checks New's errors name
+// the flag and the value.
+func TestNewRejectsAnEmptyFileOrANonPositiveInterval(t *testing.T) {
+	tests := []struct {
+		name    string
+		cfg     static.Config
+		wantErr string
+	}{
+		{"empty file", static.Config{PollInterval: time.Second}, "--staticFile is empty"},
+		{"zero interval", static.Config{File: "x.json"}, "--staticPollInterval must be positive, got 0s"},
+		{"negative interval", static.Config{File: "x.json", PollInterval: -time.Second}, "--staticPollInterval must be positive, got -1s"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := static.New(tt.cfg)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("New(%+v) = %v, want an error mentioning %q", tt.cfg, err, tt.wantErr)
+			}
+		})
+	}
+	if _, err := static.New(static.Config{File: "x.json", PollInterval: time.Second}); err != nil {
+		t.Fatalf("New with a file and an interval: %v", err)
 	}
 }
