@@ -270,6 +270,7 @@ func TestCommandsAgainstARunningAgent(t *testing.T) {
 // TestControlSocketIsRootOnly checks that a user other than root cannot
 // reach the control socket.
 func TestControlSocketIsRootOnly(t *testing.T) {
+	testenv.Integration(t)
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run a command as another user")
 	}
@@ -323,6 +324,7 @@ func TestControlSocketIsRootOnly(t *testing.T) {
 // published ports: the port is exposed once, claimed by the docker source
 // alone.
 func TestCommandsWithDocker(t *testing.T) {
+	testenv.Integration(t)
 	if testing.Short() {
 		t.Skip("starts dockerd")
 	}

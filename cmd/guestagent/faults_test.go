@@ -82,6 +82,7 @@ func TestMain(m *testing.M) {
 // engines say is running, with nothing lost, nothing leaked and no other
 // party's forward touched.
 func TestFaultConvergence(t *testing.T) {
+	testenv.Integration(t)
 	rounds := len(faults)
 	if v := os.Getenv(faultRoundsEnv); v != "" {
 		n, err := strconv.Atoi(v)

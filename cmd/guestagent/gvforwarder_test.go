@@ -44,6 +44,7 @@ const (
 // through gvproxy, again after gvproxy restarts; a closed one loses its
 // forward, and the agent removes the rest, and only those, when it stops.
 func TestSocketsThroughGvforwarder(t *testing.T) {
+	testenv.Integration(t)
 	ports := []int{gvfLoopbackTCP, gvfLoopbackUDP, gvfAnyTCP, gvfAnyUDP}
 	for _, p := range ports {
 		if err := portsFree(p); err != nil {

@@ -285,6 +285,7 @@ func TestK8sAPIMappingOnlyForWSLProxy(t *testing.T) {
 
 // TestSignalShutdown builds the binary and stops it with SIGTERM.
 func TestSignalShutdown(t *testing.T) {
+	testenv.Integration(t)
 	bin := filepath.Join(t.TempDir(), "guestagent")
 	build := exec.Command("go", "build", "-o", bin, ".")
 	if out, err := build.CombinedOutput(); err != nil {

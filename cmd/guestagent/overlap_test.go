@@ -33,6 +33,7 @@ import (
 // service becomes a LoadBalancer. No port another claim still wants is ever
 // closed on either peer, and gvproxy's own forwards are never touched.
 func TestOverlappingClaimsInTheRealConfiguration(t *testing.T) {
+	testenv.Integration(t)
 	if testing.Short() {
 		t.Skip("starts kube-apiserver")
 	}
