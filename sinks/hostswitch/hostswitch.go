@@ -4,17 +4,20 @@
 // the API's forwards for the router's reconcile; which forwards are this
 // agent's, and which belong to others (gvproxy's SSH forward, host-switch's
 // static forwards, a user's), is the router's ownership record's to say.
+// A probe on a connection kept open notices a restarted host-switch, which
+// has lost every forward, and has the router restore them at once.
+//
+// client.go speaks the API (requests, and what each answer means); probe.go
+// is the restart probe; this file is the sink: which forward a port makes
+// and which listed forwards match the agent's.
 package hostswitch
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"net/url"
 	"strconv"
@@ -37,41 +40,44 @@ const (
 	DefaultGuestIP = "192.168.127.2"
 )
 
-// API paths.
-const (
-	exposePath   = "/services/forwarder/expose"
-	unexposePath = "/services/forwarder/unexpose"
-	allPath      = "/services/forwarder/all"
-)
-
 func init() {
 	registry.RegisterSink(registry.SinkPlugin{
 		Name:    Name,
 		Summary: "expose ports through host-switch's forwarder HTTP API",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
-			base := fs.String("hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")
-			guest := fs.String("hostSwitchGuestIP", DefaultGuestIP, "this guest's address on the virtual network: the remote end of every forward")
-			probe := fs.Duration("hostSwitchProbeInterval", DefaultProbeInterval, "how often one small request on a connection kept open checks that host-switch is up and has not restarted; when it answers again or on a new connection (it restarted), its forwards are listed and restored at once (0 disables; at most 5s)")
-			poll := fs.Duration("hostSwitchCheckInterval", DefaultCheckInterval, "how often the whole list of forwards is read, to restore forwards someone removed and take up ports others released; not while the probe has no answer from host-switch (0 disables)")
+			var cfg Config
+			fs.StringVar(&cfg.BaseURL, "hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")
+			fs.StringVar(&cfg.GuestIP, "hostSwitchGuestIP", DefaultGuestIP, "this guest's address on the virtual network: the remote end of every forward")
+			fs.DurationVar(&cfg.ProbeInterval, "hostSwitchProbeInterval", DefaultProbeInterval, "how often one small request on a connection kept open checks that host-switch is up and has not restarted; when it answers again or on a new connection (it restarted), its forwards are listed and restored at once (0 disables; at most 5s)")
+			fs.DurationVar(&cfg.CheckInterval, "hostSwitchCheckInterval", DefaultCheckInterval, "how often the whole list of forwards is read, to restore forwards someone removed and take up ports others released; not while the probe has no answer from host-switch (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
-				return New(Config{BaseURL: *base, GuestIP: *guest, ProbeInterval: *probe, CheckInterval: *poll, Log: env.Log})
+				c := cfg
+				c.Log = env.Log
+				return New(c)
 			}
 		},
 	})
 }
 
-// Config configures a Sink.
+// Config configures a Sink. BaseURL and GuestIP have no zero default:
+// their flags always give a value, and an empty one given on the command
+// line is an error.
 type Config struct {
-	// BaseURL is where the API is served, e.g. http://192.168.127.1:80.
+	// BaseURL is where the API is served, an http or https URL
+	// (--hostSwitchURL, whose default is DefaultBaseURL).
 	BaseURL string
-	// GuestIP is the remote address of every forward.
+	// GuestIP is the remote address of every forward, IPv4
+	// (--hostSwitchGuestIP, whose default is DefaultGuestIP).
 	GuestIP string
 	// ProbeInterval is how often WatchPeer probes host-switch for a
-	// restart (see DefaultProbeInterval); 0 disables, and it may not
-	// exceed MaxProbeInterval.
+	// restart (--hostSwitchProbeInterval, whose default is
+	// DefaultProbeInterval); 0 disables the probe, and it may be neither
+	// negative nor more than MaxProbeInterval.
 	ProbeInterval time.Duration
 	// CheckInterval is how often WatchPeer has the whole list of forwards
-	// reconciled; 0 disables.
+	// reconciled (--hostSwitchCheckInterval, whose default is
+	// DefaultCheckInterval); 0 disables the check, and it may not be
+	// negative.
 	CheckInterval time.Duration
 	// Log receives the sink's log lines; nil discards them.
 	Log *zap.Logger
@@ -80,23 +86,16 @@ type Config struct {
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
-// Forward is one entry of the forwarder API.
-type Forward struct {
-	Local    string `json:"local"`
-	Remote   string `json:"remote,omitempty"`
-	Protocol string `json:"protocol"`
-}
-
-// Sink talks to the forwarder API.
+// Sink talks to the forwarder API. Send, List and WatchPeer may run at
+// once; Close releases its connections once they have returned.
 type Sink struct {
-	base   string
-	guest  netip.Addr
-	every  time.Duration // full checks
-	log    *zap.Logger
-	client *http.Client
+	api   *client
+	guest netip.Addr
+	every time.Duration // full checks
+	log   *zap.Logger
 
 	probeEvery time.Duration
-	prober     *prober
+	prober     *prober       // used by WatchPeer alone
 	back       chan struct{} // PeerBack
 }
 
@@ -123,39 +122,24 @@ func New(cfg Config) (*Sink, error) {
 	if dial == nil {
 		dial = (&net.Dialer{}).DialContext
 	}
-	tr := &http.Transport{
-		Proxy:               nil, // the gateway is never reached through a proxy
-		DialContext:         withTimeout(dial, 5*time.Second),
-		MaxIdleConnsPerHost: 2,
-		IdleConnTimeout:     30 * time.Second,
-	}
+	log := cfg.Log.With(zap.String("sink", Name))
 	base := strings.TrimSuffix(cfg.BaseURL, "/")
 	return &Sink{
-		base:       base,
+		api:        newClient(base, dial, log),
 		guest:      guest,
 		every:      cfg.CheckInterval,
-		log:        cfg.Log.With(zap.String("sink", Name)),
-		client:     &http.Client{Transport: tr},
+		log:        log,
 		probeEvery: cfg.ProbeInterval,
 		prober:     newProber(base, probeTimeout(cfg.ProbeInterval), withTimeout(dial, probeTimeout(cfg.ProbeInterval))),
 		back:       make(chan struct{}, 1),
 	}, nil
 }
 
-type dialFunc = func(ctx context.Context, network, addr string) (net.Conn, error)
-
-// withTimeout bounds each dial of dial by d.
-func withTimeout(dial dialFunc, d time.Duration) dialFunc {
-	return func(ctx context.Context, network, addr string) (net.Conn, error) {
-		ctx, cancel := context.WithTimeout(ctx, d)
-		defer cancel()
-		return dial(ctx, network, addr)
-	}
-}
-
-// Close releases idle connections.
+// Close closes the connections the sink keeps open to the API, the
+// probe's among them. Call it once Send, List and WatchPeer have
+// returned; a Sink that never sent anything may be closed too.
 func (s *Sink) Close() error {
-	s.client.CloseIdleConnections()
+	s.api.closeIdle()
 	s.prober.close()
 	return nil
 }
@@ -200,9 +184,9 @@ func (s *Sink) Send(ctx context.Context, c core.Change) error {
 			continue
 		}
 		if c.Remove {
-			err = s.unexpose(ctx, f)
+			err = s.api.unexpose(ctx, f)
 		} else {
-			err = s.expose(ctx, f)
+			err = s.api.expose(ctx, f)
 		}
 		if err != nil {
 			return err
@@ -214,118 +198,9 @@ func (s *Sink) Send(ctx context.Context, c core.Change) error {
 	return nil
 }
 
-func (s *Sink) expose(ctx context.Context, f Forward) error {
-	status, body, err := s.post(ctx, exposePath, f)
-	if err != nil {
-		return err
-	}
-	switch {
-	case status == http.StatusOK:
-		return nil
-	case strings.Contains(body, "already running"):
-		// Someone holds the address already; the list says with which
-		// remote. Whether it is this agent's is the router's to know.
-		all, err := s.Forwards(ctx)
-		if err != nil {
-			return err
-		}
-		for _, e := range all {
-			if e.Local == f.Local && e.Protocol == f.Protocol {
-				if e.Remote == f.Remote {
-					return core.HeldElsewhere(fmt.Errorf("expose %s/%s: already forwarded to %s", f.Local, f.Protocol, e.Remote))
-				}
-				return core.Conflict(fmt.Errorf("expose %s/%s: already forwarded to %s, not %s", f.Local, f.Protocol, e.Remote, f.Remote))
-			}
-		}
-		return fmt.Errorf("expose %s/%s: %q but not listed; will retry", f.Local, f.Protocol, body)
-	default:
-		return apiError("expose", f, status, body)
-	}
-}
-
-func (s *Sink) unexpose(ctx context.Context, f Forward) error {
-	status, body, err := s.post(ctx, unexposePath, Forward{Local: f.Local, Protocol: f.Protocol})
-	if err != nil {
-		return err
-	}
-	if status == http.StatusOK || strings.Contains(body, "not found") {
-		return nil
-	}
-	return apiError("unexpose", f, status, body)
-}
-
-func apiError(op string, f Forward, status int, body string) error {
-	err := fmt.Errorf("%s %s/%s: HTTP %d: %s", op, f.Local, f.Protocol, status, body)
-	if status >= 400 && status < 500 {
-		return core.Permanent(err)
-	}
-	return err
-}
-
-// maxBody bounds what is read of an answer.
-const maxBody = 16 << 20
-
-func (s *Sink) post(ctx context.Context, path string, f Forward) (int, string, error) {
-	payload, err := json.Marshal(f)
-	if err != nil {
-		return 0, "", core.Permanent(err)
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.base+path, bytes.NewReader(payload))
-	if err != nil {
-		return 0, "", core.Permanent(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	res, err := s.client.Do(req)
-	if err != nil {
-		return 0, "", transportError(ctx, err)
-	}
-	defer res.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(res.Body, 4096))
-	if err != nil {
-		return 0, "", fmt.Errorf("%s: reading answer: %w", path, err)
-	}
-	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, maxBody))
-	s.log.Debug("forwarder API", zap.String("path", path), zap.Any("request", f), zap.Int("status", res.StatusCode), zap.ByteString("answer", bytes.TrimSpace(body)))
-	return res.StatusCode, strings.TrimSpace(string(body)), nil
-}
-
-func transportError(ctx context.Context, err error) error {
-	if ctx.Err() != nil {
-		return err
-	}
-	return core.PeerDown(err)
-}
-
 // Forwards returns the forwards the API reports.
 func (s *Sink) Forwards(ctx context.Context) ([]Forward, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.base+allPath, nil)
-	if err != nil {
-		return nil, err
-	}
-	res, err := s.client.Do(req)
-	if err != nil {
-		return nil, transportError(ctx, err)
-	}
-	defer res.Body.Close()
-	if res.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(res.Body, 4096))
-		return nil, fmt.Errorf("list forwards: HTTP %d: %s", res.StatusCode, bytes.TrimSpace(body))
-	}
-	all, err := DecodeForwards(res.Body)
-	// Read what follows the list (a newline, say) so the connection is
-	// reused rather than closed.
-	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, maxBody))
-	return all, err
-}
-
-// DecodeForwards reads the API's answer to a list request: a JSON list of
-// forwards, at most maxBody bytes of it.
-func DecodeForwards(r io.Reader) ([]Forward, error) {
-	var all []Forward
-	if err := json.NewDecoder(io.LimitReader(r, maxBody)).Decode(&all); err != nil {
-		return nil, fmt.Errorf("list forwards: answer is not a JSON list of forwards: %w", err)
-	}
-	return all, nil
+	return s.api.forwards(ctx)
 }
 
 // List returns the API's forwards as ports, for the router's reconcile. A
@@ -333,7 +208,7 @@ func DecodeForwards(r io.Reader) ([]Forward, error) {
 // sink creates do; forwards whose local address cannot be read are left
 // out (they are nobody's port the agent could want).
 func (s *Sink) List(ctx context.Context) ([]core.Held, error) {
-	all, err := s.Forwards(ctx)
+	all, err := s.api.forwards(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -437,7 +312,7 @@ func (s *Sink) peerBack(check func()) {
 	// Connections made before the restart lead nowhere: on the virtual
 	// network they are only reset at their next request, which an
 	// expose (not retried by net/http) would fail with.
-	s.client.CloseIdleConnections()
+	s.api.closeIdle()
 	select {
 	case s.back <- struct{}{}:
 	default:
@@ -451,10 +326,10 @@ func (s *Sink) PeerBack() <-chan struct{} { return s.back }
 
 // Interface guards.
 var (
-	_ core.Sink        = (*Sink)(nil)
-	_ core.Lister      = (*Sink)(nil)
-	_ core.PortFilter  = (*Sink)(nil)
-	_ core.PeerWatcher = (*Sink)(nil)
-
+	_ core.Sink             = (*Sink)(nil)
+	_ core.Lister           = (*Sink)(nil)
+	_ core.PortFilter       = (*Sink)(nil)
+	_ core.PeerWatcher      = (*Sink)(nil)
 	_ core.PeerBackNotifier = (*Sink)(nil)
+	_ io.Closer             = (*Sink)(nil)
 )

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -11,11 +12,15 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sinktest"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 )
 
@@ -251,6 +256,9 @@ func TestUnreachableAndSlowPeers(t *testing.T) {
 
 func TestConfigValidation(t *testing.T) {
 	for _, cfg := range []hostswitch.Config{
+		{},
+		{BaseURL: hostswitch.DefaultBaseURL},
+		{GuestIP: hostswitch.DefaultGuestIP},
 		{BaseURL: "192.168.127.1", GuestIP: "192.168.127.2"},
 		{BaseURL: "ftp://x", GuestIP: "192.168.127.2"},
 		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "fd00::2"},
@@ -262,5 +270,75 @@ func TestConfigValidation(t *testing.T) {
 		if _, err := hostswitch.New(cfg); err == nil {
 			t.Errorf("%+v accepted", cfg)
 		}
+	}
+}
+
+// TestCloseReleasesConnections: once Send, List and WatchPeer (probe and
+// full checks) have used connections to the API and returned, Close
+// closes every one the sink kept open, at the server's end too, and no
+// goroutine is left; a Sink that never sent anything closes as well.
+func TestCloseReleasesConnections(t *testing.T) {
+	var open atomic.Int64
+	srv := httptest.NewUnstartedServer(&scripted{answer: func(path string, _ hostswitch.Forward) (int, string) {
+		if path == "/services/forwarder/all" {
+			return 200, "[]"
+		}
+		return 200, ""
+	}})
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		switch st {
+		case http.StateNew:
+			open.Add(1)
+		case http.StateClosed, http.StateHijacked:
+			open.Add(-1)
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+	ignore := goleak.IgnoreCurrent()
+
+	fresh, err := hostswitch.New(hostswitch.Config{BaseURL: srv.URL, GuestIP: hostswitch.DefaultGuestIP})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fresh.Close(); err != nil {
+		t.Errorf("Close of a sink that never sent: %v", err)
+	}
+
+	s, err := hostswitch.New(hostswitch.Config{BaseURL: srv.URL, GuestIP: hostswitch.DefaultGuestIP, ProbeInterval: 10 * time.Millisecond, CheckInterval: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := sinktest.Mapping("docker", "c", 8080, 1)
+	if err := s.Send(context.Background(), core.Change{Mapping: m}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.List(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var checks atomic.Int64
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.WatchPeer(ctx, func() { checks.Add(1) })
+	}()
+	testenv.Eventually(t, 10*time.Second, "full checks", func() (bool, string) {
+		return checks.Load() >= 3, fmt.Sprintf("%d so far", checks.Load())
+	})
+	cancel()
+	<-done
+	if n := open.Load(); n < 2 {
+		t.Fatalf("%d connections open before Close; want the requests' and the probe's", n)
+	}
+	if err := s.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	testenv.Eventually(t, 10*time.Second, "every connection closed", func() (bool, string) {
+		n := open.Load()
+		return n == 0, fmt.Sprintf("%d still open", n)
+	})
+	if err := goleak.Find(ignore); err != nil {
+		t.Errorf("goroutines left behind: %v", err)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
+	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
 )
 
 // restartForwards is how many forwards the agent holds when gvproxy
@@ -88,8 +89,8 @@ type restoredWatcher struct {
 	want []string
 }
 
-func newRestoredWatcher(b *testing.B, g *gvproxyProc, ports []uint16) *restoredWatcher {
-	s, err := hostswitch.New(hostswitch.Config{BaseURL: g.LoopbackURL(), GuestIP: hostswitch.DefaultGuestIP})
+func newRestoredWatcher(b *testing.B, g *gvproxytest.Gvproxy, ports []uint16) *restoredWatcher {
+	s, err := hostswitch.New(hostswitch.Config{BaseURL: g.URL(), GuestIP: hostswitch.DefaultGuestIP})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -148,12 +149,12 @@ func reportLatencies(b *testing.B, lat []time.Duration, suffix string) {
 // stack; gvforwarder dials gvproxy again after a second's pause, so the
 // figures from the API's restart include that pause, and the ones marked
 // -guest are timed from the moment the guest's tap device is configured
-// again.
+// again (gvproxytest.Guest.Joined).
 func BenchmarkDeliveryLatencyGvproxyRestart(b *testing.B) {
 	b.Run("loopback", func(b *testing.B) {
-		g := startGvproxy(b)
+		g := gvproxytest.Start(b)
 		ports := benchPorts(b, restartForwards)
-		r := benchRouter(b, g.LoopbackURL(), nil)
+		r := benchRouter(b, g.URL(), nil)
 		w := newRestoredWatcher(b, g, ports)
 		r.Emitter("docker").Snapshot([]core.Mapping{benchMapping("c", ports)})
 		w.wait(b, 30*time.Second)
@@ -163,7 +164,7 @@ func BenchmarkDeliveryLatencyGvproxyRestart(b *testing.B) {
 				time.Sleep(rand.N(hostswitch.DefaultProbeInterval))
 				g.Stop()
 				g.Start()
-				lat = append(lat, w.wait(b, 30*time.Second).Sub(g.upAt))
+				lat = append(lat, w.wait(b, 30*time.Second).Sub(g.UpAt()))
 			}
 		}
 		reportLatencies(b, lat, "")
@@ -171,24 +172,25 @@ func BenchmarkDeliveryLatencyGvproxyRestart(b *testing.B) {
 		b.ReportMetric(restartForwards, "forwards")
 	})
 	b.Run("tap", func(b *testing.B) {
-		p := startTapPath(b)
+		g, guest := startTapPath(b)
 		ports := benchPorts(b, restartForwards)
-		r := benchRouter(b, p.URL(), p.Dial)
-		w := newRestoredWatcher(b, p.gvproxyProc, ports)
+		r := benchRouter(b, hostswitch.DefaultBaseURL, guest.Dial)
+		w := newRestoredWatcher(b, g, ports)
 		r.Emitter("docker").Snapshot([]core.Mapping{benchMapping("c", ports)})
 		w.wait(b, 30*time.Second)
-		var lat, guest []time.Duration
+		var lat, joined []time.Duration
 		for b.Loop() {
 			for range restartSamples {
 				time.Sleep(rand.N(hostswitch.DefaultProbeInterval))
-				p.Restart()
-				back := time.Now()
+				g.Stop()
+				g.Start()
+				guest.Rejoin()
 				at := w.wait(b, 30*time.Second)
-				lat, guest = append(lat, at.Sub(p.upAt)), append(guest, at.Sub(back))
+				lat, joined = append(lat, at.Sub(g.UpAt())), append(joined, at.Sub(guest.Joined()))
 			}
 		}
 		reportLatencies(b, lat, "")
-		reportLatencies(b, guest, "-guest")
+		reportLatencies(b, joined, "-guest")
 		b.ReportMetric(float64(len(lat)), "samples")
 		b.ReportMetric(restartForwards, "forwards")
 	})
@@ -209,8 +211,8 @@ const (
 // comparison a full list every 500ms, which is what noticing a restart as
 // soon would cost without the probe.
 func BenchmarkIdleHostSwitchWatch(b *testing.B) {
-	g := startGvproxy(b)
-	filler, err := hostswitch.New(hostswitch.Config{BaseURL: g.LoopbackURL(), GuestIP: hostswitch.DefaultGuestIP})
+	g := gvproxytest.Start(b)
+	filler, err := hostswitch.New(hostswitch.Config{BaseURL: g.URL(), GuestIP: hostswitch.DefaultGuestIP})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -240,7 +242,7 @@ func BenchmarkIdleHostSwitchWatch(b *testing.B) {
 		{"list-every-500ms", 0, 500 * time.Millisecond},
 	} {
 		b.Run(c.name, func(b *testing.B) {
-			s, err := hostswitch.New(hostswitch.Config{BaseURL: g.LoopbackURL(), GuestIP: hostswitch.DefaultGuestIP, ProbeInterval: c.probe, CheckInterval: c.check})
+			s, err := hostswitch.New(hostswitch.Config{BaseURL: g.URL(), GuestIP: hostswitch.DefaultGuestIP, ProbeInterval: c.probe, CheckInterval: c.check})
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -40,10 +40,11 @@ type Guest struct {
 	// Netns is the namespace's name (under /var/run/netns).
 	Netns string
 
-	t      testing.TB
-	log    string
-	exited <-chan error // gvforwarder's end
-	client *http.Client
+	t        testing.TB
+	log      string
+	exited   <-chan error // gvforwarder's end
+	client   *http.Client
+	joinedAt time.Time // when tap0 was last set up
 }
 
 // StartGuest makes a namespace with tap0 set up, runs gvforwarder (from
@@ -64,15 +65,7 @@ func StartGuest(t testing.TB, g *Gvproxy) *Guest {
 	}
 	gu.client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			var c net.Conn
-			err := gu.In(func() (err error) {
-				var d net.Dialer
-				c, err = d.DialContext(ctx, network, addr)
-				return err
-			})
-			return c, err
-		},
+		DialContext:       gu.Dial,
 	}}
 
 	log, err := os.Create(gu.log)
@@ -111,6 +104,41 @@ func (gu *Guest) Path() string { return "/var/run/netns/" + gu.Netns }
 // (to http://GatewayIP/services/forwarder/..., say).
 func (gu *Guest) Client() *http.Client { return gu.client }
 
+// Dial connects to addr from inside the guest, as net.Dialer.DialContext
+// does; the connection goes through tap0 and gvproxy's network when addr
+// is beyond the guest (GatewayIP, say). It suits http.Transport's
+// DialContext and the sinks' Dial.
+func (gu *Guest) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := gu.In(func() (err error) {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
+}
+
+// Listen listens on addr inside the guest, as net.Listen does: on
+// GuestIP, a forward to it through gvproxy reaches the listener.
+func (gu *Guest) Listen(network, addr string) (net.Listener, error) {
+	var ln net.Listener
+	err := gu.In(func() (err error) {
+		ln, err = net.Listen(network, addr)
+		return err
+	})
+	return ln, err
+}
+
+// ListenPacket is Listen for datagrams, as net.ListenPacket.
+func (gu *Guest) ListenPacket(network, addr string) (net.PacketConn, error) {
+	var pc net.PacketConn
+	err := gu.In(func() (err error) {
+		pc, err = net.ListenPacket(network, addr)
+		return err
+	})
+	return pc, err
+}
+
 // In runs f on a thread that enters the guest's namespace. The thread is
 // never handed back to the runtime (it ends with its goroutine), so
 // nothing else runs there; the sockets f makes stay in the guest.
@@ -148,7 +176,8 @@ func (gu *Guest) Log() string {
 // network set-up would: gvforwarder (v0.8.9) clears the tap's persistent
 // flag, so tap0 goes when gvproxy drops the connection, and the one
 // gvforwarder makes when it connects again is blank, -preexisting
-// notwithstanding. It reports how many times it set tap0 up.
+// notwithstanding. It reports how many times it set tap0 up; Joined says
+// when it last did.
 func (gu *Guest) Rejoin() int {
 	gu.t.Helper()
 	n := 0
@@ -169,6 +198,10 @@ func (gu *Guest) Rejoin() int {
 	return n
 }
 
+// Joined is when tap0 was last set up, by StartGuest or Rejoin: from
+// then on the guest is on gvproxy's network.
+func (gu *Guest) Joined() time.Time { return gu.joinedAt }
+
 // configureTap gives tap0 the guest's MAC address, its address and the
 // default route to the gateway, and brings it up.
 func (gu *Guest) configureTap() error {
@@ -183,6 +216,7 @@ func (gu *Guest) configureTap() error {
 			return fmt.Errorf("%s in the guest: %v: %s", strings.Join(argv, " "), err, bytes.TrimSpace(out))
 		}
 	}
+	gu.joinedAt = time.Now()
 	return nil
 }
 

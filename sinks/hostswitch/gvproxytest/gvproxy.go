@@ -35,6 +35,7 @@ type Gvproxy struct {
 	sshPort  int
 	static   map[string]string
 	cmd      *exec.Cmd
+	upAt     time.Time // when the API first accepted a connection after the last Start
 }
 
 // Start runs gvproxy (from GUESTAGENT_GVPROXY or PATH) until the test ends,
@@ -89,7 +90,8 @@ func (g *Gvproxy) URL() string { return fmt.Sprintf("http://127.0.0.1:%d", g.api
 func (g *Gvproxy) Socket() string { return filepath.Join(g.dir, "gv.sock") }
 
 // Start starts gvproxy again after Stop, on the same ports, with only its
-// static forwards.
+// static forwards, and returns once its API accepts connections (UpAt
+// says when it first did).
 func (g *Gvproxy) Start() {
 	g.t.Helper()
 	sock := g.Socket()
@@ -108,10 +110,14 @@ func (g *Gvproxy) Start() {
 	if err := g.cmd.Start(); err != nil {
 		g.t.Fatalf("starting gvproxy: %v", err)
 	}
+	// Asked every millisecond, so that UpAt is the moment it came up,
+	// which restart benchmarks time from; a refused connection costs
+	// next to nothing.
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", g.apiPort), time.Second)
 		if err == nil {
+			g.upAt = time.Now()
 			c.Close()
 			return
 		}
@@ -119,9 +125,16 @@ func (g *Gvproxy) Start() {
 			out, _ := os.ReadFile(filepath.Join(g.dir, "gvproxy.log"))
 			g.t.Fatalf("gvproxy API did not come up: %v\n%s", err, out)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(time.Millisecond)
 	}
 }
+
+// UpAt is when the API of the running gvproxy first accepted a
+// connection.
+func (g *Gvproxy) UpAt() time.Time { return g.upAt }
+
+// Pid is the running gvproxy's process id.
+func (g *Gvproxy) Pid() int { return g.cmd.Process.Pid }
 
 // Stop kills gvproxy; its forwards go with it.
 func (g *Gvproxy) Stop() {

@@ -85,8 +85,8 @@ func TestGuestReachesAndIsReachedThroughGvproxy(t *testing.T) {
 	gu := gvproxytest.StartGuest(t, g)
 	port := testenv.FreePort(t)
 	remote := fmt.Sprintf("%s:%d", gvproxytest.GuestIP, port)
-	var ln net.Listener
-	if err := gu.In(func() (err error) { ln, err = net.Listen("tcp4", remote); return err }); err != nil {
+	ln, err := gu.Listen("tcp4", remote)
+	if err != nil {
 		t.Fatal(err)
 	}
 	served := make(chan struct{})
