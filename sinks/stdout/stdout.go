@@ -1,6 +1,8 @@
 // Package stdout is a sink that prints each delivered change as one JSON
 // line: the PortMapping wire form plus the source and id it belongs to.
-// It needs no peer, which makes it the sink to watch the agent with.
+// It needs no peer, which makes it the sink to watch the agent with, and
+// has nothing to recover: a line that cannot be written is an error the
+// router retries.
 package stdout
 
 import (
@@ -27,10 +29,7 @@ func init() {
 		Summary: "print every delivered change as a JSON line on standard output",
 		Setup: func(*pflag.FlagSet) registry.SinkFactory {
 			return func(env registry.Env) (core.Sink, error) {
-				if env.Stdout == nil {
-					return New(os.Stdout), nil
-				}
-				return New(env.Stdout), nil
+				return New(Config{Writer: env.Stdout})
 			}
 		},
 	})
@@ -43,14 +42,28 @@ type Line struct {
 	wire.PortMapping
 }
 
-// Sink writes changes to a writer.
+// Config configures a Sink.
+type Config struct {
+	// Writer receives the lines; nil writes them to os.Stdout. The agent
+	// gives its standard output (registry.Env.Stdout).
+	Writer io.Writer
+}
+
+// Sink writes changes to a writer. It holds nothing to close: the writer
+// is its owner's.
 type Sink struct {
-	mu  sync.Mutex
+	mu  sync.Mutex // serializes the lines
 	enc *json.Encoder
 }
 
-// New returns a Sink that writes to w.
-func New(w io.Writer) *Sink { return &Sink{enc: json.NewEncoder(w)} }
+// New returns a Sink that writes to cfg.Writer; it never fails.
+func New(cfg Config) (*Sink, error) {
+	w := cfg.Writer
+	if w == nil {
+		w = os.Stdout
+	}
+	return &Sink{enc: json.NewEncoder(w)}, nil
+}
 
 // Send prints c as one line.
 func (s *Sink) Send(ctx context.Context, c core.Change) error {
@@ -64,3 +77,8 @@ func (s *Sink) Send(ctx context.Context, c core.Change) error {
 	}
 	return nil
 }
+
+// Interface guards.
+var (
+	_ core.Sink = (*Sink)(nil)
+)

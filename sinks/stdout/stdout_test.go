@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"io"
+	"os"
 	"strings"
 	"testing"
 
@@ -53,19 +55,55 @@ func (b *lockedBuffer) state(t *testing.T) []string {
 	return out
 }
 
+func newSink(t *testing.T, w io.Writer) *stdout.Sink {
+	t.Helper()
+	s, err := stdout.New(stdout.Config{Writer: w})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 func TestContract(t *testing.T) {
 	var buf lockedBuffer
 	sinktest.Run(t, sinktest.Harness{
-		New:   func(*testing.T) core.Sink { return stdout.New(&buf) },
+		New:   func(t *testing.T) core.Sink { return newSink(t, &buf) },
 		State: buf.state,
 	})
+}
+
+// TestNoWriterPrintsOnStdout: the zero Config prints on os.Stdout.
+func TestNoWriterPrintsOnStdout(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	saved := os.Stdout
+	os.Stdout = w
+	s, err := stdout.New(stdout.Config{})
+	os.Stdout = saved
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(t.Context(), core.Change{Mapping: sinktest.Mapping("docker", "abc", 8080, 1)}); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	out, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(string(out), `{"source":"docker","id":"abc","remove":false,`) {
+		t.Errorf("os.Stdout got %q, want the change's line", out)
+	}
 }
 
 func TestLineFormat(t *testing.T) {
 	var buf bytes.Buffer
 	m := sinktest.Mapping("docker", "abc", 8080, 1)
 	m.ConnectAddrs = []core.ConnectAddr{{Network: "tcp", Addr: "10.4.0.22:80"}}
-	if err := stdout.New(&buf).Send(t.Context(), core.Change{Remove: true, Mapping: m}); err != nil {
+	if err := newSink(t, &buf).Send(t.Context(), core.Change{Remove: true, Mapping: m}); err != nil {
 		t.Fatal(err)
 	}
 	want := `{"source":"docker","id":"abc","remove":true,"ports":{"80/tcp":[{"HostIp":"127.0.0.1","HostPort":"8080"}]},"connectAddrs":[{"network":"tcp","addr":"10.4.0.22:80"}]}` + "\n"
