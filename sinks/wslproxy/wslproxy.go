@@ -1,7 +1,11 @@
 // Package wslproxy is the sink for wsl-proxy: each change goes as one
 // PortMapping JSON document over wsl-proxy's unix socket, and wsl-proxy
 // listens (or stops listening) on the binding in the default namespace so
-// other WSL distributions can reach the port.
+// other WSL distributions can reach the port. wsl-proxy never answers and
+// cannot be listed: a send that cannot connect or write marks it down,
+// and a look at the socket file every check interval notices a restarted
+// wsl-proxy (a new socket), which has lost every port, so that the router
+// sends them all again.
 package wslproxy
 
 import (
@@ -29,40 +33,62 @@ const Name = "wsl-proxy"
 // DefaultSocket is where wsl-proxy listens.
 const DefaultSocket = "/run/wsl-proxy.sock"
 
+// DefaultCheckInterval is the --wslProxyCheckInterval default.
+const DefaultCheckInterval = 2 * time.Second
+
 func init() {
 	registry.RegisterSink(registry.SinkPlugin{
 		Name:    Name,
 		Summary: "send mappings to wsl-proxy so other WSL distributions reach the ports",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
-			sock := fs.String("wslProxySocket", DefaultSocket, "wsl-proxy's unix socket")
-			every := fs.Duration("wslProxyCheckInterval", 2*time.Second, "how often the socket is checked for a restarted wsl-proxy (0 disables)")
+			var cfg Config
+			fs.StringVar(&cfg.Socket, "wslProxySocket", DefaultSocket, "wsl-proxy's unix socket")
+			fs.DurationVar(&cfg.CheckInterval, "wslProxyCheckInterval", DefaultCheckInterval, "how often the socket is checked for a restarted wsl-proxy (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
-				if *sock == "" {
-					return nil, errors.New("--wslProxySocket is empty")
-				}
-				if *every < 0 {
-					return nil, fmt.Errorf("--wslProxyCheckInterval must not be negative, got %s", *every)
-				}
-				return New(*sock, *every, env.Log), nil
+				c := cfg
+				c.Log = env.Log
+				return New(c)
 			}
 		},
 	})
 }
 
-// Sink sends to wsl-proxy.
+// Config configures a Sink. Socket has no zero default: its flag always
+// gives a value, and an empty one given on the command line is an error.
+type Config struct {
+	// Socket is wsl-proxy's unix socket (--wslProxySocket, whose default
+	// is DefaultSocket).
+	Socket string
+	// CheckInterval is how often WatchPeer looks at the socket file for a
+	// restarted wsl-proxy (--wslProxyCheckInterval, whose default is
+	// DefaultCheckInterval); 0 disables the check, and it may not be
+	// negative.
+	CheckInterval time.Duration
+	// Log receives the sink's log lines; nil discards them.
+	Log *zap.Logger
+}
+
+// Sink sends to wsl-proxy. It holds no connection between calls: each
+// Send opens its own and closes it before returning, so there is nothing
+// to close.
 type Sink struct {
 	path  string
 	every time.Duration
 	log   *zap.Logger
 }
 
-// New returns a Sink for the socket at path, checked every interval for a
-// restarted peer (0 disables the check).
-func New(path string, every time.Duration, log *zap.Logger) *Sink {
-	if log == nil {
-		log = zap.NewNop()
+// New checks cfg and returns a Sink.
+func New(cfg Config) (*Sink, error) {
+	if cfg.Socket == "" {
+		return nil, errors.New("--wslProxySocket is empty")
 	}
-	return &Sink{path: path, every: every, log: log.With(zap.String("sink", Name))}
+	if cfg.CheckInterval < 0 {
+		return nil, fmt.Errorf("--wslProxyCheckInterval must not be negative, got %s", cfg.CheckInterval)
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	return &Sink{path: cfg.Socket, every: cfg.CheckInterval, log: cfg.Log.With(zap.String("sink", Name))}, nil
 }
 
 func (s *Sink) dial(ctx context.Context) (net.Conn, error) {

@@ -12,15 +12,27 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sinktest"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/wslproxy"
 	"github.com/guestagent/guestagent/sinks/wslproxy/wslproxytest"
 )
 
+// startPeer runs a peer that listens on the ports it is sent and forwards
+// them to upstream, until the test ends, and fails the test on any error
+// the peer met.
 func startPeer(t *testing.T, upstream func(uint16) string) *wslproxytest.Peer {
 	t.Helper()
-	p := &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), Upstream: upstream}
+	return run(t, &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), Upstream: upstream})
+}
+
+func run(t *testing.T, p *wslproxytest.Peer) *wslproxytest.Peer {
+	t.Helper()
 	if err := p.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -33,10 +45,30 @@ func startPeer(t *testing.T, upstream func(uint16) string) *wslproxytest.Peer {
 	return p
 }
 
+func newSink(t *testing.T, cfg wslproxy.Config) *wslproxy.Sink {
+	t.Helper()
+	s, err := wslproxy.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestContract runs the contract suite. In an outage the peer comes back
+// once the sink's check has logged its socket gone, so that the check
+// sees both the loss and the new socket. The peer keeps its listeners'
+// state without binding them: the suite's ports are fixed, and other
+// packages' runs of it (sinks/hostswitch's, through gvproxy) bind them on
+// 127.0.0.1 at the same time; TestTrafficReachesUpstream and
+// TestSctpIsNotSent bind theirs.
 func TestContract(t *testing.T) {
-	p := startPeer(t, nil)
+	p := run(t, &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), RecordOnly: true})
+	obs, logs := observer.New(zap.WarnLevel)
+	gone := func() int { return logs.FilterMessageSnippet("socket is gone").Len() }
 	sinktest.Run(t, sinktest.Harness{
-		New:   func(*testing.T) core.Sink { return wslproxy.New(p.Path, 50*time.Millisecond, nil) },
+		New: func(t *testing.T) core.Sink {
+			return newSink(t, wslproxy.Config{Socket: p.Path, CheckInterval: 50 * time.Millisecond, Log: zap.New(obs)})
+		},
 		State: func(*testing.T) []string { return p.State() },
 		Restart: func(t *testing.T) {
 			p.Stop()
@@ -45,9 +77,12 @@ func TestContract(t *testing.T) {
 			}
 		},
 		Outage: func(t *testing.T, during func()) {
+			before := gone()
 			p.Stop()
 			during()
-			time.Sleep(200 * time.Millisecond)
+			testenv.Eventually(t, 10*time.Second, "the check to find the socket gone", func() (bool, string) {
+				return gone() > before, "no warning yet"
+			})
 			if err := p.Start(); err != nil {
 				t.Fatal(err)
 			}
@@ -55,9 +90,75 @@ func TestContract(t *testing.T) {
 	})
 }
 
+// TestConfigIsChecked: New refuses what the flags would refuse, naming
+// the flag.
+func TestConfigIsChecked(t *testing.T) {
+	for _, tt := range []struct {
+		cfg  wslproxy.Config
+		want string
+	}{
+		{wslproxy.Config{}, "--wslProxySocket is empty"},
+		{wslproxy.Config{Socket: wslproxy.DefaultSocket, CheckInterval: -time.Second}, "--wslProxyCheckInterval must not be negative, got -1s"},
+	} {
+		_, err := wslproxy.New(tt.cfg)
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("New(%+v) = %v, want an error with %q", tt.cfg, err, tt.want)
+		}
+	}
+	if _, err := wslproxy.New(wslproxy.Config{Socket: wslproxy.DefaultSocket}); err != nil {
+		t.Errorf("the default socket with the zero rest: %v", err)
+	}
+}
+
+// TestNothingOutlivesTheCalls: the sink holds no connection, so it has no
+// Close: once Send and WatchPeer have returned, the connection the send
+// made is closed at wsl-proxy's end too, and no goroutine is left.
+func TestNothingOutlivesTheCalls(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	path := filepath.Join(t.TempDir(), "wsl-proxy.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+		close(accepted)
+	}()
+	s := newSink(t, wslproxy.Config{Socket: path, CheckInterval: 10 * time.Millisecond})
+	if err := s.Send(context.Background(), core.Change{Mapping: sinktest.Mapping("d", "a", 11231, 1)}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	s.WatchPeer(ctx, func() {})
+	c := <-accepted
+	if c == nil {
+		t.Fatal("the send's connection was not accepted")
+	}
+	defer c.Close()
+	// A connection the sink closed reads to its end; one it left open
+	// runs into the deadline.
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAll(c); err != nil {
+		t.Errorf("the send's connection is still open: %v", err)
+	}
+	if _, ok := any(s).(io.Closer); ok {
+		t.Error("the sink has a Close but holds nothing")
+	}
+	ln.Close()
+	if err := goleak.Find(ignore); err != nil {
+		t.Errorf("goroutines left behind: %v", err)
+	}
+}
+
 func TestExactPayload(t *testing.T) {
 	p := startPeer(t, nil)
-	s := wslproxy.New(p.Path, 0, nil)
+	s := newSink(t, wslproxy.Config{Socket: p.Path})
 	m := sinktest.Mapping("docker", "c1", 11201, 1)
 	m.ConnectAddrs = []core.ConnectAddr{{Network: "tcp", Addr: "198.18.0.2:80"}}
 	if err := s.Send(context.Background(), core.Change{Mapping: m}); err != nil {
@@ -66,10 +167,10 @@ func TestExactPayload(t *testing.T) {
 	if err := s.Send(context.Background(), core.Change{Remove: true, Mapping: m}); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for len(p.Received()) < 2 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
+	testenv.Eventually(t, 5*time.Second, "2 messages at the peer", func() (bool, string) {
+		n := len(p.Received())
+		return n >= 2, fmt.Sprintf("%d so far", n)
+	})
 	got := p.Received()
 	if len(got) != 2 {
 		t.Fatalf("peer received %d messages, want 2", len(got))
@@ -104,20 +205,19 @@ func TestTrafficReachesUpstream(t *testing.T) {
 		}
 	}()
 	p := startPeer(t, func(uint16) string { return echo.Addr().String() })
-	s := wslproxy.New(p.Path, 0, nil)
+	s := newSink(t, wslproxy.Config{Socket: p.Path})
 	m := sinktest.Mapping("docker", "web", 11211, 1)
 	if err := s.Send(context.Background(), core.Change{Mapping: m}); err != nil {
 		t.Fatal(err)
 	}
 	var c net.Conn
-	deadline := time.Now().Add(5 * time.Second)
-	for c == nil {
+	testenv.Eventually(t, 5*time.Second, "the peer to listen on 127.0.0.1:11211", func() (bool, string) {
 		c, err = net.Dial("tcp", "127.0.0.1:11211")
-		if err != nil && time.Now().After(deadline) {
-			t.Fatalf("peer never listened: %v", err)
+		if err != nil {
+			return false, err.Error()
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return true, ""
+	})
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.WriteString(c, "ping"); err != nil {
@@ -130,15 +230,15 @@ func TestTrafficReachesUpstream(t *testing.T) {
 }
 
 func TestMissingSocketIsPeerDown(t *testing.T) {
-	s := wslproxy.New(filepath.Join(t.TempDir(), "absent.sock"), 0, nil)
+	s := newSink(t, wslproxy.Config{Socket: filepath.Join(t.TempDir(), "absent.sock")})
 	err := s.Send(context.Background(), core.Change{Mapping: sinktest.Mapping("d", "a", 11221, 1)})
 	if !errors.Is(err, core.ErrPeerDown) || !strings.Contains(err.Error(), "absent.sock") {
 		t.Errorf("err = %v, want ErrPeerDown naming the socket", err)
 	}
 }
 
-// TestPeerThatHangsUpOrStalls: a socket that closes at once, or never reads,
-// must not block Send beyond its context.
+// TestPeerThatStalls: a socket that never reads must not block Send
+// beyond its context.
 func TestPeerThatStalls(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "stall.sock")
 	ln, err := net.Listen("unix", path)
@@ -159,7 +259,8 @@ func TestPeerThatStalls(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	done := make(chan error, 1)
-	go func() { done <- wslproxy.New(path, 0, nil).Send(ctx, core.Change{Mapping: big}) }()
+	s := newSink(t, wslproxy.Config{Socket: path})
+	go func() { done <- s.Send(ctx, core.Change{Mapping: big}) }()
 	select {
 	case err := <-done:
 		if err == nil {
@@ -177,7 +278,7 @@ func TestPeerThatStalls(t *testing.T) {
 func TestSctpIsNotSent(t *testing.T) {
 	p := startPeer(t, nil)
 	r := core.NewRouter(core.RouterConfig{})
-	r.AddSink(wslproxy.Name, wslproxy.New(p.Path, 0, nil), nil)
+	r.AddSink(wslproxy.Name, newSink(t, wslproxy.Config{Socket: p.Path}), nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
@@ -187,24 +288,16 @@ func TestSctpIsNotSent(t *testing.T) {
 	sctp.Protocol, sctp.HostPort = core.SCTP, 11212
 	m.Ports = append(m.Ports, sctp)
 	r.Emitter("docker").Set(m)
-	var status string
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
+	testenv.Eventually(t, 10*time.Second, "the sctp port unsupported and the tcp one exposed", func() (bool, string) {
 		var states []string
 		for _, ps := range r.Status().Ports {
 			for _, at := range ps.Sinks {
 				states = append(states, fmt.Sprintf("%s/%d %s", ps.Protocol, ps.HostPort, at.State))
 			}
 		}
-		status = strings.Join(states, ", ")
-		if status == "sctp/11212 unsupported, tcp/11211 exposed" {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if status != "sctp/11212 unsupported, tcp/11211 exposed" {
-		t.Fatalf("status %q", status)
-	}
+		status := strings.Join(states, ", ")
+		return status == "sctp/11212 unsupported, tcp/11211 exposed", "status " + status
+	})
 	for _, pm := range p.Received() {
 		for key := range pm.Ports {
 			if strings.HasSuffix(key.String(), "/sctp") {
