@@ -1,8 +1,12 @@
 // Package vtunnel is the sink of the privileged-service mode: each change
 // goes as one PortMapping JSON document to the vtunnel peer, which carries
 // it over AF_VSOCK to the privileged host service. The peer address is a
-// TCP address in the guest (as Rancher Desktop runs it) or, to talk AF_VSOCK directly,
-// vsock://CID:PORT.
+// TCP address in the guest (as Rancher Desktop runs it) or, to talk
+// AF_VSOCK directly, vsock://CID:PORT. The peer never answers and cannot
+// be listed: a send that cannot connect or write marks the peer down, and
+// an empty connection at every check interval notices it come back after
+// failing, when it may have restarted without its state and the router
+// sends every port again.
 package vtunnel
 
 import (
@@ -35,25 +39,51 @@ const (
 	DefaultInterface = "eth0"
 )
 
+// DefaultCheckInterval is the --vtunnelCheckInterval default.
+const DefaultCheckInterval = 5 * time.Second
+
 func init() {
 	registry.RegisterSink(registry.SinkPlugin{
 		Name:    Name,
 		Summary: "send mappings to the vtunnel peer, which carries them over AF_VSOCK to the privileged host service",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
-			addr := fs.String("vtunnelAddr", DefaultAddr, "vtunnel peer address: HOST:PORT (TCP) or vsock://CID:PORT")
-			iface := fs.String("vtunnelInterface", DefaultInterface, `interface whose addresses the host service connects to ("" keeps each mapping's own backend addresses)`)
-			every := fs.Duration("vtunnelCheckInterval", 5*time.Second, "how often the peer is probed so a restarted one gets the full state again (0 disables)")
+			var cfg Config
+			fs.StringVar(&cfg.Addr, "vtunnelAddr", DefaultAddr, "vtunnel peer address: HOST:PORT (TCP) or vsock://CID:PORT")
+			fs.StringVar(&cfg.Interface, "vtunnelInterface", DefaultInterface, `interface whose addresses the host service connects to ("" keeps each mapping's own backend addresses)`)
+			fs.DurationVar(&cfg.CheckInterval, "vtunnelCheckInterval", DefaultCheckInterval, "how often the peer is probed so a restarted one gets the full state again (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
-				if *every < 0 {
-					return nil, fmt.Errorf("--vtunnelCheckInterval must not be negative, got %s", *every)
-				}
-				return New(*addr, *iface, *every, env.Log)
+				c := cfg
+				c.Log = env.Log
+				return New(c)
 			}
 		},
 	})
 }
 
-// Sink sends to the vtunnel peer.
+// Config configures a Sink. Addr has no zero default: its flag always
+// gives a value, and an empty one given on the command line is an error.
+type Config struct {
+	// Addr is the peer (--vtunnelAddr, whose default is DefaultAddr):
+	// "HOST:PORT" or "tcp://HOST:PORT" for TCP, "vsock://CID:PORT" (in
+	// decimal) for AF_VSOCK; see Dialer.
+	Addr string
+	// Interface names the interface whose addresses are sent as every
+	// mapping's connectAddrs, where the host service connects to
+	// (--vtunnelInterface, whose default is DefaultInterface); "" keeps
+	// each mapping's own.
+	Interface string
+	// CheckInterval is how often WatchPeer opens an empty connection to
+	// the peer, to notice a restarted one (--vtunnelCheckInterval, whose
+	// default is DefaultCheckInterval); 0 disables the check, and it may
+	// not be negative.
+	CheckInterval time.Duration
+	// Log receives the sink's log lines; nil discards them.
+	Log *zap.Logger
+}
+
+// Sink sends to the vtunnel peer. It holds no connection between calls:
+// each Send and each check opens its own and closes it before returning,
+// so there is nothing to close.
 type Sink struct {
 	dial  oneshot.Dialer
 	addr  string
@@ -64,18 +94,25 @@ type Sink struct {
 	warnOnce sync.Once
 }
 
-// New parses addr and returns a Sink. iface names the interface whose
-// addresses are sent as the backend to connect to; every is the probe
-// interval (0 disables probing).
-func New(addr, iface string, every time.Duration, log *zap.Logger) (*Sink, error) {
-	if log == nil {
-		log = zap.NewNop()
+// New checks cfg and returns a Sink.
+func New(cfg Config) (*Sink, error) {
+	if cfg.CheckInterval < 0 {
+		return nil, fmt.Errorf("--vtunnelCheckInterval must not be negative, got %s", cfg.CheckInterval)
 	}
-	dial, err := Dialer(addr)
+	dial, err := Dialer(cfg.Addr)
 	if err != nil {
 		return nil, err
 	}
-	return &Sink{dial: dial, addr: addr, iface: iface, every: every, log: log.With(zap.String("sink", Name))}, nil
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	return &Sink{
+		dial:  dial,
+		addr:  cfg.Addr,
+		iface: cfg.Interface,
+		every: cfg.CheckInterval,
+		log:   cfg.Log.With(zap.String("sink", Name)),
+	}, nil
 }
 
 // Dialer returns how to reach addr: "HOST:PORT" or "tcp://HOST:PORT" for
