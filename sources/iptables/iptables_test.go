@@ -47,7 +47,7 @@ func newRig(t testing.TB, command string) *rig {
 func (r *rig) source(t testing.TB, listen bool, interval time.Duration) core.Source {
 	t.Helper()
 	s, err := iptables.New(iptables.Config{
-		Commands: r.commands, Interval: interval, Listen: listen, Netns: "/var/run/netns/" + r.ns, ListenAddr: lo,
+		Commands: r.commands, Interval: interval, NoListeners: !listen, Netns: "/var/run/netns/" + r.ns, ListenAddr: lo,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -307,20 +307,13 @@ func TestFixturesInNamespaces(t *testing.T) {
 			go func() { done <- r.source(t, false, time.Hour).Run(ctx, router.Emitter(iptables.Name)) }()
 			defer func() { cancel(); <-done }()
 			want := strings.Join(sorted(tt.want), " ")
-			deadline := time.Now().Add(20 * time.Second)
-			for {
+			testenv.Eventually(t, 20*time.Second, "the fixture's ports "+want, func() (bool, string) {
 				var got []string
 				for _, m := range router.Desired() {
 					got = append(got, m.ID)
 				}
-				if strings.Join(sorted(got), " ") == want {
-					return
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("found %v, want %v", got, tt.want)
-				}
-				time.Sleep(20 * time.Millisecond)
-			}
+				return strings.Join(sorted(got), " ") == want, fmt.Sprintf("found %v", got)
+			})
 		})
 	}
 }
@@ -349,12 +342,8 @@ func TestListeners(t *testing.T) {
 	go func() { done <- r.source(t, true, 100*time.Millisecond).Run(ctx, router.Emitter(iptables.Name)) }()
 
 	addr := fmt.Sprintf("127.0.0.1:%d", free)
-	waitFor(t, "a listener on "+addr, func() bool {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
+	testenv.Eventually(t, 20*time.Second, "a listener on "+addr, func() (bool, string) {
+		return dials(addr), "nothing listens"
 	})
 	if len(router.Desired()) != 2 {
 		t.Errorf("desired %v: the taken port must still be reported", router.Desired())
@@ -362,12 +351,8 @@ func TestListeners(t *testing.T) {
 	for _, c := range undo(kubeProxyRules(fmt.Sprint("svc", free), 0, free)) {
 		r.run(t, c...)
 	}
-	waitFor(t, "the listener to close", func() bool {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err != nil
+	testenv.Eventually(t, 20*time.Second, "the listener on "+addr+" to close", func() (bool, string) {
+		return !dials(addr), "still listening"
 	})
 	cancel()
 	if err := <-done; err != nil {
@@ -375,13 +360,11 @@ func TestListeners(t *testing.T) {
 	}
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
+// dials tells whether a TCP connection to addr succeeds.
+func dials(addr string) bool {
+	c, err := net.Dial("tcp", addr)
+	if err == nil {
+		c.Close()
 	}
+	return err == nil
 }

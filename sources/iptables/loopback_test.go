@@ -2,6 +2,7 @@ package iptables_test
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -60,20 +61,13 @@ func TestLoopbackNATRulesAreNotReported(t *testing.T) {
 	go func() { done <- s.Run(ctx, router.Emitter(iptables.Name)) }()
 	defer func() { cancel(); <-done }()
 	const want = "0.0.0.0:8443->8443/tcp 127.0.0.1:9090->9090/tcp"
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	testenv.Eventually(t, 20*time.Second, "the ports "+want, func() (bool, string) {
 		var got []string
 		for _, m := range router.Desired() {
 			for _, p := range m.Ports {
 				got = append(got, p.String())
 			}
 		}
-		if strings.Join(sorted(got), " ") == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("reported %v, want %s", got, want)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return strings.Join(sorted(got), " ") == want, fmt.Sprintf("reported %v", got)
+	})
 }

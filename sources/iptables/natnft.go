@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"math/bits"
-	"net/netip"
 	"strconv"
 
 	"github.com/google/nftables"
@@ -38,6 +36,7 @@ func readNatNft(d *ruleDumper) ([]rule, error) {
 	return out, nil
 }
 
+// familyName is the nftables name of a family, ip or ip6.
 func familyName(f nftables.TableFamily) string {
 	if f == nftables.TableFamilyIPv6 {
 		return "ip6"
@@ -99,6 +98,50 @@ func dataValue(b []byte) []byte {
 // cstring is a NUL-terminated string attribute, as bytes.
 func cstring(b []byte) []byte { return bytes.TrimRight(b, "\x00") }
 
+// attrSetSize bounds the attribute types an attrSet keeps: every
+// attribute the decoder reads has a smaller one.
+const attrSetSize = 16
+
+// attrSet is the attributes of one message or nested attribute, by type:
+// the payload of the last of each type, and which types are present.
+type attrSet struct {
+	v    [attrSetSize][]byte
+	seen uint16
+}
+
+// read reads the attributes of b, without copying, and tells whether
+// they are well formed; those before a malformed one are kept.
+func (s *attrSet) read(b []byte) bool {
+	a := attrs{b: b}
+	for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
+		if typ < attrSetSize {
+			s.v[typ] = v
+			s.seen |= 1 << typ
+		}
+	}
+	return !a.bad
+}
+
+// has tells whether an attribute of type typ is present.
+func (s *attrSet) has(typ uint16) bool { return typ < attrSetSize && s.seen&(1<<typ) != 0 }
+
+// get is the payload of typ, nil when absent.
+func (s *attrSet) get(typ uint16) []byte {
+	if typ >= attrSetSize {
+		return nil
+	}
+	return s.v[typ]
+}
+
+// u32 is typ as a big-endian 32-bit value, 0 when absent.
+func (s *attrSet) u32(typ uint16) uint32 { return be32(s.get(typ)) }
+
+// data is the NFTA_DATA_VALUE nested in typ, nil when absent.
+func (s *attrSet) data(typ uint16) []byte { return dataValue(s.get(typ)) }
+
+// str is typ as a NUL-terminated string, nil when absent.
+func (s *attrSet) str(typ uint16) []byte { return cstring(s.get(typ)) }
+
 // loaded is what a register holds: a meta key or a slice of a header,
 // possibly masked (the mask is a slice of the message being decoded).
 type loaded struct {
@@ -110,6 +153,12 @@ type loaded struct {
 	valid  bool
 }
 
+// header tells whether l is a load from offset in the base header
+// (NFT_PAYLOAD_NETWORK_HEADER or NFT_PAYLOAD_TRANSPORT_HEADER).
+func (l *loaded) header(base, offset uint32) bool {
+	return l.valid && l.meta == 0 && l.base == base && l.offset == offset
+}
+
 // Where iptables-nft matches what the parser reads (struct iphdr and
 // struct ipv6hdr, then the port fields of tcp, udp and sctp headers).
 const (
@@ -118,13 +167,6 @@ const (
 	ip6NextOffset  = 6
 	ip6DstOffset   = 24
 	dportOffset    = 2
-)
-
-// Verdict codes (linux/netfilter.h and nf_tables.h).
-const (
-	verdictDrop   = 0
-	verdictAccept = 1
-	verdictQueue  = 3
 )
 
 // decodeRule turns a rule message (NFT_MSG_NEWRULE, from a dump or a
@@ -157,20 +199,11 @@ func decodeRule(family nftables.TableFamily, chain string, msg []byte) (rule, ui
 				if typ != unix.NFTA_LIST_ELEM {
 					continue
 				}
-				var name, data []byte
-				e := attrs{b: el}
-				for typ, v, ok := e.next(); ok; typ, v, ok = e.next() {
-					switch typ {
-					case unix.NFTA_EXPR_NAME:
-						name = cstring(v)
-					case unix.NFTA_EXPR_DATA:
-						data = v
-					}
-				}
-				if e.bad {
+				var e attrSet
+				if !e.read(el) {
 					return rule{}, 0, errors.New("malformed expression")
 				}
-				d.expr(name, data)
+				d.expr(e.str(unix.NFTA_EXPR_NAME), e.get(unix.NFTA_EXPR_DATA))
 			}
 			if list.bad {
 				return rule{}, 0, errors.New("malformed expression list")
@@ -194,6 +227,7 @@ type ruleDecoder struct {
 	rangeLow               string // the low end of a --dport range written as two cmps
 }
 
+// reg is register n, or a scratch register when n is out of range.
 func (d *ruleDecoder) reg(n uint32) *loaded {
 	if int(n) < len(d.regs) {
 		return &d.regs[n]
@@ -204,111 +238,47 @@ func (d *ruleDecoder) reg(n uint32) *loaded {
 
 // expr reads one expression, named name with attributes data.
 func (d *ruleDecoder) expr(name, data []byte) {
-	a := attrs{b: data}
+	var a attrSet
+	a.read(data)
 	switch string(name) {
 	case "meta":
-		var dreg, key uint32
-		for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
-			switch typ {
-			case unix.NFTA_META_DREG:
-				dreg = be32(v)
-			case unix.NFTA_META_KEY:
-				key = be32(v)
-			case unix.NFTA_META_SREG:
-				return // a meta set
-			}
+		if a.has(unix.NFTA_META_SREG) {
+			return // a meta set
 		}
-		*d.reg(dreg) = loaded{meta: key, valid: true}
+		*d.reg(a.u32(unix.NFTA_META_DREG)) = loaded{meta: a.u32(unix.NFTA_META_KEY), valid: true}
 	case "payload":
-		var l loaded
-		var dreg uint32
-		for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
-			switch typ {
-			case unix.NFTA_PAYLOAD_DREG:
-				dreg = be32(v)
-			case unix.NFTA_PAYLOAD_BASE:
-				l.base = be32(v)
-			case unix.NFTA_PAYLOAD_OFFSET:
-				l.offset = be32(v)
-			case unix.NFTA_PAYLOAD_LEN:
-				l.len = be32(v)
-			case unix.NFTA_PAYLOAD_SREG:
-				return // a payload write
-			}
+		if a.has(unix.NFTA_PAYLOAD_SREG) {
+			return // a payload write
 		}
-		l.valid = true
-		*d.reg(dreg) = l
+		*d.reg(a.u32(unix.NFTA_PAYLOAD_DREG)) = loaded{
+			base:   a.u32(unix.NFTA_PAYLOAD_BASE),
+			offset: a.u32(unix.NFTA_PAYLOAD_OFFSET),
+			len:    a.u32(unix.NFTA_PAYLOAD_LEN),
+			valid:  true,
+		}
 	case "bitwise":
-		var sreg, dreg uint32
-		var mask []byte
-		for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
-			switch typ {
-			case unix.NFTA_BITWISE_SREG:
-				sreg = be32(v)
-			case unix.NFTA_BITWISE_DREG:
-				dreg = be32(v)
-			case unix.NFTA_BITWISE_MASK:
-				mask = dataValue(v)
-			}
-		}
-		l := *d.reg(sreg)
-		l.mask = mask
-		*d.reg(dreg) = l
+		l := *d.reg(a.u32(unix.NFTA_BITWISE_SREG))
+		l.mask = a.data(unix.NFTA_BITWISE_MASK)
+		*d.reg(a.u32(unix.NFTA_BITWISE_DREG)) = l
 	case "cmp":
-		var sreg, op uint32
-		var value []byte
-		for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
-			switch typ {
-			case unix.NFTA_CMP_SREG:
-				sreg = be32(v)
-			case unix.NFTA_CMP_OP:
-				op = be32(v)
-			case unix.NFTA_CMP_DATA:
-				value = dataValue(v)
-			}
-		}
-		d.cmp(d.reg(sreg), op, value)
+		d.cmp(d.reg(a.u32(unix.NFTA_CMP_SREG)), a.u32(unix.NFTA_CMP_OP), a.data(unix.NFTA_CMP_DATA))
 	case "range":
-		var sreg uint32
-		var from, to []byte
-		for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
-			switch typ {
-			case unix.NFTA_RANGE_SREG:
-				sreg = be32(v)
-			case unix.NFTA_RANGE_FROM_DATA:
-				from = dataValue(v)
-			case unix.NFTA_RANGE_TO_DATA:
-				to = dataValue(v)
-			}
-		}
-		if l := d.reg(sreg); l.valid && l.meta == 0 && l.base == unix.NFT_PAYLOAD_TRANSPORT_HEADER && l.offset == dportOffset && len(from) == 2 && len(to) == 2 {
+		from, to := a.data(unix.NFTA_RANGE_FROM_DATA), a.data(unix.NFTA_RANGE_TO_DATA)
+		if l := d.reg(a.u32(unix.NFTA_RANGE_SREG)); l.header(unix.NFT_PAYLOAD_TRANSPORT_HEADER, dportOffset) && len(from) == 2 && len(to) == 2 {
 			d.r.dport = portRange(binary.BigEndian.Uint16(from), binary.BigEndian.Uint16(to))
 		}
 	case "match":
-		var mname, info []byte
-		for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
-			switch typ {
-			case unix.NFTA_MATCH_NAME:
-				mname = cstring(v)
-			case unix.NFTA_MATCH_INFO:
-				info = v
-			}
-		}
-		decodeMatch(&d.r, mname, info)
+		decodeMatch(&d.r, a.str(unix.NFTA_MATCH_NAME), a.get(unix.NFTA_MATCH_INFO))
 	case "target":
-		for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
-			if typ == unix.NFTA_TARGET_NAME {
-				d.r.target = targetName(cstring(v))
-			}
+		if a.has(unix.NFTA_TARGET_NAME) {
+			d.r.target = targetName(a.str(unix.NFTA_TARGET_NAME))
 		}
 	case "immediate":
-		d.immediate(a)
+		d.immediate(&a)
 	case "nat":
 		natType := uint32(unix.NFT_NAT_SNAT) // the kernel's default
-		for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
-			if typ == unix.NFTA_NAT_TYPE {
-				natType = be32(v)
-			}
+		if a.has(unix.NFTA_NAT_TYPE) {
+			natType = a.u32(unix.NFTA_NAT_TYPE)
 		}
 		switch natType {
 		case unix.NFT_NAT_DNAT:
@@ -330,15 +300,15 @@ func (d *ruleDecoder) cmp(l *loaded, op uint32, value []byte) {
 	}
 	switch {
 	case l.meta == unix.NFT_META_L4PROTO && l.base == 0 && len(value) == 1,
-		l.meta == 0 && l.base == unix.NFT_PAYLOAD_NETWORK_HEADER && l.offset == d.protoOffset && l.len == 1 && len(value) == 1:
+		l.header(unix.NFT_PAYLOAD_NETWORK_HEADER, d.protoOffset) && l.len == 1 && len(value) == 1:
 		d.r.proto = protoName(value[0])
-	case l.meta == 0 && l.base == unix.NFT_PAYLOAD_NETWORK_HEADER && l.offset == d.dstOffset && l.len <= uint32(d.addrLen):
+	case l.header(unix.NFT_PAYLOAD_NETWORK_HEADER, d.dstOffset) && l.len <= uint32(d.addrLen):
 		d.r.dest = addrArg(value, l.mask, d.addrLen)
-	case l.meta == 0 && l.base == unix.NFT_PAYLOAD_TRANSPORT_HEADER && l.offset == 0 && l.len == 4 && len(value) == 4:
+	case l.header(unix.NFT_PAYLOAD_TRANSPORT_HEADER, 0) && l.len == 4 && len(value) == 4:
 		// --sport and --dport, both single and not negated, are one load
 		// of both fields.
 		d.r.dport = strconv.Itoa(int(binary.BigEndian.Uint16(value[dportOffset:])))
-	case l.meta == 0 && l.base == unix.NFT_PAYLOAD_TRANSPORT_HEADER && l.offset == dportOffset && l.len == 2 && len(value) == 2:
+	case l.header(unix.NFT_PAYLOAD_TRANSPORT_HEADER, dportOffset) && l.len == 2 && len(value) == 2:
 		port := strconv.Itoa(int(binary.BigEndian.Uint16(value)))
 		switch op {
 		case unix.NFT_CMP_GTE:
@@ -353,210 +323,17 @@ func (d *ruleDecoder) cmp(l *loaded, op uint32, value []byte) {
 	}
 }
 
-// immediate reads an immediate expression: a verdict when it writes the
-// verdict register without a value.
-func (d *ruleDecoder) immediate(a attrs) {
-	var dreg uint32
-	var data []byte
-	for typ, v, ok := a.next(); ok; typ, v, ok = a.next() {
-		switch typ {
-		case unix.NFTA_IMMEDIATE_DREG:
-			dreg = be32(v)
-		case unix.NFTA_IMMEDIATE_DATA:
-			data = v
-		}
-	}
-	if dreg != unix.NFT_REG_VERDICT {
+// immediate reads an immediate expression, its attributes a: a verdict
+// when it writes the verdict register without a value.
+func (d *ruleDecoder) immediate(a *attrSet) {
+	if a.u32(unix.NFTA_IMMEDIATE_DREG) != unix.NFT_REG_VERDICT {
 		return
 	}
-	var verdict []byte
-	nd := attrs{b: data}
-	for typ, v, ok := nd.next(); ok; typ, v, ok = nd.next() {
-		switch typ {
-		case unix.NFTA_DATA_VALUE:
-			if len(v) > 0 {
-				return // a value, not a verdict
-			}
-		case unix.NFTA_DATA_VERDICT:
-			verdict = v
-		}
+	var data, verdict attrSet
+	data.read(a.get(unix.NFTA_IMMEDIATE_DATA))
+	if len(data.get(unix.NFTA_DATA_VALUE)) > 0 {
+		return // a value, not a verdict
 	}
-	var code int32
-	var chain []byte
-	vd := attrs{b: verdict}
-	for typ, v, ok := vd.next(); ok; typ, v, ok = vd.next() {
-		switch typ {
-		case unix.NFTA_VERDICT_CODE:
-			code = int32(be32(v))
-		case unix.NFTA_VERDICT_CHAIN:
-			chain = cstring(v)
-		}
-	}
-	d.r.target = verdictTarget(code, chain)
-}
-
-// targetName is the -j argument of a compat target, the usual ones
-// without a copy.
-func targetName(name []byte) string {
-	switch string(name) {
-	case "DNAT":
-		return "DNAT"
-	case "SNAT":
-		return "SNAT"
-	case "MASQUERADE":
-		return "MASQUERADE"
-	case "MARK":
-		return "MARK"
-	case "REDIRECT":
-		return "REDIRECT"
-	case "RETURN":
-		return "RETURN"
-	}
-	return string(name)
-}
-
-// compat match infos (linux/netfilter/xt_tcpudp.h), in host byte order:
-// struct xt_tcp is spts[2], dpts[2], option, flg_mask, flg_cmp, invflags;
-// struct xt_udp is spts[2], dpts[2], invflags.
-const (
-	xtDportsOffset   = 4
-	xtTCPInvOffset   = 11
-	xtUDPInvOffset   = 8
-	xtInvDstPorts    = 0x02 // XT_TCP_INV_DSTPT, XT_UDP_INV_DSTPT
-	xtCommentMaxSize = 256  // XT_MAX_COMMENT_LEN
-)
-
-// decodeMatch reads the compat matches the parser needs: comment, tcp,
-// udp and sctp.
-func decodeMatch(r *rule, name, info []byte) {
-	switch string(name) {
-	case "comment":
-		r.comment = string(cstring(info[:min(len(info), xtCommentMaxSize)]))
-	case "tcp":
-		if len(info) > xtTCPInvOffset {
-			if p, ok := compatPorts(xtPorts(info), info[xtTCPInvOffset]&xtInvDstPorts != 0); ok {
-				r.dport = p
-			}
-		}
-	case "udp":
-		if len(info) > xtUDPInvOffset {
-			if p, ok := compatPorts(xtPorts(info), info[xtUDPInvOffset]&xtInvDstPorts != 0); ok {
-				r.dport = p
-			}
-		}
-	case "sctp":
-		if p, ok := sctpPorts(info); ok {
-			r.dport = p
-		}
-	}
-}
-
-func xtPorts(info []byte) [2]uint16 {
-	return [2]uint16{binary.NativeEndian.Uint16(info[xtDportsOffset:]), binary.NativeEndian.Uint16(info[xtDportsOffset+2:])}
-}
-
-// compatPorts is what the tcp and udp matches print for a port range: a
-// --dport unless the range is all ports and not negated.
-func compatPorts(p [2]uint16, inverted bool) (string, bool) {
-	if p[0] == 0 && p[1] == 0xffff && !inverted {
-		return "", false
-	}
-	return portRange(p[0], p[1]), true
-}
-
-// struct xt_sctp_info: dpts[2], spts[2], chunkmap[64], chunk_match_type,
-// flag_info[4] (3 bytes each), flag_count, flags, invflags; host byte order.
-const (
-	sctpFlagsOffset = 4 + 4 + 64*4 + 4 + 4*3 + 4
-	sctpDestPorts   = 0x02 // XT_SCTP_DEST_PORTS
-)
-
-func sctpPorts(info []byte) (string, bool) {
-	if len(info) < sctpFlagsOffset+4 {
-		return "", false
-	}
-	if binary.NativeEndian.Uint32(info[sctpFlagsOffset:])&sctpDestPorts == 0 {
-		return "", false
-	}
-	return portRange(binary.NativeEndian.Uint16(info[0:]), binary.NativeEndian.Uint16(info[2:])), true
-}
-
-func portRange(lo, hi uint16) string {
-	if lo == hi {
-		return strconv.Itoa(int(lo))
-	}
-	return strconv.Itoa(int(lo)) + ":" + strconv.Itoa(int(hi))
-}
-
-// addrArg prints a destination match as iptables does: the address and its
-// prefix length, or its mask when that is not a prefix.
-func addrArg(data, mask []byte, addrLen int) string {
-	var a, m, prefix [16]byte
-	copy(a[:addrLen], data)
-	if mask == nil {
-		for i := range min(len(data), addrLen) {
-			m[i] = 0xff
-		}
-	} else {
-		copy(m[:addrLen], mask)
-	}
-	ones := 0
-	for _, x := range m[:addrLen] {
-		ones += bits.OnesCount8(x)
-	}
-	for i := range ones {
-		prefix[i/8] |= 0x80 >> (i % 8)
-	}
-	addr := addrOf(a, addrLen)
-	if prefix != m {
-		return addr.String() + "/" + addrOf(m, addrLen).String()
-	}
-	return netip.PrefixFrom(addr, ones).String()
-}
-
-func addrOf(b [16]byte, addrLen int) netip.Addr {
-	if addrLen == 4 {
-		return netip.AddrFrom4([4]byte(b[:4]))
-	}
-	return netip.AddrFrom16(b)
-}
-
-// protoName is the name iptables prints for an IP protocol number.
-func protoName(p byte) string {
-	switch p {
-	case unix.IPPROTO_TCP:
-		return "tcp"
-	case unix.IPPROTO_UDP:
-		return "udp"
-	case unix.IPPROTO_SCTP:
-		return "sctp"
-	case unix.IPPROTO_UDPLITE:
-		return "udplite"
-	case unix.IPPROTO_ICMP:
-		return "icmp"
-	case unix.IPPROTO_ICMPV6:
-		return "ipv6-icmp"
-	case unix.IPPROTO_ESP:
-		return "esp"
-	case unix.IPPROTO_AH:
-		return "ah"
-	}
-	return strconv.Itoa(int(p))
-}
-
-// verdictTarget is the -j or -g argument of a verdict.
-func verdictTarget(code int32, chain []byte) string {
-	switch code {
-	case unix.NFT_JUMP, unix.NFT_GOTO:
-		return string(chain)
-	case verdictAccept:
-		return "ACCEPT"
-	case verdictDrop:
-		return "DROP"
-	case unix.NFT_RETURN:
-		return "RETURN"
-	case verdictQueue:
-		return "QUEUE"
-	}
-	return ""
+	verdict.read(data.get(unix.NFTA_DATA_VERDICT))
+	d.r.target = verdictTarget(int32(verdict.u32(unix.NFTA_VERDICT_CODE)), verdict.str(unix.NFTA_VERDICT_CHAIN))
 }

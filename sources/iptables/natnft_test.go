@@ -2,14 +2,15 @@ package iptables
 
 import (
 	"cmp"
+	"encoding/binary"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
@@ -83,11 +84,7 @@ var oddRules = [][]string{
 // same rules of the chains the source reads, field for field, and so the
 // same service ports.
 func TestNetlinkReadsWhatIptablesSavePrints(t *testing.T) {
-	for _, cmd := range []string{"iptables-nft", "ip6tables-nft", "iptables-nft-save", "ip6tables-nft-save", "iptables-nft-restore", "ip6tables-nft-restore"} {
-		if _, err := exec.LookPath(cmd); err != nil {
-			testenv.Missing(t, cmd)
-		}
-	}
+	needCommands(t, "iptables-nft", "ip6tables-nft", "iptables-nft-save", "ip6tables-nft-save", "iptables-nft-restore", "ip6tables-nft-restore")
 	fixture := filepath.Join("..", "..", "testdata", "iptables")
 	tests := []struct {
 		name      string
@@ -227,4 +224,98 @@ func portIDs(ports []ServicePort) string {
 		out = append(out, p.ID()+"("+p.Kind+")")
 	}
 	return strings.Join(out, " ")
+}
+
+// TestDecodeRuleReadsExpressions decodes rule messages laid out as the
+// kernel sends them for rules iptables-nft and ip6tables-nft write, with
+// expressions that set rather than load (skipped), and checks what
+// `iptables -S` would print of each.
+func TestDecodeRuleReadsExpressions(t *testing.T) {
+	u32 := func(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+	nested := func(as ...netlink.Attribute) []byte {
+		b, err := netlink.MarshalAttributes(as)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	value := func(b []byte) []byte { return nested(netlink.Attribute{Type: unix.NFTA_DATA_VALUE, Data: b}) }
+	expr := func(name string, as ...netlink.Attribute) netlink.Attribute {
+		return netlink.Attribute{Type: unix.NFTA_LIST_ELEM, Data: nested(
+			netlink.Attribute{Type: unix.NFTA_EXPR_NAME, Data: []byte(name + "\x00")},
+			netlink.Attribute{Type: unix.NFTA_EXPR_DATA, Data: nested(as...)},
+		)}
+	}
+	jump := func(chain string) netlink.Attribute {
+		code := int32(unix.NFT_JUMP)
+		return expr("immediate",
+			netlink.Attribute{Type: unix.NFTA_IMMEDIATE_DREG, Data: u32(unix.NFT_REG_VERDICT)},
+			netlink.Attribute{Type: unix.NFTA_IMMEDIATE_DATA, Data: nested(netlink.Attribute{Type: unix.NFTA_DATA_VERDICT, Data: nested(
+				netlink.Attribute{Type: unix.NFTA_VERDICT_CODE, Data: u32(uint32(code))},
+				netlink.Attribute{Type: unix.NFTA_VERDICT_CHAIN, Data: []byte(chain + "\x00")},
+			)})})
+	}
+	load := func(base, offset, n uint32) netlink.Attribute {
+		return expr("payload",
+			netlink.Attribute{Type: unix.NFTA_PAYLOAD_DREG, Data: u32(unix.NFT_REG_1)},
+			netlink.Attribute{Type: unix.NFTA_PAYLOAD_BASE, Data: u32(base)},
+			netlink.Attribute{Type: unix.NFTA_PAYLOAD_OFFSET, Data: u32(offset)},
+			netlink.Attribute{Type: unix.NFTA_PAYLOAD_LEN, Data: u32(n)})
+	}
+	cmpEq := func(b []byte) netlink.Attribute {
+		return expr("cmp",
+			netlink.Attribute{Type: unix.NFTA_CMP_SREG, Data: u32(unix.NFT_REG_1)},
+			netlink.Attribute{Type: unix.NFTA_CMP_OP, Data: u32(unix.NFT_CMP_EQ)},
+			netlink.Attribute{Type: unix.NFTA_CMP_DATA, Data: value(b)})
+	}
+	udpInfo := make([]byte, 10) // struct xt_udp: spts, dpts 31000:31002, invflags
+	binary.NativeEndian.PutUint16(udpInfo[4:], 31000)
+	binary.NativeEndian.PutUint16(udpInfo[6:], 31002)
+	tests := []struct {
+		name   string
+		family nftables.TableFamily
+		exprs  []netlink.Attribute
+		want   rule
+	}{
+		{"-p tcp -m tcp --dport 30080 -j KUBE-EXT-A", nftables.TableFamilyIPv4, []netlink.Attribute{
+			expr("meta", netlink.Attribute{Type: unix.NFTA_META_DREG, Data: u32(unix.NFT_REG_1)}, netlink.Attribute{Type: unix.NFTA_META_KEY, Data: u32(unix.NFT_META_L4PROTO)}),
+			cmpEq([]byte{unix.IPPROTO_TCP}),
+			load(unix.NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+			cmpEq(binary.BigEndian.AppendUint16(nil, 30080)),
+			expr("counter"),
+			jump("KUBE-EXT-A"),
+		}, rule{chain: "C", proto: "tcp", dport: "30080", target: "KUBE-EXT-A"}},
+		{"-d fd00:1::/64 -m comment --comment svc -m udp --dport 31000:31002 -j DNAT", nftables.TableFamilyIPv6, []netlink.Attribute{
+			load(unix.NFT_PAYLOAD_NETWORK_HEADER, 24, 16),
+			expr("bitwise",
+				netlink.Attribute{Type: unix.NFTA_BITWISE_SREG, Data: u32(unix.NFT_REG_1)},
+				netlink.Attribute{Type: unix.NFTA_BITWISE_DREG, Data: u32(unix.NFT_REG_1)},
+				netlink.Attribute{Type: unix.NFTA_BITWISE_MASK, Data: value([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0})}),
+			cmpEq([]byte{0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}),
+			expr("match", netlink.Attribute{Type: unix.NFTA_MATCH_NAME, Data: []byte("comment\x00")}, netlink.Attribute{Type: unix.NFTA_MATCH_INFO, Data: []byte("svc\x00")}),
+			expr("match", netlink.Attribute{Type: unix.NFTA_MATCH_NAME, Data: []byte("udp\x00")}, netlink.Attribute{Type: unix.NFTA_MATCH_INFO, Data: udpInfo}),
+			expr("target", netlink.Attribute{Type: unix.NFTA_TARGET_NAME, Data: []byte("DNAT\x00")}),
+		}, rule{chain: "C", dest: "fd00:1::/64", dport: "31000:31002", comment: "svc", target: "DNAT"}},
+		{"writes skipped, nat without a type", nftables.TableFamilyIPv4, []netlink.Attribute{
+			expr("meta", netlink.Attribute{Type: unix.NFTA_META_KEY, Data: u32(unix.NFT_META_MARK)}, netlink.Attribute{Type: unix.NFTA_META_SREG, Data: u32(unix.NFT_REG_1)}),
+			cmpEq([]byte{unix.IPPROTO_TCP}),
+			expr("immediate",
+				netlink.Attribute{Type: unix.NFTA_IMMEDIATE_DREG, Data: u32(unix.NFT_REG_VERDICT)},
+				netlink.Attribute{Type: unix.NFTA_IMMEDIATE_DATA, Data: value([]byte{1})}),
+			expr("nat"),
+		}, rule{chain: "C", target: "SNAT"}},
+	}
+	for _, tt := range tests {
+		msg := append([]byte{byte(tt.family), unix.NFNETLINK_V0, 0, 0}, nested(
+			netlink.Attribute{Type: unix.NFTA_RULE_HANDLE, Data: binary.BigEndian.AppendUint64(nil, 7)},
+			netlink.Attribute{Type: unix.NFTA_RULE_EXPRESSIONS, Data: nested(tt.exprs...)},
+		)...)
+		got, handle, err := decodeRule(tt.family, "C", msg)
+		if err != nil || handle != 7 || got != tt.want {
+			t.Errorf("%s: decodeRule = %+v, %d, %v; want %+v, 7", tt.name, got, handle, err, tt.want)
+		}
+		if _, _, err := decodeRule(tt.family, "C", msg[:len(msg)-1]); err == nil {
+			t.Errorf("%s: a truncated message decoded without an error", tt.name)
+		}
+	}
 }

@@ -272,13 +272,10 @@ func BenchmarkIdleScanCPU(b *testing.B) {
 				b.Fatal(err)
 			}
 			r := sourcetest.Start(b, Name, s)
-			deadline := time.Now().Add(2 * time.Minute)
-			for len(r.Desired()) < c.n {
-				if time.Now().After(deadline) {
-					b.Fatalf("the source reported %d of %d services", len(r.Desired()), c.n)
-				}
-				time.Sleep(100 * time.Millisecond)
-			}
+			testenv.Eventually(b, 2*time.Minute, fmt.Sprintf("the %d services", c.n), func() (bool, string) {
+				got := len(r.Desired())
+				return got >= c.n, fmt.Sprintf("the source reported %d", got)
+			})
 			change := func(i int) []string {
 				op := []string{"-A", "-D"}[i%2]
 				if c.changes == "unrelated" {

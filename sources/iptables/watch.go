@@ -7,73 +7,14 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
-
-// Pacing of the scans that change notifications trigger.
-const (
-	// coalesceDelay is how long a notified scan waits after the first
-	// notification of a burst, so that changes made by several commands in
-	// a row (the CNI portmap plugin runs a few) are read by one scan. It
-	// is not extended by later notifications: a steady stream of them
-	// cannot hold a scan back.
-	coalesceDelay = 20 * time.Millisecond
-	// notifyCostFactor is k: scanning earns credit at 1/k of the time
-	// passing and every notified scan spends its duration, so that while
-	// changes keep coming the notified scans take at most 1/k (10%) of
-	// the time, plus scanBurst. A notified scan waits until the credit is
-	// no longer negative: k times the overdraft.
-	notifyCostFactor = 10
-	// scanBurst is the most credit there is: cheap scans of sporadic
-	// changes run at once, and a costly scan (tens of thousands of rules)
-	// is followed by about k times its duration without scans.
-	scanBurst = 100 * time.Millisecond
-)
-
-// pacer decides when a notified scan runs.
-type pacer struct {
-	armed  bool          // a notified scan is due
-	credit time.Duration // scan time that may be spent now
-	at     time.Time     // when credit was brought up to date
-}
-
-func (p *pacer) refill(now time.Time) {
-	if p.at.IsZero() {
-		p.credit = scanBurst
-	} else {
-		p.credit = min(scanBurst, p.credit+now.Sub(p.at)/notifyCostFactor)
-	}
-	p.at = now
-}
-
-// changed notes a change notified at now. It returns how long to wait
-// before scanning, and false when a scan is already due (it will read
-// this change too).
-func (p *pacer) changed(now time.Time) (time.Duration, bool) {
-	if p.armed {
-		return 0, false
-	}
-	p.armed = true
-	p.refill(now)
-	return max(coalesceDelay, -p.credit*notifyCostFactor), true
-}
-
-// scanned notes a scan, notified or periodic, that ran from start to end:
-// it read every change notified before it started. A notified scan spends
-// its duration; the others (the first, and the periodic ones, which are
-// paced by nextScan) do not, so that a costly periodic dump does not hold
-// back the next change.
-func (p *pacer) scanned(start, end time.Time, notified bool) {
-	p.armed = false
-	p.refill(end)
-	if notified {
-		p.credit -= end.Sub(start)
-	}
-}
 
 // Netlink message types and attributes of nf_tables
 // (linux/netfilter/nf_tables.h) that the watcher reads.
@@ -255,6 +196,46 @@ func (t *transaction) commit(gen uint32) []ruleOp {
 		ops = append(ops, ruleOp{gen: gen, kind: opReload, family: k.family, chain: k.name})
 	}
 	return ops
+}
+
+// watchRetry is the wait before the notification socket is opened again
+// after it failed.
+const watchRetry = 5 * time.Second
+
+// watch runs watchNft until ctx is done, opening the socket again when
+// it fails (and then scanning, as changes may have been missed). ready is
+// closed once the first socket listens, or the first attempt failed.
+func (s *Source) watch(ctx context.Context, changed chan<- struct{}, ready chan<- struct{}) {
+	signal := func() {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	var once sync.Once
+	isReady := func() { once.Do(func() { close(ready) }) }
+	defer isReady()
+	for first := true; ; first = false {
+		err := watchNft(ctx, s.cfg.Netns, &s.changes, signal, func() {
+			s.watching.Store(true)
+			isReady()
+			if !first {
+				s.log.Info("nftables change notifications back")
+				signal()
+			}
+		})
+		s.watching.Store(false)
+		if ctx.Err() != nil {
+			return
+		}
+		isReady()
+		s.log.Info("nftables change notifications unavailable; scanning on the interval", zap.Error(err), zap.Duration("retry_in", watchRetry))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(watchRetry):
+		}
+	}
 }
 
 // watchBuffer is the receive buffer of the notification socket: a

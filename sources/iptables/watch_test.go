@@ -16,8 +16,11 @@ import (
 	"github.com/guestagent/guestagent/internal/testenv"
 )
 
+// needCommands skips t under -short, and fails or skips it when one of
+// cmds is not installed.
 func needCommands(t testing.TB, cmds ...string) {
 	t.Helper()
+	testenv.Integration(t)
 	for _, c := range cmds {
 		if _, err := exec.LookPath(c); err != nil {
 			testenv.Missing(t, c)
