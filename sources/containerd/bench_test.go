@@ -12,6 +12,7 @@ import (
 
 	"github.com/guestagent/guestagent/core/sourcetest"
 	"github.com/guestagent/guestagent/sources/containerd"
+	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 )
 
 // BenchmarkDeliveryLatency measures, against the real containerd, the time
@@ -19,7 +20,7 @@ import (
 // of the port its nerdctl/ports label publishes, one container at a time.
 func BenchmarkDeliveryLatency(b *testing.B) {
 	c := requireEngine(b)
-	arrivals := sourcetest.Deliver(b, containerd.Name, newSource(b, nil))
+	arrivals := sourcetest.Deliver(b, containerd.Name, newSource(b, loopbacknat.Options{}))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	envelopes, errs := c.Client.Subscribe(ctx, `topic=="/tasks/start"`)

@@ -6,6 +6,13 @@
 // All namespaces are watched: nerdctl uses "default" unless told
 // otherwise, and containers of other namespaces (k8s.io, buildkit) carry no
 // nerdctl port data, so they cost one label read and nothing else.
+//
+// After every (re)connect the source lists every namespace's containers
+// with a running task and reports them as one snapshot, so nothing that
+// happened while it was away is missed or leaked; it reconnects with
+// backoff. Ports published on 127.0.0.1 also get loopback NAT rules in the
+// container's CNI-DN chain (see sources/internal/loopbacknat and
+// loopback.go).
 package containerd
 
 import (
@@ -13,10 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/netip"
 	"os"
-	"runtime"
 	"sync"
 	"time"
 
@@ -28,10 +32,8 @@ import (
 	cerrdefs "github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/typeurl/v2"
-	cniutils "github.com/containernetworking/plugins/pkg/utils"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
@@ -57,14 +59,13 @@ func init() {
 		Name:    Name,
 		Summary: "containers' ports from the containerd API and nerdctl's port data",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
-			sock := fs.String("containerdSock", DefaultSocket, "containerd socket path")
-			nat := loopbacknat.Flags(fs, "containerd", "")
+			var cfg Config
+			fs.StringVar(&cfg.Socket, "containerdSock", DefaultSocket, "containerd socket path")
+			loopbacknat.BindFlags(fs, Name, &cfg.LoopbackNAT)
 			return func(env registry.Env) (core.Source, error) {
-				m, err := nat(env.Log)
-				if err != nil {
-					return nil, err
-				}
-				return New(Config{Socket: *sock, NAT: m, Log: env.Log})
+				cfg := cfg
+				cfg.Log = env.Log
+				return New(cfg)
 			}
 		},
 	})
@@ -72,12 +73,15 @@ func init() {
 
 // Config configures a Source.
 type Config struct {
-	// Socket is containerd's socket path.
+	// Socket is containerd's socket path. Required; the --containerdSock
+	// flag defaults to DefaultSocket.
 	Socket string
-	// NAT, when set, keeps loopback NAT rules for 127.0.0.1 bindings, next
-	// to the CNI portmap plugin's rules in each container's CNI-DN chain, so
-	// that they answer on the guest's address through the host's tunnel.
-	NAT *loopbacknat.Manager
+	// LoopbackNAT sets up the loopback NAT rules for bindings on
+	// 127.0.0.1, next to the CNI portmap plugin's rules in each
+	// container's CNI-DN chain, so that they answer on the guest's address
+	// through the host's tunnel. The zero value keeps no rules; the
+	// --containerdLoopbackNAT flag turns them on by default.
+	LoopbackNAT loopbacknat.Options
 	// Backoff bounds reconnect delays (default core.DefaultBackoff, capped
 	// at 10s).
 	Backoff core.Backoff
@@ -88,21 +92,27 @@ type Config struct {
 // Source watches one containerd.
 type Source struct {
 	cfg Config
+	nat *loopbacknat.Manager // nil when the rules are off
 	log *zap.Logger
 }
 
-// New checks cfg and returns a Source.
+// New checks cfg and returns a Source, with its loopback NAT manager when
+// cfg.LoopbackNAT turns the rules on (the iptables command must then run).
 func New(cfg Config) (*Source, error) {
-	if cfg.Socket == "" {
-		return nil, errors.New("--containerdSock is empty")
-	}
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
+	}
+	nat, err := cfg.LoopbackNAT.Manager(Name, "", cfg.Log)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Socket == "" {
+		return nil, errors.New("--containerdSock is empty")
 	}
 	if cfg.Backoff.Initial <= 0 {
 		cfg.Backoff = core.Backoff{Initial: core.DefaultBackoff.Initial, Max: 10 * time.Second}
 	}
-	return &Source{cfg: cfg, log: cfg.Log.With(zap.String("source", Name))}, nil
+	return &Source{cfg: cfg, nat: nat, log: cfg.Log.With(zap.String("source", Name))}, nil
 }
 
 // ID returns the mapping id of a container: ids are unique per namespace.
@@ -110,10 +120,10 @@ func ID(namespace, container string) string { return namespace + "/" + container
 
 // Run watches containerd until ctx is done, reconnecting with backoff.
 func (s *Source) Run(ctx context.Context, out core.Emitter) error {
-	if s.cfg.NAT != nil {
+	if s.nat != nil {
 		qctx, cancel := context.WithCancel(ctx)
 		var wg sync.WaitGroup
-		wg.Go(func() { s.cfg.NAT.RunQueue(qctx) })
+		wg.Go(func() { s.nat.RunQueue(qctx) })
 		defer func() { cancel(); wg.Wait() }()
 	}
 	reconnect.Loop(ctx, s.log.With(zap.String("socket", s.cfg.Socket)), s.cfg.Backoff, "containerd",
@@ -202,8 +212,8 @@ func (s *Source) resync(ctx context.Context, e *engine, out core.Emitter) error 
 			}
 		}
 	}
-	if s.cfg.NAT != nil {
-		if err := s.cfg.NAT.Sync(rules); err != nil {
+	if s.nat != nil {
+		if err := s.nat.Sync(rules); err != nil {
 			s.log.Error("loopback NAT rules", zap.Error(err))
 		}
 	}
@@ -267,15 +277,15 @@ func (s *Source) refresh(ctx context.Context, e *engine, out core.Emitter, ns, i
 	}
 	m, bindings := s.mapping(ns, id, c.Labels, proc.Pid)
 	out.Set(m)
-	if s.cfg.NAT != nil {
-		s.cfg.NAT.Queue(key, bindings)
+	if s.nat != nil {
+		s.nat.Queue(key, bindings)
 	}
 }
 
 func (s *Source) remove(out core.Emitter, key string) {
 	out.Delete(key)
-	if s.cfg.NAT != nil {
-		s.cfg.NAT.Queue(key, nil)
+	if s.nat != nil {
+		s.nat.Queue(key, nil)
 	}
 }
 
@@ -293,107 +303,13 @@ func (s *Source) mapping(ns, id string, labels map[string]string, pid uint32) (c
 		s.log.Warn("port mapping skipped", zap.String("container", key), zap.Error(e))
 	}
 	m.Ports = ports
-	if s.cfg.NAT == nil {
+	if s.nat == nil {
 		return m, nil
 	}
 	return m, s.loopback(ns, id, labels, pid, ports)
 }
 
-var localhost = netip.AddrFrom4([4]byte{127, 0, 0, 1})
-
-// loopback returns the NAT bindings for ports on 127.0.0.1: one per CNI
-// network of the container, in the chain the portmap plugin made for it.
-func (s *Source) loopback(ns, id string, labels map[string]string, pid uint32, ports []core.Port) []loopbacknat.Binding {
-	var want []core.Port
-	for _, p := range ports {
-		if p.HostIP == localhost {
-			want = append(want, p)
-		}
-	}
-	if len(want) == 0 {
-		return nil
-	}
-	nets, err := Networks(labels)
-	if err == nil && len(nets) == 0 {
-		err = errors.New("no networks in its labels")
-	}
-	var ip netip.Addr
-	if err == nil {
-		ip, err = TaskIPv4(pid, "eth0")
-	}
-	if err != nil {
-		s.log.Warn("no loopback NAT rules for container", zap.String("container", ID(ns, id)), zap.Error(err))
-		return nil
-	}
-	var out []loopbacknat.Binding
-	for _, n := range nets {
-		chain := cniutils.MustFormatChainNameWithPrefix(n, ns+"-"+id, "DN-")
-		for _, p := range want {
-			out = append(out, loopbacknat.Binding{Protocol: p.Protocol, HostPort: p.HostPort,
-				Backend: netip.AddrPortFrom(ip, p.ContainerPort), Chain: chain})
-		}
-	}
-	return out
-}
-
-// TaskIPv4 returns the first IPv4 address of interface iface inside the
-// network namespace of process pid.
-func TaskIPv4(pid uint32, iface string) (netip.Addr, error) {
-	if pid == 0 {
-		return netip.Addr{}, errors.New("task has no pid")
-	}
-	target, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", pid))
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	defer target.Close()
-
-	type result struct {
-		ip  netip.Addr
-		err error
-	}
-	done := make(chan result, 1)
-	// The namespace switch happens on a thread of its own, which is thrown
-	// away if it cannot be switched back.
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- result{err: err}
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			done <- result{err: fmt.Errorf("entering the task's network namespace: %w", err)}
-			return
-		}
-		ip, err := firstIPv4(iface)
-		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		done <- result{ip, err}
-	}()
-	r := <-done
-	return r.ip, r.err
-}
-
-func firstIPv4(name string) (netip.Addr, error) {
-	ifc, err := net.InterfaceByName(name)
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	addrs, err := ifc.Addrs()
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	for _, a := range addrs {
-		if n, ok := a.(*net.IPNet); ok {
-			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap().Is4() {
-				return ip.Unmap(), nil
-			}
-		}
-	}
-	return netip.Addr{}, fmt.Errorf("%s has no IPv4 address", name)
-}
+// Interface guards.
+var (
+	_ core.Source = (*Source)(nil)
+)

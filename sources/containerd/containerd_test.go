@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +13,9 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	cniutils "github.com/containernetworking/plugins/pkg/utils"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
@@ -37,9 +39,11 @@ func requireEngine(t testing.TB) *containerdtest.Containerd {
 	return engine.Get(t)
 }
 
-func newSource(t testing.TB, nat *loopbacknat.Manager) core.Source {
+// newSource returns a source for the shared containerd, with the loopback
+// NAT rules nat asks for (none for its zero value).
+func newSource(t testing.TB, nat loopbacknat.Options) core.Source {
 	t.Helper()
-	s, err := containerd.New(containerd.Config{Socket: requireEngine(t).Socket, NAT: nat,
+	s, err := containerd.New(containerd.Config{Socket: requireEngine(t).Socket, LoopbackNAT: nat,
 		Backoff: core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
 	if err != nil {
 		t.Fatal(err)
@@ -85,7 +89,7 @@ func TestContract(t *testing.T) {
 	c := requireEngine(t)
 	bases := map[string]int{}
 	sourcetest.Run(t, sourcetest.Harness{
-		New: func(t *testing.T) core.Source { return newSource(t, nil) },
+		New: func(t *testing.T) core.Source { return newSource(t, loopbacknat.Options{}) },
 		Expose: func(t *testing.T, name string, variant int) core.Mapping {
 			n := int(seq.Add(1))
 			ns := "default"
@@ -148,7 +152,7 @@ func TestContract(t *testing.T) {
 // data is logged and skipped while the next one is still reported.
 func TestMalformedLabelIsSkipped(t *testing.T) {
 	c := requireEngine(t)
-	r := sourcetest.Start(t, containerd.Name, newSource(t, nil))
+	r := sourcetest.Start(t, containerd.Name, newSource(t, loopbacknat.Options{}))
 
 	bad, good := uniqueID(fmt.Sprintf("bad-%d", seq.Add(1))), uniqueID(fmt.Sprintf("good-%d", seq.Add(1)))
 	if err := c.RunContainer("default", bad, map[string]string{containerd.LabelPorts: `[{"HostPort":`}, ""); err != nil {
@@ -161,23 +165,23 @@ func TestMalformedLabelIsSkipped(t *testing.T) {
 	}
 	defer func() { _ = c.RemoveContainer("default", good) }()
 	want := expected("default", good, labels)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var ids []string
-		for _, m := range r.Desired() {
-			ids = append(ids, m.ID)
-		}
-		if strings.Contains(strings.Join(ids, " "), want.ID) {
-			if strings.Contains(strings.Join(ids, " "), bad) {
-				t.Errorf("the malformed container was reported: %v", ids)
-			}
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the good container never showed up: %v", ids)
-		}
-		time.Sleep(20 * time.Millisecond)
+	var ids string
+	testenv.Eventually(t, 30*time.Second, "the good container reported", func() (bool, string) {
+		ids = desiredIDs(r)
+		return strings.Contains(ids, want.ID), ids
+	})
+	if strings.Contains(ids, bad) {
+		t.Errorf("the malformed container was reported: %v", ids)
 	}
+}
+
+// desiredIDs lists the ids of the mappings r wants, space-separated.
+func desiredIDs(r *core.Router) string {
+	var ids []string
+	for _, m := range r.Desired() {
+		ids = append(ids, m.ID)
+	}
+	return strings.Join(ids, " ")
 }
 
 // TestLoopbackNATNextToCNI runs a container whose task has an eth0 (in a
@@ -202,11 +206,8 @@ func TestLoopbackNATNextToCNI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nat, err := loopbacknat.New(loopbacknat.Config{Owner: "containerd", Iptables: wrapper, Interface: "eth0", GuestIP: netip.MustParseAddr("192.168.127.2")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sourcetest.Start(t, containerd.Name, newSource(t, nat))
+	sourcetest.Start(t, containerd.Name, newSource(t, loopbacknat.Options{Enabled: true, Iptables: wrapper,
+		Interface: "eth0", GuestIP: "192.168.127.2"}))
 
 	labels := portsLabel(containerd.PortEntry{HostPort: 22601, ContainerPort: 80, Protocol: "tcp", HostIP: "127.0.0.1"})
 	labels[containerd.LabelNetworks] = `["bridge"]`
@@ -218,30 +219,21 @@ func TestLoopbackNATNextToCNI(t *testing.T) {
 	cni := "-A " + chain + " -d 127.0.0.1/32 -p tcp -m tcp --dport 22601 -j DNAT --to-destination 198.18.20.2:80"
 	ours := "-A " + chain + ` -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 22601 -m comment --comment "guestagent-loopback:containerd" -j DNAT --to-destination 198.18.20.2:80`
 	pre := `-A PREROUTING -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 22601 -m comment --comment "guestagent-loopback:containerd" -j DNAT --to-destination 127.0.0.1:22601`
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		rules := testenv.NatRules(t, natNS)
-		if strings.Contains(rules, ours) && strings.Contains(rules, pre) {
-			if strings.Index(rules, ours) < strings.Index(rules, cni) {
-				t.Errorf("our rule precedes CNI's:\n%s", rules)
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("rules not in place:\n%s", rules)
-		}
-		time.Sleep(50 * time.Millisecond)
+	var rules string
+	testenv.Eventually(t, 30*time.Second, "the loopback NAT rules in place", func() (bool, string) {
+		rules = testenv.NatRules(t, natNS)
+		return strings.Contains(rules, ours) && strings.Contains(rules, pre), rules
+	})
+	if strings.Index(rules, ours) < strings.Index(rules, cni) {
+		t.Errorf("our rule precedes CNI's:\n%s", rules)
 	}
 	if err := c.StopContainer("default", id); err != nil {
 		t.Fatal(err)
 	}
-	deadline = time.Now().Add(30 * time.Second)
-	for strings.Contains(testenv.NatRules(t, natNS), loopbacknat.CommentPrefix) {
-		if time.Now().After(deadline) {
-			t.Fatalf("rules left after exit:\n%s", testenv.NatRules(t, natNS))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testenv.Eventually(t, 30*time.Second, "the loopback NAT rules gone after the exit", func() (bool, string) {
+		rules := testenv.NatRules(t, natNS)
+		return !strings.Contains(rules, loopbacknat.CommentPrefix), rules
+	})
 }
 
 func nsCtx(ctx context.Context, ns string) context.Context { return namespaces.WithNamespace(ctx, ns) }
@@ -250,8 +242,9 @@ func nsCtx(ctx context.Context, ns string) context.Context { return namespaces.W
 func TestSocketAbsentAtStart(t *testing.T) {
 	c := requireEngine(t)
 	link := filepath.Join(t.TempDir(), "later.sock")
+	obs, logs := observer.New(zapcore.DebugLevel)
 	s, err := containerd.New(containerd.Config{Socket: link,
-		Backoff: core.Backoff{Initial: 20 * time.Millisecond, Max: 200 * time.Millisecond}})
+		Backoff: core.Backoff{Initial: 20 * time.Millisecond, Max: 200 * time.Millisecond}, Log: zap.New(obs)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,7 +255,10 @@ func TestSocketAbsentAtStart(t *testing.T) {
 	}
 	defer func() { _ = c.RemoveContainer("default", id) }()
 	r := sourcetest.Start(t, containerd.Name, s)
-	time.Sleep(300 * time.Millisecond) // several failed attempts
+	testenv.Eventually(t, 30*time.Second, "several failed attempts", func() (bool, string) {
+		n := logs.FilterMessage("containerd still not reachable").Len()
+		return n >= 3, fmt.Sprintf("%d repeated failures logged", n)
+	})
 	if len(r.Desired()) != 0 {
 		t.Fatal("reported containers without a daemon")
 	}
@@ -270,17 +266,10 @@ func TestSocketAbsentAtStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := containerd.ID("default", id)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	testenv.Eventually(t, 30*time.Second, "only "+want+" reported", func() (bool, string) {
 		ds := r.Desired()
-		if len(ds) == 1 && ds[0].ID == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("desired %v, want only %s", ds, want)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return len(ds) == 1 && ds[0].ID == want, fmt.Sprint(ds)
+	})
 }
 
 // uniqueID makes a container id unique on the machine: runc keeps its state

@@ -2,7 +2,6 @@ package containerd_test
 
 import (
 	"fmt"
-	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -60,12 +59,8 @@ func TestLoopbackPortAnswersOnlyThroughTheTunnel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nat, err := loopbacknat.New(loopbacknat.Config{Owner: "containerd", Iptables: wrapper, Interface: tunnel,
-		GuestIP: netip.MustParseAddr(guestIP)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sourcetest.Start(t, containerd.Name, newSource(t, nat))
+	sourcetest.Start(t, containerd.Name, newSource(t, loopbacknat.Options{Enabled: true, Iptables: wrapper,
+		Interface: tunnel, GuestIP: guestIP}))
 	labels := portsLabel(containerd.PortEntry{HostPort: port, ContainerPort: 80, Protocol: "tcp", HostIP: "127.0.0.1"})
 	labels[containerd.LabelNetworks] = `["bridge"]`
 	if err := c.RunContainer("default", id, labels, loopbacknattest.NetnsPath(task)); err != nil {
@@ -76,20 +71,14 @@ func TestLoopbackPortAnswersOnlyThroughTheTunnel(t *testing.T) {
 	chain := cniutils.MustFormatChainNameWithPrefix("bridge", "default-"+id, "DN-")
 	portmap := fmt.Sprintf("-A %s -d 127.0.0.1/32 -p tcp -m tcp --dport %d -j DNAT --to-destination %s:80", chain, port, ip)
 	ours := fmt.Sprintf(`-A %s -d %s/32 -i %s -p tcp -m tcp --dport %d -m comment --comment "%s" -j DNAT --to-destination %s:80`,
-		chain, guestIP, tunnel, port, nat.Comment(), ip)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		rules := testenv.NatRules(t, guest)
-		if strings.Contains(rules, ours+"\n") {
-			if i := strings.Index(rules, portmap+"\n"); i < 0 || i > strings.Index(rules, ours) {
-				t.Fatalf("portmap's rule missing or after ours:\n%s", rules)
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("rule %q not in place:\n%s", ours, rules)
-		}
-		time.Sleep(50 * time.Millisecond)
+		chain, guestIP, tunnel, port, loopbacknat.OwnerComment(containerd.Name), ip)
+	var rules string
+	testenv.Eventually(t, 30*time.Second, "the loopback NAT rule in place", func() (bool, string) {
+		rules = testenv.NatRules(t, guest)
+		return strings.Contains(rules, ours+"\n"), rules
+	})
+	if i := strings.Index(rules, portmap+"\n"); i < 0 || i > strings.Index(rules, ours) {
+		t.Fatalf("portmap's rule missing or after ours:\n%s", rules)
 	}
 
 	hostNS, lanNS := loopbacknattest.NetnsPath(host), loopbacknattest.NetnsPath(lan)

@@ -45,29 +45,37 @@ func init() {
 		Name:    Name,
 		Summary: "containers' published ports from the Docker (moby) API",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
-			def := DefaultHost
-			if h := os.Getenv("DOCKER_HOST"); h != "" {
-				def = h
-			}
-			host := fs.String("dockerHost", def, "Docker API address (default from DOCKER_HOST, else the standard socket)")
-			nat := loopbacknat.Flags(fs, "docker", "DOCKER")
+			var cfg Config
+			fs.StringVar(&cfg.Host, "dockerHost", defaultHost(), "Docker API address (default from DOCKER_HOST, else the standard socket)")
+			loopbacknat.BindFlags(fs, Name, &cfg.LoopbackNAT)
 			return func(env registry.Env) (core.Source, error) {
-				m, err := nat(env.Log)
-				if err != nil {
-					return nil, err
-				}
-				return New(Config{Host: *host, NAT: m, Log: env.Log})
+				cfg := cfg
+				cfg.Log = env.Log
+				return New(cfg)
 			}
 		},
 	})
 }
 
+// defaultHost is the --dockerHost default: $DOCKER_HOST, else DefaultHost.
+func defaultHost() string {
+	if h := os.Getenv("DOCKER_HOST"); h != "" {
+		return h
+	}
+	return DefaultHost
+}
+
 // Config configures a Source.
 type Config struct {
 	// Host is the Docker API address, e.g. unix:///var/run/docker.sock.
+	// Required; the --dockerHost flag defaults to $DOCKER_HOST, else
+	// DefaultHost.
 	Host string
-	// NAT, when set, keeps loopback NAT rules for 127.0.0.1 bindings.
-	NAT *loopbacknat.Manager
+	// LoopbackNAT sets up the loopback NAT rules for bindings on
+	// 127.0.0.1, next to Docker's own in its DOCKER chain. The zero value
+	// keeps no rules; the --dockerLoopbackNAT flag turns them on by
+	// default.
+	LoopbackNAT loopbacknat.Options
 	// Backoff bounds reconnect delays (default core.DefaultBackoff, capped
 	// at 10s).
 	Backoff core.Backoff
@@ -78,24 +86,30 @@ type Config struct {
 // Source watches one Docker daemon.
 type Source struct {
 	cfg Config
+	nat *loopbacknat.Manager // nil when the rules are off
 	log *zap.Logger
 }
 
-// New checks cfg and returns a Source.
+// New checks cfg and returns a Source, with its loopback NAT manager when
+// cfg.LoopbackNAT turns the rules on (the iptables command must then run).
 func New(cfg Config) (*Source, error) {
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	nat, err := cfg.LoopbackNAT.Manager(Name, "DOCKER", cfg.Log)
+	if err != nil {
+		return nil, err
+	}
 	if cfg.Host == "" {
 		return nil, errors.New("--dockerHost is empty")
 	}
 	if _, err := client.ParseHostURL(cfg.Host); err != nil {
 		return nil, fmt.Errorf("--dockerHost %q: %w", cfg.Host, err)
 	}
-	if cfg.Log == nil {
-		cfg.Log = zap.NewNop()
-	}
 	if cfg.Backoff.Initial <= 0 {
 		cfg.Backoff = core.Backoff{Initial: core.DefaultBackoff.Initial, Max: 10 * time.Second}
 	}
-	return &Source{cfg: cfg, log: cfg.Log.With(zap.String("source", Name))}, nil
+	return &Source{cfg: cfg, nat: nat, log: cfg.Log.With(zap.String("source", Name))}, nil
 }
 
 // Run watches the daemon until ctx is done, reconnecting with backoff.
@@ -105,10 +119,10 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		return fmt.Errorf("docker client: %w", err)
 	}
 	defer cli.Close()
-	if s.cfg.NAT != nil {
+	if s.nat != nil {
 		qctx, cancel := context.WithCancel(ctx)
 		var wg sync.WaitGroup
-		wg.Go(func() { s.cfg.NAT.RunQueue(qctx) })
+		wg.Go(func() { s.nat.RunQueue(qctx) })
 		defer func() { cancel(); wg.Wait() }()
 	}
 	reconnect.Loop(ctx, s.log.With(zap.String("host", s.cfg.Host)), s.cfg.Backoff, "Docker API",
@@ -177,8 +191,8 @@ func (s *Source) resync(ctx context.Context, cli *client.Client, out core.Emitte
 			rules[c.ID] = loopback
 		}
 	}
-	if s.cfg.NAT != nil {
-		if err := s.cfg.NAT.Sync(rules); err != nil {
+	if s.nat != nil {
+		if err := s.nat.Sync(rules); err != nil {
 			s.log.Error("loopback NAT rules", zap.Error(err))
 		}
 	}
@@ -214,8 +228,8 @@ func (s *Source) handle(ctx context.Context, cli *client.Client, out core.Emitte
 		m, loopback := s.convert(info.Container)
 		s.log.Debug("container started", zap.String("container", short(id)), zap.Int("ports", len(m.Ports)))
 		out.Set(m)
-		if s.cfg.NAT != nil {
-			s.cfg.NAT.Queue(id, loopback)
+		if s.nat != nil {
+			s.nat.Queue(id, loopback)
 		}
 	case events.ActionStop, events.ActionDie:
 		s.log.Debug("container ended", zap.String("container", short(id)), zap.String("action", string(msg.Action)))
@@ -225,8 +239,8 @@ func (s *Source) handle(ctx context.Context, cli *client.Client, out core.Emitte
 
 func (s *Source) remove(out core.Emitter, id string) {
 	out.Delete(id)
-	if s.cfg.NAT != nil {
-		s.cfg.NAT.Queue(id, nil)
+	if s.nat != nil {
+		s.nat.Queue(id, nil)
 	}
 }
 
@@ -299,3 +313,8 @@ func short(id string) string {
 	}
 	return id
 }
+
+// Interface guards.
+var (
+	_ core.Source = (*Source)(nil)
+)

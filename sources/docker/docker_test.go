@@ -3,7 +3,6 @@ package docker_test
 import (
 	"encoding/json"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +11,9 @@ import (
 	"time"
 
 	"github.com/moby/moby/api/types/network"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
@@ -50,14 +52,18 @@ func requireEngine(t testing.TB) *dockerdtest.Dockerd {
 	return engine.Get(t)
 }
 
+// newSource returns a source for the shared dockerd with its loopback NAT
+// rules on, written in the daemon's namespace.
 func newSource(t testing.TB) core.Source {
 	t.Helper()
-	nat, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: wrapper, Chain: "DOCKER", Interface: "eth0",
-		GuestIP: netip.MustParseAddr("192.168.127.2")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := docker.New(docker.Config{Host: requireEngine(t).Host, NAT: nat,
+	return newSourceNAT(t, loopbacknat.Options{Enabled: true, Iptables: wrapper, Interface: "eth0", GuestIP: "192.168.127.2"})
+}
+
+// newSourceNAT returns a source for the shared dockerd with the loopback
+// NAT rules nat asks for.
+func newSourceNAT(t testing.TB, nat loopbacknat.Options) core.Source {
+	t.Helper()
+	s, err := docker.New(docker.Config{Host: requireEngine(t).Host, LoopbackNAT: nat,
 		Backoff: core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
 	if err != nil {
 		t.Fatal(err)
@@ -208,35 +214,26 @@ func TestLoopbackNATRules(t *testing.T) {
 		`-A DOCKER -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 18181 -m comment --comment "guestagent-loopback:docker" -j DNAT --to-destination ` + ip + ":80",
 	}
 	dockerOwn := "-A DOCKER -d 127.0.0.1/32 ! -i docker0 -p tcp -m tcp --dport 18181 -j DNAT --to-destination " + ip + ":80"
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		rules := testenv.NatRules(t, d.Netns)
+	var rules string
+	testenv.Eventually(t, 30*time.Second, "Docker's rule and ours in place", func() (bool, string) {
+		rules = testenv.NatRules(t, d.Netns)
 		ok := strings.Contains(rules, dockerOwn)
 		for _, w := range want {
 			ok = ok && strings.Contains(rules, w)
 		}
-		if ok {
-			if strings.Index(rules, want[2]) < strings.Index(rules, dockerOwn) {
-				t.Errorf("our DNAT rule precedes Docker's:\n%s", rules)
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("rules not in place:\n%s", rules)
-		}
-		time.Sleep(50 * time.Millisecond)
+		return ok, rules
+	})
+	if strings.Index(rules, want[2]) < strings.Index(rules, dockerOwn) {
+		t.Errorf("our DNAT rule precedes Docker's:\n%s", rules)
 	}
 	if _, err := d.Docker("stop", id); err != nil {
 		t.Fatal(err)
 	}
 	waitDesired(t, r, id, func(_ core.Mapping, ok bool) bool { return !ok })
-	deadline = time.Now().Add(30 * time.Second)
-	for strings.Contains(testenv.NatRules(t, d.Netns), loopbacknat.CommentPrefix) {
-		if time.Now().After(deadline) {
-			t.Fatalf("rules left after stop:\n%s", testenv.NatRules(t, d.Netns))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testenv.Eventually(t, 30*time.Second, "the loopback NAT rules gone after the stop", func() (bool, string) {
+		rules := testenv.NatRules(t, d.Netns)
+		return !strings.Contains(rules, loopbacknat.CommentPrefix), rules
+	})
 	_, _ = d.Docker("rm", "-f", id)
 }
 
@@ -249,19 +246,14 @@ func find(r *core.Router, id string) (core.Mapping, bool) {
 	return core.Mapping{}, false
 }
 
-func waitDesired(t *testing.T, r *core.Router, id string, cond func(core.Mapping, bool) bool) {
+// waitDesired waits until cond holds for what r wants of container id
+// (ok tells whether r has a mapping for it at all).
+func waitDesired(t *testing.T, r *core.Router, id string, cond func(m core.Mapping, ok bool) bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	testenv.Eventually(t, 30*time.Second, "container "+id[:12]+" reported as expected", func() (bool, string) {
 		m, ok := find(r, id)
-		if cond(m, ok) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("container %s: reported %v (present %v)", id[:12], ports(m), ok)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return cond(m, ok), fmt.Sprintf("reported %v (present %v)", ports(m), ok)
+	})
 }
 
 // TestDaemonNotRunningYet starts the source before its socket exists and
@@ -269,15 +261,19 @@ func waitDesired(t *testing.T, r *core.Router, id string, cond func(core.Mapping
 func TestDaemonNotRunningYet(t *testing.T) {
 	d := requireEngine(t)
 	link := filepath.Join(t.TempDir(), "later.sock")
+	obs, logs := observer.New(zapcore.DebugLevel)
 	s, err := docker.New(docker.Config{Host: "unix://" + link,
-		Backoff: core.Backoff{Initial: 20 * time.Millisecond, Max: 200 * time.Millisecond}})
+		Backoff: core.Backoff{Initial: 20 * time.Millisecond, Max: 200 * time.Millisecond}, Log: zap.New(obs)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	id := run(t, d, "-p", "18281:80")
 	defer func() { _, _ = d.Docker("rm", "-f", id) }()
 	r := sourcetest.Start(t, docker.Name, s)
-	time.Sleep(300 * time.Millisecond) // several failed attempts
+	testenv.Eventually(t, 30*time.Second, "several failed attempts", func() (bool, string) {
+		n := logs.FilterMessage("Docker API still not reachable").Len()
+		return n >= 3, fmt.Sprintf("%d repeated failures logged", n)
+	})
 	if len(r.Desired()) != 0 {
 		t.Fatal("reported containers without a daemon")
 	}

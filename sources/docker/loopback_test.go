@@ -2,7 +2,6 @@ package docker_test
 
 import (
 	"fmt"
-	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -42,16 +41,7 @@ func TestLoopbackPortAnswersOnlyThroughTheTunnel(t *testing.T) {
 	testenv.RunIn(t, host, "ip", "route", "add", "198.18.0.0/16", "via", guestIP)
 	testenv.RunIn(t, lan, "ip", "route", "add", "198.18.0.0/16", "via", otherIP)
 
-	nat, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: wrapper, Chain: "DOCKER",
-		Interface: tunnel, GuestIP: netip.MustParseAddr(guestIP)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := docker.New(docker.Config{Host: d.Host, NAT: nat,
-		Backoff: core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := newSourceNAT(t, loopbacknat.Options{Enabled: true, Iptables: wrapper, Interface: tunnel, GuestIP: guestIP})
 	r := sourcetest.Start(t, docker.Name, s)
 
 	port := 18300 + int(n)
@@ -73,7 +63,7 @@ func TestLoopbackPortAnswersOnlyThroughTheTunnel(t *testing.T) {
 		t.Fatal(err)
 	}
 	ours := fmt.Sprintf(`-A DOCKER -d %s/32 -i %s -p tcp -m tcp --dport %d -m comment --comment "%s" -j DNAT --to-destination %s:80`,
-		guestIP, tunnel, port, nat.Comment(), ip)
+		guestIP, tunnel, port, loopbacknat.OwnerComment(docker.Name), ip)
 	waitRule(t, d.Netns, ours)
 
 	hostNS, lanNS, guestNS := loopbacknattest.NetnsPath(host), loopbacknattest.NetnsPath(lan), loopbacknattest.NetnsPath(d.Netns)
@@ -110,27 +100,18 @@ func TestLoopbackPortAnswersOnlyThroughTheTunnel(t *testing.T) {
 	if _, err := d.Docker("rm", "-f", id); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for strings.Contains(testenv.NatRules(t, d.Netns), fmt.Sprintf("--dport %d ", port)+`-m comment --comment "`+nat.Comment()) {
-		if time.Now().After(deadline) {
-			t.Fatalf("rules left after the container went:\n%s", testenv.NatRules(t, d.Netns))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	gone := fmt.Sprintf("--dport %d ", port) + `-m comment --comment "` + loopbacknat.OwnerComment(docker.Name)
+	testenv.Eventually(t, 30*time.Second, "the rules gone after the container went", func() (bool, string) {
+		rules := testenv.NatRules(t, d.Netns)
+		return !strings.Contains(rules, gone), rules
+	})
 }
 
 // waitRule waits until `iptables -t nat -S` in ns prints rule.
 func waitRule(t *testing.T, ns, rule string) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	testenv.Eventually(t, 30*time.Second, "rule "+rule+" in place", func() (bool, string) {
 		rules := testenv.NatRules(t, ns)
-		if strings.Contains(rules, rule+"\n") {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("rule %q not in place:\n%s", rule, rules)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return strings.Contains(rules, rule+"\n"), rules
+	})
 }

@@ -1,5 +1,22 @@
 // Package containerdtest runs a real containerd for tests and drives
-// containers in it through the client.
+// containers in it through containerd's Go client. StartContainerd runs
+// Debian's containerd with a private socket, root and state directory
+// under the directory it is given, with the CRI plugin off; it needs root
+// and containerd, containerd-shim-runc-v2, runc and go on PATH, and returns
+// an error saying what is missing. The static test web server
+// (testdata/webserver) is packed as ContainerdImage and imported into each
+// namespace a test uses, so that no test pulls an image.
+//
+// A package's tests share one containerd, started on first use and
+// stopped by TestMain, as sources/containerd does:
+//
+//	var engine = testenv.NewShared("containerd", containerdtest.StartContainerd, (*containerdtest.Containerd).Close)
+//
+// and engine.Get(t) in each test (it skips under -short, or when
+// containerd cannot run). RunContainer, StopContainer, RemoveContainer and
+// SetLabels make the events the containerd source follows; Stop, Start and
+// Kill take containerd down and up again while tasks keep running under
+// their shims.
 package containerdtest
 
 import (
@@ -33,8 +50,11 @@ const ContainerdImage = "docker.io/guestagent-test/web:latest"
 // Containerd is Debian's containerd run with a private socket, root and
 // state directory.
 type Containerd struct {
-	Dir    string
+	// Dir holds containerd's config, root, state and log (containerd.log).
+	Dir string
+	// Socket is the path of containerd's gRPC socket.
 	Socket string
+	// Client is connected to containerd while it runs (nil after Stop).
 	Client *containerd.Client
 
 	cmd    *exec.Cmd
@@ -42,7 +62,8 @@ type Containerd struct {
 	image  []byte // the OCI archive, imported per namespace
 }
 
-// StartContainerd starts containerd under dir.
+// StartContainerd starts containerd under dir and waits until it serves.
+// Close stops it and removes every container it has.
 func StartContainerd(dir string) (*Containerd, error) {
 	for _, bin := range []string{"containerd", "containerd-shim-runc-v2", "runc", "go"} {
 		if _, err := exec.LookPath(bin); err != nil {

@@ -1,6 +1,37 @@
-// Package dockerdtest runs a real dockerd for the tests: Debian's docker.io
-// in a network namespace of its own, with private sockets and state, and
-// the test web server imported as an image.
+// Package dockerdtest runs a real dockerd for tests: Debian's docker.io,
+// started by Start in a network namespace of its own (gadocker-<pid>), so
+// that its bridge, its NAT rules and the ports it publishes stay out of
+// the machine's own tables, with a private socket, data root and exec
+// root under the directory it is given. It needs root and dockerd, docker,
+// nsenter and go on PATH; Start returns an error saying what is missing.
+//
+// The daemon runs with --live-restore, its default bridge on
+// 198.18.0.1/22 and its other networks from 198.18.64.0/18, all in the
+// benchmarking range. Start builds the static test web server
+// (testdata/webserver: it answers HTTP on port 80 with the container's
+// hostname) and imports it as WebImage, so that no test pulls an image.
+//
+// A package's tests share one daemon, started on first use and stopped by
+// TestMain, as sources/docker does:
+//
+//	var engine = testenv.NewShared("dockerd", dockerdtest.Start, (*dockerdtest.Dockerd).Close)
+//
+//	func TestMain(m *testing.M) {
+//		code := m.Run()
+//		engine.Close()
+//		os.Exit(code)
+//	}
+//
+//	func TestSomething(t *testing.T) {
+//		d := engine.Get(t) // skips under -short, or when dockerd cannot run
+//		id, err := d.Docker("run", "-d", "-p", "127.0.0.1:8080:80", dockerdtest.WebImage)
+//		...
+//	}
+//
+// iptables commands for the daemon's rules run in d.Netns, through
+// testenv.IptablesWrapper or testenv.NatRules. Stop, Start and Kill take the
+// daemon down and up again for outage and crash tests; containers keep
+// running meanwhile.
 package dockerdtest
 
 import (
@@ -28,8 +59,11 @@ const WebImage = "guestagent-test/web:latest"
 // namespace (so its bridge and NAT rules stay there) with private socket
 // and state directories.
 type Dockerd struct {
+	// Netns is the name of the daemon's network namespace (under
+	// /var/run/netns).
 	Netns string
-	Dir   string
+	// Dir holds the daemon's socket, state and log (dockerd.log).
+	Dir string
 	// Host is the DOCKER_HOST of the daemon's socket.
 	Host string
 
@@ -38,7 +72,8 @@ type Dockerd struct {
 	exited       chan struct{}
 }
 
-// Start starts a daemon under dir and builds WebImage in it.
+// Start starts a daemon under dir, waits until it answers and builds
+// WebImage in it. Close stops it and removes what it made.
 func Start(dir string) (*Dockerd, error) {
 	for _, bin := range []string{"dockerd", "docker", "nsenter", "go"} {
 		if _, err := exec.LookPath(bin); err != nil {

@@ -29,7 +29,6 @@ package loopbacknat
 
 import (
 	"cmp"
-	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -39,7 +38,6 @@ import (
 	"sync"
 
 	"github.com/coreos/go-iptables/iptables"
-	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 
 	"github.com/guestagent/guestagent/core"
@@ -94,34 +92,6 @@ type Config struct {
 	Log *zap.Logger
 }
 
-// Flags defines the loopback NAT flags of one source, named with prefix
-// (e.g. "docker" gives --dockerLoopbackNAT), and returns a function that
-// reads them: it returns nil when the rules are turned off. The prefix is
-// also the owner of the rules.
-func Flags(fs *pflag.FlagSet, prefix, chain string) func(*zap.Logger) (*Manager, error) {
-	on := fs.Bool(prefix+"LoopbackNAT", true, "add NAT rules so forwarded traffic reaches ports published on 127.0.0.1")
-	cmd := fs.String(prefix+"Iptables", "iptables", "iptables command for the loopback NAT rules")
-	iface := fs.String(prefix+"NATInterface", "eth0", "interface toward the host, for the loopback NAT rules")
-	guest := fs.String(prefix+"NATGuestIP", "192.168.127.2", "this guest's address toward the host, for the loopback NAT rules")
-	return func(log *zap.Logger) (*Manager, error) {
-		if !*on {
-			return nil, nil
-		}
-		ip, err := netip.ParseAddr(*guest)
-		if err != nil || !ip.Is4() {
-			return nil, fmt.Errorf("--%sNATGuestIP %q is not an IPv4 address", prefix, *guest)
-		}
-		if *iface == "" {
-			return nil, fmt.Errorf("--%sNATInterface is empty", prefix)
-		}
-		m, err := New(Config{Owner: prefix, Iptables: *cmd, Chain: chain, Interface: *iface, GuestIP: ip, Log: log})
-		if err != nil {
-			return nil, fmt.Errorf("%w (turn the rules off with --%sLoopbackNAT=false)", err, prefix)
-		}
-		return m, nil
-	}
-}
-
 // Manager keeps the rules of every owner (a container id) of one source.
 type Manager struct {
 	cfg     Config
@@ -147,7 +117,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg.Log = zap.NewNop()
 	}
 	if cfg.Iptables == "" {
-		cfg.Iptables = "iptables"
+		cfg.Iptables = DefaultIptables
 	}
 	if cfg.Owner == "" || strings.ContainsFunc(cfg.Owner, func(r rune) bool {
 		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_')
@@ -257,78 +227,6 @@ func (m *Manager) apply(b Binding, add bool) []error {
 
 // Remove deletes owner's rules.
 func (m *Manager) Remove(owner string) error { return m.Set(owner, nil) }
-
-// Queue asks for owner's rules to become those of bs without waiting for
-// iptables: RunQueue applies the requests in the order the owners asked,
-// and of an owner that asked again before its turn only the latest. A
-// source's event loop queues, so that a container's port never waits for
-// the rules of the containers before it (each iptables run reads the
-// whole nat table, which grows with every container). Failures are
-// logged; the next Sync puts the rules right.
-func (m *Manager) Queue(owner string, bs []Binding) {
-	m.qmu.Lock()
-	if _, waiting := m.pending[owner]; !waiting {
-		m.order = append(m.order, owner)
-	}
-	m.pending[owner] = slices.Clone(bs)
-	m.qmu.Unlock()
-	select {
-	case m.wake <- struct{}{}:
-	default:
-	}
-}
-
-// RunQueue applies queued requests until ctx is done; requests still
-// waiting then are dropped (the next Sync makes the rules whole).
-func (m *Manager) RunQueue(ctx context.Context) {
-	for {
-		owner, bs, gen, ok := m.next()
-		if !ok {
-			select {
-			case <-ctx.Done():
-				return
-			case <-m.wake:
-			}
-			continue
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		m.mu.Lock()
-		m.qmu.Lock()
-		stale := gen != m.gen
-		m.qmu.Unlock()
-		var err error
-		if !stale {
-			err = m.set(owner, bs)
-		}
-		m.mu.Unlock()
-		if err != nil {
-			m.log.Error("loopback NAT rules", zap.Error(err))
-		}
-	}
-}
-
-// next takes the oldest waiting request.
-func (m *Manager) next() (string, []Binding, uint64, bool) {
-	m.qmu.Lock()
-	defer m.qmu.Unlock()
-	if len(m.order) == 0 {
-		return "", nil, 0, false
-	}
-	owner := m.order[0]
-	m.order = m.order[1:]
-	bs := m.pending[owner]
-	delete(m.pending, owner)
-	return owner, bs, m.gen, true
-}
-
-// Pending reports how many owners' requests wait in the queue.
-func (m *Manager) Pending() int {
-	m.qmu.Lock()
-	defer m.qmu.Unlock()
-	return len(m.order)
-}
 
 // Sync makes the rules match all, owner by owner, dropping the queued
 // requests (see Queue), and deletes the rules

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spf13/pflag"
+
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
@@ -316,5 +318,30 @@ func TestQueueAppliesLatestRequestsInTurn(t *testing.T) {
 	}
 	if got := strings.Join(ours(testenv.NatRules(t, ns), ""), "\n"); strings.Contains(got, "8081") {
 		t.Errorf("a request from before the Sync was applied:\n%s", got)
+	}
+}
+
+// TestOptionsFromFlags pins the flags' names and defaults, and that
+// options with the rules off build no manager.
+func TestOptionsFromFlags(t *testing.T) {
+	var o loopbacknat.Options
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	loopbacknat.BindFlags(fs, "docker", &o)
+	if err := fs.Parse(nil); err != nil {
+		t.Fatal(err)
+	}
+	want := loopbacknat.Options{Enabled: true, Iptables: "iptables", Interface: "eth0", GuestIP: "192.168.127.2"}
+	if o != want {
+		t.Errorf("defaults %+v, want %+v", o, want)
+	}
+	if err := fs.Parse([]string{"--dockerLoopbackNAT=false", "--dockerIptables=ipt", "--dockerNATInterface=tun0", "--dockerNATGuestIP=10.0.0.2"}); err != nil {
+		t.Fatal(err)
+	}
+	want = loopbacknat.Options{Iptables: "ipt", Interface: "tun0", GuestIP: "10.0.0.2"}
+	if o != want {
+		t.Errorf("parsed %+v, want %+v", o, want)
+	}
+	if m, err := o.Manager("docker", "DOCKER", nil); m != nil || err != nil {
+		t.Errorf("rules off: manager %v, error %v; want neither", m, err)
 	}
 }

@@ -1,0 +1,68 @@
+package loopbacknat
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/spf13/pflag"
+	"go.uber.org/zap"
+)
+
+// Defaults of the loopback NAT flags: Rancher Desktop's virtual network.
+const (
+	DefaultIptables  = "iptables"
+	DefaultInterface = "eth0"
+	DefaultGuestIP   = "192.168.127.2"
+)
+
+// Options are one source's loopback NAT settings as its flags give them
+// (see BindFlags); Manager checks them and builds the Manager. The zero
+// value keeps no rules.
+type Options struct {
+	// Enabled turns the rules on. Off by default; the source's
+	// --<prefix>LoopbackNAT flag defaults to on.
+	Enabled bool
+	// Iptables is the iptables command (name on PATH or path); empty for
+	// DefaultIptables.
+	Iptables string
+	// Interface is the guest's interface toward the host
+	// (--<prefix>NATInterface, DefaultInterface on the command line).
+	// Required when Enabled.
+	Interface string
+	// GuestIP is the guest's IPv4 address toward the host, as text
+	// (--<prefix>NATGuestIP, DefaultGuestIP on the command line). Required
+	// when Enabled.
+	GuestIP string
+}
+
+// BindFlags defines the loopback NAT flags of one source, named with
+// prefix (e.g. "docker" gives --dockerLoopbackNAT, --dockerIptables,
+// --dockerNATInterface and --dockerNATGuestIP), and binds them into o.
+func BindFlags(fs *pflag.FlagSet, prefix string, o *Options) {
+	fs.BoolVar(&o.Enabled, prefix+"LoopbackNAT", true, "add NAT rules so forwarded traffic reaches ports published on 127.0.0.1")
+	fs.StringVar(&o.Iptables, prefix+"Iptables", DefaultIptables, "iptables command for the loopback NAT rules")
+	fs.StringVar(&o.Interface, prefix+"NATInterface", DefaultInterface, "interface toward the host, for the loopback NAT rules")
+	fs.StringVar(&o.GuestIP, prefix+"NATGuestIP", DefaultGuestIP, "this guest's address toward the host, for the loopback NAT rules")
+}
+
+// Manager checks o and returns the Manager of owner's rules, with chain as
+// its Config.Chain and log as its log, or nil when o turns the rules off.
+// owner is also the prefix of the source's flags (see BindFlags), which
+// the errors name.
+func (o Options) Manager(owner, chain string, log *zap.Logger) (*Manager, error) {
+	if !o.Enabled {
+		return nil, nil
+	}
+	ip, err := netip.ParseAddr(o.GuestIP)
+	if err != nil || !ip.Is4() {
+		return nil, fmt.Errorf("--%sNATGuestIP %q is not an IPv4 address", owner, o.GuestIP)
+	}
+	if o.Interface == "" {
+		return nil, fmt.Errorf("--%sNATInterface is empty", owner)
+	}
+	m, err := New(Config{Owner: owner, Iptables: o.Iptables, Chain: chain, Interface: o.Interface, GuestIP: ip, Log: log})
+	if err != nil {
+		return nil, fmt.Errorf("%w (turn the rules off with --%sLoopbackNAT=false)", err, owner)
+	}
+	return m, nil
+}
