@@ -31,9 +31,10 @@ func requireServer(t testing.TB) *apiservertest.Server {
 	return server.Get(t)
 }
 
-func realSource(path string) core.Source {
-	return kubernetes.New(kubernetes.Config{
-		NewClient:  kubernetes.FromKubeconfig(path),
+// realSource watches the cluster of the kubeconfig at path, as the
+// registration builds it: from the file alone.
+func realSource(t testing.TB, path string) core.Source {
+	return newSource(t, kubernetes.Config{
 		Path:       path,
 		Check:      100 * time.Millisecond,
 		ListenAddr: lo,
@@ -57,7 +58,7 @@ func TestContractRealAPIServer(t *testing.T) {
 	}
 	names := map[string]string{} // uid → name
 	sourcetest.Run(t, sourcetest.Harness{
-		New: func(*testing.T) core.Source { return realSource(s.Kubeconfig) },
+		New: func(t *testing.T) core.Source { return realSource(t, s.Kubeconfig) },
 		Expose: func(t *testing.T, name string, variant int) core.Mapping {
 			svc := variantService(name, variant)
 			m := create(t, svc)
@@ -118,7 +119,7 @@ func TestClusterReset(t *testing.T) {
 	r := core.NewRouter(core.RouterConfig{})
 	rctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
-	src := kubernetes.New(kubernetes.Config{NewClient: kubernetes.FromKubeconfig(s.Kubeconfig), Path: s.Kubeconfig,
+	src := newSource(t, kubernetes.Config{NewClient: kubernetes.FromKubeconfig(s.Kubeconfig), Path: s.Kubeconfig,
 		Check: 100 * time.Millisecond, ListenAddr: lo, Log: testLogger(t)})
 	go func() { done <- src.Run(rctx, r.Emitter(kubernetes.Name)) }()
 	defer func() { cancel(); <-done }()
@@ -130,7 +131,7 @@ func TestClusterReset(t *testing.T) {
 		}
 		return false
 	}
-	eventually(t, "the service before the reset", func() bool { return has(string(old.UID)) })
+	testenv.Eventually(t, waitTimeout, "the service before the reset", func() (bool, string) { return has(string(old.UID)), desired(r) })
 	if err := s.Reset(); err != nil {
 		t.Fatal(err)
 	}
@@ -138,11 +139,7 @@ func TestClusterReset(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(90 * time.Second)
-	for has(string(old.UID)) || !has(string(fresh.UID)) {
-		if time.Now().After(deadline) {
-			t.Fatalf("after the reset: %v (old %s, new %s)", r.Desired(), old.UID, fresh.UID)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testenv.Eventually(t, 90*time.Second, "the new cluster's service alone after the reset", func() (bool, string) {
+		return !has(string(old.UID)) && has(string(fresh.UID)), fmt.Sprintf("%s (old %s, new %s)", desired(r), old.UID, fresh.UID)
+	})
 }

@@ -26,7 +26,7 @@ import (
 // request to the delivery, the API server's write included.
 func BenchmarkDeliveryLatency(b *testing.B) {
 	s := requireServer(b)
-	arrivals := sourcetest.Deliver(b, kubernetes.Name, realSource(s.Kubeconfig))
+	arrivals := sourcetest.Deliver(b, kubernetes.Name, realSource(b, s.Kubeconfig))
 	svcs := s.Client.CoreV1().Services("default")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -22,6 +22,7 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/kubernetes"
 )
 
@@ -126,8 +127,8 @@ func (f fakeServices) Watch(opts metav1.ListOptions) (watch.Interface, error) {
 // clientset cannot stream its initial list as watch events.
 func (fakeServices) IsWatchListSemanticsUnSupported() bool { return true }
 
-func fakeSource(cs *fake.Clientset) core.Source {
-	return kubernetes.New(kubernetes.Config{
+func fakeSource(t testing.TB, cs *fake.Clientset) core.Source {
+	return newSource(t, kubernetes.Config{
 		NewClient:  func([]byte) (kubernetes.Client, error) { return fakeCluster{cs}, nil },
 		Check:      20 * time.Millisecond,
 		ListenAddr: lo,
@@ -139,7 +140,7 @@ func TestContractFakeClientset(t *testing.T) {
 	ctx := context.Background()
 	svcs := cs.CoreV1().Services("default")
 	sourcetest.Run(t, sourcetest.Harness{
-		New: func(*testing.T) core.Source { return fakeSource(cs) },
+		New: func(t *testing.T) core.Source { return fakeSource(t, cs) },
 		Expose: func(t *testing.T, name string, variant int) core.Mapping {
 			svc := variantService(name, variant)
 			if _, err := svcs.Create(ctx, svc, metav1.CreateOptions{}); err != nil {
@@ -229,10 +230,13 @@ func TestRelistAfterWatchExpiry(t *testing.T) {
 	rdone := make(chan error, 1)
 	go func() { rdone <- r.Run(ctx) }()
 	done := make(chan error, 1)
-	go func() { done <- fakeSource(cs).Run(ctx, r.Emitter(kubernetes.Name)) }()
+	src := fakeSource(t, cs)
+	go func() { done <- src.Run(ctx, r.Emitter(kubernetes.Name)) }()
 	defer func() { cancel(); <-done; <-rdone }()
 
-	eventually(t, "two services", func() bool { return len(r.Desired()) == 2 && cw.count() > 0 })
+	testenv.Eventually(t, waitTimeout, "two services and a watch", func() (bool, string) {
+		return len(r.Desired()) == 2 && cw.count() > 0, fmt.Sprintf("%s, %d watches", desired(r), cw.count())
+	})
 	waitQuiet(t, sink, 2)
 	cw.expire()
 	// While the watch is down: one service goes, one comes, without events.
@@ -244,12 +248,12 @@ func TestRelistAfterWatchExpiry(t *testing.T) {
 	if err := tracker.Create(gvr, service("new", corev1.ServiceTypeLoadBalancer, [2]int32{8080, 31003}), "default"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the relist", func() bool {
+	testenv.Eventually(t, waitTimeout, "the relist", func() (bool, string) {
 		ids := ""
 		for _, m := range r.Desired() {
 			ids += m.ID + " "
 		}
-		return ids == "uid-kept uid-new "
+		return ids == "uid-kept uid-new ", "desired ids " + ids
 	})
 	waitQuiet(t, sink, 4)
 	if adds, removes := sink.counts(); adds != 3 || removes != 1 {
@@ -264,7 +268,7 @@ func TestKubeconfigAppearsLaterAndChanges(t *testing.T) {
 		"one": fake.NewClientset(service("a", corev1.ServiceTypeNodePort, [2]int32{80, 31101})),
 		"two": fake.NewClientset(service("b", corev1.ServiceTypeNodePort, [2]int32{80, 31102})),
 	}
-	src := kubernetes.New(kubernetes.Config{
+	src := newSource(t, kubernetes.Config{
 		Path:  path,
 		Check: 20 * time.Millisecond,
 		NewClient: func(data []byte) (kubernetes.Client, error) {
@@ -291,14 +295,14 @@ func TestKubeconfigAppearsLaterAndChanges(t *testing.T) {
 		}
 	}
 	write("one")
-	eventually(t, "cluster one", func() bool { d := r.Desired(); return len(d) == 1 && d[0].ID == "uid-a" })
+	testenv.Eventually(t, waitTimeout, "cluster one", func() (bool, string) { d := r.Desired(); return len(d) == 1 && d[0].ID == "uid-a", desired(r) })
 	write("garbage")
 	time.Sleep(100 * time.Millisecond)
 	if d := r.Desired(); len(d) != 1 || d[0].ID != "uid-a" {
 		t.Errorf("an unusable kubeconfig dropped the services: %v", d)
 	}
 	write("two")
-	eventually(t, "cluster two replacing one", func() bool { d := r.Desired(); return len(d) == 1 && d[0].ID == "uid-b" })
+	testenv.Eventually(t, waitTimeout, "cluster two replacing one", func() (bool, string) { d := r.Desired(); return len(d) == 1 && d[0].ID == "uid-b", desired(r) })
 }
 
 func TestConvert(t *testing.T) {
@@ -346,7 +350,8 @@ func TestClusterIPServicesAreNoted(t *testing.T) {
 	r := core.NewRouter(core.RouterConfig{})
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
-	go func() { done <- fakeSource(cs).Run(ctx, r.Emitter(kubernetes.Name)) }()
+	src := fakeSource(t, cs)
+	go func() { done <- src.Run(ctx, r.Emitter(kubernetes.Name)) }()
 	defer func() { cancel(); <-done }()
 	notes := func() string {
 		var out []string
@@ -355,8 +360,8 @@ func TestClusterIPServicesAreNoted(t *testing.T) {
 		}
 		return strings.Join(out, ", ")
 	}
-	eventually(t, "the listed ClusterIP service noted", func() bool {
-		return notes() == "kubernetes/uid-listed Kubernetes service default/listed 80/tcp"
+	testenv.Eventually(t, waitTimeout, "the listed ClusterIP service noted", func() (bool, string) {
+		return notes() == "kubernetes/uid-listed Kubernetes service default/listed 80/tcp", "notes: " + notes()
 	})
 	if n := r.Status().Notes[0]; !strings.Contains(n.Reason, "type ClusterIP") {
 		t.Errorf("reason %q does not name the type", n.Reason)
@@ -365,19 +370,20 @@ func TestClusterIPServicesAreNoted(t *testing.T) {
 	if _, err := services.Create(ctx, service("later", corev1.ServiceTypeClusterIP, [2]int32{8080, 0}), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a created ClusterIP service noted", func() bool {
-		return strings.Contains(notes(), "default/later 8080/tcp")
+	testenv.Eventually(t, waitTimeout, "a created ClusterIP service noted", func() (bool, string) {
+		return strings.Contains(notes(), "default/later 8080/tcp"), "notes: " + notes()
 	})
 	if _, err := services.Update(ctx, service("listed", corev1.ServiceTypeNodePort, [2]int32{80, 31080}), metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the note gone once the service is exposed", func() bool {
-		return notes() == "kubernetes/uid-later Kubernetes service default/later 8080/tcp" && len(r.Desired()) == 1
+	testenv.Eventually(t, waitTimeout, "the note gone once the service is exposed", func() (bool, string) {
+		return notes() == "kubernetes/uid-later Kubernetes service default/later 8080/tcp" && len(r.Desired()) == 1,
+			"notes: " + notes() + "; " + desired(r)
 	})
 	if err := services.Delete(ctx, "later", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the note gone with the service", func() bool { return notes() == "" })
+	testenv.Eventually(t, waitTimeout, "the note gone with the service", func() (bool, string) { return notes() == "", "notes: " + notes() })
 }
 
 // TestConvertSaysWhatItSkips checks that the ports Convert leaves out are
@@ -403,4 +409,54 @@ func TestConvertSaysWhatItSkips(t *testing.T) {
 	if len(skipped) != 2 || !strings.Contains(got, `port "big": host port 70000 is out of range`) || !strings.Contains(got, `port "odd"`) {
 		t.Errorf("skipped: %s", got)
 	}
+}
+
+// TestNewRejectsAMissingKubeconfigOrANonPositiveInterval checks that New's
+// errors name the flag and the value.
+func TestNewRejectsAMissingKubeconfigOrANonPositiveInterval(t *testing.T) {
+	fakeClient := func([]byte) (kubernetes.Client, error) { return fakeCluster{fake.NewClientset()}, nil }
+	tests := []struct {
+		name    string
+		cfg     kubernetes.Config
+		wantErr string
+	}{
+		{"no kubeconfig and no client", kubernetes.Config{Check: time.Second}, "--kubeconfig is empty"},
+		{"zero interval", kubernetes.Config{Path: kubernetes.DefaultKubeconfig, Check: 0}, "--kubeconfigCheckInterval must be positive, got 0s"},
+		{"negative interval", kubernetes.Config{NewClient: fakeClient, Check: -time.Second}, "--kubeconfigCheckInterval must be positive, got -1s"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := kubernetes.New(tt.cfg)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("New(%+v) = %v, want an error mentioning %q", tt.cfg, err, tt.wantErr)
+			}
+		})
+	}
+	for _, cfg := range []kubernetes.Config{
+		{Path: kubernetes.DefaultKubeconfig, Check: time.Second},
+		{NewClient: fakeClient, Check: time.Second},
+	} {
+		if _, err := kubernetes.New(cfg); err != nil {
+			t.Errorf("New(%+v): %v", cfg, err)
+		}
+	}
+}
+
+// TestServicePortsBindOnLoopbackByDefault checks that a Config without
+// ListenAddr binds the service ports on 127.0.0.1.
+func TestServicePortsBindOnLoopbackByDefault(t *testing.T) {
+	cs := fake.NewClientset(service("np", corev1.ServiceTypeNodePort, [2]int32{80, 31201}))
+	src := newSource(t, kubernetes.Config{
+		NewClient: func([]byte) (kubernetes.Client, error) { return fakeCluster{cs}, nil },
+		Check:     20 * time.Millisecond,
+	})
+	r := core.NewRouter(core.RouterConfig{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, r.Emitter(kubernetes.Name)) }()
+	defer func() { cancel(); <-done }()
+	testenv.Eventually(t, waitTimeout, "the service on 127.0.0.1", func() (bool, string) {
+		d := r.Desired()
+		return len(d) == 1 && len(d[0].Ports) == 1 && d[0].Ports[0].HostIP == netip.MustParseAddr("127.0.0.1"), desired(r)
+	})
 }

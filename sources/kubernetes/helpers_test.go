@@ -2,6 +2,7 @@ package kubernetes_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"slices"
 	"strings"
@@ -9,9 +10,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/guestagent/guestagent/core"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/internal/testenv"
+	"github.com/guestagent/guestagent/sources/kubernetes"
 )
 
 // countingSink counts the adds and removes it is sent.
@@ -40,19 +44,28 @@ func (c *countingSink) counts() (int, int) {
 // waitQuiet waits until the sink has seen at least n changes.
 func waitQuiet(t *testing.T, c *countingSink, n int) {
 	t.Helper()
-	eventually(t, "deliveries", func() bool { a, r := c.counts(); return a+r >= n })
+	testenv.Eventually(t, waitTimeout, fmt.Sprintf("%d deliveries", n), func() (bool, string) {
+		a, r := c.counts()
+		return a+r >= n, fmt.Sprintf("%d adds and %d removes", a, r)
+	})
 	time.Sleep(100 * time.Millisecond)
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
+// waitTimeout bounds the tests' waits for the source to catch up.
+const waitTimeout = 20 * time.Second
+
+// desired describes what the router wants, for the message of a wait that
+// times out.
+func desired(r *core.Router) string { return fmt.Sprintf("desired %v", r.Desired()) }
+
+// newSource builds a source from cfg, failing t if New refuses it.
+func newSource(t testing.TB, cfg kubernetes.Config) *kubernetes.Source {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
+	src, err := kubernetes.New(cfg)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return src
 }
 
 func writeFile(path, s string) error {

@@ -24,11 +24,7 @@ import (
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
@@ -40,109 +36,45 @@ const Name = "kubernetes"
 // DefaultKubeconfig is where k3s writes its kubeconfig.
 const DefaultKubeconfig = "/etc/rancher/k3s/k3s.yaml"
 
+// DefaultCheckInterval is the --kubeconfigCheckInterval default.
+const DefaultCheckInterval = 2 * time.Second
+
 func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "NodePort and LoadBalancer services from the Kubernetes API",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
-			path := fs.String("kubeconfig", DefaultKubeconfig, "kubeconfig of the cluster (waited for if it does not exist yet; re-read when it changes)")
-			check := fs.Duration("kubeconfigCheckInterval", 2*time.Second, "how often the kubeconfig is checked for a new cluster")
+			var cfg Config
+			fs.StringVar(&cfg.Path, "kubeconfig", DefaultKubeconfig, "kubeconfig of the cluster (waited for if it does not exist yet; re-read when it changes)")
+			fs.DurationVar(&cfg.Check, "kubeconfigCheckInterval", DefaultCheckInterval, "how often the kubeconfig is checked for a new cluster")
 			return func(env registry.Env) (core.Source, error) {
-				if *path == "" {
-					return nil, errors.New("--kubeconfig is empty")
-				}
-				if *check <= 0 {
-					return nil, fmt.Errorf("--kubeconfigCheckInterval must be positive, got %s", *check)
-				}
-				return New(Config{
-					NewClient:  FromKubeconfig(*path),
-					Path:       *path,
-					Check:      *check,
-					ListenAddr: env.Options.K8sServiceListenerAddr,
-					Log:        env.Log,
-				}), nil
+				c := cfg
+				c.ListenAddr = env.Options.K8sServiceListenerAddr
+				c.Log = env.Log
+				return New(c)
 			}
 		},
 	})
 }
 
-// Client is what the source asks of one cluster.
-type Client interface {
-	// Services lists and watches the services of every namespace, as
-	// *Service objects.
-	Services() cache.ListerWatcher
-	// Identity returns the UID of the "default" namespace, which every API
-	// server creates and which changes when the cluster is recreated; an
-	// error that apierrors.IsNotFound accepts when there is none.
-	Identity(ctx context.Context) (string, error)
-}
-
-// ClientFactory builds a Client from a kubeconfig's content.
-type ClientFactory func(kubeconfig []byte) (Client, error)
-
-// FromKubeconfig returns the factory that reads the kubeconfig at path. Its
-// client speaks JSON to the core API group and decodes only the fields the
-// source reads (see Service), so no generated clientset, API type or
-// scheme of client-go is linked into the agent.
-func FromKubeconfig(path string) ClientFactory {
-	return func(data []byte) (Client, error) {
-		cfg, err := clientcmd.RESTConfigFromKubeConfig(data)
-		if err != nil {
-			return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
-		}
-		cfg.Timeout = 30 * time.Second
-		c, err := newRESTClient(cfg)
-		if err != nil {
-			return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
-		}
-		return c, nil
-	}
-}
-
-// restClient is the Client of a real API server.
-type restClient struct{ rc *rest.RESTClient }
-
-func newRESTClient(cfg *rest.Config) (*restClient, error) {
-	cfg = rest.CopyConfig(cfg)
-	cfg.APIPath = "/api"
-	cfg.GroupVersion = &coreV1
-	cfg.ContentType = "application/json"
-	cfg.AcceptContentTypes = "application/json"
-	cfg.NegotiatedSerializer = codecs.WithoutConversion()
-	if cfg.UserAgent == "" {
-		cfg.UserAgent = "guestagent"
-	}
-	rc, err := rest.RESTClientFor(cfg)
-	if err != nil {
-		return nil, err
-	}
-	return &restClient{rc}, nil
-}
-
-func (c *restClient) Services() cache.ListerWatcher {
-	return cache.NewListWatchFromClient(c.rc, "services", metav1.NamespaceAll, fields.Everything())
-}
-
-func (c *restClient) Identity(ctx context.Context) (string, error) {
-	var ns namespace
-	if err := c.rc.Get().Resource("namespaces").Name(metav1.NamespaceDefault).Do(ctx).Into(&ns); err != nil {
-		return "", err
-	}
-	return string(ns.UID), nil
-}
-
-// Config configures a Source.
+// Config configures a Source. Check has no zero default: its flag always
+// gives a value, and a zero interval given on the command line is an error.
 type Config struct {
-	// NewClient builds the client from the kubeconfig's content.
-	NewClient ClientFactory
-	// Path is the kubeconfig file; empty means NewClient needs no file
-	// (tests with a fake cluster).
+	// Path is the kubeconfig file (--kubeconfig, whose default is
+	// DefaultKubeconfig). It may be empty only when NewClient is set and
+	// needs no file (tests with a fake cluster).
 	Path string
-	// Check is how often the file is checked for (re)appearing or changing.
+	// NewClient builds the client from the kubeconfig's content; nil means
+	// FromKubeconfig(Path).
+	NewClient ClientFactory
+	// Check is how often the file is checked for (re)appearing or
+	// changing, and the cluster's identity read (--kubeconfigCheckInterval,
+	// whose default is DefaultCheckInterval); it must be positive.
 	Check time.Duration
-	// Resync is the informer's resync period (0: none).
+	// Resync is the informer's resync period; zero means none.
 	Resync time.Duration
-	// ListenAddr is where service ports bind on the host.
+	// ListenAddr is where service ports bind on the host (from
+	// --k8sServiceListenerAddr); the zero value means 127.0.0.1.
 	ListenAddr netip.Addr
 	// Log receives the source's log lines; nil discards them.
 	Log *zap.Logger
@@ -154,18 +86,24 @@ type Source struct {
 	log *zap.Logger
 }
 
-// New returns a Source.
-func New(cfg Config) *Source {
-	if cfg.Log == nil {
-		cfg.Log = zap.NewNop()
+// New checks cfg, fills its defaults and returns a Source.
+func New(cfg Config) (*Source, error) {
+	if cfg.NewClient == nil {
+		if cfg.Path == "" {
+			return nil, errors.New("--kubeconfig is empty")
+		}
+		cfg.NewClient = FromKubeconfig(cfg.Path)
 	}
 	if cfg.Check <= 0 {
-		cfg.Check = 2 * time.Second
+		return nil, fmt.Errorf("--kubeconfigCheckInterval must be positive, got %s", cfg.Check)
 	}
 	if !cfg.ListenAddr.IsValid() {
 		cfg.ListenAddr = netip.AddrFrom4([4]byte{127, 0, 0, 1})
 	}
-	return &Source{cfg: cfg, log: cfg.Log.With(zap.String("source", Name))}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	return &Source{cfg: cfg, log: cfg.Log.With(zap.String("source", Name))}, nil
 }
 
 // Run watches until ctx is done, following the kubeconfig as it appears
@@ -371,85 +309,5 @@ func clusterIdentity(ctx context.Context, cl Client) (string, error) {
 	return cl.Identity(cctx)
 }
 
-func (s *Source) report(out core.Emitter, obj any) {
-	m, ok := s.mapping(obj)
-	if !ok {
-		return
-	}
-	out.Set(m) // a service with no exposed ports (ClusterIP) is a removal
-	if len(m.Ports) == 0 {
-		note(out, obj)
-	}
-}
-
-// note tells the router of a service that exposes nothing (a ClusterIP
-// service, say), so that explaining one of its ports can name it.
-func note(out core.Emitter, obj any) {
-	n, ok := out.(core.Noter)
-	svc, isService := obj.(*Service)
-	if !ok || !isService || svc.UID == "" {
-		return
-	}
-	var ports []core.Port
-	for _, p := range svc.Spec.Ports {
-		proto, err := core.ParseProtocol(string(p.Protocol))
-		if err != nil || p.Port < 1 || p.Port > 65535 {
-			continue
-		}
-		ports = append(ports, core.Port{Protocol: proto, ContainerPort: uint16(p.Port)})
-	}
-	typ := svc.Spec.Type
-	if typ == "" {
-		typ = TypeClusterIP
-	}
-	n.Note(core.Note{
-		Key:    core.Key{ID: string(svc.UID)},
-		What:   fmt.Sprintf("Kubernetes service %s/%s", svc.Namespace, svc.Name),
-		Ports:  ports,
-		Reason: fmt.Sprintf("it is of type %s; only NodePort and LoadBalancer services are exposed on the host", typ),
-	})
-}
-
-// mapping converts a service: a NodePort service's node ports, or a
-// LoadBalancer service's ports.
-func (s *Source) mapping(obj any) (core.Mapping, bool) {
-	svc, ok := obj.(*Service)
-	if !ok || svc.UID == "" {
-		return core.Mapping{}, false
-	}
-	m, skipped := Convert(svc, s.cfg.ListenAddr)
-	for _, err := range skipped {
-		s.log.Warn("service port skipped", zap.String("service", svc.Namespace+"/"+svc.Name), zap.Error(err))
-	}
-	return m, true
-}
-
-// Convert returns the mapping of svc, whose id is the service UID, and
-// why each port of a NodePort or LoadBalancer service that it leaves out
-// (a port out of range, an unknown protocol) was left out.
-func Convert(svc *Service, listen netip.Addr) (core.Mapping, []error) {
-	m := core.Mapping{Key: core.Key{Source: Name, ID: string(svc.UID)}}
-	var skipped []error
-	for _, p := range svc.Spec.Ports {
-		var port int32
-		switch svc.Spec.Type {
-		case TypeNodePort:
-			port = p.NodePort
-		case TypeLoadBalancer:
-			port = p.Port
-		default:
-			continue
-		}
-		if port < 1 || port > 65535 {
-			skipped = append(skipped, fmt.Errorf("port %q: host port %d is out of range", p.Name, port))
-			continue
-		}
-		proto, err := core.ParseProtocol(string(p.Protocol))
-		if err != nil {
-			skipped = append(skipped, fmt.Errorf("port %q: %w", p.Name, err))
-			continue
-		}
-		m.Ports = append(m.Ports, core.Port{Protocol: proto, ContainerPort: uint16(port), HostIP: listen, HostPort: uint16(port)})
-	}
-	return m.Normalize(), skipped
-}
+// Interface guards.
+var _ core.Source = (*Source)(nil)
