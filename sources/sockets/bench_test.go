@@ -119,9 +119,11 @@ func BenchmarkIdleAgent(b *testing.B) {
 	}
 }
 
-// buildAgent builds the agent binary into a temporary directory.
+// buildAgent builds the agent binary into a temporary directory; under
+// -short it skips b instead.
 func buildAgent(b testing.TB) string {
 	b.Helper()
+	testenv.Integration(b)
 	out := filepath.Join(b.TempDir(), "guestagent")
 	cmd := exec.Command("go", "build", "-tags", "grpcnotrace", "-o", out, "github.com/guestagent/guestagent/cmd/guestagent")
 	if msg, err := cmd.CombinedOutput(); err != nil {

@@ -6,7 +6,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spf13/pflag"
+
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/registry"
 )
 
 func cand(port uint16, inodes ...uint32) candidate {
@@ -102,5 +105,128 @@ func TestSocketInode(t *testing.T) {
 		if ino != tt.ino || ok != tt.ok {
 			t.Errorf("socketInode(%q) = %d, %v; want %d, %v", tt.link, ino, ok, tt.ino, tt.ok)
 		}
+	}
+}
+
+// sourceFromFlags builds the source as the agent does: the registration's
+// flags parsed from args, and env's options.
+func sourceFromFlags(t *testing.T, opts registry.Options, args ...string) *Source {
+	t.Helper()
+	for _, p := range registry.Default.Sources() {
+		if p.Name != Name {
+			continue
+		}
+		fs := pflag.NewFlagSet(Name, pflag.ContinueOnError)
+		factory := p.Setup(fs)
+		if err := fs.Parse(args); err != nil {
+			t.Fatal(err)
+		}
+		src, err := factory(registry.Env{Options: opts})
+		if err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+		return src.(*Source)
+	}
+	t.Fatalf("source %q is not registered", Name)
+	return nil
+}
+
+// TestRelayRunsInTunnelModeOrWhereTheAddressIsGiven checks when the
+// registration turns the relay on: in network-tunnel mode at the default
+// address, and in any mode at an address given on the command line, which
+// may also be empty to turn it off.
+func TestRelayRunsInTunnelModeOrWhereTheAddressIsGiven(t *testing.T) {
+	tests := []struct {
+		name string
+		mode core.Mode
+		args []string
+		want string // "" for no relay
+	}{
+		{"localhost mode, default address", core.ModeLocal, nil, ""},
+		{"privileged mode, default address", core.ModePrivileged, nil, ""},
+		{"tunnel mode, default address", core.ModeTunnel, nil, DefaultRelayAddr},
+		{"localhost mode, address given", core.ModeLocal, []string{"--socketsRelayAddr=198.18.0.7"}, "198.18.0.7"},
+		{"localhost mode, the default address given", core.ModeLocal, []string{"--socketsRelayAddr=" + DefaultRelayAddr}, DefaultRelayAddr},
+		{"tunnel mode, address given", core.ModeTunnel, []string{"--socketsRelayAddr=198.18.0.7"}, "198.18.0.7"},
+		{"tunnel mode, empty address given", core.ModeTunnel, []string{"--socketsRelayAddr="}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := sourceFromFlags(t, registry.Options{Mode: tt.mode}, tt.args...)
+			got := ""
+			if s.relay.IsValid() {
+				got = s.relay.String()
+			}
+			if got != tt.want {
+				t.Errorf("relay address %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestKubernetesAPIPortIsExcluded checks that the Kubernetes API port is
+// added to the excluded ports, the flag's and the defaults alike.
+func TestKubernetesAPIPortIsExcluded(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		args     []string
+		excluded []uint16
+		reported []uint16
+	}{
+		{"default exclusions", nil, []uint16{22, 6443, 16443}, []uint16{8080}},
+		{"exclusions given", []string{"--socketsExclude=8080"}, []uint16{8080, 16443}, []uint16{22}},
+		{"no exclusions given", []string{"--socketsExclude="}, []uint16{16443}, []uint16{22, 8080}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := sourceFromFlags(t, registry.Options{K8sAPIPort: 16443}, tt.args...)
+			for _, p := range tt.excluded {
+				if !excluded(s.exclude, p) {
+					t.Errorf("port %d is not excluded (%v)", p, s.exclude)
+				}
+			}
+			for _, p := range tt.reported {
+				if excluded(s.exclude, p) {
+					t.Errorf("port %d is excluded (%v)", p, s.exclude)
+				}
+			}
+		})
+	}
+	s := sourceFromFlags(t, registry.Options{})
+	if excluded(s.exclude, 16443) {
+		t.Errorf("without a Kubernetes API port, 16443 is excluded (%v)", s.exclude)
+	}
+	if DefaultExclude[len(DefaultExclude)-1] == "16443" {
+		t.Error("DefaultExclude was appended to")
+	}
+}
+
+// TestNewAppliesTheRelayAndKubernetesFields checks the same rules on
+// Config directly: RelayAddr alone relays in any mode, and
+// RelayInTunnelModeOnly limits it to network-tunnel mode.
+func TestNewAppliesTheRelayAndKubernetesFields(t *testing.T) {
+	const addr = "198.18.0.9"
+	for _, tt := range []struct {
+		cfg  Config
+		want bool
+	}{
+		{Config{RelayAddr: addr}, true},
+		{Config{RelayAddr: addr, RelayInTunnelModeOnly: true}, false},
+		{Config{RelayAddr: addr, RelayInTunnelModeOnly: true, Mode: core.ModeTunnel}, true},
+		{Config{Mode: core.ModeTunnel}, false},
+	} {
+		s, err := New(tt.cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.relay.IsValid() != tt.want {
+			t.Errorf("New(%+v): relay at %v, want a relay: %v", tt.cfg, s.relay, tt.want)
+		}
+	}
+	s, err := New(Config{KubernetesAPIPort: 7443, Exclude: []string{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !excluded(s.exclude, 7443) || excluded(s.exclude, 22) {
+		t.Errorf("exclusions %v, want 7443 alone", s.exclude)
 	}
 }

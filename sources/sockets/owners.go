@@ -2,10 +2,14 @@ package sockets
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+
+	"go.uber.org/zap"
 )
 
 // DefaultExcludeCommands are the processes whose sockets are not a user's
@@ -101,4 +105,57 @@ func readComm(proc, pid string) string {
 		return ""
 	}
 	return strings.TrimSpace(string(b))
+}
+
+// judge decides, for each id that has settled, whether it is reported: not
+// when every socket behind it is held by the agent itself or by a process
+// of ExcludeCommands. Only settled sockets are looked up in /proc, in one
+// scan, so short-lived sockets cost nothing. A socket no visible process
+// holds (another PID namespace sharing the network, a kernel socket) is
+// reported.
+func (s *Source) judge(g *gate, ready []string) {
+	if len(ready) == 0 {
+		return
+	}
+	want := map[uint32]bool{}
+	for _, id := range ready {
+		for _, ino := range g.inodes(id) {
+			want[ino] = true
+		}
+	}
+	holders := findHolders("/proc", want)
+	for _, id := range ready {
+		if why, ok := s.excludedOwner(g.inodes(id), holders); ok {
+			g.exclude(id)
+			s.log.Debug("socket left out", zap.String("id", id), zap.String("held_by", why))
+			continue
+		}
+		g.report(id)
+	}
+}
+
+// excludedOwner reports whether every one of inodes is held by the agent
+// or an excluded command, and names one such holder.
+func (s *Source) excludedOwner(inodes []uint32, holders map[uint32][]holder) (string, bool) {
+	why := ""
+	for _, ino := range inodes {
+		h, ok := s.excludedHolder(holders[ino])
+		if !ok {
+			return "", false
+		}
+		why = h
+	}
+	return why, why != ""
+}
+
+func (s *Source) excludedHolder(hs []holder) (string, bool) {
+	for _, h := range hs {
+		if h.pid == s.self {
+			return "the agent", true
+		}
+		if slices.Contains(s.cfg.ExcludeCommands, h.comm) {
+			return fmt.Sprintf("%s (pid %d)", h.comm, h.pid), true
+		}
+	}
+	return "", false
 }

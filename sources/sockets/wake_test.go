@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 // TestWakeProgramFilter runs the eBPF program in the kernel on every pair
@@ -14,6 +16,7 @@ import (
 // starting to listen and a listener closing, and nothing a connection
 // does, including being accepted from a listener.
 func TestWakeProgramFilter(t *testing.T) {
+	testenv.Integration(t) // loading the program needs root or CAP_BPF
 	w, err := newWakeups()
 	if err != nil {
 		t.Fatalf("loading the eBPF program: %v", err)

@@ -1,0 +1,196 @@
+package sockets
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/guestagent/guestagent/core"
+)
+
+// Timing of the dumps that wake-ups trigger.
+const (
+	// wakeDelay lets a burst of listen() and close calls end before the
+	// dump it triggers.
+	wakeDelay = 2 * time.Millisecond
+	// wakeDuty bounds the share of time woken dumps take: a woken dump
+	// starts no sooner than wakeDuty times the last dump's duration after
+	// the last dump started, so at most 1/wakeDuty of a core goes to them
+	// however often listeners change (other namespaces' included).
+	wakeDuty = 10
+)
+
+// Run dumps the sockets until ctx is done. The first report is a snapshot,
+// made once the settle time has passed since the first dump, so that every
+// socket open when Run started has settled by then (a dump that a wake-up
+// brings forward in between does not make it early).
+func (s *Source) Run(ctx context.Context, out core.Emitter) error {
+	wake, how, err := s.startWakeups()
+	if err != nil {
+		return err
+	}
+	var woken, stopped <-chan struct{}
+	if wake != nil {
+		defer wake.close()
+		woken, stopped = wake.C, wake.Stopped
+	}
+	describe(out, how)
+	d := &dumper{netns: s.cfg.Netns}
+	defer d.close()
+	relays := newRelays(s.cfg, s.relay, s.log)
+	defer relays.close()
+	g := newGate(s.cfg.Settle)
+	var firstDump time.Time // the first dump that succeeded: what it saw settles first
+	synced, failing, badLogged := false, false, false
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	due := time.Now() // when the timer fires
+	var lastStart time.Time
+	var lastCost time.Duration
+	byWake := false // the timer was moved forward by a wake-up
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-timer.C:
+		case <-woken:
+			at := time.Now().Add(wakeDelay)
+			if capped := lastStart.Add(wakeDuty * lastCost); capped.After(at) {
+				at = capped
+			}
+			if at.Before(due) {
+				timer.Reset(time.Until(at))
+				due, byWake = at, true
+			}
+			continue
+		case <-stopped:
+			s.log.Warn("eBPF wake-ups stopped; reading sockets by the periodic dump alone", zap.Error(wake.Err))
+			woken, stopped = nil, nil
+			describe(out, fmt.Sprintf("sock_diag dump every %s (eBPF wake-ups stopped: %v)", s.cfg.Interval, wake.Err))
+			continue
+		}
+		if s.onDump != nil {
+			s.onDump(byWake)
+		}
+		byWake = false
+		wait := s.cfg.Interval
+		lastStart = time.Now()
+		socks, bad, err := d.dump()
+		lastCost = time.Since(lastStart)
+		if err != nil {
+			if !failing {
+				s.log.Warn("cannot read sockets; keeping what was reported, will retry", zap.Error(err))
+			}
+			failing = true
+			due = time.Now().Add(wait)
+			timer.Reset(wait)
+			continue
+		}
+		if failing {
+			s.log.Info("reading sockets again")
+			failing = false
+		}
+		if bad > 0 && !badLogged {
+			s.log.Warn("sock_diag messages that do not decode were skipped", zap.Int("messages", bad))
+			badLogged = true
+		}
+		now := time.Now()
+		if firstDump.IsZero() {
+			firstDump = now
+		}
+		ready, gone, transient, next := g.observe(now, s.candidates(socks))
+		for _, id := range transient {
+			s.log.Debug("socket gone before it settled; not reported", zap.String("id", id))
+		}
+		s.judge(g, ready)
+		for _, id := range gone {
+			relays.remove(id)
+		}
+		for _, id := range ready {
+			if e := g.entries[id]; e.reported {
+				relays.add(id, e.port)
+			}
+		}
+		switch {
+		case synced:
+			for _, id := range gone {
+				out.Delete(id)
+			}
+			for _, id := range ready {
+				if e := g.entries[id]; e.reported {
+					out.Set(g.mapping(id))
+				}
+			}
+		case now.Sub(firstDump) >= s.cfg.Settle:
+			ms := g.reported()
+			out.Snapshot(ms)
+			synced = true
+			s.log.Info("sockets listed", zap.Int("mappings", len(ms)))
+		default:
+			wait = min(wait, firstDump.Add(s.cfg.Settle).Sub(now))
+		}
+		if next > 0 {
+			wait = min(wait, next)
+		}
+		due = now.Add(wait)
+		timer.Reset(wait)
+	}
+}
+
+// startWakeups loads the eBPF wake-ups as Config.Wakeups asks, logs which
+// way the sockets are read, and returns the wake-ups (nil for none) and
+// that way in words.
+func (s *Source) startWakeups() (*wakeups, string, error) {
+	poll := fmt.Sprintf("sock_diag dump every %s", s.cfg.Interval)
+	if s.cfg.Wakeups == WakeupsOff {
+		s.log.Info("reading sockets by a periodic sock_diag dump; eBPF wake-ups are off",
+			zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
+		return nil, poll + " (eBPF wake-ups off)", nil
+	}
+	w, err := loadWakeups()
+	if err != nil {
+		if s.cfg.Wakeups == WakeupsEBPF {
+			return nil, "", fmt.Errorf("eBPF wake-ups (--socketsWakeups=%s): %w", WakeupsEBPF, err)
+		}
+		s.log.Warn("eBPF wake-ups unavailable; reading sockets by a periodic sock_diag dump alone",
+			zap.Error(err), zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
+		return nil, fmt.Sprintf("%s (eBPF wake-ups unavailable: %v)", poll, err), nil
+	}
+	s.log.Info("reading sockets by sock_diag dumps that eBPF wake-ups trigger when a TCP listener opens or closes, and every interval (UDP sockets, and as a safety net)",
+		zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
+	return w, fmt.Sprintf("sock_diag dump on eBPF wake-ups (TCP listeners, %s tracepoint) and every %s", tracepoint, s.cfg.Interval), nil
+}
+
+// describe tells the router how the source watches, when it can listen.
+func describe(out core.Emitter, how string) {
+	if d, ok := out.(core.Describer); ok {
+		d.Describe(how)
+	}
+}
+
+// candidates groups the reportable sockets by identity, leaving out the
+// excluded ports.
+func (s *Source) candidates(socks []Socket) map[string]candidate {
+	out := make(map[string]candidate, len(socks))
+	for _, sk := range socks {
+		p, ok := Identity(sk)
+		if !ok || excluded(s.exclude, p.HostPort) {
+			continue
+		}
+		id := ID(p)
+		c := out[id]
+		c.port = p
+		if !slices.Contains(c.inodes, sk.Inode) {
+			c.inodes = append(c.inodes, sk.Inode)
+		}
+		out[id] = c
+	}
+	for id, c := range out {
+		slices.Sort(c.inodes)
+		out[id] = c
+	}
+	return out
+}
