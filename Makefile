@@ -10,6 +10,7 @@ LDFLAGS     := -s -w -X main.version=$(VERSION)
 # support, which the agent never turns on; its templates keep every exported
 # method in the binary (4.4 MiB).
 BUILD_TAGS  := grpcnotrace
+GOFMT       ?= gofmt
 STATICCHECK := $(BIN)/staticcheck
 STATICCHECK_VERSION := v0.8.2
 GVPROXY     := $(BIN)/gvproxy
@@ -26,7 +27,7 @@ RUN_ARGS    ?=
 RUN_SOURCES := static$(if $(wildcard /var/run/docker.sock),$(comma)docker --dockerLoopbackNAT=false)
 comma       := ,
 
-.PHONY: help build run test test-faults fuzz-short lint vet staticcheck unit engines fuzz bench clean
+.PHONY: help build run check test integration test-faults fuzz-short lint gofmt vet staticcheck engines fuzz bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -53,12 +54,17 @@ run: build ## run the agent on the demo mappings, printing every change as JSON
 	$(BIN)/guestagent --sinks=stdout --sources=$(RUN_SOURCES) \
 		--staticFile=testdata/static/demo.json $(RUN_ARGS)
 
-test: lint unit fuzz-short ## vet, staticcheck, every test with -race, then each fuzz target briefly
+# The inner loop: formatting, vet, staticcheck and the tests that need no
+# engine, root or built program (go test -short skips those).
+check: gofmt vet staticcheck ## gofmt, vet, staticcheck and the tests that need no engine (go test -short): the quick loop
+	$(GO) test -short -count=1 ./...
+
+test: lint integration fuzz-short ## gofmt, vet, staticcheck, every test with -race against the engines, then each fuzz target briefly
 
 # Where the tests find the engines; a missing one fails them.
 ENGINE_ENV  := GUESTAGENT_REQUIRE_ENGINES=1 GUESTAGENT_GVPROXY=$(GVPROXY) GUESTAGENT_GVFORWARDER=$(GVFORWARDER) GUESTAGENT_KUBE_APISERVER=$(KUBE_APISERVER)
 
-unit: engines ## every test with -race, against the real engines and peers
+integration: engines ## every test with -race, against the real engines and peers
 	$(ENGINE_ENV) $(GO) test -race -count=1 -timeout 20m ./...
 
 FAULT_ROUNDS ?= 30
@@ -74,7 +80,7 @@ ENGINE_BINARIES := dockerd containerd runc iptables nft ip nsenter setpriv etcd 
 
 # The real peers and engines the integration tests use; installed with
 # apt-get when run as root and missing.
-engines: $(GVPROXY) $(GVFORWARDER) $(KUBE_APISERVER)
+engines: $(GVPROXY) $(GVFORWARDER) $(KUBE_APISERVER) ## install the engines and peers the integration tests use (apt-get when root)
 	@missing=""; for b in $(ENGINE_BINARIES); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -97,15 +103,20 @@ $(GVFORWARDER):
 	d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && \
 		GOBIN=$$d $(GO) install github.com/containers/gvisor-tap-vsock/cmd/vm@$(GVPROXY_VERSION) && mv "$$d/vm" $@
 
-lint: vet staticcheck
+lint: gofmt vet staticcheck ## gofmt, vet and staticcheck
 
-vet:
+gofmt: ## fail, listing them, if any Go file is not gofmt-formatted
+	@files=$$($(GOFMT) -l .); if [ -n "$$files" ]; then \
+		echo "not gofmt-formatted (run gofmt -w on them):" >&2; echo "$$files" >&2; exit 1; \
+	fi
+
+vet: ## go vet every package
 	$(GO) vet ./...
 
 $(STATICCHECK):
 	GOBIN=$(BIN) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 
-staticcheck: $(STATICCHECK)
+staticcheck: $(STATICCHECK) ## run staticcheck (installed into bin/ on first use) on every package
 	$(STATICCHECK) ./...
 
 FUZZTIME ?= 30s
@@ -136,5 +147,5 @@ bench: engines ## run the benchmarks against the real engines and print a table 
 	$(ENGINE_ENV) $(GO) test -run '^$$' -bench '$(BENCH_MACRO)' -benchtime 1x -timeout 60m ./... | tee -a $(BIN)/bench.txt
 	@.ci/bench-table $(BIN)/bench.txt
 
-clean:
+clean: ## remove bin/ (the tools and binaries built into it)
 	rm -rf $(BIN)

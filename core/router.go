@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
+	"reflect"
 	"slices"
 	"sync"
 	"time"
@@ -41,7 +43,7 @@ type RouterConfig struct {
 	Delivered func(sink, source string, remove bool, latency time.Duration)
 	// DrainTimeout, when positive, makes Run remove every port it exposed
 	// (and only those) before it returns, spending at most this long per
-	// sink.
+	// sink. The drain runs before Run closes the sinks.
 	DrainTimeout time.Duration
 }
 
@@ -51,6 +53,9 @@ type RouterConfig struct {
 // or another sink; a port a peer refuses is retried on its own backoff, a
 // sink that comes back is reconciled in full, and only ports the agent
 // exposed (its ownership record says which) are ever removed.
+//
+// A Router owns the sinks added to it once Run starts: when Run returns, it
+// closes every sink that is an io.Closer (see Sink).
 type Router struct {
 	cfg     RouterConfig
 	log     *zap.Logger
@@ -169,7 +174,8 @@ func (r *Router) Emitter(source string) Emitter {
 }
 
 // Run runs every source and sink worker until ctx is done, then drains if
-// configured. It returns once everything it started has stopped.
+// configured, then closes every sink that is an io.Closer, once each. It
+// returns once everything it started has stopped and the sinks are closed.
 func (r *Router) Run(ctx context.Context) error {
 	r.mu.Lock()
 	if r.running {
@@ -217,7 +223,33 @@ func (r *Router) Run(ctx context.Context) error {
 	if r.cfg.DrainTimeout > 0 {
 		r.drain()
 	}
+	r.closeSinks()
 	return nil
+}
+
+// closeSinks closes every sink that is an io.Closer, once each (a pointer
+// added under more than one name is closed once), and logs what Close
+// returns. Every worker and peer watcher has stopped and the drain is done,
+// so no call to a sink is under way.
+func (r *Router) closeSinks() {
+	var closed []Sink
+	for _, w := range r.workers {
+		c, ok := w.sink.(io.Closer)
+		if !ok || slices.ContainsFunc(closed, func(s Sink) bool { return sameSink(s, w.sink) }) {
+			continue
+		}
+		closed = append(closed, w.sink)
+		if err := c.Close(); err != nil {
+			w.log.Warn("could not close the sink", zap.Error(err))
+		}
+	}
+}
+
+// sameSink reports whether a and b are the same pointer. Other sink values
+// are not compared: == panics on a type that is not comparable.
+func sameSink(a, b Sink) bool {
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	return va.Kind() == reflect.Pointer && va.Type() == vb.Type() && va.Pointer() == vb.Pointer()
 }
 
 func (r *Router) unsyncedSources() []string {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 // fakePeer is an in-memory peer, as strict as the real ones: it keys ports
@@ -234,20 +235,15 @@ func want(ms ...core.Mapping) []string {
 	return slices.Compact(out)
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+// waitFor bounds every wait of these tests for the router to catch up.
+const waitFor = 10 * time.Second
 
 func waitState(t *testing.T, p *fakePeer, w []string) {
 	t.Helper()
-	eventually(t, fmt.Sprintf("peer state %q (have %q)", w, p.state()), func() bool { return slices.Equal(p.state(), w) })
+	testenv.Eventually(t, waitFor, fmt.Sprintf("peer state %q", w), func() (bool, string) {
+		got := p.state()
+		return slices.Equal(got, w), fmt.Sprintf("have %q", got)
+	})
 }
 
 type harness struct {
@@ -303,9 +299,9 @@ func portAt(st core.Status, addr core.Port, sink string) (core.PortStatus, core.
 func waitPortState(t *testing.T, h *harness, addr core.Port, sink, state string) core.PortAtSink {
 	t.Helper()
 	var at core.PortAtSink
-	eventually(t, fmt.Sprintf("%s at %s to be %s", entry(addr), sink, state), func() bool {
+	testenv.Eventually(t, waitFor, fmt.Sprintf("%s at %s to be %s", entry(addr), sink, state), func() (bool, string) {
 		_, at, _ = portAt(h.r.Status(), addr, sink)
-		return at.State == state
+		return at.State == state, fmt.Sprintf("it is %q", at.State)
 	})
 	return at
 }
@@ -355,7 +351,10 @@ func TestConnectAddrChangeReplacesPorts(t *testing.T) {
 	waitState(t, p, want(m))
 	m.ConnectAddrs = []core.ConnectAddr{{Network: "tcp", Addr: "198.18.0.3:80"}}
 	out.Set(m)
-	eventually(t, "remove and re-add", func() bool { return len(p.changes()) == 3 })
+	testenv.Eventually(t, waitFor, "remove and re-add", func() (bool, string) {
+		log := p.changes()
+		return len(log) == 3, fmt.Sprintf("changes %v", log)
+	})
 	log := p.changes()
 	if !log[1].Remove || log[1].Mapping.ConnectAddrs[0].Addr != "198.18.0.2:80" || log[2].Mapping.ConnectAddrs[0].Addr != "198.18.0.3:80" {
 		t.Errorf("backend change should remove with the old address and add with the new: %v", log)
@@ -430,18 +429,19 @@ func TestConflictingClaimWaitsForTheFirst(t *testing.T) {
 	waitState(t, p, want(first))
 	h.r.Emitter("static").Set(second)
 	var ps core.PortStatus
-	eventually(t, "the conflict in status", func() bool {
+	testenv.Eventually(t, waitFor, "the conflict in status", func() (bool, string) {
 		ps, _, _ = portAt(h.r.Status(), first.Ports[0], "p")
-		return len(ps.Claims) == 2
+		return len(ps.Claims) == 2, fmt.Sprintf("claims %+v", ps.Claims)
 	})
 	if ps.Claims[0].Key.ID != "first" || ps.Claims[0].Conflict != "" || ps.Claims[1].Conflict == "" {
 		t.Errorf("claims = %+v, want first holding and second in conflict", ps.Claims)
 	}
 	h.r.Emitter("static").Delete("first")
-	eventually(t, "the second claim to take over", func() bool {
+	testenv.Eventually(t, waitFor, "the second claim to take over", func() (bool, string) {
 		log := p.changes()
 		last := log[len(log)-1]
-		return !last.Remove && last.Mapping.ID == "second" && last.Mapping.ConnectAddrs[0].Addr == "198.18.0.3:80"
+		return !last.Remove && last.Mapping.ID == "second" && last.Mapping.ConnectAddrs[0].Addr == "198.18.0.3:80",
+			fmt.Sprintf("the last change is %v", last)
 	})
 	waitState(t, p, want(second))
 }
@@ -467,7 +467,7 @@ func TestSlowSinkBlocksNothing(t *testing.T) {
 	}()
 	select {
 	case <-emitted:
-	case <-time.After(10 * time.Second):
+	case <-time.After(waitFor):
 		t.Fatal("the source was blocked by a stuck sink")
 	}
 	var w []core.Mapping
@@ -534,7 +534,10 @@ func TestBusyPortIsRetriedOnItsOwnBackoff(t *testing.T) {
 	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })
 	h.r.Emitter("src").Set(mapping("a", 8080, 8081))
 	waitState(t, p, want(mapping("a", 8080)))
-	eventually(t, "a few retries", func() bool { return h.r.Status().Sinks[0].Failures >= 3 })
+	testenv.Eventually(t, waitFor, "a few retries", func() (bool, string) {
+		n := h.r.Status().Sinks[0].Failures
+		return n >= 3, fmt.Sprintf("%d failures", n)
+	})
 	p.set(func(f *fakePeer) { f.busy = 0 })
 	waitState(t, p, want(mapping("a", 8080, 8081)))
 	waitPortState(t, h, tcp("127.0.0.1", 8081), "p", core.PortExposed)
@@ -552,7 +555,9 @@ func TestReplayAfterPeerDown(t *testing.T) {
 	p.set(func(f *fakePeer) { f.down = true })
 	out.Set(mapping("c", 8082))
 	out.Delete("b")
-	eventually(t, "a failed delivery", func() bool { return h.r.Status().Sinks[0].PeerDown })
+	testenv.Eventually(t, waitFor, "a failed delivery", func() (bool, string) {
+		return h.r.Status().Sinks[0].PeerDown, "the sink is not down"
+	})
 	p.set(func(f *fakePeer) { f.down = false; clear(f.held) })
 	waitState(t, p, want(mapping("a", 8080), mapping("c", 8082)))
 }
@@ -570,7 +575,9 @@ func TestListerReconcilesAfterPeerDown(t *testing.T) {
 	waitState(t, p.fakePeer, want(mapping("a", 8080)))
 	p.set(func(f *fakePeer) { f.down = true })
 	h.r.Emitter("src").Set(mapping("b", 8081))
-	eventually(t, "a failed delivery", func() bool { return h.r.Status().Sinks[0].PeerDown })
+	testenv.Eventually(t, waitFor, "a failed delivery", func() (bool, string) {
+		return h.r.Status().Sinks[0].PeerDown, "the sink is not down"
+	})
 	p.set(func(f *fakePeer) { f.down = false; clear(f.held) })
 	waitState(t, p.fakePeer, want(mapping("a", 8080), mapping("b", 8081)))
 	p.checkNoViolations(t)
@@ -828,13 +835,17 @@ func TestDeliveredHookAndChangedSignal(t *testing.T) {
 	h.r.Emitter("docker").Set(mapping("a", 8080))
 	select {
 	case <-changed:
-	case <-time.After(10 * time.Second):
+	case <-time.After(waitFor):
 		t.Fatal("Changed was not signalled by a new claim")
 	}
 	waitState(t, p, want(mapping("a", 8080)))
 	h.r.Emitter("docker").Delete("a")
 	waitState(t, p, nil)
-	eventually(t, "two deliveries", func() bool { mu.Lock(); defer mu.Unlock(); return len(got) == 2 })
+	testenv.Eventually(t, waitFor, "two deliveries", func() (bool, string) {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got) == 2, fmt.Sprintf("Delivered calls %q", got)
+	})
 	mu.Lock()
 	defer mu.Unlock()
 	if got[0] != "p docker remove=false" || got[1] != "p docker remove=true" {

@@ -10,6 +10,13 @@ import (
 // Mapping.Key names the claim it came from (for logs). It keeps the
 // bookkeeping of which ports are wanted and by whom, so a sink never needs
 // reference counts of its own.
+//
+// A sink that holds resources (connections, idle HTTP connections,
+// goroutines) implements io.Closer. A Router that ran calls Close once,
+// when its Run returns: after the sink's worker and peer watcher have
+// stopped (the last Send, List and WatchPeer returned) and the drain on
+// exit is done, and never calls the sink again. Its error is logged. A sink
+// never given to a running Router is closed by whoever made it.
 type Sink interface {
 	// Send delivers c to the peer. It must be idempotent: adding a port the
 	// peer already has with the same target succeeds (or, from a peer that

@@ -18,9 +18,7 @@ import (
 // checksums in SHA256SUMS, and the version set at link time, printed by
 // the binary of this machine's architecture.
 func TestDistBuildsStaticBinaries(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the agent for two platforms")
-	}
+	testenv.Integration(t) // builds the agent for two platforms
 	mk := testenv.Binary(t, "GUESTAGENT_MAKE", "make")
 	fileCmd := testenv.Binary(t, "GUESTAGENT_FILE", "file")
 	testenv.Binary(t, "GUESTAGENT_SHA256SUM", "sha256sum")

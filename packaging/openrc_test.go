@@ -33,8 +33,10 @@ type openrcRoot struct {
 
 // newOpenRCRoot starts the namespace, or skips (fails under make test)
 // when openrc-run, unshare or nsenter is missing or the test is not root.
+// It skips under go test -short.
 func newOpenRCRoot(t *testing.T) *openrcRoot {
 	t.Helper()
+	testenv.Integration(t)
 	if os.Geteuid() != 0 {
 		testenv.Missing(t, "root (to mount OpenRC's state directory in a private namespace)")
 	}

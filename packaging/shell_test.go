@@ -24,14 +24,18 @@ const (
 type posixShell struct {
 	name string
 	argv []string
+	// installed is true for a shell the test set-up installs (make
+	// engines), which go test -short leaves out.
+	installed bool
 }
 
 // shells returns the shells to test with. busybox missing fails or skips
-// (as testenv.Missing decides) only the tests that run with it.
+// (as testenv.Missing decides) only the tests that run with it; under go
+// test -short they skip.
 func shells() []posixShell {
 	return []posixShell{
 		{name: "sh", argv: []string{"/bin/sh"}},
-		{name: "busybox-ash", argv: []string{"busybox", "ash"}},
+		{name: "busybox-ash", argv: []string{"busybox", "ash"}, installed: true},
 	}
 }
 
@@ -40,6 +44,9 @@ func each(t *testing.T, test func(t *testing.T, sh posixShell)) {
 	t.Helper()
 	for _, sh := range shells() {
 		t.Run(sh.name, func(t *testing.T) {
+			if sh.installed {
+				testenv.Integration(t)
+			}
 			if _, err := exec.LookPath(sh.argv[0]); err != nil {
 				testenv.Missing(t, sh.argv[0])
 			}

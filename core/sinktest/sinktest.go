@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"slices"
 	"testing"
@@ -15,6 +16,45 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/internal/testenv"
+)
+
+// checks is the contract, in the order Run runs it on one peer. The direct
+// checks call Send on sink instances of their own; the others emit
+// into a Router that runs one instance, as in the agent, started before the
+// first of them and stopped after the last.
+var checks = []struct {
+	name string
+	via  path
+	run  func(*testing.T, *suite)
+}{
+	{"add", direct, checkAdd},
+	{"duplicate add", direct, checkDuplicateAdd},
+	{"remove", direct, checkRemove},
+	{"remove unknown", direct, checkRemoveUnknown},
+	{"update", throughRouter, checkUpdate},
+	{"resync after peer restart", throughRouter, checkResyncAfterPeerRestart},
+	{"changes while peer is down", throughRouter, checkChangesWhilePeerIsDown},
+	{"cancellation", direct, checkCancellation},
+}
+
+// path is how a check reaches the sink.
+type path int
+
+const (
+	direct        path = iota // Send on instances the check makes
+	throughRouter             // emit into suite.rt, the Router running one instance
+)
+
+// The mappings the checks send. Their ports are below the ephemeral range
+// (32768 and up), so that no port a test picks as free a moment ago is
+// taken by the peer.
+var (
+	m1        = Mapping("test", "one", 11001, 2)
+	m1b       = Mapping("test", "one", 11002, 2) // keeps 11002, drops 11001, adds 11003
+	m2        = Mapping("test", "two", 11011, 1)
+	m3        = Mapping("test", "three", 11021, 1)
+	cancelled = Mapping("test", "cancelled", 11031, 1)
 )
 
 // Harness tells the suite how to build the sink and read its peer.
@@ -67,7 +107,8 @@ func Mapping(source, id string, base uint16, n int) core.Mapping {
 	return m.Normalize()
 }
 
-// Run runs the contract suite against h, in order, on one peer.
+// Run runs the contract suite against h: every check, as a subtest named
+// for it, in order, on one peer. It leaves the peer empty.
 func Run(t *testing.T, h Harness) {
 	t.Helper()
 	if h.New == nil || h.State == nil {
@@ -80,114 +121,141 @@ func Run(t *testing.T, h Harness) {
 		h.Entries = DefaultEntries
 	}
 	s := &suite{h: h}
-	ctx := context.Background()
-	// Ports below the ephemeral range (32768 and up), so that no port a test
-	// picks as free a moment ago is taken by the peer.
-	m1 := Mapping("test", "one", 11001, 2)
-	m2 := Mapping("test", "two", 11011, 1)
-
-	t.Run("add", func(t *testing.T) {
-		snk := h.New(t)
-		if err := snk.Send(ctx, core.Change{Mapping: m1}); err != nil {
-			t.Fatalf("add: %v", err)
+	defer s.stopRouter()
+	for _, c := range checks {
+		switch {
+		case c.via == throughRouter && s.rt == nil:
+			s.rt = newRouted(t, h)
+		case c.via != throughRouter && s.rt != nil:
+			s.stopRouter()
 		}
-		s.waitState(t, m1)
-	})
-	t.Run("duplicate add", func(t *testing.T) {
-		snk := h.New(t)
-		// A peer that lists its entries cannot tell this agent's from
-		// another party's: it may say the port is held elsewhere, and the
-		// router's ownership record decides.
-		if err := snk.Send(ctx, core.Change{Mapping: m1}); err != nil && !errors.Is(err, core.ErrHeldElsewhere) {
-			t.Fatalf("second add of the same ports: %v", err)
-		}
-		s.waitState(t, m1)
-	})
-	t.Run("remove", func(t *testing.T) {
-		snk := h.New(t)
-		if err := snk.Send(ctx, core.Change{Remove: true, Mapping: m1}); err != nil {
-			t.Fatalf("remove: %v", err)
-		}
-		s.waitState(t)
-	})
-	t.Run("remove unknown", func(t *testing.T) {
-		snk := h.New(t)
-		if err := snk.Send(ctx, core.Change{Remove: true, Mapping: m2}); err != nil {
-			t.Fatalf("removing what was never added must succeed, got %v", err)
-		}
-		s.waitState(t)
-	})
-
-	// The rest goes through a Router, as in the agent.
-	rt := newRouted(t, h)
-	defer rt.stop()
-	t.Run("update", func(t *testing.T) {
-		rt.emit.Set(m1)
-		s.waitState(t, m1)
-		m1b := Mapping("test", "one", 11002, 2) // keeps 11002, drops 11001, adds 11003
-		rt.emit.Set(m1b)
-		s.waitState(t, m1b)
-		rt.emit.Set(m2)
-		s.waitState(t, m1b, m2)
-		rt.emit.Delete(m1b.ID)
-		s.waitState(t, m2)
-	})
-	t.Run("resync after peer restart", func(t *testing.T) {
-		if h.Restart == nil {
-			t.Skip("peer cannot be restarted by the harness")
-		}
-		rt.emit.Set(m1)
-		s.waitState(t, m1, m2)
-		h.Restart(t)
-		s.waitState(t, m1, m2)
-	})
-	t.Run("changes while peer is down", func(t *testing.T) {
-		if h.Outage == nil {
-			t.Skip("peer cannot be stopped by the harness")
-		}
-		rt.emit.Set(m1)
-		s.waitState(t, m1, m2)
-		m3 := Mapping("test", "three", 11021, 1)
-		h.Outage(t, func() {
-			rt.emit.Delete(m1.ID)
-			rt.emit.Set(m3)
-		})
-		s.waitState(t, m2, m3)
-	})
-	rt.stop()
-	t.Run("cancellation", func(t *testing.T) {
-		ignore := goleak.IgnoreCurrent()
-		snk := h.New(t)
-		cctx, cancel := context.WithCancel(context.Background())
-		cancel()
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			_ = snk.Send(cctx, core.Change{Mapping: Mapping("test", "cancelled", 11031, 1)})
-			if pw, ok := snk.(core.PeerWatcher); ok {
-				pw.WatchPeer(cctx, func() {})
-			}
-		}()
-		select {
-		case <-done:
-		case <-time.After(h.Timeout):
-			t.Fatalf("Send/WatchPeer with a cancelled context did not return within %s", h.Timeout)
-		}
-		if c, ok := snk.(interface{ Close() error }); ok {
-			_ = c.Close()
-		}
-		if err := goleak.Find(ignore); err != nil {
-			t.Errorf("goroutines left behind: %v", err)
-		}
-	})
+		t.Run(c.name, func(t *testing.T) { c.run(t, s) })
+	}
+	s.stopRouter()
 	// Leave the peer empty for the next user.
 	cleanup := h.New(t)
-	for _, m := range []core.Mapping{m1, m2, Mapping("test", "three", 11021, 1), Mapping("test", "cancelled", 11031, 1)} {
-		_ = cleanup.Send(ctx, core.Change{Remove: true, Mapping: m})
+	for _, m := range []core.Mapping{m1, m2, m3, cancelled} {
+		_ = cleanup.Send(context.Background(), core.Change{Remove: true, Mapping: m})
 	}
 }
 
-type suite struct{ h Harness }
+// checkAdd: Send of an add makes the peer expose the mapping's ports.
+func checkAdd(t *testing.T, s *suite) {
+	snk := s.h.New(t)
+	if err := snk.Send(context.Background(), core.Change{Mapping: m1}); err != nil {
+		t.Fatalf("add: %v", err)
+	}
+	s.waitState(t, m1)
+}
+
+// checkDuplicateAdd: adding ports the peer already has, from a new
+// instance, succeeds (or says they are held elsewhere) and leaves each
+// exposed once.
+func checkDuplicateAdd(t *testing.T, s *suite) {
+	snk := s.h.New(t)
+	// A peer that lists its entries cannot tell this agent's from
+	// another party's: it may say the port is held elsewhere, and the
+	// router's ownership record decides.
+	if err := snk.Send(context.Background(), core.Change{Mapping: m1}); err != nil && !errors.Is(err, core.ErrHeldElsewhere) {
+		t.Fatalf("second add of the same ports: %v", err)
+	}
+	s.waitState(t, m1)
+}
+
+// checkRemove: Send of a remove, from a new instance, makes the peer drop
+// the ports.
+func checkRemove(t *testing.T, s *suite) {
+	snk := s.h.New(t)
+	if err := snk.Send(context.Background(), core.Change{Remove: true, Mapping: m1}); err != nil {
+		t.Fatalf("remove: %v", err)
+	}
+	s.waitState(t)
+}
+
+// checkRemoveUnknown: removing ports the peer never had succeeds.
+func checkRemoveUnknown(t *testing.T, s *suite) {
+	snk := s.h.New(t)
+	if err := snk.Send(context.Background(), core.Change{Remove: true, Mapping: m2}); err != nil {
+		t.Fatalf("removing what was never added must succeed, got %v", err)
+	}
+	s.waitState(t)
+}
+
+// checkUpdate: through the router, a mapping whose ports change ends with
+// exactly its new ports on the peer, beside another mapping's, and a
+// deleted mapping's ports go.
+func checkUpdate(t *testing.T, s *suite) {
+	s.rt.emit.Set(m1)
+	s.waitState(t, m1)
+	s.rt.emit.Set(m1b)
+	s.waitState(t, m1b)
+	s.rt.emit.Set(m2)
+	s.waitState(t, m1b, m2)
+	s.rt.emit.Delete(m1b.ID)
+	s.waitState(t, m2)
+}
+
+// checkResyncAfterPeerRestart: a peer that restarts and loses its state
+// gets it all back. Skipped when the harness has no Restart.
+func checkResyncAfterPeerRestart(t *testing.T, s *suite) {
+	if s.h.Restart == nil {
+		t.Skip("peer cannot be restarted by the harness")
+	}
+	s.rt.emit.Set(m1)
+	s.waitState(t, m1, m2)
+	s.h.Restart(t)
+	s.waitState(t, m1, m2)
+}
+
+// checkChangesWhilePeerIsDown: changes made while the peer is down reach
+// it once it is back. Skipped when the harness has no Outage.
+func checkChangesWhilePeerIsDown(t *testing.T, s *suite) {
+	if s.h.Outage == nil {
+		t.Skip("peer cannot be stopped by the harness")
+	}
+	s.rt.emit.Set(m1)
+	s.waitState(t, m1, m2)
+	s.h.Outage(t, func() {
+		s.rt.emit.Delete(m1.ID)
+		s.rt.emit.Set(m3)
+	})
+	s.waitState(t, m2, m3)
+}
+
+// checkCancellation: Send, and WatchPeer where the sink has it, return
+// soon when their context is already cancelled, and once the sink is
+// closed (where it is an io.Closer) no goroutine is left behind.
+func checkCancellation(t *testing.T, s *suite) {
+	ignore := goleak.IgnoreCurrent()
+	snk := s.h.New(t)
+	cctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = snk.Send(cctx, core.Change{Mapping: cancelled})
+		if pw, ok := snk.(core.PeerWatcher); ok {
+			pw.WatchPeer(cctx, func() {})
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(s.h.Timeout):
+		t.Fatalf("Send/WatchPeer with a cancelled context did not return within %s", s.h.Timeout)
+	}
+	if c, ok := snk.(io.Closer); ok {
+		_ = c.Close()
+	}
+	if err := goleak.Find(ignore); err != nil {
+		t.Errorf("goroutines left behind: %v", err)
+	}
+}
+
+// suite is the state the checks share.
+type suite struct {
+	h  Harness
+	rt *routed // the running Router, for the routed checks; nil otherwise
+}
 
 // waitState waits until the peer exposes exactly the ports of ms, each once.
 func (s *suite) waitState(t *testing.T, ms ...core.Mapping) {
@@ -197,26 +265,30 @@ func (s *suite) waitState(t *testing.T, ms ...core.Mapping) {
 		want = append(want, s.h.Entries(m)...)
 	}
 	slices.Sort(want)
-	deadline := time.Now().Add(s.h.Timeout)
-	for {
+	testenv.Eventually(t, s.h.Timeout, fmt.Sprintf("the peer to have %q", want), func() (bool, string) {
 		got := slices.Clone(s.h.State(t))
 		slices.Sort(got)
-		if slices.Equal(got, want) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s the peer has %q, want %q", s.h.Timeout, got, want)
-		}
-		time.Sleep(25 * time.Millisecond)
+		return slices.Equal(got, want), fmt.Sprintf("it has %q", got)
+	})
+}
+
+// stopRouter stops the Router of the routed checks, if it runs.
+func (s *suite) stopRouter() {
+	if s.rt != nil {
+		s.rt.stop()
+		s.rt = nil
 	}
 }
 
+// routed is a Router running one instance of the sink, fed by emit.
 type routed struct {
 	emit   core.Emitter
 	cancel context.CancelFunc
 	done   chan struct{}
 }
 
+// newRouted starts a Router whose only sink is a new instance from h; the
+// Router closes it when it stops.
 func newRouted(t *testing.T, h Harness) *routed {
 	r := core.NewRouter(core.RouterConfig{
 		Backoff:   core.Backoff{Initial: 50 * time.Millisecond, Max: time.Second},
@@ -232,6 +304,7 @@ func newRouted(t *testing.T, h Harness) *routed {
 	return rt
 }
 
+// stop stops the Router and waits for Run to return.
 func (r *routed) stop() {
 	r.cancel()
 	<-r.done

@@ -15,7 +15,26 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
+
+// checks is the contract, in the order Run runs it on one backend. Before
+// the first, the backend publishes workload "a" and the source starts; each
+// check leaves the source running (but the last) and suite.a exposed, as
+// the next expects.
+var checks = []struct {
+	name string
+	run  func(*testing.T, *suite)
+}{
+	{"initial sync", checkInitialSync},
+	{"add", checkAdd},
+	{"no ports", checkNoPorts},
+	{"update", checkUpdate},
+	{"duplicate", checkDuplicate},
+	{"resync after agent restart", checkResyncAfterAgentRestart},
+	{"resync after backend outage", checkResyncAfterBackendOutage},
+	{"cancellation", checkCancellation},
+}
 
 // NoPorts asks Harness.Expose for a workload that publishes no ports.
 const NoPorts = -1
@@ -45,8 +64,8 @@ type Harness struct {
 	Timeout time.Duration
 }
 
-// Run runs the contract suite against h. The subtests share one backend and
-// run in order.
+// Run runs the contract suite against h: every check, as a subtest named
+// for it, in order. The subtests share one backend.
 func Run(t *testing.T, h Harness) {
 	t.Helper()
 	if h.New == nil || h.Expose == nil || h.Unexpose == nil {
@@ -58,100 +77,135 @@ func Run(t *testing.T, h Harness) {
 	s := newSuite(t, h)
 	defer s.stop()
 
-	a := h.Expose(t, "a", 0)
+	s.a = h.Expose(t, "a", 0)
 	s.start()
-	t.Run("initial sync", func(t *testing.T) { s.waitMapping(t, a) })
-	t.Run("add", func(t *testing.T) {
-		b := h.Expose(t, "b", 0)
-		s.waitMapping(t, b)
-		h.Unexpose(t, b)
-		s.waitGone(t, b.Key)
-	})
-	t.Run("no ports", func(t *testing.T) {
-		n := h.Expose(t, "noports", NoPorts)
-		c := h.Expose(t, "c", 0)
-		s.waitMapping(t, c)
-		h.Unexpose(t, n)
-		h.Unexpose(t, c)
-		s.waitGone(t, c.Key)
-		if got := s.sink.changesFor(n.Key); len(got) != 0 {
-			t.Errorf("a workload without ports produced changes: %v", got)
-		}
-	})
-	t.Run("update", func(t *testing.T) {
-		if h.Update == nil {
-			t.Skip("backend cannot change ports in place")
-		}
-		before := len(s.sink.changesFor(a.Key))
-		a2 := h.Update(t, a, 1)
-		s.waitMapping(t, a2)
-		changes := s.sink.changesFor(a.Key)[before:]
-		if len(changes) == 0 || !changes[0].Remove {
-			t.Errorf("update must remove what went before adding what came; got %v", changes)
-		}
-		a = a2
-	})
-	t.Run("duplicate", func(t *testing.T) {
-		if h.Repeat == nil {
-			t.Skip("backend cannot repeat an announcement")
-		}
-		before := len(s.sink.changesFor(a.Key))
-		h.Repeat(t, a)
-		marker := h.Expose(t, "marker", 0)
-		s.waitMapping(t, marker)
-		if got := s.sink.changesFor(a.Key)[before:]; len(got) != 0 {
-			t.Errorf("repeated announcement produced changes: %v", got)
-		}
-		h.Unexpose(t, marker)
-		s.waitGone(t, marker.Key)
-	})
-	t.Run("resync after agent restart", func(t *testing.T) {
-		s.restart(t, func() {
-			h.Unexpose(t, a)
-			a = h.Expose(t, "d", 0)
-		})
-		s.waitExactly(t, a)
-	})
-	t.Run("resync after backend outage", func(t *testing.T) {
-		if h.Outage == nil {
-			t.Skip("backend cannot be restarted by the harness")
-		}
-		var e core.Mapping
-		h.Outage(t, func() {
-			h.Unexpose(t, a)
-			e = h.Expose(t, "e", 1)
-		})
-		a = e
-		s.waitExactly(t, a)
-	})
-	t.Run("cancellation", func(t *testing.T) {
-		s.stopSource(t)
-		ignore := goleak.IgnoreCurrent()
-		src := h.New(t)
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- src.Run(ctx, s.router.Emitter("probe")) }()
-		waitFor(t, h.Timeout, func() (bool, string) {
-			n := len(s.router.Desired())
-			return slices.ContainsFunc(s.router.Desired(), func(m core.Mapping) bool { return m.Source == "probe" }),
-				fmt.Sprintf("probe instance never reported (%d mappings known)", n)
-		})
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Run after cancel returned %v, want nil", err)
-			}
-		case <-time.After(h.Timeout):
-			t.Fatalf("Run did not return within %s of cancellation", h.Timeout)
-		}
-		if err := goleak.Find(ignore); err != nil {
-			t.Errorf("goroutines left behind after Run returned: %v", err)
-		}
-	})
-	h.Unexpose(t, a)
+	for _, c := range checks {
+		t.Run(c.name, func(t *testing.T) { c.run(t, s) })
+	}
+	h.Unexpose(t, s.a)
 }
 
+// checkInitialSync: a workload that was there before the source started is
+// reported.
+func checkInitialSync(t *testing.T, s *suite) { s.waitMapping(t, s.a) }
+
+// checkAdd: a workload that appears while the source runs is reported, and
+// it goes when the workload is withdrawn.
+func checkAdd(t *testing.T, s *suite) {
+	b := s.h.Expose(t, "b", 0)
+	s.waitMapping(t, b)
+	s.h.Unexpose(t, b)
+	s.waitGone(t, b.Key)
+}
+
+// checkNoPorts: a workload that publishes no ports produces no change at
+// all, neither when it comes nor when it goes.
+func checkNoPorts(t *testing.T, s *suite) {
+	n := s.h.Expose(t, "noports", NoPorts)
+	c := s.h.Expose(t, "c", 0)
+	s.waitMapping(t, c)
+	s.h.Unexpose(t, n)
+	s.h.Unexpose(t, c)
+	s.waitGone(t, c.Key)
+	if got := s.sink.changesFor(n.Key); len(got) != 0 {
+		t.Errorf("a workload without ports produced changes: %v", got)
+	}
+}
+
+// checkUpdate: a workload whose ports change in place is reported with the
+// new ports, and the old ones are removed before the new ones are added.
+// Skipped when the harness has no Update.
+func checkUpdate(t *testing.T, s *suite) {
+	if s.h.Update == nil {
+		t.Skip("backend cannot change ports in place")
+	}
+	before := len(s.sink.changesFor(s.a.Key))
+	a2 := s.h.Update(t, s.a, 1)
+	s.waitMapping(t, a2)
+	changes := s.sink.changesFor(s.a.Key)[before:]
+	if len(changes) == 0 || !changes[0].Remove {
+		t.Errorf("update must remove what went before adding what came; got %v", changes)
+	}
+	s.a = a2
+}
+
+// checkDuplicate: the backend announcing a workload again unchanged
+// produces no change; a marker workload exposed after it shows the source
+// has caught up. Skipped when the harness has no Repeat.
+func checkDuplicate(t *testing.T, s *suite) {
+	if s.h.Repeat == nil {
+		t.Skip("backend cannot repeat an announcement")
+	}
+	before := len(s.sink.changesFor(s.a.Key))
+	s.h.Repeat(t, s.a)
+	marker := s.h.Expose(t, "marker", 0)
+	s.waitMapping(t, marker)
+	if got := s.sink.changesFor(s.a.Key)[before:]; len(got) != 0 {
+		t.Errorf("repeated announcement produced changes: %v", got)
+	}
+	s.h.Unexpose(t, marker)
+	s.waitGone(t, marker.Key)
+}
+
+// checkResyncAfterAgentRestart: a new instance of the source, started
+// after workloads came and went while none ran, reports exactly what the
+// backend has now: its first snapshot drops what went meanwhile.
+func checkResyncAfterAgentRestart(t *testing.T, s *suite) {
+	s.restart(t, func() {
+		s.h.Unexpose(t, s.a)
+		s.a = s.h.Expose(t, "d", 0)
+	})
+	s.waitExactly(t, s.a)
+}
+
+// checkResyncAfterBackendOutage: the running source recovers from its
+// backend going down, and then reports exactly what the backend has, though
+// workloads came and went during the outage. Skipped when the harness has
+// no Outage.
+func checkResyncAfterBackendOutage(t *testing.T, s *suite) {
+	if s.h.Outage == nil {
+		t.Skip("backend cannot be restarted by the harness")
+	}
+	var e core.Mapping
+	s.h.Outage(t, func() {
+		s.h.Unexpose(t, s.a)
+		e = s.h.Expose(t, "e", 1)
+	})
+	s.a = e
+	s.waitExactly(t, s.a)
+}
+
+// checkCancellation: Run returns nil soon after its context is cancelled,
+// and leaves no goroutine behind.
+func checkCancellation(t *testing.T, s *suite) {
+	s.stopSource(t)
+	ignore := goleak.IgnoreCurrent()
+	src := s.h.New(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, s.router.Emitter("probe")) }()
+	testenv.Eventually(t, s.h.Timeout, "the probe instance to report", func() (bool, string) {
+		n := len(s.router.Desired())
+		return slices.ContainsFunc(s.router.Desired(), func(m core.Mapping) bool { return m.Source == "probe" }),
+			fmt.Sprintf("it never reported (%d mappings known)", n)
+	})
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Run after cancel returned %v, want nil", err)
+		}
+	case <-time.After(s.h.Timeout):
+		t.Fatalf("Run did not return within %s of cancellation", s.h.Timeout)
+	}
+	if err := goleak.Find(ignore); err != nil {
+		t.Errorf("goroutines left behind after Run returned: %v", err)
+	}
+}
+
+// suite is the state the checks share: one router with a recording sink,
+// the source instance running into it, and the workload carried from check
+// to check.
 type suite struct {
 	t      *testing.T
 	h      Harness
@@ -160,8 +214,13 @@ type suite struct {
 	stopR  context.CancelFunc
 	rDone  chan struct{}
 
-	cancelSrc context.CancelFunc
+	cancelSrc context.CancelFunc // nil while no instance runs
 	srcDone   chan error
+
+	// a is the workload every check may rely on: exposed before the first,
+	// replaced by those that update, restart or take the backend down, and
+	// withdrawn after the last.
+	a core.Mapping
 }
 
 const sourceName = "under-test"
@@ -179,6 +238,7 @@ func newSuite(t *testing.T, h Harness) *suite {
 	return s
 }
 
+// start runs a new instance of the source into the router.
 func (s *suite) start() {
 	src := s.h.New(s.t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -187,6 +247,8 @@ func (s *suite) start() {
 	go func() { s.srcDone <- src.Run(ctx, s.router.Emitter(sourceName)) }()
 }
 
+// stopSource cancels the running instance, if any, and fails t unless its
+// Run returns nil within the timeout.
 func (s *suite) stopSource(t *testing.T) {
 	if s.cancelSrc == nil {
 		return
@@ -203,12 +265,14 @@ func (s *suite) stopSource(t *testing.T) {
 	s.cancelSrc = nil
 }
 
+// restart stops the instance, calls whileDown, and starts a new one.
 func (s *suite) restart(t *testing.T, whileDown func()) {
 	s.stopSource(t)
 	whileDown()
 	s.start()
 }
 
+// stop stops the instance and the router.
 func (s *suite) stop() {
 	if s.cancelSrc != nil {
 		s.cancelSrc()
@@ -218,21 +282,23 @@ func (s *suite) stop() {
 	<-s.rDone
 }
 
+// waitMapping waits until the sink holds want, as the source reports it.
 func (s *suite) waitMapping(t *testing.T, want core.Mapping) {
 	t.Helper()
 	want = expected(want)
-	waitFor(t, s.h.Timeout, func() (bool, string) {
+	testenv.Eventually(t, s.h.Timeout, fmt.Sprintf("the sink to have %v for %s", want, want.Key), func() (bool, string) {
 		got, ok := s.sink.state(want.Key)
-		return ok && got.Equal(want), fmt.Sprintf("sink has %v for %s, want %v", got, want.Key, want)
+		return ok && got.Equal(want), fmt.Sprintf("it has %v", got)
 	})
 }
 
+// waitGone waits until the sink holds nothing for k.
 func (s *suite) waitGone(t *testing.T, k core.Key) {
 	t.Helper()
 	k.Source = sourceName
-	waitFor(t, s.h.Timeout, func() (bool, string) {
+	testenv.Eventually(t, s.h.Timeout, fmt.Sprintf("%s to go from the sink", k), func() (bool, string) {
 		got, ok := s.sink.state(k)
-		return !ok, fmt.Sprintf("sink still has %v", got)
+		return !ok, fmt.Sprintf("it still has %v", got)
 	})
 }
 
@@ -240,31 +306,16 @@ func (s *suite) waitGone(t *testing.T, k core.Key) {
 func (s *suite) waitExactly(t *testing.T, want core.Mapping) {
 	t.Helper()
 	want = expected(want)
-	waitFor(t, s.h.Timeout, func() (bool, string) {
+	testenv.Eventually(t, s.h.Timeout, fmt.Sprintf("the sink to have only %v", want), func() (bool, string) {
 		all := s.sink.all(sourceName)
-		return len(all) == 1 && all[0].Equal(want), fmt.Sprintf("sink has %v, want only %v", all, want)
+		return len(all) == 1 && all[0].Equal(want), fmt.Sprintf("it has %v", all)
 	})
 }
 
+// expected is m as the sink receives it from the source under test.
 func expected(m core.Mapping) core.Mapping {
 	m.Source = sourceName
 	return m.Normalize()
-}
-
-// waitFor polls cond until it holds or timeout passes.
-func waitFor(t *testing.T, timeout time.Duration, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: %s", timeout, msg)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // recordingSink applies changes to an in-memory peer and keeps their log,
