@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/pflag"
 
@@ -121,5 +122,30 @@ func TestRegistriesAreIndependent(t *testing.T) {
 	}
 	if got := r.Sources(); len(got) != 1 || got[0].Name != "regtest" {
 		t.Errorf("Sources() = %v", got)
+	}
+}
+
+func TestFlagsThatRefuseZero(t *testing.T) {
+	fs := pflag.NewFlagSet("x", pflag.ContinueOnError)
+	var s string
+	var d time.Duration
+	registry.NonEmptyStringVar(fs, &s, "name", "dflt", "a name")
+	registry.PositiveDurationVar(fs, &d, "every", 5*time.Second, "an interval")
+	if s != "dflt" || d != 5*time.Second {
+		t.Fatalf("defaults not set: %q %v", s, d)
+	}
+	usage := fs.FlagUsages()
+	for _, want := range []string{`--name string`, `(default "dflt")`, `--every duration`, `(default 5s)`} {
+		if !strings.Contains(usage, want) {
+			t.Errorf("usage %q lacks %q", usage, want)
+		}
+	}
+	for _, args := range [][]string{{"--name="}, {"--every=0s"}, {"--every=-1s"}, {"--every=soon"}} {
+		if err := fs.Parse(args); err == nil {
+			t.Errorf("%v accepted", args)
+		}
+	}
+	if err := fs.Parse([]string{"--name=n", "--every=2s"}); err != nil || s != "n" || d != 2*time.Second {
+		t.Errorf("good values: %v, %q %v", err, s, d)
 	}
 }

@@ -46,8 +46,8 @@ func init() {
 		Summary: "expose ports through host-switch's forwarder HTTP API",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			var cfg Config
-			fs.StringVar(&cfg.BaseURL, "hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")
-			fs.StringVar(&cfg.GuestIP, "hostSwitchGuestIP", DefaultGuestIP, "this guest's address on the virtual network: the remote end of every forward")
+			registry.NonEmptyStringVar(fs, &cfg.BaseURL, "hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")
+			registry.NonEmptyStringVar(fs, &cfg.GuestIP, "hostSwitchGuestIP", DefaultGuestIP, "this guest's address on the virtual network: the remote end of every forward")
 			fs.DurationVar(&cfg.ProbeInterval, "hostSwitchProbeInterval", DefaultProbeInterval, "how often one small request on a connection kept open checks that host-switch is up and has not restarted; when it answers again or on a new connection (it restarted), its forwards are listed and restored at once (0 disables; at most 5s)")
 			fs.DurationVar(&cfg.CheckInterval, "hostSwitchCheckInterval", DefaultCheckInterval, "how often the whole list of forwards is read, to restore forwards someone removed and take up ports others released; not while the probe has no answer from host-switch (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
@@ -59,15 +59,14 @@ func init() {
 	})
 }
 
-// Config configures a Sink. BaseURL and GuestIP have no zero default:
-// their flags always give a value, and an empty one given on the command
-// line is an error.
+// Config configures a Sink; a zero field means its default, except where
+// the field says that zero turns something off.
 type Config struct {
 	// BaseURL is where the API is served, an http or https URL
-	// (--hostSwitchURL, whose default is DefaultBaseURL).
+	// (--hostSwitchURL); empty means DefaultBaseURL.
 	BaseURL string
 	// GuestIP is the remote address of every forward, IPv4
-	// (--hostSwitchGuestIP, whose default is DefaultGuestIP).
+	// (--hostSwitchGuestIP); empty means DefaultGuestIP.
 	GuestIP string
 	// ProbeInterval is how often WatchPeer probes host-switch for a
 	// restart (--hostSwitchProbeInterval, whose default is
@@ -101,6 +100,12 @@ type Sink struct {
 
 // New checks cfg and returns a Sink.
 func New(cfg Config) (*Sink, error) {
+	if cfg.BaseURL == "" {
+		cfg.BaseURL = DefaultBaseURL
+	}
+	if cfg.GuestIP == "" {
+		cfg.GuestIP = DefaultGuestIP
+	}
 	u, err := url.Parse(cfg.BaseURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return nil, fmt.Errorf("--hostSwitchURL %q is not an http(s) URL", cfg.BaseURL)

@@ -255,10 +255,14 @@ func TestUnreachableAndSlowPeers(t *testing.T) {
 }
 
 func TestConfigValidation(t *testing.T) {
+	for _, cfg := range []hostswitch.Config{{}, {BaseURL: hostswitch.DefaultBaseURL}, {GuestIP: hostswitch.DefaultGuestIP}} {
+		if s, err := hostswitch.New(cfg); err != nil {
+			t.Errorf("%+v (zero fields are the defaults) refused: %v", cfg, err)
+		} else {
+			s.Close()
+		}
+	}
 	for _, cfg := range []hostswitch.Config{
-		{},
-		{BaseURL: hostswitch.DefaultBaseURL},
-		{GuestIP: hostswitch.DefaultGuestIP},
 		{BaseURL: "192.168.127.1", GuestIP: "192.168.127.2"},
 		{BaseURL: "ftp://x", GuestIP: "192.168.127.2"},
 		{BaseURL: hostswitch.DefaultBaseURL, GuestIP: "fd00::2"},

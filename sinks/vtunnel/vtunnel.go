@@ -48,7 +48,7 @@ func init() {
 		Summary: "send mappings to the vtunnel peer, which carries them over AF_VSOCK to the privileged host service",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			var cfg Config
-			fs.StringVar(&cfg.Addr, "vtunnelAddr", DefaultAddr, "vtunnel peer address: HOST:PORT (TCP) or vsock://CID:PORT")
+			registry.NonEmptyStringVar(fs, &cfg.Addr, "vtunnelAddr", DefaultAddr, "vtunnel peer address: HOST:PORT (TCP) or vsock://CID:PORT")
 			fs.StringVar(&cfg.Interface, "vtunnelInterface", DefaultInterface, `interface whose addresses the host service connects to ("" keeps each mapping's own backend addresses)`)
 			fs.DurationVar(&cfg.CheckInterval, "vtunnelCheckInterval", DefaultCheckInterval, "how often the peer is probed so a restarted one gets the full state again (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
@@ -60,10 +60,10 @@ func init() {
 	})
 }
 
-// Config configures a Sink. Addr has no zero default: its flag always
-// gives a value, and an empty one given on the command line is an error.
+// Config configures a Sink; a zero field means its default, except where
+// the field says that zero (or "") turns something off.
 type Config struct {
-	// Addr is the peer (--vtunnelAddr, whose default is DefaultAddr):
+	// Addr is the peer (--vtunnelAddr; empty means DefaultAddr):
 	// "HOST:PORT" or "tcp://HOST:PORT" for TCP, "vsock://CID:PORT" (in
 	// decimal) for AF_VSOCK; see Dialer.
 	Addr string
@@ -98,6 +98,9 @@ type Sink struct {
 func New(cfg Config) (*Sink, error) {
 	if cfg.CheckInterval < 0 {
 		return nil, fmt.Errorf("--vtunnelCheckInterval must not be negative, got %s", cfg.CheckInterval)
+	}
+	if cfg.Addr == "" {
+		cfg.Addr = DefaultAddr
 	}
 	dial, err := Dialer(cfg.Addr)
 	if err != nil {

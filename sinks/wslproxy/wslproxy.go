@@ -42,7 +42,7 @@ func init() {
 		Summary: "send mappings to wsl-proxy so other WSL distributions reach the ports",
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			var cfg Config
-			fs.StringVar(&cfg.Socket, "wslProxySocket", DefaultSocket, "wsl-proxy's unix socket")
+			registry.NonEmptyStringVar(fs, &cfg.Socket, "wslProxySocket", DefaultSocket, "wsl-proxy's unix socket")
 			fs.DurationVar(&cfg.CheckInterval, "wslProxyCheckInterval", DefaultCheckInterval, "how often the socket is checked for a restarted wsl-proxy (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
 				c := cfg
@@ -53,11 +53,11 @@ func init() {
 	})
 }
 
-// Config configures a Sink. Socket has no zero default: its flag always
-// gives a value, and an empty one given on the command line is an error.
+// Config configures a Sink; a zero field means its default, except where
+// the field says that zero turns something off.
 type Config struct {
-	// Socket is wsl-proxy's unix socket (--wslProxySocket, whose default
-	// is DefaultSocket).
+	// Socket is wsl-proxy's unix socket (--wslProxySocket); empty means
+	// DefaultSocket.
 	Socket string
 	// CheckInterval is how often WatchPeer looks at the socket file for a
 	// restarted wsl-proxy (--wslProxyCheckInterval, whose default is
@@ -80,7 +80,7 @@ type Sink struct {
 // New checks cfg and returns a Sink.
 func New(cfg Config) (*Sink, error) {
 	if cfg.Socket == "" {
-		return nil, errors.New("--wslProxySocket is empty")
+		cfg.Socket = DefaultSocket
 	}
 	if cfg.CheckInterval < 0 {
 		return nil, fmt.Errorf("--wslProxyCheckInterval must not be negative, got %s", cfg.CheckInterval)

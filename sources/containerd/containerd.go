@@ -60,7 +60,7 @@ func init() {
 		Summary: "containers' ports from the containerd API and nerdctl's port data",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
-			fs.StringVar(&cfg.Socket, "containerdSock", DefaultSocket, "containerd socket path")
+			registry.NonEmptyStringVar(fs, &cfg.Socket, "containerdSock", DefaultSocket, "containerd socket path")
 			loopbacknat.BindFlags(fs, Name, &cfg.LoopbackNAT)
 			return func(env registry.Env) (core.Source, error) {
 				cfg := cfg
@@ -73,8 +73,8 @@ func init() {
 
 // Config configures a Source.
 type Config struct {
-	// Socket is containerd's socket path. Required; the --containerdSock
-	// flag defaults to DefaultSocket.
+	// Socket is containerd's socket path (--containerdSock); empty means
+	// DefaultSocket.
 	Socket string
 	// LoopbackNAT sets up the loopback NAT rules for bindings on
 	// 127.0.0.1, next to the CNI portmap plugin's rules in each
@@ -107,7 +107,7 @@ func New(cfg Config) (*Source, error) {
 		return nil, err
 	}
 	if cfg.Socket == "" {
-		return nil, errors.New("--containerdSock is empty")
+		cfg.Socket = DefaultSocket
 	}
 	if cfg.Backoff.Initial <= 0 {
 		cfg.Backoff = core.Backoff{Initial: core.DefaultBackoff.Initial, Max: 10 * time.Second}

@@ -46,7 +46,7 @@ func init() {
 		Summary: "containers' published ports from the Docker (moby) API",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
-			fs.StringVar(&cfg.Host, "dockerHost", defaultHost(), "Docker API address (default from DOCKER_HOST, else the standard socket)")
+			registry.NonEmptyStringVar(fs, &cfg.Host, "dockerHost", defaultHost(), "Docker API address (default from DOCKER_HOST, else the standard socket)")
 			loopbacknat.BindFlags(fs, Name, &cfg.LoopbackNAT)
 			return func(env registry.Env) (core.Source, error) {
 				cfg := cfg
@@ -67,9 +67,8 @@ func defaultHost() string {
 
 // Config configures a Source.
 type Config struct {
-	// Host is the Docker API address, e.g. unix:///var/run/docker.sock.
-	// Required; the --dockerHost flag defaults to $DOCKER_HOST, else
-	// DefaultHost.
+	// Host is the Docker API address, e.g. unix:///var/run/docker.sock
+	// (--dockerHost); empty means $DOCKER_HOST, else DefaultHost.
 	Host string
 	// LoopbackNAT sets up the loopback NAT rules for bindings on
 	// 127.0.0.1, next to Docker's own in its DOCKER chain. The zero value
@@ -101,7 +100,7 @@ func New(cfg Config) (*Source, error) {
 		return nil, err
 	}
 	if cfg.Host == "" {
-		return nil, errors.New("--dockerHost is empty")
+		cfg.Host = defaultHost()
 	}
 	if _, err := client.ParseHostURL(cfg.Host); err != nil {
 		return nil, fmt.Errorf("--dockerHost %q: %w", cfg.Host, err)

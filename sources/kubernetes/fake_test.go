@@ -411,17 +411,15 @@ func TestConvertSaysWhatItSkips(t *testing.T) {
 	}
 }
 
-// TestNewRejectsAMissingKubeconfigOrANonPositiveInterval checks that New's
-// errors name the flag and the value.
-func TestNewRejectsAMissingKubeconfigOrANonPositiveInterval(t *testing.T) {
+// TestNewRejectsANegativeInterval checks that New's error names the flag
+// and the value, and that a zero Config is the defaults.
+func TestNewRejectsANegativeInterval(t *testing.T) {
 	fakeClient := func([]byte) (kubernetes.Client, error) { return fakeCluster{fake.NewClientset()}, nil }
 	tests := []struct {
 		name    string
 		cfg     kubernetes.Config
 		wantErr string
 	}{
-		{"no kubeconfig and no client", kubernetes.Config{Check: time.Second}, "--kubeconfig is empty"},
-		{"zero interval", kubernetes.Config{Path: kubernetes.DefaultKubeconfig, Check: 0}, "--kubeconfigCheckInterval must be positive, got 0s"},
 		{"negative interval", kubernetes.Config{NewClient: fakeClient, Check: -time.Second}, "--kubeconfigCheckInterval must be positive, got -1s"},
 	}
 	for _, tt := range tests {
@@ -433,6 +431,7 @@ func TestNewRejectsAMissingKubeconfigOrANonPositiveInterval(t *testing.T) {
 		})
 	}
 	for _, cfg := range []kubernetes.Config{
+		{},
 		{Path: kubernetes.DefaultKubeconfig, Check: time.Second},
 		{NewClient: fakeClient, Check: time.Second},
 	} {

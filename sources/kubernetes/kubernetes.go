@@ -45,8 +45,8 @@ func init() {
 		Summary: "NodePort and LoadBalancer services from the Kubernetes API",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
-			fs.StringVar(&cfg.Path, "kubeconfig", DefaultKubeconfig, "kubeconfig of the cluster (waited for if it does not exist yet; re-read when it changes)")
-			fs.DurationVar(&cfg.Check, "kubeconfigCheckInterval", DefaultCheckInterval, "how often the kubeconfig is checked for a new cluster")
+			registry.NonEmptyStringVar(fs, &cfg.Path, "kubeconfig", DefaultKubeconfig, "kubeconfig of the cluster (waited for if it does not exist yet; re-read when it changes)")
+			registry.PositiveDurationVar(fs, &cfg.Check, "kubeconfigCheckInterval", DefaultCheckInterval, "how often the kubeconfig is checked for a new cluster")
 			return func(env registry.Env) (core.Source, error) {
 				c := cfg
 				c.ListenAddr = env.Options.K8sServiceListenerAddr
@@ -57,19 +57,18 @@ func init() {
 	})
 }
 
-// Config configures a Source. Check has no zero default: its flag always
-// gives a value, and a zero interval given on the command line is an error.
+// Config configures a Source; a zero field means its default.
 type Config struct {
-	// Path is the kubeconfig file (--kubeconfig, whose default is
-	// DefaultKubeconfig). It may be empty only when NewClient is set and
-	// needs no file (tests with a fake cluster).
+	// Path is the kubeconfig file (--kubeconfig); empty means
+	// DefaultKubeconfig, or, when NewClient is set, no file at all (the
+	// client needs none: tests with a fake cluster).
 	Path string
 	// NewClient builds the client from the kubeconfig's content; nil means
 	// FromKubeconfig(Path).
 	NewClient ClientFactory
 	// Check is how often the file is checked for (re)appearing or
-	// changing, and the cluster's identity read (--kubeconfigCheckInterval,
-	// whose default is DefaultCheckInterval); it must be positive.
+	// changing, and the cluster's identity read (--kubeconfigCheckInterval);
+	// zero means DefaultCheckInterval, and it must not be negative.
 	Check time.Duration
 	// Resync is the informer's resync period; zero means none.
 	Resync time.Duration
@@ -90,11 +89,14 @@ type Source struct {
 func New(cfg Config) (*Source, error) {
 	if cfg.NewClient == nil {
 		if cfg.Path == "" {
-			return nil, errors.New("--kubeconfig is empty")
+			cfg.Path = DefaultKubeconfig
 		}
 		cfg.NewClient = FromKubeconfig(cfg.Path)
 	}
-	if cfg.Check <= 0 {
+	if cfg.Check == 0 {
+		cfg.Check = DefaultCheckInterval
+	}
+	if cfg.Check < 0 {
 		return nil, fmt.Errorf("--kubeconfigCheckInterval must be positive, got %s", cfg.Check)
 	}
 	if !cfg.ListenAddr.IsValid() {

@@ -45,8 +45,8 @@ func init() {
 		Summary: "mappings read from a JSON file, re-read when it changes",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
-			fs.StringVar(&cfg.File, "staticFile", DefaultFile, "JSON file of static mappings (see README)")
-			fs.DurationVar(&cfg.PollInterval, "staticPollInterval", DefaultPollInterval, "how often the static file is re-checked besides change notifications")
+			registry.NonEmptyStringVar(fs, &cfg.File, "staticFile", DefaultFile, "JSON file of static mappings (see README)")
+			registry.PositiveDurationVar(fs, &cfg.PollInterval, "staticPollInterval", DefaultPollInterval, "how often the static file is re-checked besides change notifications")
 			return func(env registry.Env) (core.Source, error) {
 				c := cfg
 				c.Log = env.Log
@@ -56,16 +56,14 @@ func init() {
 	})
 }
 
-// Config configures a Source. File and PollInterval have no zero default:
-// their flags always give a value, and an empty file name or a zero
-// interval given on the command line is an error.
+// Config configures a Source; a zero field means its default.
 type Config struct {
-	// File is the JSON file to read (--staticFile, whose default is
-	// DefaultFile); it must not be empty.
+	// File is the JSON file to read (--staticFile); empty means
+	// DefaultFile.
 	File string
 	// PollInterval is how often the file is read again besides change
-	// notifications (--staticPollInterval, whose default is
-	// DefaultPollInterval); it must be positive.
+	// notifications (--staticPollInterval); zero means
+	// DefaultPollInterval, and it must not be negative.
 	PollInterval time.Duration
 	// Log receives the source's log lines; nil discards them.
 	Log *zap.Logger
@@ -78,12 +76,15 @@ type Source struct {
 	log  *zap.Logger
 }
 
-// New checks cfg and returns a Source.
+// New fills cfg's defaults, checks it and returns a Source.
 func New(cfg Config) (*Source, error) {
 	if cfg.File == "" {
-		return nil, errors.New("--staticFile is empty")
+		cfg.File = DefaultFile
 	}
-	if cfg.PollInterval <= 0 {
+	if cfg.PollInterval == 0 {
+		cfg.PollInterval = DefaultPollInterval
+	}
+	if cfg.PollInterval < 0 {
 		return nil, fmt.Errorf("--staticPollInterval must be positive, got %s", cfg.PollInterval)
 	}
 	if cfg.Log == nil {

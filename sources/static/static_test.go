@@ -200,16 +200,14 @@ func newSource(t *testing.T, cfg static.Config) *static.Source {
 	return s
 }
 
-// TestNewRejectsAnEmptyFileOrANonPositiveInterval checks New's errors name
-// the flag and the value.
-func TestNewRejectsAnEmptyFileOrANonPositiveInterval(t *testing.T) {
+// TestNewRejectsANegativeInterval checks New's error names the flag and
+// the value.
+func TestNewRejectsANegativeInterval(t *testing.T) {
 	tests := []struct {
 		name    string
 		cfg     static.Config
 		wantErr string
 	}{
-		{"empty file", static.Config{PollInterval: time.Second}, "--staticFile is empty"},
-		{"zero interval", static.Config{File: "x.json"}, "--staticPollInterval must be positive, got 0s"},
 		{"negative interval", static.Config{File: "x.json", PollInterval: -time.Second}, "--staticPollInterval must be positive, got -1s"},
 	}
 	for _, tt := range tests {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 
+	"github.com/guestagent/guestagent/registry"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 )
@@ -26,12 +27,10 @@ type Options struct {
 	// DefaultIptables.
 	Iptables string
 	// Interface is the guest's interface toward the host
-	// (--<prefix>NATInterface, DefaultInterface on the command line).
-	// Required when Enabled.
+	// (--<prefix>NATInterface); empty for DefaultInterface.
 	Interface string
 	// GuestIP is the guest's IPv4 address toward the host, as text
-	// (--<prefix>NATGuestIP, DefaultGuestIP on the command line). Required
-	// when Enabled.
+	// (--<prefix>NATGuestIP); empty for DefaultGuestIP.
 	GuestIP string
 }
 
@@ -40,9 +39,9 @@ type Options struct {
 // --dockerNATInterface and --dockerNATGuestIP), and binds them into o.
 func BindFlags(fs *pflag.FlagSet, prefix string, o *Options) {
 	fs.BoolVar(&o.Enabled, prefix+"LoopbackNAT", true, "add NAT rules so forwarded traffic reaches ports published on 127.0.0.1")
-	fs.StringVar(&o.Iptables, prefix+"Iptables", DefaultIptables, "iptables command for the loopback NAT rules")
-	fs.StringVar(&o.Interface, prefix+"NATInterface", DefaultInterface, "interface toward the host, for the loopback NAT rules")
-	fs.StringVar(&o.GuestIP, prefix+"NATGuestIP", DefaultGuestIP, "this guest's address toward the host, for the loopback NAT rules")
+	registry.NonEmptyStringVar(fs, &o.Iptables, prefix+"Iptables", DefaultIptables, "iptables command for the loopback NAT rules")
+	registry.NonEmptyStringVar(fs, &o.Interface, prefix+"NATInterface", DefaultInterface, "interface toward the host, for the loopback NAT rules")
+	registry.NonEmptyStringVar(fs, &o.GuestIP, prefix+"NATGuestIP", DefaultGuestIP, "this guest's address toward the host, for the loopback NAT rules")
 }
 
 // Manager checks o and returns the Manager of owner's rules, with chain as
@@ -53,12 +52,15 @@ func (o Options) Manager(owner, chain string, log *zap.Logger) (*Manager, error)
 	if !o.Enabled {
 		return nil, nil
 	}
+	if o.Interface == "" {
+		o.Interface = DefaultInterface
+	}
+	if o.GuestIP == "" {
+		o.GuestIP = DefaultGuestIP
+	}
 	ip, err := netip.ParseAddr(o.GuestIP)
 	if err != nil || !ip.Is4() {
 		return nil, fmt.Errorf("--%sNATGuestIP %q is not an IPv4 address", owner, o.GuestIP)
-	}
-	if o.Interface == "" {
-		return nil, fmt.Errorf("--%sNATInterface is empty", owner)
 	}
 	m, err := New(Config{Owner: owner, Iptables: o.Iptables, Chain: chain, Interface: o.Interface, GuestIP: ip, Log: log})
 	if err != nil {
