@@ -48,15 +48,10 @@ func ourForwards(t testing.TB, url string) []string {
 	return out
 }
 
+// waitFor waits up to 15 s for cond.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testenv.Eventually(t, 15*time.Second, what, func() (bool, string) { return cond(), "not yet" })
 }
 
 // TestNetworkingModes runs the whole agent in each networking mode against
