@@ -1,6 +1,8 @@
 package containerd
 
 import (
+	"crypto/sha512"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -8,7 +10,6 @@ import (
 	"os"
 	"runtime"
 
-	cniutils "github.com/containernetworking/plugins/pkg/utils"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
@@ -44,13 +45,23 @@ func (s *Source) loopback(ns, id string, labels map[string]string, pid uint32, p
 	}
 	var out []loopbacknat.Binding
 	for _, n := range nets {
-		chain := cniutils.MustFormatChainNameWithPrefix(n, ns+"-"+id, "DN-")
+		chain := portmapChain(n, ns+"-"+id)
 		for _, p := range want {
 			out = append(out, loopbacknat.Binding{Protocol: p.Protocol, HostPort: p.HostPort,
 				Backend: netip.AddrPortFrom(ip, p.ContainerPort), Chain: chain})
 		}
 	}
 	return out
+}
+
+// portmapChain is the name of the DNAT chain that the CNI portmap plugin
+// makes for one container on one network: "CNI-DN-" and the hex SHA-512
+// of the network name followed by the container id, cut to iptables' 28
+// characters.
+func portmapChain(network, id string) string {
+	sum := sha512.Sum512([]byte(network + id))
+	const prefix = "CNI-DN-"
+	return (prefix + hex.EncodeToString(sum[:]))[:28]
 }
 
 // TaskIPv4 returns the first IPv4 address of interface iface inside the
