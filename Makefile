@@ -27,25 +27,50 @@ RUN_ARGS    ?=
 RUN_SOURCES := static$(if $(wildcard /var/run/docker.sock),$(comma)docker --dockerLoopbackNAT=false)
 comma       := ,
 
-.PHONY: help build run check test integration test-faults fuzz-short lint gofmt vet staticcheck engines fuzz bench clean
+.PHONY: help build plugin-list run check test integration test-faults fuzz-short lint gofmt vet staticcheck engines fuzz bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-build: ## build bin/guestagent
-	$(GO) build -trimpath -tags '$(BUILD_TAGS)' -ldflags '$(LDFLAGS)' -o $(BIN)/guestagent ./cmd/guestagent
+# PLUGINS, when set, builds an agent with only the plugins it names, as
+# package paths: PLUGINS="sources/docker sinks/stdout". The host-switch,
+# wsl-proxy and vtunnel sinks are always in (the networking modes name
+# them). Go initialises every package linked in, enabled or not, so an agent
+# built for one engine holds less memory. The list goes to Go as a file
+# added by -overlay (cmd/guestagent/plugins.go steps aside under the build
+# tag custom); the tree is not changed.
+PLUGINS     ?=
+ifneq ($(strip $(PLUGINS)),)
+PLUGIN_DIR  := $(BIN)/plugins
+GO_BUILD    = $(GO) build -trimpath -tags '$(BUILD_TAGS) custom' -overlay $(PLUGIN_DIR)/overlay.json -ldflags '$(LDFLAGS)'
+else
+GO_BUILD    = $(GO) build -trimpath -tags '$(BUILD_TAGS)' -ldflags '$(LDFLAGS)'
+endif
+
+build: $(if $(strip $(PLUGINS)),plugin-list) ## build bin/guestagent; PLUGINS="sources/docker ..." builds one with only those plugins
+	$(GO_BUILD) -o $(BIN)/guestagent ./cmd/guestagent
+
+.PHONY: plugin-list
+plugin-list: ## write the overlay that builds only $(PLUGINS) (used by build and dist)
+	@mkdir -p $(PLUGIN_DIR)
+	@{ printf '//go:build custom\n\npackage main\n\n// The plugins of this build: %s.\nimport (\n' '$(strip $(PLUGINS))'; \
+	  for p in $(PLUGINS); do \
+	    [ -d "$(CURDIR)/$$p" ] || { echo "PLUGINS: no plugin package $$p (want paths such as sources/docker)" >&2; exit 1; }; \
+	    printf '\t_ "github.com/guestagent/guestagent/%s"\n' "$$p"; \
+	  done; printf ')\n'; } > $(PLUGIN_DIR)/plugins_custom.go
+	@printf '{"Replace":{"%s":"%s"}}\n' "$(CURDIR)/cmd/guestagent/plugins_custom.go" "$(PLUGIN_DIR)/plugins_custom.go" > $(PLUGIN_DIR)/overlay.json
 
 # Release binaries: static (no cgo), for the distribution image's platforms.
 DIST           ?= $(CURDIR)/dist
 DIST_PLATFORMS := linux/amd64 linux/arm64
 
 .PHONY: dist
-dist: ## build static linux/amd64 and linux/arm64 binaries and their SHA256SUMS into dist/
+dist: $(if $(strip $(PLUGINS)),plugin-list) ## build static linux/amd64 and linux/arm64 binaries and their SHA256SUMS into dist/ (PLUGINS as for build)
 	@mkdir -p $(DIST)
 	@set -e; for p in $(DIST_PLATFORMS); do \
 		os=$${p%/*}; arch=$${p#*/}; \
 		echo "building $(DIST)/guestagent-$$os-$$arch"; \
-		CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -tags '$(BUILD_TAGS)' -ldflags '$(LDFLAGS)' \
+		CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO_BUILD) \
 			-o $(DIST)/guestagent-$$os-$$arch ./cmd/guestagent; \
 	done
 	cd $(DIST) && sha256sum $(foreach p,$(DIST_PLATFORMS),guestagent-$(subst /,-,$(p))) > SHA256SUMS

@@ -39,7 +39,7 @@ type config struct {
 	stateDir                string
 	tapIP                   string
 	enabled                 map[string]*bool // by plugin name
-	socketsGiven            bool             // --sockets was on the command line
+	given                   map[string]bool  // by plugin name: its enabling flag was on the command line
 	general, mode, enabling *pflag.FlagSet
 }
 
