@@ -189,6 +189,33 @@ func BenchmarkIdle(b *testing.B) {
 		b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
 		b.ReportMetric(float64(want), "forwards")
 	})
+	// The same configuration on an agent built with the Docker source alone
+	// (make build PLUGINS=sources/docker; the sinks the modes name are
+	// always in).
+	b.Run("docker-build", func(b *testing.B) {
+		custom := filepath.Join(dir, "custom")
+		mk := exec.Command("make", "--no-print-directory", "build", "BIN="+custom, "PLUGINS=sources/docker")
+		mk.Dir = filepath.Join("..", "..") // the module's root, from cmd/guestagent
+		if out, err := mk.CombinedOutput(); err != nil {
+			b.Fatalf("make build: %v\n%s", err, out)
+		}
+		cfi, err := os.Stat(filepath.Join(custom, "guestagent"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		bed.t = b
+		bed.agentBin = filepath.Join(custom, "guestagent")
+		defer func() { bed.agentBin = bin }()
+		cmd := bed.startDockerOnly()
+		defer func() {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			_ = cmd.Wait()
+		}()
+		want := bed.waitDockerOnly(cmd)
+		measureIdle(b, cmd.Process.Pid, bed.statusAddr, "docker-build")
+		b.ReportMetric(float64(cfi.Size())/(1<<20), "binary-MB")
+		b.ReportMetric(float64(want), "forwards")
+	})
 	b.Run("every-source", func(b *testing.B) {
 		bed.churn(false, true, true)
 		bed.churn(false, true, true)
