@@ -47,8 +47,10 @@ else
 GO_BUILD    = $(GO) build -trimpath -tags '$(BUILD_TAGS)' -ldflags '$(LDFLAGS)'
 endif
 
-build: $(if $(strip $(PLUGINS)),plugin-list) ## build bin/guestagent; PLUGINS="sources/docker ..." builds one with only those plugins
-	$(GO_BUILD) -o $(BIN)/guestagent ./cmd/guestagent
+# Static (no cgo), as make dist builds the release binaries: the agent uses
+# no C library, and a dynamic one would map libc as well.
+build: $(if $(strip $(PLUGINS)),plugin-list) ## build bin/guestagent, static; PLUGINS="sources/docker ..." builds one with only those plugins
+	CGO_ENABLED=0 $(GO_BUILD) -o $(BIN)/guestagent ./cmd/guestagent
 
 .PHONY: plugin-list
 plugin-list: ## write the overlay that builds only $(PLUGINS) (used by build and dist)

@@ -148,10 +148,12 @@ func BenchmarkBurst(b *testing.B) {
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-// BenchmarkIdle builds the agent as `make build` does and runs it at rest
-// against the real engines in two configurations, one after the other on
+// BenchmarkIdle builds the agent with `make build` and runs it at rest
+// against the real engines in three configurations, one after the other on
 // the same engines: "docker" (network-tunnel mode with the Docker source
-// alone, its containers running) and "every-source" (the fault suite's
+// alone, its containers running), "docker-build" (the same on an agent
+// built with the Docker source alone, make build PLUGINS=sources/docker)
+// and "every-source" (the fault suite's
 // configuration: Docker, containerd, Kubernetes, the NAT rule scan and the
 // sockets source, with containers and services in each engine). Once the
 // peers hold what the engines run, and 5 s more, it samples the agent's
@@ -164,9 +166,12 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 func BenchmarkIdle(b *testing.B) {
 	dir := b.TempDir()
 	bin := filepath.Join(dir, "guestagent")
-	build := exec.Command("go", "build", "-trimpath", "-tags", "grpcnotrace", "-ldflags", "-s -w", "-o", bin, ".")
+	// make build, as users build the agent (static, like the release
+	// binaries of make dist).
+	build := exec.Command("make", "--no-print-directory", "build", "BIN="+dir)
+	build.Dir = filepath.Join("..", "..") // the module's root, from cmd/guestagent
 	if out, err := build.CombinedOutput(); err != nil {
-		b.Fatalf("go build: %v\n%s", err, out)
+		b.Fatalf("make build: %v\n%s", err, out)
 	}
 	fi, err := os.Stat(bin)
 	if err != nil {
