@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -165,62 +166,56 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 // profile is written there (idle-NAME.heap, for go tool pprof).
 func BenchmarkIdle(b *testing.B) {
 	dir := b.TempDir()
-	bin := filepath.Join(dir, "guestagent")
 	// make build, as users build the agent (static, like the release
-	// binaries of make dist).
-	build := exec.Command("make", "--no-print-directory", "build", "BIN="+dir)
-	build.Dir = filepath.Join("..", "..") // the module's root, from cmd/guestagent
-	if out, err := build.CombinedOutput(); err != nil {
-		b.Fatalf("make build: %v\n%s", err, out)
-	}
-	fi, err := os.Stat(bin)
-	if err != nil {
-		b.Fatal(err)
-	}
-
-	bed := newFaultBed(b, 1)
-	bed.agentBin = bin
-	b.Run("docker", func(b *testing.B) {
-		bed.t = b
-		bed.churn(true, false, false)
-		bed.churn(true, false, false)
-		cmd := bed.startDockerOnly()
-		defer func() {
-			_ = cmd.Process.Signal(syscall.SIGTERM)
-			_ = cmd.Wait()
-		}()
-		want := bed.waitDockerOnly(cmd)
-		measureIdle(b, cmd.Process.Pid, bed.statusAddr, "docker")
-		b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
-		b.ReportMetric(float64(want), "forwards")
-	})
-	// The same configuration on an agent built with the Docker source alone
-	// (make build PLUGINS=sources/docker; the sinks the modes name are
-	// always in).
-	b.Run("docker-build", func(b *testing.B) {
-		custom := filepath.Join(dir, "custom")
-		mk := exec.Command("make", "--no-print-directory", "build", "BIN="+custom, "PLUGINS=sources/docker")
+	// binaries of make dist); plugins, when set, builds one with only those.
+	build := func(b *testing.B, out string, plugins ...string) (bin string, size int64) {
+		args := []string{"--no-print-directory", "build", "BIN=" + out}
+		if len(plugins) > 0 {
+			args = append(args, "PLUGINS="+strings.Join(plugins, " "))
+		}
+		mk := exec.Command("make", args...)
 		mk.Dir = filepath.Join("..", "..") // the module's root, from cmd/guestagent
 		if out, err := mk.CombinedOutput(); err != nil {
 			b.Fatalf("make build: %v\n%s", err, out)
 		}
-		cfi, err := os.Stat(filepath.Join(custom, "guestagent"))
+		bin = filepath.Join(out, "guestagent")
+		fi, err := os.Stat(bin)
 		if err != nil {
 			b.Fatal(err)
 		}
+		return bin, fi.Size()
+	}
+	bin, size := build(b, dir)
+
+	bed := newFaultBed(b, 1)
+	// dockerOnly measures the Docker-only configuration on the agent bin;
+	// the first call starts its containers.
+	var containers sync.Once
+	dockerOnly := func(b *testing.B, name, bin string, size int64) {
 		bed.t = b
-		bed.agentBin = filepath.Join(custom, "guestagent")
-		defer func() { bed.agentBin = bin }()
+		containers.Do(func() {
+			bed.churn(true, false, false)
+			bed.churn(true, false, false)
+		})
+		bed.agentBin = bin
 		cmd := bed.startDockerOnly()
 		defer func() {
 			_ = cmd.Process.Signal(syscall.SIGTERM)
 			_ = cmd.Wait()
 		}()
 		want := bed.waitDockerOnly(cmd)
-		measureIdle(b, cmd.Process.Pid, bed.statusAddr, "docker-build")
-		b.ReportMetric(float64(cfi.Size())/(1<<20), "binary-MB")
+		measureIdle(b, cmd.Process.Pid, bed.statusAddr, name)
+		b.ReportMetric(float64(size)/(1<<20), "binary-MB")
 		b.ReportMetric(float64(want), "forwards")
+	}
+	b.Run("docker", func(b *testing.B) { dockerOnly(b, "docker", bin, size) })
+	// The same configuration on an agent built with the Docker source alone
+	// (the sinks the modes name are always in).
+	b.Run("docker-build", func(b *testing.B) {
+		custom, csize := build(b, filepath.Join(dir, "custom"), "sources/docker")
+		dockerOnly(b, "docker-build", custom, csize)
 	})
+	bed.agentBin = bin
 	b.Run("every-source", func(b *testing.B) {
 		bed.churn(false, true, true)
 		bed.churn(false, true, true)
@@ -232,7 +227,7 @@ func BenchmarkIdle(b *testing.B) {
 			b.Fatalf("agent did not settle: %s", res)
 		}
 		measureIdle(b, bed.agent.Process.Pid, bed.statusAddr, "every-source")
-		b.ReportMetric(float64(fi.Size())/(1<<20), "binary-MB")
+		b.ReportMetric(float64(size)/(1<<20), "binary-MB")
 		b.ReportMetric(float64(len(bed.lastHostSwitch)), "forwards")
 	})
 }
