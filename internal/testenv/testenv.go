@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -89,6 +90,20 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() (b
 			t.Fatalf("after %s still waiting for %s: %s", timeout, what, detail)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// WantError fails t unless err matches want: nil when want is "",
+// otherwise an error whose text contains want.
+func WantError(t testing.TB, err error, want string) {
+	t.Helper()
+	switch {
+	case want == "" && err != nil:
+		t.Fatalf("rejected: %v", err)
+	case want != "" && err == nil:
+		t.Fatalf("accepted; want an error with %q", want)
+	case want != "" && !strings.Contains(err.Error(), want):
+		t.Fatalf("error %q does not say %q", err, want)
 	}
 }
 
