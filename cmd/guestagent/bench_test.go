@@ -166,26 +166,7 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 // profile is written there (idle-NAME.heap, for go tool pprof).
 func BenchmarkIdle(b *testing.B) {
 	dir := b.TempDir()
-	// make build, as users build the agent (static, like the release
-	// binaries of make dist); plugins, when set, builds one with only those.
-	build := func(b *testing.B, out string, plugins ...string) (bin string, size int64) {
-		args := []string{"--no-print-directory", "build", "BIN=" + out}
-		if len(plugins) > 0 {
-			args = append(args, "PLUGINS="+strings.Join(plugins, " "))
-		}
-		mk := exec.Command("make", args...)
-		mk.Dir = filepath.Join("..", "..") // the module's root, from cmd/guestagent
-		if out, err := mk.CombinedOutput(); err != nil {
-			b.Fatalf("make build: %v\n%s", err, out)
-		}
-		bin = filepath.Join(out, "guestagent")
-		fi, err := os.Stat(bin)
-		if err != nil {
-			b.Fatal(err)
-		}
-		return bin, fi.Size()
-	}
-	bin, size := build(b, dir)
+	bin, size := buildAgent(b, dir)
 
 	bed := newFaultBed(b, 1)
 	// dockerOnly measures the Docker-only configuration on the agent bin;
@@ -212,7 +193,7 @@ func BenchmarkIdle(b *testing.B) {
 	// The same configuration on an agent built with the Docker source alone
 	// (the sinks the modes name are always in).
 	b.Run("docker-build", func(b *testing.B) {
-		custom, csize := build(b, filepath.Join(dir, "custom"), "sources/docker")
+		custom, csize := buildAgent(b, filepath.Join(dir, "custom"), "sources/docker")
 		dockerOnly(b, "docker-build", custom, csize)
 	})
 	bed.agentBin = bin
@@ -230,6 +211,28 @@ func BenchmarkIdle(b *testing.B) {
 		b.ReportMetric(float64(size)/(1<<20), "binary-MB")
 		b.ReportMetric(float64(len(bed.lastHostSwitch)), "forwards")
 	})
+}
+
+// buildAgent builds the agent into dir with make build, as users build it
+// (static, like the release binaries of make dist); plugins, when given,
+// builds one with only those. It returns the binary and its size.
+func buildAgent(b *testing.B, dir string, plugins ...string) (bin string, size int64) {
+	b.Helper()
+	args := []string{"--no-print-directory", "build", "BIN=" + dir}
+	if len(plugins) > 0 {
+		args = append(args, "PLUGINS="+strings.Join(plugins, " "))
+	}
+	mk := exec.Command("make", args...)
+	mk.Dir = filepath.Join("..", "..") // the module's root, from cmd/guestagent
+	if out, err := mk.CombinedOutput(); err != nil {
+		b.Fatalf("make build: %v\n%s", err, out)
+	}
+	bin = filepath.Join(dir, "guestagent")
+	fi, err := os.Stat(bin)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return bin, fi.Size()
 }
 
 // startDockerOnly runs the agent in network-tunnel mode with the Docker

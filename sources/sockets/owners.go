@@ -30,10 +30,13 @@ type holder struct {
 }
 
 // findHolders scans proc (normally /proc) for the processes that hold a
-// descriptor of each inode in want. Inodes no process holds (kernel
-// sockets, a process in a PID namespace this one cannot see) are left out
-// of the result. Processes that go away or cannot be read are skipped.
-func findHolders(proc string, want map[uint32]bool) map[uint32][]holder {
+// descriptor of each inode in want, among those that keep says matter
+// (by pid and command name): only their descriptors are read, so a scan
+// costs one small read per process plus the descriptors of the few kept.
+// Inodes no kept process holds (kernel sockets, a process in a PID
+// namespace this one cannot see) are left out of the result. Processes
+// that go away or cannot be read are skipped.
+func findHolders(proc string, want map[uint32]bool, keep func(pid int, comm string) bool) map[uint32][]holder {
 	out := map[uint32][]holder{}
 	if len(want) == 0 {
 		return out
@@ -48,12 +51,15 @@ func findHolders(proc string, want map[uint32]bool) map[uint32][]holder {
 		if err != nil || pid <= 0 {
 			continue
 		}
+		comm := readComm(proc, e.Name())
+		if !keep(pid, comm) {
+			continue
+		}
 		fdDir := filepath.Join(proc, e.Name(), "fd")
 		fds, err := os.ReadDir(fdDir)
 		if err != nil {
 			continue
 		}
-		var comm string
 		for _, fd := range fds {
 			target, err := os.Readlink(filepath.Join(fdDir, fd.Name()))
 			if err != nil {
@@ -63,9 +69,6 @@ func findHolders(proc string, want map[uint32]bool) map[uint32][]holder {
 			ino, ok := socketInode(link)
 			if !ok || !want[ino] {
 				continue
-			}
-			if comm == "" {
-				comm = readComm(proc, e.Name())
 			}
 			out[ino] = appendHolder(out[ino], holder{pid, comm})
 		}
@@ -123,7 +126,10 @@ func (s *Source) judge(g *gate, ready []string) {
 			want[ino] = true
 		}
 	}
-	holders := findHolders("/proc", want)
+	// Only the agent's and the excluded commands' descriptors decide.
+	holders := findHolders("/proc", want, func(pid int, comm string) bool {
+		return pid == s.self || slices.Contains(s.cfg.ExcludeCommands, comm)
+	})
 	for _, id := range ready {
 		if why, ok := s.excludedOwner(g.inodes(id), holders); ok {
 			g.exclude(id)

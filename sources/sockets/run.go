@@ -150,7 +150,8 @@ func (s *Source) startWakeups() (*wakeups, string, error) {
 			zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
 		return nil, poll + " (eBPF wake-ups off)", nil
 	}
-	w, err := loadWakeups()
+	f, filtered := s.wakeFilter()
+	w, err := loadWakeups(f)
 	if err != nil {
 		if s.cfg.Wakeups == WakeupsEBPF {
 			return nil, "", fmt.Errorf("eBPF wake-ups (--socketsWakeups=%s): %w", WakeupsEBPF, err)
@@ -160,8 +161,30 @@ func (s *Source) startWakeups() (*wakeups, string, error) {
 		return nil, fmt.Sprintf("%s (eBPF wake-ups unavailable: %v)", poll, err), nil
 	}
 	s.log.Info("reading sockets by sock_diag dumps that eBPF wake-ups trigger when a TCP listener opens or closes, and every interval (UDP sockets, and as a safety net)",
-		zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
-	return w, fmt.Sprintf("sock_diag dump on eBPF wake-ups (TCP listeners, %s tracepoint) and every %s", tracepoint, s.cfg.Interval), nil
+		zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle), zap.String("wake_ups_from", filtered))
+	return w, fmt.Sprintf("sock_diag dump on eBPF wake-ups (TCP listeners of %s, %s tracepoint) and every %s", filtered, tracepoint, s.cfg.Interval), nil
+}
+
+// wakeFilter is what the eBPF program leaves out: the listeners of other
+// network namespaces, where the kernel's BTF says how to tell them, and
+// those of ExcludeCommands. It says in words whose listeners wake a dump.
+func (s *Source) wakeFilter() (wakeFilter, string) {
+	var f wakeFilter
+	for _, c := range s.cfg.ExcludeCommands {
+		if len(c) <= 15 { // longer names never match a task's (15-byte) one
+			f.comms = append(f.comms, c)
+		}
+	}
+	ino, err := netnsInode(s.cfg.Netns)
+	if err == nil {
+		f.sockNet, f.netInum, err = kernelOffsets()
+	}
+	if err != nil {
+		s.log.Info("eBPF wake-ups cannot tell network namespaces apart; a listener in any of them wakes a dump", zap.Error(err))
+		return f, "every network namespace"
+	}
+	f.netns = ino
+	return f, "this network namespace"
 }
 
 // describe tells the router how the source watches, when it can listen.

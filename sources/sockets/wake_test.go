@@ -17,7 +17,7 @@ import (
 // does, including being accepted from a listener.
 func TestWakeProgramFilter(t *testing.T) {
 	testenv.Integration(t) // loading the program needs root or CAP_BPF
-	w, err := newWakeups()
+	w, err := newWakeups(wakeFilter{})
 	if err != nil {
 		t.Fatalf("loading the eBPF program: %v", err)
 	}
@@ -49,3 +49,4 @@ func TestWakeProgramFilter(t *testing.T) {
 		}
 	}
 }
+

@@ -101,6 +101,7 @@ type Manager struct {
 
 	mu     sync.Mutex
 	owners map[string][]Binding // mu
+	refs   map[string]int       // mu: rule (String) -> owners whose bindings have it
 
 	// The queue of Queue: the latest request of each waiting owner, in
 	// the order the owners first asked.
@@ -134,7 +135,7 @@ func New(cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loopback NAT rules need iptables: %w", err)
 	}
-	return &Manager{cfg: cfg, comment: OwnerComment(cfg.Owner), ipt: ipt, log: cfg.Log, owners: map[string][]Binding{},
+	return &Manager{cfg: cfg, comment: OwnerComment(cfg.Owner), ipt: ipt, log: cfg.Log, owners: map[string][]Binding{}, refs: map[string]int{},
 		pending: map[string][]Binding{}, wake: make(chan struct{}, 1)}, nil
 }
 
@@ -185,16 +186,43 @@ func (m *Manager) Set(owner string, bs []Binding) error {
 }
 
 func (m *Manager) set(owner string, bs []Binding) error {
+	return m.setKnown(owner, bs, nil)
+}
+
+// setKnown is set when the rules in present (by String) are known to be
+// in the table and every other rule is known to be missing unless an
+// owner holds it, as Sync knows after listing the chains. With present
+// nil, the manager's own record of its owners says what is there.
+//
+// Each rule costs one iptables run at most: an append of a rule no owner
+// held, or a delete, once the last owner lets it go, whose "no such rule"
+// answer means it is gone already; a binding the owner keeps, or one
+// another owner holds too, costs nothing. iptables reads the whole nat
+// table on every run, so a check (-C) before each append or delete would
+// double what every container's start and stop costs.
+func (m *Manager) setKnown(owner string, bs []Binding, present map[string]bool) error {
 	bs = slices.DeleteFunc(slices.Clone(bs), func(b Binding) bool { return !Valid(b) })
 	old := m.owners[owner]
 	var errs []error
 	for _, b := range old {
-		if !slices.Contains(bs, b) {
-			errs = append(errs, m.apply(b, false)...)
+		if slices.Contains(bs, b) {
+			continue
+		}
+		for _, r := range m.rules(b) {
+			if m.release(r.String()) {
+				errs = append(errs, m.apply(r, false)...)
+			}
 		}
 	}
 	for _, b := range bs {
-		errs = append(errs, m.apply(b, true)...)
+		if slices.Contains(old, b) {
+			continue
+		}
+		for _, r := range m.rules(b) {
+			if m.hold(r.String()) && !present[r.String()] {
+				errs = append(errs, m.apply(r, true)...)
+			}
+		}
 	}
 	if len(bs) == 0 {
 		delete(m.owners, owner)
@@ -207,22 +235,36 @@ func (m *Manager) set(owner string, bs []Binding) error {
 	return nil
 }
 
-func (m *Manager) apply(b Binding, add bool) []error {
-	var errs []error
-	for _, r := range m.rules(b) {
-		var err error
-		if add {
-			err = m.ipt.AppendUnique("nat", r.chain, r.spec...)
-		} else {
-			err = m.ipt.DeleteIfExists("nat", r.chain, r.spec...)
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", r, err))
-		} else {
-			m.log.Debug("loopback NAT rule", zap.Bool("add", add), zap.Stringer("rule", r))
-		}
+// hold counts one more owner of rule and reports whether it is the first.
+func (m *Manager) hold(rule string) bool {
+	m.refs[rule]++
+	return m.refs[rule] == 1
+}
+
+// release counts one owner of rule less and reports whether it was the
+// last.
+func (m *Manager) release(rule string) bool {
+	m.refs[rule]--
+	if m.refs[rule] > 0 {
+		return false
 	}
-	return errs
+	delete(m.refs, rule)
+	return true
+}
+
+// apply appends r or deletes it.
+func (m *Manager) apply(r rule, add bool) []error {
+	var err error
+	if add {
+		err = m.ipt.Append("nat", r.chain, r.spec...)
+	} else if err = m.ipt.Delete("nat", r.chain, r.spec...); isNotExist(err) {
+		err = nil // gone already (an engine that restarted flushed its chain)
+	}
+	if err != nil {
+		return []error{fmt.Errorf("%s: %w", r, err)}
+	}
+	m.log.Debug("loopback NAT rule", zap.Bool("add", add), zap.Stringer("rule", r))
+	return nil
 }
 
 // Remove deletes owner's rules.
@@ -266,6 +308,7 @@ func (m *Manager) Sync(all map[string][]Binding) error {
 		}
 	}
 	var errs []error
+	present := map[string]bool{} // wanted rules the table has
 	for _, chain := range chains {
 		listed, err := m.ipt.List("nat", chain)
 		if err != nil {
@@ -274,7 +317,11 @@ func (m *Manager) Sync(all map[string][]Binding) error {
 		}
 		for _, line := range listed {
 			f := fields(line)
-			if len(f) < 3 || f[0] != "-A" || want[strings.Join(f, " ")] {
+			if len(f) < 3 || f[0] != "-A" {
+				continue
+			}
+			if rule := strings.Join(f, " "); want[rule] {
+				present[rule] = true
 				continue
 			}
 			if c, _ := commentOf(f); c != m.comment && c != CommentPrefix {
@@ -287,18 +334,50 @@ func (m *Manager) Sync(all map[string][]Binding) error {
 			}
 		}
 	}
-	for owner := range m.owners {
-		if _, ok := all[owner]; !ok {
-			delete(m.owners, owner)
-		}
+	if len(errs) > 0 {
+		// A chain could not be listed: what it has is not known, so
+		// every wanted rule is checked before it is added.
+		present = nil
 	}
+	// The rules were just reconciled: the owners are counted afresh.
+	clear(m.owners)
+	clear(m.refs)
 	for owner, bs := range all {
-		m.owners[owner] = nil // rules were just reconciled; re-add all
-		if err := m.set(owner, bs); err != nil {
+		var err error
+		if present != nil {
+			err = m.setKnown(owner, bs, present)
+		} else {
+			err = m.setUnknown(owner, bs)
+		}
+		if err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// setUnknown makes owner's rules those of bs, checking each rule of bs
+// before it is added (the table's content is not known).
+func (m *Manager) setUnknown(owner string, bs []Binding) error {
+	bs = slices.DeleteFunc(slices.Clone(bs), func(b Binding) bool { return !Valid(b) })
+	var errs []error
+	for _, b := range bs {
+		for _, r := range m.rules(b) {
+			if !m.hold(r.String()) {
+				continue
+			}
+			if err := m.ipt.AppendUnique("nat", r.chain, r.spec...); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", r, err))
+			}
+		}
+	}
+	if len(bs) > 0 {
+		m.owners[owner] = bs
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("loopback NAT rules for %s: %w", owner, err)
+	}
+	return nil
 }
 
 func isNotExist(err error) bool {

@@ -2,6 +2,9 @@ package loopbacknat_test
 
 import (
 	"context"
+	"fmt"
+	"os"
+	"path/filepath"
 	"net/netip"
 	"slices"
 	"strings"
@@ -343,5 +346,79 @@ func TestOptionsFromFlags(t *testing.T) {
 	}
 	if m, err := o.Manager("docker", "DOCKER", nil); m != nil || err != nil {
 		t.Errorf("rules off: manager %v, error %v; want neither", m, err)
+	}
+}
+
+// TestEachRuleCostsOneRun counts the iptables runs (through a wrapper that
+// logs each one): a binding's three rules cost one run each to add and
+// one each to delete, setting an owner's bindings again costs none, and a
+// rule two owners share is written once and deleted only when the last of
+// them lets it go.
+func TestEachRuleCostsOneRun(t *testing.T) {
+	ns := testenv.Netns(t)
+	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-N", "DOCKER")
+	dir := t.TempDir()
+	wrapper, err := testenv.IptablesWrapper(dir, ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runs := filepath.Join(dir, "runs")
+	counting := filepath.Join(dir, "iptables-counting")
+	script := fmt.Sprintf("#!/bin/sh\necho \"$*\" >> %s\nexec %s \"$@\"\n", runs, wrapper)
+	if err := os.WriteFile(counting, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: counting, Chain: "DOCKER", Interface: "eth0", GuestIP: guest})
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := func() int {
+		data, err := os.ReadFile(runs)
+		if os.IsNotExist(err) {
+			return 0
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := strings.Count(string(data), "\n")
+		if err := os.Remove(runs); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	count() // New's own check that iptables runs
+	for _, step := range []struct {
+		what  string
+		do    func() error
+		runs  int
+		rules int
+	}{
+		{"c1 publishes 8081", func() error { return m.Set("c1", []loopbacknat.Binding{b8081}) }, 3, 3},
+		{"c1 again, unchanged", func() error { return m.Set("c1", []loopbacknat.Binding{b8081}) }, 0, 3},
+		{"c2 publishes the same", func() error { return m.Set("c2", []loopbacknat.Binding{b8081}) }, 0, 3},
+		{"c1 goes", func() error { return m.Remove("c1") }, 0, 3},
+		{"c2 goes", func() error { return m.Remove("c2") }, 3, 0},
+		{"c2 goes again", func() error { return m.Remove("c2") }, 0, 0},
+	} {
+		if err := step.do(); err != nil {
+			t.Fatalf("%s: %v", step.what, err)
+		}
+		if n := count(); n != step.runs {
+			t.Errorf("%s: %d iptables runs, want %d", step.what, n, step.runs)
+		}
+		if got := ours(testenv.NatRules(t, ns), ""); len(got) != step.rules {
+			t.Errorf("%s: rules %v, want %d of them", step.what, got, step.rules)
+		}
+	}
+	// A rule someone else deleted is no error to delete again.
+	if err := m.Set("c3", []loopbacknat.Binding{b8081}); err != nil {
+		t.Fatal(err)
+	}
+	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-F", "DOCKER")
+	if err := m.Remove("c3"); err != nil {
+		t.Errorf("removing rules an engine flushed: %v", err)
+	}
+	if got := ours(testenv.NatRules(t, ns), ""); len(got) != 0 {
+		t.Errorf("rules left: %v", got)
 	}
 }
