@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -37,9 +38,11 @@ const (
 // default (so the sockets source runs too, with its eBPF wake-ups where
 // the kernel allows them, and the host-switch probe and list), against the
 // real dockerd (with its userland proxy, docker-proxy, as it runs by
-// default) and the real gvproxy. The agent runs in the machine's own
-// namespace and reads dockerd's (--socketsNetns, --dockerIptables), as a
-// test must keep dockerd out of the machine's tables. In turn it measures:
+// default) and the real gvproxy. The agent runs inside dockerd's network
+// namespace, as it runs in the guest with dockerd beside it (its sockets,
+// its iptables), and reaches gvproxy's forwarder API at a loopback port
+// there, forwarded by the benchmark to gvproxy's unix socket. In turn it
+// measures:
 //
 //   - idle-0: at rest with no container, over cpuIdleWindow, once the
 //     agent has listed its sockets and host-switch and cpuSettle has passed;
@@ -52,7 +55,9 @@ const (
 //     docker CLIs at a time), from the first docker run until gvproxy
 //     lists every forward and cpuSettle more; CPU per container;
 //   - stop: every container removed at once (docker rm -f), until gvproxy
-//     lists none of them and cpuSettle more; CPU per container.
+//     lists none of them (or the same ones for cpuSettle: forwards-left
+//     says how many an agent left behind) and cpuSettle more; CPU per
+//     container.
 //
 // CPU time is the agent's user and system time, its threads' sum from
 // /proc/<pid>/task/*/schedstat (nanoseconds), plus that of the child
@@ -60,7 +65,12 @@ const (
 // cstime, in ticks). Only this benchmark's load runs on the engines. With
 // GUESTAGENT_PROFILE_DIR set, a CPU profile of each phase is written there
 // instead (cpu-PHASE.pprof): the profiler's own cost then inflates the
-// figures, so they are not for comparison.
+// figures, so they are not for comparison. GUESTAGENT_CPU_ARGS adds
+// arguments to the agent's command line and GUESTAGENT_CPU_IDLE_ONLY
+// stops after idle-0, to tell which part costs what at rest.
+// GUESTAGENT_REFERENCE names the desktop app's own agent, which then runs
+// the same phases on the same engines after this one (see
+// referenceCommand).
 func BenchmarkCPU(b *testing.B) {
 	testenv.Integration(b)
 	dir := b.TempDir()
@@ -73,28 +83,26 @@ func BenchmarkCPU(b *testing.B) {
 		testenv.Missing(b, "dockerd ("+err.Error()+")")
 	}
 	defer docker.Close()
-	iptables, err := testenv.IptablesWrapper(dir, docker.Netns)
-	if err != nil {
-		b.Fatal(err)
-	}
 	gv := gvproxytest.Start(b)
 	statusAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(b))
 	profiles := os.Getenv("GUESTAGENT_PROFILE_DIR")
 
+	// The forwarder API inside dockerd's namespace, where the agents run.
+	api := forwardInNetns(b, docker.Netns, gv.Socket())
 	b.Run("guestagent", func(b *testing.B) {
 		for b.Loop() {
 			args := []string{
-				"--adminInstall", "--docker",
-				"--dockerHost=" + docker.Host, "--dockerIptables=" + iptables,
-				"--socketsNetns=/var/run/netns/" + docker.Netns,
-				"--hostSwitchURL=" + gv.URL(),
+				"--adminInstall", "--docker", "--dockerHost=" + docker.Host,
+				"--hostSwitchURL=http://" + api,
 				"--stateDir=" + filepath.Join(dir, "state"), "--controlSocket=" + filepath.Join(dir, "ctl.sock"),
 			}
 			if profiles != "" {
 				args = append(args, "--statusAddr="+statusAddr, "--pprof")
 			}
+			args = append(args, strings.Fields(os.Getenv("GUESTAGENT_CPU_ARGS"))...)
 			c := &cpuRun{b: b, docker: docker, gv: gv, profiles: profiles, statusAddr: statusAddr}
-			c.start(exec.Command(bin, args...), filepath.Join(dir, "agent-cpu.log"))
+			argv := testenv.InNetns(docker.Netns, append([]string{bin}, args...)...)
+			c.start(exec.Command(argv[0], argv[1:]...), filepath.Join(dir, "agent-cpu.log"))
 			c.waitLog("sockets listed")
 			c.measure()
 		}
@@ -103,7 +111,7 @@ func BenchmarkCPU(b *testing.B) {
 		b.Run("reference", func(b *testing.B) {
 			for b.Loop() {
 				c := &cpuRun{b: b, docker: docker, gv: gv}
-				c.start(referenceCommand(b, dir, ref, docker, gv), filepath.Join(dir, "reference-cpu.log"))
+				c.start(referenceCommand(b, dir, ref, docker, api), filepath.Join(dir, "reference-cpu.log"))
 				// It logs nothing when it is ready: it first looks for
 				// dockerd's socket 5 s after start.
 				c.waitLog("Starting Rancher Desktop Agent")
@@ -122,13 +130,12 @@ func BenchmarkCPU(b *testing.B) {
 // peer (it looks for both at fixed paths). Its forwarder API requests go
 // to a fixed host name, through the proxy of HTTP_PROXY: a forwarder to
 // gvproxy's socket, listening on 127.0.0.1 inside the namespace.
-func referenceCommand(b *testing.B, dir, ref string, docker *dockerdtest.Dockerd, gv *gvproxytest.Gvproxy) *exec.Cmd {
+func referenceCommand(b *testing.B, dir, ref string, docker *dockerdtest.Dockerd, api string) *exec.Cmd {
 	wsl := &wslproxytest.Peer{Path: filepath.Join(dir, "ref-wsl-proxy.sock"), RecordOnly: true}
 	if err := wsl.Start(); err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(wsl.Stop)
-	api := forwardInNetns(b, docker.Netns, gv.Socket())
 	sock := strings.TrimPrefix(docker.Host, "unix://")
 	script := fmt.Sprintf("mount -t tmpfs tmpfs /run && ln -s %s /run/docker.sock && ln -s %s /run/wsl-proxy.sock && exec env HTTP_PROXY=http://%s DOCKER_HOST=%s %s -docker -adminInstall",
 		sock, wsl.Path, api, docker.Host, ref)
@@ -218,15 +225,24 @@ func (c *cpuRun) start(cmd *exec.Cmd, log string) {
 // measure runs the phases (see BenchmarkCPU) and stops the agent.
 func (c *cpuRun) measure() {
 	b := c.b
+	defer func() {
+		_ = c.cmd.Process.Signal(syscall.SIGTERM)
+		_ = c.cmd.Wait()
+		c.cmd = nil
+	}()
 	time.Sleep(cpuSettle)
 	c.phase("idle-0", func() int { time.Sleep(cpuIdleWindow); return 0 }, "idle-0-cpu-%", cpuIdleWindow)
+	if os.Getenv("GUESTAGENT_CPU_IDLE_ONLY") != "" {
+		return
+	}
 	var names []string
+	left := 0 // forwards still on gvproxy after the stop
 	c.phase("sequential", func() int {
 		for range cpuSequential {
 			i := len(names)
 			c.run(i)
 			names = append(names, cpuName(i))
-			c.waitForwards(map[string]bool{cpuForward(i): true}, true)
+			c.waitForwards(map[string]bool{cpuForward(i): true})
 		}
 		return cpuSequential
 	}, "sequential-cpu-ms/start", 0)
@@ -245,7 +261,7 @@ func (c *cpuRun) measure() {
 		for _, i := range batch {
 			names = append(names, cpuName(i))
 		}
-		c.waitForwards(want, true)
+		c.waitForwards(want)
 		time.Sleep(cpuSettle)
 		return cpuBurst
 	}, "burst-cpu-ms/start", 0)
@@ -253,13 +269,11 @@ func (c *cpuRun) measure() {
 		if err := c.docker.RemoveAll(names); err != nil {
 			b.Fatal(err)
 		}
-		c.waitForwards(nil, false)
+		left = c.waitGone()
 		time.Sleep(cpuSettle)
 		return len(names)
 	}, "stop-cpu-ms/container", 0)
-	_ = c.cmd.Process.Signal(syscall.SIGTERM)
-	_ = c.cmd.Wait()
-	c.cmd = nil
+	b.ReportMetric(float64(left), "forwards-left")
 }
 
 // cpuRun is one agent measured by BenchmarkCPU.
@@ -302,9 +316,8 @@ func (c *cpuRun) waitLog(line string) {
 	})
 }
 
-// waitForwards waits until every forward of want is on gvproxy (present)
-// or, with present false, until none of the agent's is.
-func (c *cpuRun) waitForwards(want map[string]bool, present bool) {
+// waitForwards waits until every forward of want is on gvproxy.
+func (c *cpuRun) waitForwards(want map[string]bool) {
 	deadline := time.Now().Add(10 * time.Minute)
 	for {
 		got := ourForwards(c.b, c.gv.URL())
@@ -314,12 +327,32 @@ func (c *cpuRun) waitForwards(want map[string]bool, present bool) {
 				n++
 			}
 		}
-		if (present && n == len(want)) || (!present && len(got) == 0) {
+		if n == len(want) {
 			return
 		}
 		if time.Now().After(deadline) {
 			out, _ := os.ReadFile(c.log)
-			c.b.Fatalf("gvproxy lists %v after 10 minutes, want %v (present %v)\n%s", got, want, present, out)
+			c.b.Fatalf("gvproxy lists %v after 10 minutes, want %v\n%s", got, want, out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// waitGone waits until gvproxy lists none of the agent's forwards, or the
+// same ones for cpuSettle (an agent that leaves some behind), and
+// returns how many are left.
+func (c *cpuRun) waitGone() int {
+	deadline := time.Now().Add(10 * time.Minute)
+	last, since := []string(nil), time.Now()
+	for {
+		got := ourForwards(c.b, c.gv.URL())
+		if len(got) == 0 || time.Now().After(deadline) {
+			return len(got)
+		}
+		if !slices.Equal(got, last) {
+			last, since = got, time.Now()
+		} else if time.Since(since) >= cpuSettle {
+			return len(got)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -338,15 +371,17 @@ func (c *cpuRun) phase(name string, do func() int, unit string, window time.Dura
 		}
 		return
 	}
-	before := agentCPU(c.b, c.cmd.Process.Pid)
+	own0, children0 := agentCPU(c.b, c.cmd.Process.Pid)
 	start := time.Now()
 	n := do()
-	used := agentCPU(c.b, c.cmd.Process.Pid) - before
+	own, children := agentCPU(c.b, c.cmd.Process.Pid)
+	own, children = own-own0, children-children0
 	if window > 0 {
-		c.b.ReportMetric(100*used.Seconds()/time.Since(start).Seconds(), unit)
+		c.b.ReportMetric(100*(own+children).Seconds()/time.Since(start).Seconds(), unit)
 		return
 	}
-	c.b.ReportMetric(float64(used)/float64(time.Millisecond)/float64(n), unit)
+	c.b.ReportMetric(float64(own+children)/float64(time.Millisecond)/float64(n), unit)
+	c.b.ReportMetric(float64(children)/float64(time.Millisecond)/float64(n), name+"-children-cpu-ms")
 	c.b.ReportMetric(time.Since(start).Seconds(), name+"-s")
 }
 
@@ -370,9 +405,9 @@ func (c *cpuRun) profile(name string, window time.Duration) error {
 	return err
 }
 
-// agentCPU returns the CPU time of pid's threads and of its waited-for
-// children.
-func agentCPU(b *testing.B, pid int) time.Duration {
+// agentCPU returns the CPU time of pid's threads and that of its
+// waited-for children.
+func agentCPU(b *testing.B, pid int) (own, children time.Duration) {
 	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
 	if err != nil || len(tasks) == 0 {
 		b.Fatalf("no threads of %d: %v", pid, err)
@@ -399,5 +434,5 @@ func agentCPU(b *testing.B, pid int) time.Duration {
 	if err1 != nil || err2 != nil {
 		b.Fatalf("unexpected child CPU times in /proc/%d/stat: %q %q", pid, f[13], f[14])
 	}
-	return sum + time.Duration(cu+cs)*time.Second/userHZ
+	return sum, time.Duration(cu+cs) * time.Second / userHZ
 }

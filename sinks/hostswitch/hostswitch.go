@@ -48,7 +48,7 @@ func init() {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.BaseURL, "hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")
 			registry.NonEmptyStringVar(fs, &cfg.GuestIP, "hostSwitchGuestIP", DefaultGuestIP, "this guest's address on the virtual network: the remote end of every forward")
-			fs.DurationVar(&cfg.ProbeInterval, "hostSwitchProbeInterval", DefaultProbeInterval, "how often one small request on a connection kept open checks that host-switch is up and has not restarted; when it answers again or on a new connection (it restarted), its forwards are listed and restored at once (0 disables; at most 5s)")
+			fs.DurationVar(&cfg.ProbeInterval, "hostSwitchProbeInterval", DefaultProbeInterval, "how often one small request on a connection kept open checks that host-switch is up and has not restarted (at once when that connection breaks, every 200ms while host-switch does not answer); when it answers again or on a new connection (it restarted), its forwards are listed and restored at once (0 disables; at most 5s)")
 			fs.DurationVar(&cfg.CheckInterval, "hostSwitchCheckInterval", DefaultCheckInterval, "how often the whole list of forwards is read, to restore forwards someone removed and take up ports others released; not while the probe has no answer from host-switch (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
 				c := cfg
@@ -253,24 +253,28 @@ func parseLocal(f Forward) (core.Port, bool) {
 	return core.Port{Protocol: proto, HostIP: ip.Unmap(), HostPort: uint16(port)}, true
 }
 
-// WatchPeer probes host-switch every ProbeInterval and asks the router to
-// reconcile (one list of the forwards) when it answers again after failing
-// or answers on a new connection: it restarted and lost the forwards this
-// agent made. Every CheckInterval it asks for a reconcile too, so that
+// WatchPeer probes host-switch every ProbeInterval (and at once when the
+// probe's kept connection breaks; every downProbeInterval while it does
+// not answer) and asks the router to reconcile (one list of the forwards)
+// when it answers again after failing or answers on a new connection: it
+// restarted and lost the forwards this agent made. Every CheckInterval it asks for a reconcile too, so that
 // forwards someone else removed come back and ports others release are
 // taken up; while the probe has no answer from host-switch it does not
 // (the router retries on its own then, and the probe says when it is
 // back).
 func (s *Sink) WatchPeer(ctx context.Context, check func()) {
-	var probe, full <-chan time.Time
+	var probe <-chan time.Time
+	var probeTimer *time.Timer
 	if s.probeEvery > 0 {
-		t := time.NewTicker(s.probeEvery)
-		defer t.Stop()
-		probe = t.C
+		probeTimer = time.NewTimer(s.probeEvery)
+		defer probeTimer.Stop()
+		probe = probeTimer.C
 		// The first answer is what later ones are told from: get it
 		// now, before the router's first adds.
 		s.probe(ctx, check)
+		probeTimer.Reset(s.nextProbe())
 	}
+	var full <-chan time.Time
 	if s.every > 0 {
 		t := time.NewTicker(s.every)
 		defer t.Stop()
@@ -278,6 +282,10 @@ func (s *Sink) WatchPeer(ctx context.Context, check func()) {
 	}
 	if probe == nil && full == nil {
 		return
+	}
+	var lost <-chan struct{}
+	if probe != nil {
+		lost = s.prober.lost
 	}
 	for {
 		select {
@@ -287,10 +295,30 @@ func (s *Sink) WatchPeer(ctx context.Context, check func()) {
 			if probe == nil || s.prober.up() {
 				check()
 			}
+			continue
 		case <-probe:
-			s.probe(ctx, check)
+		case <-lost:
+			s.log.Debug("the probe's connection to host-switch broke; probing now")
 		}
+		s.probe(ctx, check)
+		if !probeTimer.Stop() {
+			select {
+			case <-probeTimer.C:
+			default:
+			}
+		}
+		probeTimer.Reset(s.nextProbe())
 	}
+}
+
+// nextProbe is the time until the next probe: ProbeInterval while
+// host-switch answers, downProbeInterval (at most ProbeInterval) while it
+// does not.
+func (s *Sink) nextProbe() time.Duration {
+	if s.prober.up() {
+		return s.probeEvery
+	}
+	return min(s.probeEvery, downProbeInterval)
 }
 
 // probe probes host-switch once and asks for a check when it restarted or

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"sync/atomic"
@@ -18,15 +19,34 @@ import (
 // old connection (on the virtual network its first packet is answered with
 // a reset; on a local socket the kill closed it), so the answer comes on a
 // new connection, or, while host-switch is down, none comes at all.
+//
+// Between probes the agent does nothing: the kept connection tells of a
+// restart by itself. The kernel closes it when host-switch's process ends
+// on this machine, and on the virtual network its TCP keep-alive (sent by
+// the kernel every keepAliveIdle, with no work in the agent) draws a reset
+// from a restarted host-switch, or times out while none answers. Either
+// way the read that net/http keeps waiting on an idle connection fails,
+// and the probe runs at once instead of at its next tick. While host-switch
+// does not answer, the probe runs every downProbeInterval.
 const (
-	// DefaultProbeInterval is how often the probe asks by default.
-	DefaultProbeInterval = 500 * time.Millisecond
+	// DefaultProbeInterval is how often the probe asks by default: often
+	// enough that gvproxy never closes the probe's connection as idle.
+	DefaultProbeInterval = 5 * time.Second
 	// MaxProbeInterval bounds the probe interval: gvproxy closes
 	// connections idle for its read timeout (10 s), and the probe's must
 	// only ever be replaced by a restart.
 	MaxProbeInterval = 5 * time.Second
 	// DefaultCheckInterval is how often the whole list is read by default.
 	DefaultCheckInterval = 5 * time.Second
+	// downProbeInterval is how often the probe asks while host-switch
+	// does not answer (at most ProbeInterval), so that its return is
+	// noticed soon.
+	downProbeInterval = 200 * time.Millisecond
+	// keepAliveIdle is the idle time before the kernel's first TCP
+	// keep-alive on the probe's connection, and the time between two;
+	// keepAliveCount unanswered ones end it.
+	keepAliveIdle  = time.Second
+	keepAliveCount = 2
 	// minProbeTimeout and maxProbeTimeout bound the time one probe may
 	// take, which is its interval otherwise: a working host-switch
 	// answers in a millisecond, and a probe that outlives its interval
@@ -59,23 +79,65 @@ type prober struct {
 	url      string
 	timeout  time.Duration
 	client   *http.Client
-	answered bool // a probe was answered before
-	down     bool // the last probe failed
+	answered bool          // a probe was answered before
+	down     bool          // the last probe failed
+	lost     chan struct{} // the kept connection failed while the agent did not close it
 }
 
 // up reports whether the last probe was answered.
 func (p *prober) up() bool { return p.answered && !p.down }
 
 func newProber(base string, timeout time.Duration, dial dialFunc) *prober {
+	p := &prober{url: base + exposePath, timeout: timeout, lost: make(chan struct{}, 1)}
 	tr := &http.Transport{
 		Proxy:               nil,
-		DialContext:         dial,
+		DialContext:         p.watched(dial),
 		MaxIdleConns:        1,
 		MaxIdleConnsPerHost: 1,
 		IdleConnTimeout:     0, // kept until it breaks: its loss is the signal
 		DisableCompression:  true,
 	}
-	return &prober{url: base + exposePath, timeout: timeout, client: &http.Client{Transport: tr}}
+	p.client = &http.Client{Transport: tr}
+	return p
+}
+
+// watched wraps dial: the connections it makes have the kernel's TCP
+// keep-alive on, and a read that fails on one (net/http keeps a read
+// waiting on an idle connection) signals lost, unless the agent closed it.
+func (p *prober) watched(dial dialFunc) dialFunc {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		if tc, ok := c.(*net.TCPConn); ok {
+			_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: keepAliveIdle, Interval: keepAliveIdle, Count: keepAliveCount})
+		}
+		return &watchedConn{Conn: c, lost: p.lost}, nil
+	}
+}
+
+// watchedConn is a connection of the probe's.
+type watchedConn struct {
+	net.Conn
+	lost   chan<- struct{}
+	closed atomic.Bool
+}
+
+func (c *watchedConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if err != nil && !c.closed.Load() {
+		select {
+		case c.lost <- struct{}{}:
+		default:
+		}
+	}
+	return n, err
+}
+
+func (c *watchedConn) Close() error {
+	c.closed.Store(true)
+	return c.Conn.Close()
 }
 
 // probe asks host-switch once and says what it found.

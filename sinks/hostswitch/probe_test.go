@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 )
@@ -137,4 +140,29 @@ func TestFullChecksWaitForTheProbe(t *testing.T) {
 		got := checks.Load()
 		return got >= 3, fmt.Sprintf("%d so far", got)
 	})
+}
+
+// TestBrokenConnectionIsProbedAtOnce: with the probe at its longest
+// interval, a connection the peer closes (as a restart closes it) is
+// probed at once, not at the next tick, and that probe, answered on a new
+// connection, asks for a reconcile.
+func TestBrokenConnectionIsProbedAtOnce(t *testing.T) {
+	peer := newProbePeer(t)
+	core, logs := observer.New(zap.DebugLevel)
+	s, err := hostswitch.New(hostswitch.Config{BaseURL: peer.srv.URL, GuestIP: hostswitch.DefaultGuestIP,
+		ProbeInterval: hostswitch.MaxProbeInterval, Log: zap.New(core)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	checks := watch(t, s)
+	peer.waitProbes(t, 1)
+	peer.srv.CloseClientConnections()
+	waitChecks(t, checks, 1)
+	if n := logs.FilterMessageSnippet("connection to host-switch broke").Len(); n != 1 {
+		t.Errorf("%d log lines about the broken connection, want 1", n)
+	}
+	if n := peer.probes.Load(); n != 2 {
+		t.Errorf("%d probes, want 2: the first and the one the broken connection brought", n)
+	}
 }
