@@ -15,9 +15,11 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"path/filepath"
 	"syscall"
 	"time"
 
+	"github.com/fsnotify/fsnotify"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 
@@ -43,7 +45,7 @@ func init() {
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.Socket, "wslProxySocket", DefaultSocket, "wsl-proxy's unix socket")
-			fs.DurationVar(&cfg.CheckInterval, "wslProxyCheckInterval", DefaultCheckInterval, "how often the socket is checked for a restarted wsl-proxy (0 disables)")
+			fs.DurationVar(&cfg.CheckInterval, "wslProxyCheckInterval", DefaultCheckInterval, "how often the socket is checked for a restarted wsl-proxy where its directory cannot be watched with inotify (0 disables the check)")
 			return func(env registry.Env) (core.Sink, error) {
 				c := cfg
 				c.Log = env.Log
@@ -60,7 +62,7 @@ type Config struct {
 	// DefaultSocket.
 	Socket string
 	// CheckInterval is how often WatchPeer looks at the socket file for a
-	// restarted wsl-proxy (--wslProxyCheckInterval, whose default is
+	// restarted wsl-proxy where inotify cannot watch its directory (--wslProxyCheckInterval, whose default is
 	// DefaultCheckInterval); 0 disables the check, and it may not be
 	// negative.
 	CheckInterval time.Duration
@@ -124,19 +126,51 @@ func (s *Sink) socket() (socketID, bool) {
 }
 
 // WatchPeer reports a lost peer when wsl-proxy's socket is replaced or
-// reappears: wsl-proxy keeps no state across restarts.
+// reappears: wsl-proxy keeps no state across restarts. It looks at the
+// socket when inotify says its directory changed, so it costs nothing
+// while nothing changes there; where the directory cannot be watched, it
+// looks every CheckInterval.
 func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
 	if s.every <= 0 {
 		return
 	}
+	var changed <-chan fsnotify.Event
+	var failed <-chan error
+	var tick <-chan time.Time
+	w, err := fsnotify.NewWatcher()
+	if err == nil {
+		if err = w.Add(filepath.Dir(s.path)); err != nil {
+			_ = w.Close()
+		}
+	}
+	if err == nil {
+		defer w.Close()
+		changed, failed = w.Events, w.Errors
+	} else {
+		s.log.Info("cannot watch the socket's directory; looking at the socket every interval", zap.Error(err), zap.Duration("interval", s.every))
+		t := time.NewTicker(s.every)
+		defer t.Stop()
+		tick = t.C
+	}
 	last, present := s.socket()
-	t := time.NewTicker(s.every)
-	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case ev := <-changed:
+			if filepath.Clean(ev.Name) != filepath.Clean(s.path) {
+				continue
+			}
+		case err := <-failed:
+			// Events may have been lost (a full queue): look now, and
+			// from now on every interval.
+			s.log.Warn("watching the socket's directory failed; looking at the socket every interval", zap.Error(err), zap.Duration("interval", s.every))
+			_ = w.Close()
+			changed, failed = nil, nil
+			t := time.NewTicker(s.every)
+			defer t.Stop()
+			tick = t.C
+		case <-tick:
 		}
 		id, ok := s.socket()
 		switch {

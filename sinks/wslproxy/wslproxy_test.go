@@ -67,7 +67,9 @@ func TestContract(t *testing.T) {
 	gone := func() int { return logs.FilterMessageSnippet("socket is gone").Len() }
 	sinktest.Run(t, sinktest.Harness{
 		New: func(t *testing.T) core.Sink {
-			return newSink(t, wslproxy.Config{Socket: p.Path, CheckInterval: 50 * time.Millisecond, Log: zap.New(obs)})
+			// An interval of an hour: the socket's changes are seen
+			// through inotify alone.
+			return newSink(t, wslproxy.Config{Socket: p.Path, CheckInterval: time.Hour, Log: zap.New(obs)})
 		},
 		State: func(*testing.T) []string { return p.State() },
 		Restart: func(t *testing.T) {
@@ -88,6 +90,49 @@ func TestContract(t *testing.T) {
 			}
 		},
 	})
+}
+
+// TestRestartIsSeenWithoutLooking restarts the peer twice while the sink
+// watches with an interval of an hour: each new socket is reported at once
+// (inotify), and nothing else is.
+func TestRestartIsSeenWithoutLooking(t *testing.T) {
+	p := run(t, &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), RecordOnly: true})
+	s := newSink(t, wslproxy.Config{Socket: p.Path, CheckInterval: time.Hour})
+	lost := make(chan struct{}, 10)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s.WatchPeer(ctx, func() { lost <- struct{}{} }) }()
+	defer func() { cancel(); <-done }()
+	restart := func() {
+		p.Stop()
+		if err := p.Start(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The watch begins at some point after WatchPeer is called: restart
+	// until one is reported, then each must be, once.
+	testenv.Eventually(t, 10*time.Second, "a restart reported", func() (bool, string) {
+		restart()
+		select {
+		case <-lost:
+			return true, ""
+		case <-time.After(100 * time.Millisecond):
+			return false, "not yet"
+		}
+	})
+	for round := range 2 {
+		restart()
+		select {
+		case <-lost:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("restart %d: not reported", round)
+		}
+	}
+	select {
+	case <-lost:
+		t.Error("reported more than the restarts")
+	case <-time.After(200 * time.Millisecond):
+	}
 }
 
 // TestConfigIsChecked: New refuses what the flags would refuse, naming
