@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -87,20 +88,27 @@ func BenchmarkCPU(b *testing.B) {
 	statusAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(b))
 	profiles := os.Getenv("GUESTAGENT_PROFILE_DIR")
 
-	// The forwarder API inside dockerd's namespace, where the agents run.
+	// The forwarder API inside dockerd's namespace, where the agents run,
+	// and a wsl-proxy peer (WSL integration is on by default).
 	api := forwardInNetns(b, docker.Netns, gv.Socket())
+	wsl := &wslproxytest.Peer{Path: filepath.Join(dir, "wsl-proxy.sock"), RecordOnly: true}
+	if err := wsl.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer wsl.Stop()
+	ports := cpuPorts(b, cpuSequential+cpuBurst)
 	b.Run("guestagent", func(b *testing.B) {
 		for b.Loop() {
 			args := []string{
 				"--adminInstall", "--docker", "--dockerHost=" + docker.Host,
-				"--hostSwitchURL=http://" + api,
+				"--hostSwitchURL=http://" + api, "--wslProxySocket=" + wsl.Path,
 				"--stateDir=" + filepath.Join(dir, "state"), "--controlSocket=" + filepath.Join(dir, "ctl.sock"),
 			}
 			if profiles != "" {
 				args = append(args, "--statusAddr="+statusAddr, "--pprof")
 			}
 			args = append(args, strings.Fields(os.Getenv("GUESTAGENT_CPU_ARGS"))...)
-			c := &cpuRun{b: b, docker: docker, gv: gv, profiles: profiles, statusAddr: statusAddr}
+			c := &cpuRun{b: b, docker: docker, gv: gv, ports: ports, profiles: profiles, statusAddr: statusAddr}
 			argv := testenv.InNetns(docker.Netns, append([]string{bin}, args...)...)
 			c.start(exec.Command(argv[0], argv[1:]...), filepath.Join(dir, "agent-cpu.log"))
 			c.waitLog("sockets listed")
@@ -110,8 +118,8 @@ func BenchmarkCPU(b *testing.B) {
 	if ref := os.Getenv("GUESTAGENT_REFERENCE"); ref != "" {
 		b.Run("reference", func(b *testing.B) {
 			for b.Loop() {
-				c := &cpuRun{b: b, docker: docker, gv: gv}
-				c.start(referenceCommand(b, dir, ref, docker, api), filepath.Join(dir, "reference-cpu.log"))
+				c := &cpuRun{b: b, docker: docker, gv: gv, ports: ports}
+				c.start(referenceCommand(b, dir, ref, docker, api, wsl.Path), filepath.Join(dir, "reference-cpu.log"))
 				// It logs nothing when it is ready: it first looks for
 				// dockerd's socket 5 s after start.
 				c.waitLog("Starting Rancher Desktop Agent")
@@ -130,15 +138,10 @@ func BenchmarkCPU(b *testing.B) {
 // peer (it looks for both at fixed paths). Its forwarder API requests go
 // to a fixed host name, through the proxy of HTTP_PROXY: a forwarder to
 // gvproxy's socket, listening on 127.0.0.1 inside the namespace.
-func referenceCommand(b *testing.B, dir, ref string, docker *dockerdtest.Dockerd, api string) *exec.Cmd {
-	wsl := &wslproxytest.Peer{Path: filepath.Join(dir, "ref-wsl-proxy.sock"), RecordOnly: true}
-	if err := wsl.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(wsl.Stop)
+func referenceCommand(b *testing.B, dir, ref string, docker *dockerdtest.Dockerd, api, wsl string) *exec.Cmd {
 	sock := strings.TrimPrefix(docker.Host, "unix://")
 	script := fmt.Sprintf("mount -t tmpfs tmpfs /run && ln -s %s /run/docker.sock && ln -s %s /run/wsl-proxy.sock && exec env HTTP_PROXY=http://%s DOCKER_HOST=%s %s -docker -adminInstall",
-		sock, wsl.Path, api, docker.Host, ref)
+		sock, wsl, api, docker.Host, ref)
 	argv := testenv.InNetns(docker.Netns, "unshare", "-m", "--propagation", "private", "sh", "-c", script)
 	return exec.Command(argv[0], argv[1:]...)
 }
@@ -171,10 +174,20 @@ func forwardInNetns(b *testing.B, ns, path string) string {
 }
 
 // listenInNetns opens a TCP listener on addr inside the network namespace
-// ns, from a thread that enters it and is then thrown away.
+// ns.
 func listenInNetns(b *testing.B, ns, addr string) net.Listener {
+	l, err := inNetns(ns, func() (net.Listener, error) { return net.Listen("tcp", addr) })
+	if err != nil {
+		b.Fatal(err)
+	}
+	return l
+}
+
+// inNetns calls open on a thread that enters the network namespace ns and
+// is then thrown away; the socket open makes stays in ns.
+func inNetns[T any](ns string, open func() (T, error)) (T, error) {
 	type result struct {
-		l   net.Listener
+		v   T
 		err error
 	}
 	ch := make(chan result, 1)
@@ -182,24 +195,22 @@ func listenInNetns(b *testing.B, ns, addr string) net.Listener {
 		// Never unlocked: the thread ends with the goroutine rather than
 		// go back to the scheduler in the wrong namespace.
 		runtime.LockOSThread()
+		var zero T
 		f, err := os.Open("/var/run/netns/" + ns)
 		if err != nil {
-			ch <- result{nil, err}
+			ch <- result{zero, err}
 			return
 		}
 		defer f.Close()
 		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{nil, fmt.Errorf("setns: %w", err)}
+			ch <- result{zero, fmt.Errorf("setns: %w", err)}
 			return
 		}
-		l, err := net.Listen("tcp", addr)
-		ch <- result{l, err}
+		v, err := open()
+		ch <- result{v, err}
 	}()
 	r := <-ch
-	if r.err != nil {
-		b.Fatal(r.err)
-	}
-	return r.l
+	return r.v, r.err
 }
 
 // start starts the agent's command, its output going to the file log.
@@ -242,7 +253,7 @@ func (c *cpuRun) measure() {
 			i := len(names)
 			c.run(i)
 			names = append(names, cpuName(i))
-			c.waitForwards(map[string]bool{cpuForward(i): true})
+			c.waitForwards(map[string]bool{c.forward(i): true})
 		}
 		return cpuSequential
 	}, "sequential-cpu-ms/start", 0)
@@ -253,7 +264,7 @@ func (c *cpuRun) measure() {
 		want := map[string]bool{}
 		for i := range batch {
 			batch[i] = len(names) + i
-			want[cpuForward(batch[i])] = true
+			want[c.forward(batch[i])] = true
 		}
 		if err := testenv.ForEach(cpuBurstWorker, batch, func(i int) error { c.run(i); return nil }); err != nil {
 			b.Fatal(err)
@@ -285,12 +296,12 @@ type cpuRun struct {
 	log        string
 	profiles   string
 	statusAddr string
+	ports      []int // host port of container i
 }
 
-// run starts container i (cpuName), publishing port 80 on cpuForward's
-// address.
+// run starts container i (cpuName), publishing port 80 on c.forward(i).
 func (c *cpuRun) run(i int) {
-	_, local, _ := strings.Cut(cpuForward(i), " ")
+	_, local, _ := strings.Cut(c.forward(i), " ")
 	if _, err := c.docker.Docker("run", "-d", "--name", cpuName(i), "-p", local+":80", dockerdtest.WebImage); err != nil {
 		c.b.Fatal(err)
 	}
@@ -298,14 +309,29 @@ func (c *cpuRun) run(i int) {
 
 func cpuName(i int) string { return fmt.Sprintf("cpu%d", i) }
 
-// cpuForward is the forward gvproxy lists for container i: its port on
+// forward is the forward gvproxy lists for container i: its port on
 // 127.0.0.1 when i is even, on 0.0.0.0 when odd ("tcp 0.0.0.0:21001").
-func cpuForward(i int) string {
+func (c *cpuRun) forward(i int) string {
 	ip := "127.0.0.1"
 	if i%2 == 1 {
 		ip = "0.0.0.0"
 	}
-	return fmt.Sprintf("tcp %s:%d", ip, 21000+i)
+	return fmt.Sprintf("tcp %s:%d", ip, c.ports[i])
+}
+
+// cpuPorts returns n ports that are free for TCP on this machine, where
+// gvproxy listens.
+func cpuPorts(b *testing.B, n int) []int {
+	var ports []int
+	seen := map[int]bool{}
+	for len(ports) < n {
+		p := testenv.FreePort(b)
+		if !seen[p] {
+			seen[p] = true
+			ports = append(ports, p)
+		}
+	}
+	return ports
 }
 
 // waitLog waits for the agent to log line, the sign that it is ready.
@@ -346,12 +372,13 @@ func (c *cpuRun) waitGone() int {
 	last, since := []string(nil), time.Now()
 	for {
 		got := ourForwards(c.b, c.gv.URL())
-		if len(got) == 0 || time.Now().After(deadline) {
-			return len(got)
+		if len(got) == 0 {
+			return 0
 		}
 		if !slices.Equal(got, last) {
 			last, since = got, time.Now()
-		} else if time.Since(since) >= cpuSettle {
+		} else if time.Since(since) >= cpuSettle || time.Now().After(deadline) {
+			c.b.Logf("forwards left on gvproxy: %v", got)
 			return len(got)
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -391,7 +418,11 @@ func (c *cpuRun) profile(name string, window time.Duration) error {
 	if window == 0 {
 		window = 30 * time.Second
 	}
-	res, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.statusAddr, int(window.Seconds())))
+	// The agent serves its profiles inside dockerd's namespace.
+	client := &http.Client{Transport: &http.Transport{DialContext: func(_ context.Context, network, addr string) (net.Conn, error) {
+		return inNetns(c.docker.Netns, func() (net.Conn, error) { return net.Dial(network, addr) })
+	}}}
+	res, err := client.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.statusAddr, int(window.Seconds())))
 	if err != nil {
 		return err
 	}

@@ -33,6 +33,9 @@ type Socket struct {
 	// UID owns the socket; Inode is its inode number, which the socket's
 	// descriptors in /proc/<pid>/fd name as "socket:[Inode]".
 	UID, Inode uint32
+	// Cookie is the kernel's socket cookie (idiag_cookie), the number
+	// eBPF programs know the socket by.
+	Cookie uint64
 }
 
 // Kernel TCP states (include/net/tcp_states.h).
@@ -79,6 +82,7 @@ func Decode(protocol core.Protocol, b []byte) (Socket, error) {
 		return Socket{}, fmt.Errorf("inet_diag_msg of unknown family %d", s.Family)
 	}
 	s.Interface = binary.NativeEndian.Uint32(b[40:44])
+	s.Cookie = uint64(binary.NativeEndian.Uint32(b[44:48])) | uint64(binary.NativeEndian.Uint32(b[48:52]))<<32
 	s.UID = binary.NativeEndian.Uint32(b[64:68])
 	s.Inode = binary.NativeEndian.Uint32(b[68:72])
 	if len(b) == sizeofMsg {

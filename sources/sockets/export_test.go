@@ -6,8 +6,10 @@ func SetDumpHook(s *Source, f func(woken bool)) { s.onDump = f }
 
 // Wakeups is the eBPF wake-ups' channel, for tests.
 type Wakeups struct {
-	C     <-chan struct{}
-	Close func()
+	C      <-chan struct{}
+	UDP    bool  // bound UDP sockets wake it too
+	UDPErr error // why not
+	Close  func()
 }
 
 // LoadWakeups loads and attaches s's eBPF program with the filter s
@@ -18,5 +20,5 @@ func LoadWakeups(s *Source) (Wakeups, string, error) {
 	if err != nil {
 		return Wakeups{}, "", err
 	}
-	return Wakeups{C: w.C, Close: w.close}, how, nil
+	return Wakeups{C: w.C, UDP: w.UDP, UDPErr: w.UDPErr, Close: w.close}, how, nil
 }

@@ -102,6 +102,15 @@ func runHelper(in io.Reader, out io.Writer) int {
 					open[f[1]+" "+f[2]] = append(open[f[1]+" "+f[2]], c)
 				}
 				return err
+			case "send":
+				// A client's socket: bound by its first send, then
+				// closed.
+				c, err := net.Dial(f[1], f[2])
+				if err != nil {
+					return err
+				}
+				_, _ = c.Write([]byte("x"))
+				return c.Close()
 			case "flash":
 				ms, _ := strconv.Atoi(f[3])
 				c, err := listen(f[1], f[2], "")

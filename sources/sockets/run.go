@@ -33,9 +33,13 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		return err
 	}
 	var woken, stopped <-chan struct{}
+	every := s.cfg.Interval // between dumps no wake-up asked for
 	if wake != nil {
 		defer wake.close()
 		woken, stopped = wake.C, wake.Stopped
+		if wake.UDP {
+			every = s.cfg.Recheck
+		}
 	}
 	describe(out, how)
 	d := &dumper{netns: s.cfg.Netns}
@@ -69,6 +73,13 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 		case <-stopped:
 			s.log.Warn("eBPF wake-ups stopped; reading sockets by the periodic dump alone", zap.Error(wake.Err))
 			woken, stopped = nil, nil
+			if every != s.cfg.Interval {
+				every = s.cfg.Interval
+				if due.After(time.Now().Add(every)) {
+					due = time.Now().Add(every)
+					timer.Reset(every)
+				}
+			}
 			describe(out, fmt.Sprintf("sock_diag dump every %s (eBPF wake-ups stopped: %v)", s.cfg.Interval, wake.Err))
 			continue
 		}
@@ -76,7 +87,7 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 			s.onDump(byWake)
 		}
 		byWake = false
-		wait := s.cfg.Interval
+		wait := every
 		lastStart = time.Now()
 		socks, bad, err := d.dump()
 		lastCost = time.Since(lastStart)
@@ -98,6 +109,11 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 			badLogged = true
 		}
 		now := time.Now()
+		if firstDump.IsZero() && wake != nil && wake.UDP {
+			// Sockets bound before the wake-ups began; later ones
+			// the wake-ups note themselves.
+			wake.noteUDP(udpCookies(socks))
+		}
 		if firstDump.IsZero() {
 			firstDump = now
 		}
@@ -160,9 +176,14 @@ func (s *Source) startWakeups() (*wakeups, string, error) {
 			zap.Error(err), zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle))
 		return nil, fmt.Sprintf("%s (eBPF wake-ups unavailable: %v)", poll, err), nil
 	}
+	if w.UDP {
+		s.log.Info("reading sockets by sock_diag dumps that eBPF wake-ups trigger when a TCP listener or a bound UDP socket opens or closes, and every recheck interval as a safety net",
+			zap.Duration("recheck_interval", s.cfg.Recheck), zap.Duration("settle", s.cfg.Settle), zap.String("wake_ups_from", filtered))
+		return w, fmt.Sprintf("sock_diag dump on eBPF wake-ups (TCP listeners and bound UDP sockets of %s: %s tracepoint, cgroup socket programs) and every %s", filtered, tracepoint, s.cfg.Recheck), nil
+	}
 	s.log.Info("reading sockets by sock_diag dumps that eBPF wake-ups trigger when a TCP listener opens or closes, and every interval (UDP sockets, and as a safety net)",
-		zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle), zap.String("wake_ups_from", filtered))
-	return w, fmt.Sprintf("sock_diag dump on eBPF wake-ups (TCP listeners of %s, %s tracepoint) and every %s", filtered, tracepoint, s.cfg.Interval), nil
+		zap.Duration("interval", s.cfg.Interval), zap.Duration("settle", s.cfg.Settle), zap.String("wake_ups_from", filtered), zap.NamedError("udp_wake_ups", w.UDPErr))
+	return w, fmt.Sprintf("sock_diag dump on eBPF wake-ups (TCP listeners of %s, %s tracepoint) and every %s (no UDP wake-ups: %v)", filtered, tracepoint, s.cfg.Interval, w.UDPErr), nil
 }
 
 // wakeFilter is what the eBPF program leaves out: the listeners of other
@@ -175,6 +196,7 @@ func (s *Source) wakeFilter() (wakeFilter, string) {
 			f.comms = append(f.comms, c)
 		}
 	}
+	f.netnsCookie, f.cookieErr = netnsCookie(s.cfg.Netns)
 	ino, err := netnsInode(s.cfg.Netns)
 	if err == nil {
 		f.sockNet, f.netInum, err = kernelOffsets()
@@ -185,6 +207,17 @@ func (s *Source) wakeFilter() (wakeFilter, string) {
 	}
 	f.netns = ino
 	return f, "this network namespace"
+}
+
+// udpCookies returns the cookies of the UDP sockets of a dump.
+func udpCookies(socks []Socket) []uint64 {
+	var out []uint64
+	for _, sk := range socks {
+		if sk.Protocol == core.UDP && sk.Cookie != 0 {
+			out = append(out, sk.Cookie)
+		}
+	}
+	return out
 }
 
 // describe tells the router how the source watches, when it can listen.

@@ -49,6 +49,7 @@ const Name = "sockets"
 // Defaults of Config.
 const (
 	DefaultInterval = time.Second
+	DefaultRecheck  = 30 * time.Second
 	DefaultSettle   = 200 * time.Millisecond
 )
 
@@ -59,7 +60,8 @@ func init() {
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
 			fs.StringVar(&cfg.Netns, "socketsNetns", "", "network namespace (path) whose sockets are reported; empty for the agent's own")
-			fs.DurationVar(&cfg.Interval, "socketsInterval", DefaultInterval, "time between two sock_diag dumps")
+			fs.DurationVar(&cfg.Interval, "socketsInterval", DefaultInterval, "time between two sock_diag dumps, unless eBPF wake-ups cover TCP and UDP")
+			fs.DurationVar(&cfg.Recheck, "socketsRecheckInterval", DefaultRecheck, "time between two sock_diag dumps no wake-up asked for, when eBPF wake-ups cover TCP and UDP (a safety net)")
 			fs.DurationVar(&cfg.Settle, "socketsSettle", DefaultSettle, "how long a socket must be seen before it is reported")
 			fs.StringVar(&cfg.Wakeups, "socketsWakeups", WakeupsAuto, "eBPF wake-ups when a TCP listener opens or closes: auto (when the kernel allows it, else the periodic dump alone), ebpf (required: fail without it) or off")
 			fs.StringSliceVar(&cfg.Exclude, "socketsExclude", DefaultExclude, "ports and ranges never reported, e.g. 22,10248-10259 (the Kubernetes API port is added)")
@@ -84,8 +86,12 @@ type Config struct {
 	// Netns is the path of the network namespace to read; empty for the
 	// agent's own.
 	Netns string
-	// Interval is the time between dumps (default DefaultInterval).
+	// Interval is the time between dumps (default DefaultInterval) when
+	// eBPF wake-ups do not cover both TCP and UDP.
 	Interval time.Duration
+	// Recheck is the time between dumps that no wake-up asked for when
+	// eBPF wake-ups cover both TCP and UDP (default DefaultRecheck).
+	Recheck time.Duration
 	// Settle is how long dumps must see a socket before it is reported
 	// (default DefaultSettle).
 	Settle time.Duration
@@ -152,6 +158,12 @@ func New(cfg Config) (*Source, error) {
 		return nil, fmt.Errorf("--socketsInterval must be positive, got %s", cfg.Interval)
 	case cfg.Interval == 0:
 		cfg.Interval = DefaultInterval
+	}
+	switch {
+	case cfg.Recheck < 0:
+		return nil, fmt.Errorf("--socketsRecheckInterval must be positive, got %s", cfg.Recheck)
+	case cfg.Recheck == 0:
+		cfg.Recheck = DefaultRecheck
 	}
 	switch {
 	case cfg.Settle < 0:

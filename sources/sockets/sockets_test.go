@@ -64,7 +64,9 @@ func (r *rig) netnsPath() string { return "/var/run/netns/" + r.ns }
 
 func (r *rig) source(t testing.TB, interval, settle time.Duration, log *zap.Logger) core.Source {
 	t.Helper()
-	s, err := sockets.New(sockets.Config{Netns: r.netnsPath(), Interval: interval, Settle: settle, Wakeups: r.wakeups, Exclude: r.extra, Log: log})
+	// Every dump no wake-up asks for comes at interval, whichever
+	// protocols the wake-ups cover.
+	s, err := sockets.New(sockets.Config{Netns: r.netnsPath(), Interval: interval, Recheck: interval, Settle: settle, Wakeups: r.wakeups, Exclude: r.extra, Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -288,6 +290,11 @@ func testShortLivedListenerIsNeverReported(t *testing.T, r *rig) {
 	core, logs := observer.New(zap.DebugLevel)
 	router, rec := run(t, r.source(t, 10*time.Millisecond, 500*time.Millisecond, zap.New(core)))
 	waitIDs(t, router)
+	// The scans have begun (loading the eBPF programs before them takes
+	// a while).
+	testenv.Eventually(t, 30*time.Second, "the first snapshot", func() (bool, string) {
+		return logs.FilterMessage("sockets listed").Len() > 0, "not yet"
+	})
 	tcp, udp := r.nextPort(), r.nextPort()
 	r.h.do(t, "flash tcp 0.0.0.0:%d 50", tcp)
 	r.h.do(t, "flash udp [::1]:%d 50", udp)
@@ -416,11 +423,11 @@ func testExcludesDockerProxy(t *testing.T, r *rig) {
 	waitHas(t, router, fmt.Sprintf("tcp/[::]:%d", q))
 }
 
-// TestWakeupsReportTCPListenersAtOnce runs the source with an interval of
-// an hour, so that only eBPF wake-ups can bring a dump forward: TCP
-// listeners that open and close are reported and removed all the same, by
-// dumps the wake-ups triggered.
-func TestWakeupsReportTCPListenersAtOnce(t *testing.T) {
+// TestWakeupsReportListenersAtOnce runs the source with an interval of an
+// hour, so that only eBPF wake-ups can bring a dump forward: TCP listeners
+// and bound UDP sockets that open and close are reported and removed all
+// the same, by dumps the wake-ups triggered.
+func TestWakeupsReportListenersAtOnce(t *testing.T) {
 	r := newRig(t)
 	r.wakeups = sockets.WakeupsEBPF
 	src := r.source(t, time.Hour, 50*time.Millisecond, nil).(*sockets.Source)
@@ -432,17 +439,35 @@ func TestWakeupsReportTCPListenersAtOnce(t *testing.T) {
 	})
 	router, _ := run(t, src)
 	waitIDs(t, router)
-	for _, addr := range []string{"0.0.0.0", "[::1]", "127.0.0.1"} {
-		p := r.nextPort()
-		id := fmt.Sprintf("tcp/%s:%d", addr, p)
-		r.h.do(t, "listen tcp %s:%d", addr, p)
-		waitHas(t, router, id)
-		r.h.do(t, "close tcp %s:%d", addr, p)
-		waitLacks(t, router, id)
+	for _, proto := range []string{"tcp", "udp"} {
+		for _, addr := range []string{"0.0.0.0", "[::1]", "127.0.0.1"} {
+			p := r.nextPort()
+			id := fmt.Sprintf("%s/%s:%d", proto, addr, p)
+			r.h.do(t, "listen %s %s:%d", proto, addr, p)
+			waitHas(t, router, id)
+			r.h.do(t, "close %s %s:%d", proto, addr, p)
+			waitLacks(t, router, id)
+		}
 	}
 	if woken.Load() == 0 {
 		t.Error("no dump was brought forward by a wake-up")
 	}
+}
+
+// TestWakeupsSeeSocketsOlderThanThem: a UDP socket bound before the
+// source starts (so before its wake-ups) is in its first report, and its
+// close is reported by a dump a wake-up brings, with an interval of an
+// hour.
+func TestWakeupsSeeSocketsOlderThanThem(t *testing.T) {
+	r := newRig(t)
+	r.wakeups = sockets.WakeupsEBPF
+	p := r.nextPort()
+	id := fmt.Sprintf("udp/127.0.0.1:%d", p)
+	r.h.do(t, "listen udp 127.0.0.1:%d", p)
+	router, _ := run(t, r.source(t, time.Hour, 50*time.Millisecond, nil))
+	waitIDs(t, router, id)
+	r.h.do(t, "close udp 127.0.0.1:%d", p)
+	waitLacks(t, router, id)
 }
 
 // TestWithoutPrivilegeTheDumpTakesOver runs the agent binary as an

@@ -54,6 +54,11 @@ type wakeFilter struct {
 	// comms are command names (at most 15 bytes, as the kernel keeps
 	// them) whose listeners wake nothing: the ones the source leaves out.
 	comms []string
+	// netnsCookie is the cookie of the network namespace read, which the
+	// UDP programs compare; 0 when it is not known (no UDP wake-ups),
+	// and cookieErr says why.
+	netnsCookie uint64
+	cookieErr   error
 }
 
 // commWords returns name as the two little-endian 64-bit words of a
@@ -114,28 +119,7 @@ func wakeProgram(ring *ebpf.Map, f wakeFilter) asm.Instructions {
 		)
 	}
 	insns = append(insns, asm.Mov.Imm(asm.R0, 0).WithSymbol("comm"))
-	if len(f.comms) > 0 {
-		insns = append(insns,
-			asm.Mov.Reg(asm.R1, asm.R10),
-			asm.Add.Imm(asm.R1, slotComm),
-			asm.Mov.Imm(asm.R2, 16),
-			asm.FnGetCurrentComm.Call(),
-			asm.JNE.Imm(asm.R0, 0, "emit"),
-			asm.LoadMem(asm.R1, asm.R10, slotComm, asm.DWord),
-			asm.LoadMem(asm.R2, asm.R10, slotComm+8, asm.DWord),
-		)
-		for i, name := range f.comms {
-			lo, hi := commWords(name)
-			next := fmt.Sprintf("comm%d", i+1)
-			insns = append(insns,
-				asm.LoadImm(asm.R3, lo, asm.DWord),
-				asm.JNE.Reg(asm.R1, asm.R3, next),
-				asm.LoadImm(asm.R3, hi, asm.DWord),
-				asm.JEq.Reg(asm.R2, asm.R3, "out"),
-				asm.Mov.Imm(asm.R0, 0).WithSymbol(next),
-			)
-		}
-	}
+	insns = append(insns, commFilter(f.comms)...)
 	return append(insns,
 		asm.StoreMem(asm.R10, slotEvent, asm.R7, asm.Word).WithSymbol("emit"),
 		asm.StoreMem(asm.R10, slotEvent+4, asm.R8, asm.Word),
@@ -242,12 +226,20 @@ type wakeups struct {
 	C       chan struct{}
 	Stopped chan struct{}
 	Err     error
+	// UDP is set when bound UDP sockets wake it too (see udpwake.go);
+	// otherwise UDPErr says why not.
+	UDP    bool
+	UDPErr error
 
 	ring *ebpf.Map
 	prog *ebpf.Program
 	tp   link.Link
 	rd   *ringbuf.Reader
 	wg   sync.WaitGroup
+
+	bound *ebpf.Map // the UDP sockets noted
+	udp   []*ebpf.Program
+	links []link.Link
 }
 
 // loadWakeups loads and attaches the program and starts reading its ring
@@ -261,6 +253,7 @@ func loadWakeups(f wakeFilter) (*wakeups, error) {
 		w.close()
 		return nil, fmt.Errorf("attaching to the %s tracepoint: %w", tracepoint, err)
 	}
+	w.UDPErr = w.attachUDP(f)
 	w.wg.Go(w.read)
 	return w, nil
 }
@@ -332,6 +325,7 @@ func (w *wakeups) close() {
 		_ = w.rd.Close()
 	}
 	w.wg.Wait()
+	w.closeUDP()
 	if w.tp != nil {
 		_ = w.tp.Close()
 	}

@@ -49,4 +49,3 @@ func TestWakeProgramFilter(t *testing.T) {
 		}
 	}
 }
-

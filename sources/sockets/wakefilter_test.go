@@ -9,11 +9,12 @@ import (
 	"github.com/guestagent/guestagent/sources/sockets"
 )
 
-// TestWakeFilterInKernel attaches the program with the filter a Source
-// reading a test namespace builds, and opens and closes real listeners:
-// one in the test namespace wakes the reader; one in the machine's own
-// namespace, and one in the test namespace opened by a process named as
-// an excluded command (docker-proxy), wake nothing.
+// TestWakeFilterInKernel attaches the programs with the filter a Source
+// reading a test namespace builds, and opens and closes real TCP
+// listeners and bound UDP sockets: one in the test namespace wakes the
+// reader; one in the machine's own namespace, one in the test namespace
+// opened by a process named as an excluded command (docker-proxy), and a
+// UDP client's socket that a send binds, wake nothing.
 func TestWakeFilterInKernel(t *testing.T) {
 	testenv.Integration(t)
 	ns := testenv.Netns(t)
@@ -51,6 +52,9 @@ func TestWakeFilterInKernel(t *testing.T) {
 		}
 	}
 	drain()
+	if !wake.UDP {
+		t.Fatalf("no UDP wake-ups (%v): this kernel has cgroup socket programs", wake.UDPErr)
+	}
 	for _, c := range []struct {
 		name string
 		do   func(open bool)
@@ -69,6 +73,35 @@ func TestWakeFilterInKernel(t *testing.T) {
 			} else {
 				proxy.do(t, "close tcp 127.0.0.1:7102")
 			}
+		}, false},
+		{"a bound UDP socket of the namespace", func(open bool) {
+			if open {
+				user.do(t, "listen udp 127.0.0.1:7103")
+			} else {
+				user.do(t, "close udp 127.0.0.1:7103")
+			}
+		}, true},
+		{"docker-proxy's UDP socket in the namespace", func(open bool) {
+			if open {
+				proxy.do(t, "listen udp 127.0.0.1:7104")
+			} else {
+				proxy.do(t, "close udp 127.0.0.1:7104")
+			}
+		}, false},
+		{"a UDP client's socket in the namespace (bound by its send)", func(open bool) {
+			if open {
+				user.do(t, "send udp 127.0.0.1:7105")
+			}
+		}, false},
+		{"a bound UDP socket of the machine's own namespace", func(open bool) {
+			if !open {
+				return
+			}
+			c, err := net.ListenPacket("udp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Close()
 		}, false},
 		{"a listener of the machine's own namespace", func(open bool) {
 			if !open {

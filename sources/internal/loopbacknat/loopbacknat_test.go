@@ -3,9 +3,9 @@ package loopbacknat_test
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
-	"net/netip"
 	"slices"
 	"strings"
 	"testing"
