@@ -108,7 +108,7 @@ func BenchmarkCPU(b *testing.B) {
 				args = append(args, "--statusAddr="+statusAddr, "--pprof")
 			}
 			args = append(args, strings.Fields(os.Getenv("GUESTAGENT_CPU_ARGS"))...)
-			c := &cpuRun{b: b, docker: docker, gv: gv, ports: ports, profiles: profiles, statusAddr: statusAddr}
+			c := &cpuRun{b: b, docker: docker, gv: gv, ports: ports, api: "tcp " + api, profiles: profiles, statusAddr: statusAddr}
 			argv := testenv.InNetns(docker.Netns, append([]string{bin}, args...)...)
 			c.start(exec.Command(argv[0], argv[1:]...), filepath.Join(dir, "agent-cpu.log"))
 			c.waitLog("sockets listed")
@@ -118,7 +118,7 @@ func BenchmarkCPU(b *testing.B) {
 	if ref := os.Getenv("GUESTAGENT_REFERENCE"); ref != "" {
 		b.Run("reference", func(b *testing.B) {
 			for b.Loop() {
-				c := &cpuRun{b: b, docker: docker, gv: gv, ports: ports}
+				c := &cpuRun{b: b, docker: docker, gv: gv, ports: ports, api: "tcp " + api}
 				c.start(referenceCommand(b, dir, ref, docker, api, wsl.Path), filepath.Join(dir, "reference-cpu.log"))
 				// It logs nothing when it is ready: it first looks for
 				// dockerd's socket 5 s after start.
@@ -296,7 +296,8 @@ type cpuRun struct {
 	log        string
 	profiles   string
 	statusAddr string
-	ports      []int // host port of container i
+	ports      []int  // host port of container i
+	api        string // "tcp ADDR" of the forwarder API inside the namespace, a host listener of the benchmark's
 }
 
 // run starts container i (cpuName), publishing port 80 on c.forward(i).
@@ -371,7 +372,9 @@ func (c *cpuRun) waitGone() int {
 	deadline := time.Now().Add(10 * time.Minute)
 	last, since := []string(nil), time.Now()
 	for {
-		got := ourForwards(c.b, c.gv.URL())
+		// The sockets source exposes the benchmark's own listener
+		// there; it stays all along.
+		got := slices.DeleteFunc(ourForwards(c.b, c.gv.URL()), func(f string) bool { return f == c.api })
 		if len(got) == 0 {
 			return 0
 		}
@@ -379,6 +382,15 @@ func (c *cpuRun) waitGone() int {
 			last, since = got, time.Now()
 		} else if time.Since(since) >= cpuSettle || time.Now().After(deadline) {
 			c.b.Logf("forwards left on gvproxy: %v", got)
+			out, _ := os.ReadFile(c.log)
+			for _, f := range got {
+				_, port, _ := net.SplitHostPort(strings.TrimPrefix(f, "tcp "))
+				for line := range strings.Lines(string(out)) {
+					if strings.Contains(line, ":"+port) {
+						c.b.Logf("agent log on %s: %s", f, strings.TrimSpace(line))
+					}
+				}
+			}
 			return len(got)
 		}
 		time.Sleep(10 * time.Millisecond)
