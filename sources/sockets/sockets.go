@@ -3,10 +3,12 @@
 // host-network containers and pods and of plain processes, which no engine
 // API reports. It reads them through NETLINK_SOCK_DIAG (inet_diag) dumps:
 // when an eBPF program on the inet_sock_set_state tracepoint tells it that
-// a TCP listener opened or closed (see wake.go), every interval (UDP, and a
-// safety net), and again when a socket it holds back is due. Without eBPF
-// (Config.Wakeups, or a kernel that refuses it) the interval's dumps alone
-// remain.
+// a TCP listener opened or closed (see wake.go), when cgroup socket
+// programs tell it that a UDP socket was bound or released (see
+// udpwake.go), every Recheck as a safety net (every Interval when the UDP
+// programs cannot run), and again when a socket it holds back is due.
+// Without eBPF (Config.Wakeups, or a kernel that refuses it) the
+// Interval's dumps alone remain.
 //
 // A socket is reported once dumps have seen it for the settle time
 // without a gap, which filters transient sockets such as nerdctl's
