@@ -35,7 +35,9 @@ type RouterConfig struct {
 	SendTimeout time.Duration
 	// SyncGrace is how long sinks wait for every source's first snapshot
 	// before removing what an earlier run left and no source reports
-	// (default 10s).
+	// (default 10s). What an earlier run left for a source that has sent
+	// its first snapshot goes at once, when that source no longer wants
+	// it.
 	SyncGrace time.Duration
 	// Delivered, when set, is called after each port a sink took: with the
 	// sink, the source of the claim, whether it was a removal, and the time
@@ -426,6 +428,20 @@ func (r *Router) markSynced(source string) {
 	delete(r.unsynced, source)
 	if len(r.unsynced) == 0 && r.running {
 		close(r.ready)
+	}
+	// What a previous run exposed for this source, and the source no
+	// longer wants, may go now, without waiting for the other sources.
+	for _, w := range r.workers {
+		pushed := false
+		for sk := range w.inherited {
+			if w.acked[sk].Claim.Source == source {
+				w.dirty.push(sk)
+				pushed = true
+			}
+		}
+		if pushed {
+			w.signal()
+		}
 	}
 }
 

@@ -679,6 +679,61 @@ func TestOwnershipRecordForPlainSinks(t *testing.T) {
 	p.checkNoViolations(t)
 }
 
+// TestLeftoversGoOnceTheirSourceReports: of what a killed run left, the
+// ports of a source that has reported and no longer wants them go at once,
+// for a sink that can be listed and one that cannot, while another
+// source has not reported yet (SyncGrace is an hour); that source's go
+// only once it reports.
+func TestLeftoversGoOnceTheirSourceReports(t *testing.T) {
+	dir := t.TempDir()
+	listed := &listPeer{fakePeer: newFakePeer()}
+	plain := newFakePeer()
+	plain.keying = core.ByPort
+	cfg := fastConfig()
+	cfg.StateDir = dir
+	first := startRouter(t, cfg, func(r *core.Router) {
+		r.AddSink("listed", listed, nil)
+		r.AddSink("plain", plain, nil)
+	})
+	first.r.Emitter("docker").Set(mapping("a", 8080))
+	first.r.Emitter("docker").Set(mapping("b", 8081))
+	first.r.Emitter("kubernetes").Set(mapping("svc", 30080))
+	all := want(mapping("x", 8080, 8081, 30080))
+	waitState(t, listed.fakePeer, all)
+	waitState(t, plain, all)
+	first.stop() // no drain: as if killed
+
+	cfg.SyncGrace = time.Hour
+	report := make(chan []core.Mapping)
+	second := startRouter(t, cfg, func(r *core.Router) {
+		r.AddSink("listed", listed, nil)
+		r.AddSink("plain", plain, nil)
+		r.AddSource("docker", core.SourceFunc(func(ctx context.Context, out core.Emitter) error {
+			out.Snapshot([]core.Mapping{mapping("a", 8080)})
+			<-ctx.Done()
+			return nil
+		}))
+		r.AddSource("kubernetes", core.SourceFunc(func(ctx context.Context, out core.Emitter) error {
+			select {
+			case ms := <-report:
+				out.Snapshot(ms)
+			case <-ctx.Done():
+			}
+			<-ctx.Done()
+			return nil
+		}))
+	})
+	kept := want(mapping("x", 8080, 30080))
+	waitState(t, listed.fakePeer, kept)
+	waitState(t, plain, kept)
+	report <- nil
+	waitState(t, listed.fakePeer, want(mapping("x", 8080)))
+	waitState(t, plain, want(mapping("x", 8080)))
+	second.stop()
+	listed.checkNoViolations(t)
+	plain.checkNoViolations(t)
+}
+
 func TestPeerWatcherTriggersReplay(t *testing.T) {
 	p := &watchPeer{fakePeer: newFakePeer(), check: make(chan struct{})}
 	h := startRouter(t, fastConfig(), func(r *core.Router) { r.AddSink("p", p, nil) })

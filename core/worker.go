@@ -33,7 +33,7 @@ type sinkWorker struct {
 
 	dirty       keyQueue[sinkKey]        // mu: keys to look at
 	resync      bool                     // mu: a reconcile is due
-	synced      bool                     // mu: the first full reconcile ran, so inherited leftovers may go
+	synced      bool                     // mu: the first full reconcile ran, so inherited leftovers may go (those of a source that has reported may go before)
 	stats       SinkStatus               // mu
 	acked       map[sinkKey]exposure     // mu: what the peer holds from this agent (the ownership record)
 	inherited   map[sinkKey]bool         // mu: acked entries read from the record, not yet seen this run
@@ -461,8 +461,8 @@ func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
 		}
 		st.add = &e
 	case had:
-		if w.inherited[sk] && !w.synced {
-			return step{}, false // a source may still report it
+		if _, waiting := r.unsynced[a.Claim.Source]; waiting && w.inherited[sk] && !w.synced {
+			return step{}, false // its source may still report it
 		}
 		st.remove = &a
 	default:
