@@ -3,9 +3,17 @@
 // listens (or stops listening) on the binding in the default namespace so
 // other WSL distributions can reach the port. wsl-proxy never answers and
 // cannot be listed: a send that cannot connect or write marks it down,
-// and a look at the socket file every check interval notices a restarted
-// wsl-proxy (a new socket), which has lost every port, so that the router
-// sends them all again.
+// and a look at the socket file whenever its directory changes notices a
+// restarted wsl-proxy (a new socket), which has lost every port, so that
+// the router sends them all again at once.
+//
+// wsl-proxy handles each connection in a goroutine of its own and closes
+// it once it has applied the message. Two messages sent back to back (the
+// remove of a port and the add that follows it) could be applied in
+// either order, and an add that comes first fails on the port still open
+// and is then undone by the remove. So each send waits for wsl-proxy to
+// close its connection (AppliedWait at most) before it returns, and the
+// router sends the next change only then.
 package wslproxy
 
 import (
@@ -37,6 +45,12 @@ const DefaultSocket = "/run/wsl-proxy.sock"
 
 // DefaultCheckInterval is the --wslProxyCheckInterval default.
 const DefaultCheckInterval = 2 * time.Second
+
+// AppliedWait bounds how long a send waits for wsl-proxy to close the
+// connection, its sign that it applied the message. wsl-proxy closes it
+// as soon as it has opened or closed the listener; a send that runs out of
+// this time fails and is tried again.
+const AppliedWait = 5 * time.Second
 
 func init() {
 	registry.RegisterSink(registry.SinkPlugin{
@@ -77,6 +91,7 @@ type Sink struct {
 	path  string
 	every time.Duration
 	log   *zap.Logger
+	back  chan struct{} // PeerBack
 }
 
 // New checks cfg and returns a Sink.
@@ -90,7 +105,7 @@ func New(cfg Config) (*Sink, error) {
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
 	}
-	return &Sink{path: cfg.Socket, every: cfg.CheckInterval, log: cfg.Log.With(zap.String("sink", Name))}, nil
+	return &Sink{path: cfg.Socket, every: cfg.CheckInterval, log: cfg.Log.With(zap.String("sink", Name)), back: make(chan struct{}, 1)}, nil
 }
 
 func (s *Sink) dial(ctx context.Context) (net.Conn, error) {
@@ -99,9 +114,10 @@ func (s *Sink) dial(ctx context.Context) (net.Conn, error) {
 }
 
 // Send delivers c as one PortMapping (the router sends one port per
-// change).
+// change) and returns once wsl-proxy has closed the connection, that is,
+// applied it.
 func (s *Sink) Send(ctx context.Context, c core.Change) error {
-	return oneshot.Send(ctx, s.dial, wire.FromChange(c))
+	return oneshot.SendApplied(ctx, s.dial, wire.FromChange(c), AppliedWait)
 }
 
 // socketID identifies the socket file; a restarted wsl-proxy makes a new one.
@@ -126,10 +142,11 @@ func (s *Sink) socket() (socketID, bool) {
 }
 
 // WatchPeer reports a lost peer when wsl-proxy's socket is replaced or
-// reappears: wsl-proxy keeps no state across restarts. It looks at the
-// socket when inotify says its directory changed, so it costs nothing
-// while nothing changes there; where the directory cannot be watched, it
-// looks every CheckInterval.
+// reappears: wsl-proxy keeps no state across restarts. The same news goes
+// to PeerBack, so that a router waiting out its backoff after an outage
+// sends at once. It looks at the socket when inotify says its directory
+// changed, so it costs nothing while nothing changes there; where the
+// directory cannot be watched, it looks every CheckInterval.
 func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
 	if s.every <= 0 {
 		return
@@ -177,12 +194,20 @@ func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
 		case ok && (!present || id != last):
 			s.log.Info("wsl-proxy socket (re)appeared")
 			lost()
+			select {
+			case s.back <- struct{}{}:
+			default:
+			}
 		case !ok && present:
 			s.log.Warn("wsl-proxy socket is gone", zap.String("path", s.path))
 		}
 		last, present = id, ok
 	}
 }
+
+// PeerBack delivers a value when WatchPeer sees wsl-proxy's socket
+// appear or be replaced.
+func (s *Sink) PeerBack() <-chan struct{} { return s.back }
 
 // PeerKeying is ByPort: wsl-proxy keeps one listener per port and closes
 // it on any remove of that port, whatever the address.
@@ -200,8 +225,9 @@ func (s *Sink) Supports(p core.Port) error {
 
 // Interface guards.
 var (
-	_ core.Sink        = (*Sink)(nil)
-	_ core.Keyer       = (*Sink)(nil)
-	_ core.PeerWatcher = (*Sink)(nil)
-	_ core.PortFilter  = (*Sink)(nil)
+	_ core.Sink             = (*Sink)(nil)
+	_ core.Keyer            = (*Sink)(nil)
+	_ core.PeerWatcher      = (*Sink)(nil)
+	_ core.PeerBackNotifier = (*Sink)(nil)
+	_ core.PortFilter       = (*Sink)(nil)
 )

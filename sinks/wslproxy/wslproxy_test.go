@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -155,8 +157,9 @@ func TestConfigIsChecked(t *testing.T) {
 }
 
 // TestNothingOutlivesTheCalls: the sink holds no connection, so it has no
-// Close: once Send and WatchPeer have returned, the connection the send
-// made is closed at wsl-proxy's end too, and no goroutine is left.
+// Close: a send returns once wsl-proxy closed its connection (here, as
+// wsl-proxy does, once it has read the message), and once Send and
+// WatchPeer have returned, no descriptor or goroutine of theirs is left.
 func TestNothingOutlivesTheCalls(t *testing.T) {
 	ignore := goleak.IgnoreCurrent()
 	path := filepath.Join(t.TempDir(), "wsl-proxy.sock")
@@ -165,31 +168,33 @@ func TestNothingOutlivesTheCalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
+	read := make(chan []byte, 1)
 	go func() {
+		defer close(read)
 		c, err := ln.Accept()
-		if err == nil {
-			accepted <- c
+		if err != nil {
+			return
 		}
-		close(accepted)
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(c) // to the sink's half-close
+		if err == nil {
+			read <- b
+		}
 	}()
+	fds := openFiles(t)
 	s := newSink(t, wslproxy.Config{Socket: path, CheckInterval: 10 * time.Millisecond})
 	if err := s.Send(context.Background(), core.Change{Mapping: sinktest.Mapping("d", "a", 11231, 1)}); err != nil {
 		t.Fatal(err)
 	}
+	if b := <-read; len(b) == 0 {
+		t.Fatal("the peer did not read a message ending in the sink's half-close")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	s.WatchPeer(ctx, func() {})
-	c := <-accepted
-	if c == nil {
-		t.Fatal("the send's connection was not accepted")
-	}
-	defer c.Close()
-	// A connection the sink closed reads to its end; one it left open
-	// runs into the deadline.
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadAll(c); err != nil {
-		t.Errorf("the send's connection is still open: %v", err)
+	if got := openFiles(t); got != fds {
+		t.Errorf("%d descriptors open after the calls, %d before", got, fds)
 	}
 	if _, ok := any(s).(io.Closer); ok {
 		t.Error("the sink has a Close but holds nothing")
@@ -197,6 +202,50 @@ func TestNothingOutlivesTheCalls(t *testing.T) {
 	ln.Close()
 	if err := goleak.Find(ignore); err != nil {
 		t.Errorf("goroutines left behind: %v", err)
+	}
+}
+
+// openFiles counts the test process's open descriptors.
+func openFiles(t *testing.T) int {
+	t.Helper()
+	es, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(es)
+}
+
+// TestPeerThatNeverCloses: a peer that reads the message but keeps the
+// connection open has not said it applied it: the send fails when its
+// context ends, and is not taken for an outage.
+func TestPeerThatNeverCloses(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "open.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	held := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		_, _ = io.ReadAll(c)
+		held <- c
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	s := newSink(t, wslproxy.Config{Socket: path})
+	err = s.Send(ctx, core.Change{Mapping: sinktest.Mapping("d", "a", 11232, 1)})
+	if err == nil || errors.Is(err, core.ErrPeerDown) {
+		t.Errorf("err = %v, want a failure that is not PeerDown", err)
+	}
+	select {
+	case c := <-held:
+		c.Close()
+	case <-time.After(5 * time.Second):
+		t.Error("the peer never read the message")
 	}
 }
 
@@ -349,4 +398,125 @@ func TestSctpIsNotSent(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestRemoveThenAddKeepsThePort sends the remove of a port and the add
+// that follows it, 200 times, to a peer that applies each connection's
+// message in a goroutine of its own after a random delay, as wsl-proxy's
+// goroutines may be scheduled: after each pair the port is open, at the
+// address of the add (the address changes every round, and an add applied
+// before the remove would fail on the port still open, or be undone by
+// it).
+func TestRemoveThenAddKeepsThePort(t *testing.T) {
+	p := run(t, &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), Jitter: 2 * time.Millisecond})
+	s := newSink(t, wslproxy.Config{Socket: p.Path})
+	port := uint16(testenv.FreePort(t))
+	mapping := func(round int) core.Mapping {
+		m := sinktest.Mapping("docker", "c1", port, 1)
+		if round%2 == 1 {
+			m.Ports[0].HostIP = netip.IPv4Unspecified()
+		}
+		return m
+	}
+	ctx := context.Background()
+	if err := s.Send(ctx, core.Change{Mapping: mapping(0)}); err != nil {
+		t.Fatal(err)
+	}
+	for round := 1; round <= 200; round++ {
+		if err := s.Send(ctx, core.Change{Remove: true, Mapping: mapping(round - 1)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Send(ctx, core.Change{Mapping: mapping(round)}); err != nil {
+			t.Fatal(err)
+		}
+		testenv.Eventually(t, 5*time.Second, "the peer to apply both", func() (bool, string) {
+			n := len(p.Received())
+			return n == 1+2*round, fmt.Sprintf("%d messages so far", n)
+		})
+		want := wslproxytest.Entry(mapping(round).Ports[0])
+		if got := p.State(); len(got) != 1 || got[0] != want {
+			t.Fatalf("round %d: the peer listens on %q, want %q", round, got, want)
+		}
+		if err := p.Err(); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+	}
+}
+
+// TestChurnThroughTheRouter: a router in front of the same peer, whose
+// source flips a mapping between two addresses of one port, and off, as
+// fast as it can: once the source stops, the peer listens on the port at
+// the address the source last set.
+func TestChurnThroughTheRouter(t *testing.T) {
+	p := run(t, &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), Jitter: 2 * time.Millisecond})
+	r := core.NewRouter(core.RouterConfig{})
+	r.AddSink(wslproxy.Name, newSink(t, wslproxy.Config{Socket: p.Path}), nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	port := uint16(testenv.FreePort(t))
+	out := r.Emitter("docker")
+	var last core.Mapping
+	for i := range 300 {
+		m := sinktest.Mapping("docker", "c1", port, 1)
+		if i%3 == 1 {
+			m.Ports[0].HostIP = netip.IPv4Unspecified()
+		}
+		if i%3 == 2 {
+			out.Delete("c1")
+		} else {
+			out.Set(m)
+			last = m
+		}
+		if i%10 == 0 {
+			time.Sleep(time.Duration(i%7) * time.Millisecond)
+		}
+	}
+	out.Set(last)
+	want := wslproxytest.Entry(last.Ports[0])
+	testenv.Eventually(t, 10*time.Second, "the peer to listen on "+want, func() (bool, string) {
+		got := p.State()
+		return len(got) == 1 && got[0] == want, fmt.Sprintf("it listens on %q", got)
+	})
+	// And stays so: nothing still in flight undoes it.
+	time.Sleep(100 * time.Millisecond)
+	if got := p.State(); len(got) != 1 || got[0] != want {
+		t.Errorf("then the peer listens on %q, want %q", got, want)
+	}
+}
+
+// TestComingBackEndsTheBackoff: a router whose sink finds no wsl-proxy
+// waits a minute before it tries again; wsl-proxy starting ends that wait
+// at once, as its socket appears (seen through inotify: the check
+// interval is an hour).
+func TestComingBackEndsTheBackoff(t *testing.T) {
+	p := &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), RecordOnly: true}
+	obs, logs := observer.New(zap.InfoLevel)
+	r := core.NewRouter(core.RouterConfig{Backoff: core.Backoff{Initial: time.Minute, Max: time.Minute}, Log: zap.New(obs)})
+	r.AddSink(wslproxy.Name, newSink(t, wslproxy.Config{Socket: p.Path, CheckInterval: time.Hour, Log: zap.New(obs)}), nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	m := sinktest.Mapping("docker", "c1", 11241, 1)
+	r.Emitter("docker").Set(m)
+	testenv.Eventually(t, 10*time.Second, "the sink to find wsl-proxy missing", func() (bool, string) {
+		return logs.FilterMessage("peer unreachable; will retry").Len() > 0, "not yet"
+	})
+	// The socket appears listening (bound elsewhere and moved into
+	// place): one that is bound but not yet listening refuses the retry,
+	// which then waits the backoff's first step (250 ms by default).
+	final := p.Path
+	p.Path = filepath.Join(filepath.Dir(final), "binding.sock")
+	run(t, p)
+	if err := os.Rename(p.Path, final); err != nil {
+		t.Fatal(err)
+	}
+	p.Path = final
+	want := wslproxytest.Entry(m.Ports[0])
+	testenv.Eventually(t, 15*time.Second, "the port at wsl-proxy, well before the minute's backoff ends", func() (bool, string) {
+		got := p.State()
+		return len(got) == 1 && got[0] == want, fmt.Sprintf("it holds %q", got)
+	})
 }

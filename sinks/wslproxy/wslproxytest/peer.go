@@ -2,6 +2,9 @@
 // documented protocol (one PortMapping JSON document per connection on a
 // unix socket, no reply) and, like the real one, listens on each binding's
 // HostIp:HostPort and forwards TCP connections upstream. Like the real one
+// it handles each connection in a goroutine of its own and closes it once
+// it has applied the message, so that messages on connections opened back
+// to back may be applied in either order (Jitter makes that likely), and
 // it keys listeners by protocol and port alone: a remove closes the port
 // whatever address it names, and an add for a port it already listens on
 // at another address fails (and is recorded as an error).
@@ -12,11 +15,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/wire"
@@ -31,6 +36,10 @@ type Peer struct {
 	// RecordOnly keeps the state without binding the ports, for tests in
 	// which another peer binds them on the same machine.
 	RecordOnly bool
+	// Jitter, when set, delays applying each message by a random time
+	// up to it, as the scheduler may delay one connection's goroutine
+	// behind another's.
+	Jitter time.Duration
 
 	mu        sync.Mutex
 	ln        net.Listener
@@ -79,7 +88,7 @@ func (p *Peer) accept(ln net.Listener) {
 		if err != nil {
 			return
 		}
-		p.handle(c)
+		p.wg.Go(func() { p.handle(c) })
 	}
 }
 
@@ -94,6 +103,9 @@ func (p *Peer) handle(c net.Conn) {
 	if err != nil {
 		p.fail(err)
 		return
+	}
+	if p.Jitter > 0 {
+		time.Sleep(rand.N(p.Jitter))
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -160,7 +172,12 @@ func (p *Peer) listen(port core.Port) (io.Closer, error) {
 	}
 	switch port.Protocol {
 	case core.UDP:
-		return net.ListenPacket("udp", addr)
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return nil, err
+		}
+		p.wg.Go(func() { p.forwardUDP(pc, port.HostPort) })
+		return pc, nil
 	case core.TCP:
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
@@ -200,6 +217,34 @@ func (p *Peer) forward(ln net.Listener, hostPort uint16) {
 			_, _ = io.Copy(c, up)
 			<-done
 		})
+	}
+}
+
+// forwardUDP sends each datagram that arrives on pc to the upstream, one
+// way, as wsl-proxy does: nothing goes back to the sender.
+func (p *Peer) forwardUDP(pc net.PacketConn, hostPort uint16) {
+	var up net.Conn
+	defer func() {
+		if up != nil {
+			_ = up.Close()
+		}
+	}()
+	buf := make([]byte, 65535)
+	for {
+		n, _, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		if p.Upstream == nil {
+			continue
+		}
+		if up == nil {
+			if up, err = net.Dial("udp", p.Upstream(hostPort)); err != nil {
+				up = nil
+				continue
+			}
+		}
+		_, _ = up.Write(buf[:n])
 	}
 }
 

@@ -1,6 +1,7 @@
 package wslproxytest_test
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"path/filepath"
@@ -57,5 +58,53 @@ func TestListenersAreKeyedByPort(t *testing.T) {
 	send(t, p, removeAny)
 	if got, want := p.State(), []string{"udp 0.0.0.0:11301"}; !slices.Equal(got, want) {
 		t.Errorf("after a remove at 0.0.0.0: state %q, want %q", got, want)
+	}
+}
+
+// TestUDPGoesOneWay: a datagram to a UDP port the peer opened reaches the
+// upstream, and nothing comes back to its sender, as with wsl-proxy.
+func TestUDPGoesOneWay(t *testing.T) {
+	up, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	hostPort := func() int {
+		l, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		return l.LocalAddr().(*net.UDPAddr).Port
+	}()
+	p := &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), Upstream: func(uint16) string { return up.LocalAddr().String() }}
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer p.Stop()
+	send(t, p, fmt.Sprintf(`{"remove":false,"ports":{"53/udp":[{"HostIp":"127.0.0.1","HostPort":"%d"}]}}`, hostPort))
+	if err := p.Err(); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("udp", fmt.Sprintf("127.0.0.1:%d", hostPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("query")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	_ = up.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, from, err := up.ReadFrom(buf)
+	if err != nil || string(buf[:n]) != "query" {
+		t.Fatalf("upstream read %q, %v", buf[:n], err)
+	}
+	if _, err := up.WriteTo([]byte("answer"), from); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, err := c.Read(buf); err == nil {
+		t.Errorf("the sender got %q back", buf[:n])
 	}
 }
