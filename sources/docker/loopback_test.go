@@ -115,3 +115,68 @@ func waitRule(t *testing.T, ns, rule string) {
 		return strings.Contains(rules, rule+"\n"), rules
 	})
 }
+
+// TestLoopbackPortSurvivesADockerdRestart: a container published on
+// 127.0.0.1 that outlives a dockerd restart (live restore; and one with a
+// restart policy, which a restarted dockerd starts again) answers through
+// the tunnel before and after the restart. A restarted dockerd deletes and
+// appends its own PREROUTING jump to DOCKER again, behind whatever rules
+// were there, and flushes DOCKER, so rules that only work in front of the
+// engine's, or that the restart removed, cut the port off.
+func TestLoopbackPortSurvivesADockerdRestart(t *testing.T) {
+	d := requireEngine(t)
+	n := seq.Add(1)
+	const (
+		guestIP = "198.18.242.2"
+		hostIP  = "198.18.242.1"
+	)
+	tunnel := fmt.Sprintf("gatun%d", n)
+	host := testenv.Netns(t)
+	loopbacknattest.Link(t, loopbacknattest.End{Netns: d.Netns, Iface: tunnel, Addr: guestIP + "/24"},
+		loopbacknattest.End{Netns: host, Iface: "eth0", Addr: hostIP + "/24"})
+	testenv.RunIn(t, host, "ip", "route", "add", "198.18.0.0/16", "via", guestIP)
+
+	s := newSourceNAT(t, loopbacknat.Options{Enabled: true, Iptables: wrapper, Interface: tunnel, GuestIP: guestIP})
+	r := sourcetest.Start(t, docker.Name, s)
+	live, always := 18400+int(n), 18500+int(n)
+	liveID := run(t, d, "-p", fmt.Sprintf("127.0.0.1:%d:80", live))
+	defer func() { _, _ = d.Docker("rm", "-f", liveID) }()
+	alwaysID := run(t, d, "--restart=always", "-p", fmt.Sprintf("127.0.0.1:%d:80", always))
+	defer func() { _, _ = d.Docker("rm", "-f", alwaysID) }()
+	hostNS := loopbacknattest.NetnsPath(host)
+	answers := func(when string) {
+		t.Helper()
+		for _, c := range []struct {
+			id   string
+			port int
+		}{{liveID, live}, {alwaysID, always}} {
+			addr := fmt.Sprintf("%s:%d", guestIP, c.port)
+			var body string
+			testenv.Eventually(t, 30*time.Second, when+": "+addr+" through the tunnel", func() (bool, string) {
+				var err error
+				body, err = loopbacknattest.Get(hostNS, addr)
+				if err != nil {
+					return false, err.Error()
+				}
+				return true, ""
+			})
+			if body != c.id[:12] {
+				t.Errorf("%s: %s answered %q, want the container's hostname %q", when, addr, body, c.id[:12])
+			}
+		}
+	}
+	waitDesired(t, r, liveID, func(_ core.Mapping, ok bool) bool { return ok })
+	waitDesired(t, r, alwaysID, func(_ core.Mapping, ok bool) bool { return ok })
+	answers("before the restart")
+
+	d.Stop()
+	if err := d.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if t.Failed() {
+			t.Logf("nat rules after the restart:\n%s", testenv.NatRules(t, d.Netns))
+		}
+	}()
+	answers("after the restart")
+}

@@ -2,22 +2,32 @@
 // the host reach container ports published on 127.0.0.1. The host side
 // reaches the guest through one interface (IFACE, the tunnel: eth0) at one
 // address (GUEST); for each binding (protocol, host port P, backend C:c) the
-// manager keeps three rules in the nat table, and every one of them matches
-// only traffic of that path:
+// manager keeps one rule in the nat table, which matches only traffic of
+// that path:
 //
-//	PREROUTING  -d GUEST/32 -i IFACE -p tcp -m tcp --dport P -m comment --comment "guestagent-loopback:OWNER" -j DNAT --to-destination 127.0.0.1:P
-//	POSTROUTING -s 127.0.0.1/32 -o IFACE -p tcp -m tcp --sport P -m comment --comment "guestagent-loopback:OWNER" -j MASQUERADE
-//	<chain>     -d GUEST/32 -i IFACE -p tcp -m tcp --dport P -m comment --comment "guestagent-loopback:OWNER" -j DNAT --to-destination C:c
+//	<chain> -d GUEST/32 -i IFACE -p tcp -m tcp --dport P -m comment --comment "guestagent-loopback:OWNER" -j DNAT --to-destination C:c
 //
-// The last one is appended to the engine's chain (DOCKER, or CNI's
-// per-container CNI-DN-* chain), after the engine's own rule, which matches
-// only traffic to 127.0.0.1. A port published on 127.0.0.1 thus answers on
-// the guest's address for connections that come in through the tunnel, and
-// stays refused, as without these rules, for connections from the bridge
-// networks, from the guest's other interfaces, to the guest's other
-// addresses (a bridge gateway), and from the guest itself (locally made
-// packets have no input interface). POSTROUTING cannot match an input
-// interface; its rule is bound to packets from 127.0.0.1:P leaving on IFACE.
+// It is appended to the engine's chain (DOCKER, or CNI's per-container
+// CNI-DN-* chain), after the engine's own rule, which matches only traffic
+// to 127.0.0.1. The engine's PREROUTING jump to that chain (for local
+// destinations) brings the traffic to it, so the rule works wherever the
+// engine's own rules do, and the order of PREROUTING does not matter. A
+// port published on 127.0.0.1 thus answers on the guest's address for
+// connections that come in through the tunnel, and stays refused, as
+// without the rule, for connections from the bridge networks, from the
+// guest's other interfaces, to the guest's other addresses (a bridge
+// gateway), and from the guest itself (locally made packets have no input
+// interface).
+//
+// Earlier versions also wrote a PREROUTING DNAT of GUEST:P to 127.0.0.1:P
+// and a POSTROUTING masquerade of 127.0.0.1:P on IFACE. Without
+// net.ipv4.conf.IFACE.route_localnet=1 (which neither the engines nor the
+// agent set) the kernel drops a packet from IFACE sent to 127.0.0.1, so
+// that pair carried nothing while the engine's jump came first, and cut
+// the port off once a restarted dockerd appended its jump again behind it
+// (measured: TestLoopbackPortSurvivesADockerdRestart in sources/docker
+// timed out through the tunnel with the pair, and answers without it).
+// Sync deletes such rules of its owner.
 //
 // OWNER names the source the manager works for (docker, containerd), so
 // that the managers of two sources on one guest never delete each other's
@@ -156,18 +166,12 @@ func (m *Manager) rules(b Binding) []rule {
 	proto := string(b.Protocol)
 	port := strconv.Itoa(int(b.HostPort))
 	// In the order iptables prints them, so that Sync recognises them.
-	fromHost := []string{"-d", m.cfg.GuestIP.String() + "/32", "-i", m.cfg.Interface}
-	tag := []string{"-m", "comment", "--comment", m.comment}
-	match := func(dir string) []string { return []string{"-p", proto, "-m", proto, dir, port} }
-	join := func(parts ...[]string) []string { return slices.Concat(parts...) }
-	return []rule{
-		{"PREROUTING", join(fromHost, match("--dport"), tag,
-			[]string{"-j", "DNAT", "--to-destination", "127.0.0.1:" + port})},
-		{"POSTROUTING", join([]string{"-s", "127.0.0.1/32", "-o", m.cfg.Interface}, match("--sport"), tag,
-			[]string{"-j", "MASQUERADE"})},
-		{chain, join(fromHost, match("--dport"), tag,
-			[]string{"-j", "DNAT", "--to-destination", b.Backend.String()})},
-	}
+	return []rule{{chain, []string{
+		"-d", m.cfg.GuestIP.String() + "/32", "-i", m.cfg.Interface,
+		"-p", proto, "-m", proto, "--dport", port,
+		"-m", "comment", "--comment", m.comment,
+		"-j", "DNAT", "--to-destination", b.Backend.String(),
+	}}}
 }
 
 // Valid reports whether b can have rules: tcp, udp or sctp to an IPv4

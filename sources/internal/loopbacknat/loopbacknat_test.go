@@ -47,8 +47,6 @@ func manager(t *testing.T, ns, owner, chain string) *loopbacknat.Manager {
 var b8081 = loopbacknat.Binding{Protocol: core.TCP, HostPort: 8081, Backend: netip.MustParseAddrPort("198.18.0.2:80")}
 
 var rules8081 = []string{
-	`-A PREROUTING -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 8081 -m comment --comment "guestagent-loopback:docker" -j DNAT --to-destination 127.0.0.1:8081`,
-	`-A POSTROUTING -s 127.0.0.1/32 -o eth0 -p tcp -m tcp --sport 8081 -m comment --comment "guestagent-loopback:docker" -j MASQUERADE`,
 	`-A DOCKER -d 192.168.127.2/32 -i eth0 -p tcp -m tcp --dport 8081 -m comment --comment "guestagent-loopback:docker" -j DNAT --to-destination 198.18.0.2:80`,
 }
 
@@ -76,7 +74,7 @@ func TestRulesAddedAfterDockersAndRemoved(t *testing.T) {
 		t.Fatalf("rules:\n%s\nwant:\n%s", got, strings.Join(rules8081, "\n"))
 	}
 	docker := strings.Index(all, "-A DOCKER -d 127.0.0.1/32")
-	appended := strings.Index(all, rules8081[2])
+	appended := strings.Index(all, rules8081[0])
 	if docker < 0 || appended < docker {
 		t.Errorf("the guest-address rule must come after Docker's own:\n%s", all)
 	}
@@ -91,9 +89,9 @@ func TestRulesAddedAfterDockersAndRemoved(t *testing.T) {
 	}
 }
 
-// TestEveryRuleIsBoundToTheTunnel pins the narrowness: each DNAT rule
-// matches only the guest address and the tunnel interface, and the
-// masquerade only packets leaving through the tunnel.
+// TestEveryRuleIsBoundToTheTunnel pins the narrowness: each binding has
+// one rule, in the engine's chain, which matches only the guest address
+// and the tunnel interface; nothing goes into PREROUTING or POSTROUTING.
 func TestEveryRuleIsBoundToTheTunnel(t *testing.T) {
 	ns, m := setup(t)
 	udp := loopbacknat.Binding{Protocol: core.UDP, HostPort: 5353, Backend: netip.MustParseAddrPort("198.18.0.2:53"), Chain: "DOCKER"}
@@ -101,16 +99,12 @@ func TestEveryRuleIsBoundToTheTunnel(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := ours(testenv.NatRules(t, ns), "")
-	if len(got) != 6 {
-		t.Fatalf("%d rules, want 6: %v", len(got), got)
+	if len(got) != 2 {
+		t.Fatalf("%d rules, want 2: %v", len(got), got)
 	}
 	for _, r := range got {
-		bound := strings.Contains(r, " -d 192.168.127.2/32 -i eth0 ")
-		if strings.HasPrefix(r, "-A POSTROUTING ") {
-			bound = strings.Contains(r, " -s 127.0.0.1/32 -o eth0 ")
-		}
-		if !bound {
-			t.Errorf("rule not bound to the tunnel: %s", r)
+		if !strings.HasPrefix(r, "-A DOCKER ") || !strings.Contains(r, " -d 192.168.127.2/32 -i eth0 ") {
+			t.Errorf("rule not in the engine's chain, bound to the tunnel: %s", r)
 		}
 	}
 }
@@ -121,14 +115,14 @@ func TestSetReplacesChangedBindings(t *testing.T) {
 	if err := m.Set("c1", []loopbacknat.Binding{b8081, udp}); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(ours(testenv.NatRules(t, ns), "")); n != 6 {
-		t.Fatalf("%d rules, want 6", n)
+	if n := len(ours(testenv.NatRules(t, ns), "")); n != 2 {
+		t.Fatalf("%d rules, want 2", n)
 	}
 	if err := m.Set("c1", []loopbacknat.Binding{udp}); err != nil {
 		t.Fatal(err)
 	}
 	got := ours(testenv.NatRules(t, ns), "")
-	if len(got) != 3 || strings.Contains(strings.Join(got, ""), "8081") {
+	if len(got) != 1 || strings.Contains(strings.Join(got, ""), "8081") {
 		t.Errorf("after dropping 8081: %v", got)
 	}
 }
@@ -141,6 +135,14 @@ func TestSyncRemovesLeftovers(t *testing.T) {
 	}
 	if err := m.Set("c1", []loopbacknat.Binding{b8081}); err != nil {
 		t.Fatal(err)
+	}
+	// The PREROUTING and POSTROUTING rules earlier versions wrote for
+	// each binding.
+	for _, r := range [][]string{
+		{"PREROUTING", "-d", "192.168.127.2/32", "-i", "eth0", "-p", "tcp", "-m", "tcp", "--dport", "8081", "-m", "comment", "--comment", "guestagent-loopback:docker", "-j", "DNAT", "--to-destination", "127.0.0.1:8081"},
+		{"POSTROUTING", "-s", "127.0.0.1/32", "-o", "eth0", "-p", "tcp", "-m", "tcp", "--sport", "8081", "-m", "comment", "--comment", "guestagent-loopback:docker", "-j", "MASQUERADE"},
+	} {
+		testenv.RunIn(t, ns, append([]string{"iptables", "-t", "nat", "-A"}, r...)...)
 	}
 	// A new manager, as after an agent restart, knows only what runs now.
 	fresh := manager(t, ns, "docker", "DOCKER")
@@ -185,7 +187,7 @@ func TestSyncLeavesOtherOwnersRules(t *testing.T) {
 		t.Fatal(err)
 	}
 	cniRules := ours(testenv.NatRules(t, ns), containerd.Comment())
-	if len(cniRules) != 3 {
+	if len(cniRules) != 1 {
 		t.Fatalf("containerd's rules: %v", cniRules)
 	}
 
@@ -301,7 +303,7 @@ func TestQueueAppliesLatestRequestsInTurn(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	testenv.Eventually(t, 30*time.Second, "the queue to drain", func() (bool, string) {
 		got := ours(testenv.NatRules(t, ns), "")
-		return m.Pending() == 0 && len(got) == 3, strings.Join(got, "\n")
+		return m.Pending() == 0 && len(got) == 1, strings.Join(got, "\n")
 	})
 	got := strings.Join(ours(testenv.NatRules(t, ns), ""), "\n")
 	if strings.Contains(got, "8081") || !strings.Contains(got, "5353") {
@@ -350,8 +352,8 @@ func TestOptionsFromFlags(t *testing.T) {
 }
 
 // TestEachRuleCostsOneRun counts the iptables runs (through a wrapper that
-// logs each one): a binding's three rules cost one run each to add and
-// one each to delete, setting an owner's bindings again costs none, and a
+// logs each one): a binding's rule costs one run to add and one to
+// delete, setting an owner's bindings again costs none, and a
 // rule two owners share is written once and deleted only when the last of
 // them lets it go.
 func TestEachRuleCostsOneRun(t *testing.T) {
@@ -393,11 +395,11 @@ func TestEachRuleCostsOneRun(t *testing.T) {
 		runs  int
 		rules int
 	}{
-		{"c1 publishes 8081", func() error { return m.Set("c1", []loopbacknat.Binding{b8081}) }, 3, 3},
-		{"c1 again, unchanged", func() error { return m.Set("c1", []loopbacknat.Binding{b8081}) }, 0, 3},
-		{"c2 publishes the same", func() error { return m.Set("c2", []loopbacknat.Binding{b8081}) }, 0, 3},
-		{"c1 goes", func() error { return m.Remove("c1") }, 0, 3},
-		{"c2 goes", func() error { return m.Remove("c2") }, 3, 0},
+		{"c1 publishes 8081", func() error { return m.Set("c1", []loopbacknat.Binding{b8081}) }, 1, 1},
+		{"c1 again, unchanged", func() error { return m.Set("c1", []loopbacknat.Binding{b8081}) }, 0, 1},
+		{"c2 publishes the same", func() error { return m.Set("c2", []loopbacknat.Binding{b8081}) }, 0, 1},
+		{"c1 goes", func() error { return m.Remove("c1") }, 0, 1},
+		{"c2 goes", func() error { return m.Remove("c2") }, 1, 0},
 		{"c2 goes again", func() error { return m.Remove("c2") }, 0, 0},
 	} {
 		if err := step.do(); err != nil {
