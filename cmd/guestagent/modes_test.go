@@ -175,6 +175,9 @@ func TestNetworkingModes(t *testing.T) {
 			if err := wsl.Err(); err != nil {
 				t.Errorf("wsl-proxy peer: %v", err)
 			}
+			if n := wsl.Truncated(); n > 0 {
+				t.Errorf("wsl-proxy got %d messages cut short", n)
+			}
 		})
 	}
 }

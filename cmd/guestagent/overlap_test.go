@@ -155,6 +155,9 @@ func TestOverlappingClaimsInTheRealConfiguration(t *testing.T) {
 	if err := wsl.Err(); err != nil {
 		t.Errorf("wsl-proxy peer: %v", err)
 	}
+	if n := wsl.Truncated(); n > 0 {
+		t.Errorf("wsl-proxy got %d messages cut short", n)
+	}
 	cancel()
 	stopped = true
 	if code := <-done; code != 0 {

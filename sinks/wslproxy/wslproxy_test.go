@@ -43,6 +43,9 @@ func run(t *testing.T, p *wslproxytest.Peer) *wslproxytest.Peer {
 		if err := p.Err(); err != nil {
 			t.Errorf("peer errors: %v", err)
 		}
+		if n := p.Truncated(); n > 0 {
+			t.Errorf("peer got %d messages cut short", n)
+		}
 	})
 	return p
 }

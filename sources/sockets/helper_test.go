@@ -45,6 +45,11 @@ func TestMain(m *testing.M) {
 //	serve PROTO ADDR:PORT             a TCP server that echoes what it gets
 //	                                  and answers "bye\n" to its end, or a
 //	                                  UDP server that answers "echo:" + datagram
+//	client udp ADDR:PORT HOW          a UDP client that sends one datagram to
+//	                                  ADDR:PORT without connecting, and stays
+//	                                  open: its port picked by that send
+//	                                  (HOW autobind) or by a bind to port 0
+//	                                  (HOW port0)
 //	churn ADDR:PORT RATE              connect to ADDR:PORT and close at once,
 //	                                  RATE times a second, until in ends or
 //	                                  "churn ADDR:PORT 0"
@@ -111,6 +116,15 @@ func runHelper(in io.Reader, out io.Writer) int {
 				}
 				_, _ = c.Write([]byte("x"))
 				return c.Close()
+			case "client":
+				if len(f) < 4 {
+					return fmt.Errorf("short command %q", f)
+				}
+				c, err := udpClient(f[2], f[3])
+				if err == nil {
+					open["client "+f[2]+" "+f[3]] = append(open["client "+f[2]+" "+f[3]], c)
+				}
+				return err
 			case "flash":
 				ms, _ := strconv.Atoi(f[3])
 				c, err := listen(f[1], f[2], "")
@@ -181,6 +195,43 @@ func listen(proto, addr, opts string) (io.Closer, error) {
 		return lc.ListenPacket(context.Background(), network, addr)
 	}
 	return lc.Listen(context.Background(), network, addr)
+}
+
+// udpClient opens an unconnected UDP socket that sends one datagram to
+// addr, its port picked by the kernel (see runHelper).
+func udpClient(addr, how string) (io.Closer, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	family := unix.AF_INET6
+	var to unix.Sockaddr = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	var wildcard unix.Sockaddr = &unix.SockaddrInet6{}
+	if ap.Addr().Is4() {
+		family = unix.AF_INET
+		to = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+		wildcard = &unix.SockaddrInet4{}
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "udp client")
+	switch how {
+	case "port0":
+		err = unix.Bind(fd, wildcard)
+	case "autobind":
+	default:
+		err = fmt.Errorf("client: HOW %q is neither autobind nor port0", how)
+	}
+	if err == nil {
+		err = unix.Sendto(fd, []byte("x"), 0, to)
+	}
+	if err != nil {
+		_ = f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 // serve opens a TCP or UDP echo server on addr (see runHelper); it stops

@@ -114,6 +114,13 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 			// the wake-ups note themselves.
 			wake.noteUDP(udpCookies(socks))
 		}
+		if wake != nil && wake.UDP && woken != nil {
+			// A UDP socket whose port the kernel picked (a client's) is
+			// no claim; the programs tell which ones a process bound.
+			socks = slices.DeleteFunc(socks, func(sk Socket) bool {
+				return sk.Protocol == core.UDP && sk.Cookie != 0 && !wake.serves(sk.Cookie)
+			})
+		}
 		if firstDump.IsZero() {
 			firstDump = now
 		}

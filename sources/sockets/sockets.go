@@ -4,8 +4,9 @@
 // API reports. It reads them through NETLINK_SOCK_DIAG (inet_diag) dumps:
 // when an eBPF program on the inet_sock_set_state tracepoint tells it that
 // a TCP listener opened or closed (see wake.go), when cgroup socket
-// programs tell it that a UDP socket was bound or released (see
-// udpwake.go), every Recheck as a safety net (every Interval when the UDP
+// programs tell it that a UDP socket was bound to a port its process
+// named, or released (see udpwake.go; a UDP socket whose port the kernel
+// picked, a client's, is then never reported), every Recheck as a safety net (every Interval when the UDP
 // programs cannot run), and again when a socket it holds back is due.
 // Without eBPF (Config.Wakeups, or a kernel that refuses it) the
 // Interval's dumps alone remain.

@@ -454,6 +454,34 @@ func TestWakeupsReportListenersAtOnce(t *testing.T) {
 	}
 }
 
+// TestUDPClientsAreNotClaims: with the eBPF wake-ups, UDP sockets whose
+// port the kernel picked (an unconnected client's first send bound it, or
+// a bind to port 0) are never reported, on IPv4 and IPv6, while a UDP
+// server opened after them is.
+func TestUDPClientsAreNotClaims(t *testing.T) {
+	r := newRig(t)
+	r.wakeups = sockets.WakeupsEBPF
+	obs, logs := observer.New(zap.InfoLevel)
+	router, _ := run(t, r.source(t, time.Hour, 50*time.Millisecond, zap.New(obs)))
+	// The clients come after the first dump: the sockets it finds are
+	// taken for servers.
+	testenv.Eventually(t, 30*time.Second, "the first snapshot", func() (bool, string) {
+		return logs.FilterMessage("sockets listed").Len() > 0, "not yet"
+	})
+	for _, to := range []string{"127.0.0.1:9", "[::1]:9"} {
+		for _, how := range []string{"autobind", "port0"} {
+			r.h.do(t, "client udp %s %s", to, how)
+		}
+	}
+	p := r.nextPort()
+	server := fmt.Sprintf("udp/0.0.0.0:%d", p)
+	r.h.do(t, "listen udp 0.0.0.0:%d", p)
+	waitHas(t, router, server)
+	if got := ids(router); !slices.Equal(got, []string{server}) {
+		t.Errorf("reported %q, want the server %q alone", got, server)
+	}
+}
+
 // TestWakeupsSeeSocketsOlderThanThem: a UDP socket bound before the
 // source starts (so before its wake-ups) is in its first report, and its
 // close is reported by a dump a wake-up brings, with an interval of an

@@ -15,64 +15,96 @@ import (
 
 // UDP has no tracepoint of its own. Its wake-ups come from cgroup socket
 // programs attached to the root of the cgroup v2 hierarchy, which run for
-// every socket of every process below it: after a bind (post_bind4 and
-// post_bind6) and when a socket is released. They only ever allow what
-// they see (they return 1). A UDP socket of the namespace read that a
-// process binds, unless the process is one of the excluded commands, is
-// noted by its socket cookie in a map and wakes the reader; its release
-// wakes it again only when the map has its cookie. A client socket, which
-// a send binds implicitly without bind(), thus wakes nothing, opening or
-// closing. The sockets that were bound before the programs were attached
-// are noted from the dumps (see noteUDP).
+// every socket of every process below it: before a bind (bind4, bind6),
+// after it (post_bind4, post_bind6) and when a socket is released. They
+// only ever allow what they see (they return 1).
+//
+// A bind of a UDP socket of the namespace read to a port the process names
+// (not port 0), unless the process is one of the excluded commands, notes
+// the socket by its cookie in a map (before the bind, so that no dump can
+// see the socket bound and not yet noted); once bound, a noted socket
+// wakes the reader, and its release wakes it again. A socket whose port
+// the kernel picks, by a bind to port 0 or implicitly by a client's first
+// send, is never noted: it wakes nothing, and it is not a server, so the
+// source does not report it (see wakeups.serves). The sockets that were
+// bound before the programs were attached are noted from the first dump
+// (see noteUDP), servers or not: nothing tells the two apart any more.
 
-// Offsets in struct bpf_sock, the context of cgroup socket programs.
-const bpfSockProtocol = 12
+// Offsets in struct bpf_sock, the context of the post_bind and release
+// programs, and in struct bpf_sock_addr, that of the bind programs.
+const (
+	bpfSockProtocol     = 12
+	bpfSockAddrUserPort = 24
+	bpfSockAddrProtocol = 36
+)
 
 // udpMapSize bounds the sockets noted; past it the oldest are forgotten
-// (their close is then seen by the next periodic dump alone).
+// (the source then no longer reports them, and their close is seen by the
+// next periodic dump alone).
 const udpMapSize = 65536
 
-// udpProgram returns the program for attach (post_bind4, post_bind6 or
-// sock_release), which writes a record (both words 0) to ring for a UDP
-// socket of the namespace whose netns cookie is netns, as the comment
-// above says, noting or forgetting it in bound.
-func udpProgram(ring, bound *ebpf.Map, netns uint64, comms []string, release bool) asm.Instructions {
+// udpBindProgram returns the program for bind4 or bind6, which notes in
+// bound a UDP socket of the namespace whose netns cookie is netns, bound
+// to a port the process names, unless the process is one of comms.
+func udpBindProgram(bound *ebpf.Map, netns uint64, comms []string) asm.Instructions {
+	insns := asm.Instructions{
+		asm.Mov.Reg(asm.R6, asm.R1), // r6 = ctx (struct bpf_sock_addr)
+		asm.LoadMem(asm.R1, asm.R6, bpfSockAddrProtocol, asm.Word),
+		asm.JNE.Imm(asm.R1, unix.IPPROTO_UDP, "out"),
+		asm.LoadMem(asm.R1, asm.R6, bpfSockAddrUserPort, asm.Word),
+		asm.JEq.Imm(asm.R1, 0, "out"), // the kernel picks the port: a client's
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.FnGetNetnsCookie.Call(),
+		asm.LoadImm(asm.R1, int64(netns), asm.DWord),
+		asm.JNE.Reg(asm.R0, asm.R1, "out"),
+	}
+	insns = append(insns, commFilter(comms)...)
+	return append(insns,
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.FnGetSocketCookie.Call(),
+		asm.StoreMem(asm.R10, slotRead, asm.R0, asm.DWord), // the key
+		asm.Mov.Imm(asm.R1, 1),
+		asm.StoreMem(asm.R10, slotEvent, asm.R1, asm.Word), // the value
+		asm.LoadMapPtr(asm.R1, bound.FD()),
+		asm.Mov.Reg(asm.R2, asm.R10),
+		asm.Add.Imm(asm.R2, slotRead),
+		asm.Mov.Reg(asm.R3, asm.R10),
+		asm.Add.Imm(asm.R3, slotEvent),
+		asm.Mov.Imm(asm.R4, 0), // BPF_ANY
+		asm.FnMapUpdateElem.Call(),
+		asm.Mov.Imm(asm.R0, 1).WithSymbol("out"), // allow, always
+		asm.Return(),
+	)
+}
+
+// udpProgram returns the program for post_bind4, post_bind6 or
+// sock_release, which writes a record (both words 0) to ring for a UDP
+// socket noted in bound (see udpBindProgram), forgetting it on release.
+func udpProgram(ring, bound *ebpf.Map, release bool) asm.Instructions {
 	insns := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1), // r6 = ctx (struct bpf_sock)
 		asm.LoadMem(asm.R1, asm.R6, bpfSockProtocol, asm.Word),
 		asm.JNE.Imm(asm.R1, unix.IPPROTO_UDP, "out"),
 		asm.Mov.Reg(asm.R1, asm.R6),
-		asm.FnGetNetnsCookie.Call(),
-		asm.LoadImm(asm.R1, int64(netns), asm.DWord),
-		asm.JNE.Reg(asm.R0, asm.R1, "out"),
-		asm.Mov.Reg(asm.R1, asm.R6),
 		asm.FnGetSocketCookie.Call(),
 		asm.StoreMem(asm.R10, slotRead, asm.R0, asm.DWord), // the key
+		asm.LoadMapPtr(asm.R1, bound.FD()),
+		asm.Mov.Reg(asm.R2, asm.R10),
+		asm.Add.Imm(asm.R2, slotRead),
 	}
 	if release {
 		insns = append(insns,
-			asm.LoadMapPtr(asm.R1, bound.FD()),
-			asm.Mov.Reg(asm.R2, asm.R10),
-			asm.Add.Imm(asm.R2, slotRead),
 			asm.FnMapDeleteElem.Call(),
 			asm.JNE.Imm(asm.R0, 0, "out"), // not noted: a client's, or an excluded command's
 		)
 	} else {
-		insns = append(insns, commFilter(comms)...)
 		insns = append(insns,
-			asm.Mov.Imm(asm.R1, 1),
-			asm.StoreMem(asm.R10, slotEvent, asm.R1, asm.Word), // the value
-			asm.LoadMapPtr(asm.R1, bound.FD()),
-			asm.Mov.Reg(asm.R2, asm.R10),
-			asm.Add.Imm(asm.R2, slotRead),
-			asm.Mov.Reg(asm.R3, asm.R10),
-			asm.Add.Imm(asm.R3, slotEvent),
-			asm.Mov.Imm(asm.R4, 0), // BPF_ANY
-			asm.FnMapUpdateElem.Call(),
+			asm.FnMapLookupElem.Call(),
+			asm.JEq.Imm(asm.R0, 0, "out"), // not noted
 		)
 	}
 	return append(insns,
-		asm.Mov.Imm(asm.R1, 0).WithSymbol("emit"),
+		asm.Mov.Imm(asm.R1, 0),
 		asm.StoreMem(asm.R10, slotEvent, asm.R1, asm.DWord),
 		asm.LoadMapPtr(asm.R1, ring.FD()),
 		asm.Mov.Reg(asm.R2, asm.R10),
@@ -127,23 +159,34 @@ func (w *wakeups) attachUDP(f wakeFilter) error {
 	if w.bound, err = ebpf.NewMap(&ebpf.MapSpec{Name: "udp_bound", Type: ebpf.LRUHash, KeySize: 8, ValueSize: 4, MaxEntries: udpMapSize}); err != nil {
 		return fmt.Errorf("creating the map of bound UDP sockets: %w", err)
 	}
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4PostBind, ebpf.AttachCGroupInet6PostBind, ebpf.AttachCgroupInetSockRelease} {
+	programs := []struct {
+		typ   ebpf.ProgramType
+		at    ebpf.AttachType
+		insns asm.Instructions
+	}{
+		{ebpf.CGroupSockAddr, ebpf.AttachCGroupInet4Bind, udpBindProgram(w.bound, f.netnsCookie, f.comms)},
+		{ebpf.CGroupSockAddr, ebpf.AttachCGroupInet6Bind, udpBindProgram(w.bound, f.netnsCookie, f.comms)},
+		{ebpf.CGroupSock, ebpf.AttachCGroupInet4PostBind, udpProgram(w.ring, w.bound, false)},
+		{ebpf.CGroupSock, ebpf.AttachCGroupInet6PostBind, udpProgram(w.ring, w.bound, false)},
+		{ebpf.CGroupSock, ebpf.AttachCgroupInetSockRelease, udpProgram(w.ring, w.bound, true)},
+	}
+	for _, p := range programs {
 		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 			Name:         "udp_changes",
-			Type:         ebpf.CGroupSock,
-			AttachType:   at,
-			Instructions: udpProgram(w.ring, w.bound, f.netnsCookie, f.comms, at == ebpf.AttachCgroupInetSockRelease),
+			Type:         p.typ,
+			AttachType:   p.at,
+			Instructions: p.insns,
 			License:      "Dual MIT/GPL",
 		})
 		if err != nil {
 			w.closeUDP()
-			return fmt.Errorf("loading the UDP program (%s): %w", at, err)
+			return fmt.Errorf("loading the UDP program (%s): %w", p.at, err)
 		}
 		w.udp = append(w.udp, prog)
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: root, Attach: at, Program: prog})
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: root, Attach: p.at, Program: prog})
 		if err != nil {
 			w.closeUDP()
-			return fmt.Errorf("attaching the UDP program (%s) to %s: %w", at, root, err)
+			return fmt.Errorf("attaching the UDP program (%s) to %s: %w", p.at, root, err)
 		}
 		w.links = append(w.links, l)
 	}
@@ -161,6 +204,14 @@ func (w *wakeups) noteUDP(cookies []uint64) {
 	for _, c := range cookies {
 		_ = w.bound.Update(c, one, ebpf.UpdateAny)
 	}
+}
+
+// serves reports whether the UDP socket with cookie is a server: one
+// noted by the programs (bound to a port its process named) or by
+// noteUDP (bound before them).
+func (w *wakeups) serves(cookie uint64) bool {
+	var v uint32
+	return w.bound != nil && w.bound.Lookup(cookie, &v) == nil
 }
 
 func (w *wakeups) closeUDP() {

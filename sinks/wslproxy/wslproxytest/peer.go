@@ -46,6 +46,7 @@ type Peer struct {
 	listeners map[string]listener // by "proto port"
 	received  []wire.PortMapping
 	errs      []error
+	truncated int
 	wg        sync.WaitGroup
 }
 
@@ -96,6 +97,14 @@ func (p *Peer) handle(c net.Conn) {
 	defer c.Close()
 	var pm wire.PortMapping
 	if err := json.NewDecoder(io.LimitReader(c, 1<<20)).Decode(&pm); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			// The sender closed before the message ended: a sender
+			// killed while it sent. Counted, not an error.
+			p.mu.Lock()
+			p.truncated++
+			p.mu.Unlock()
+			return
+		}
 		p.fail(fmt.Errorf("decoding message: %w", err))
 		return
 	}
@@ -265,6 +274,15 @@ func (p *Peer) Received() []wire.PortMapping {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return slices.Clone(p.received)
+}
+
+// Truncated returns how many connections ended before their message did
+// (none at all, or part of one): what a sender killed while it sends
+// leaves. wsl-proxy logs and drops them; Err does not count them.
+func (p *Peer) Truncated() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.truncated
 }
 
 // Err returns the errors the peer met (undecodable messages, ports it could

@@ -108,3 +108,26 @@ func TestUDPGoesOneWay(t *testing.T) {
 		t.Errorf("the sender got %q back", buf[:n])
 	}
 }
+
+// TestCutShortIsCountedApart: a connection closed before its message
+// ended (nothing, or part of a document) is what a sender killed mid-send
+// leaves: counted by Truncated, not an error; a malformed one is an error.
+func TestCutShortIsCountedApart(t *testing.T) {
+	p := &wslproxytest.Peer{Path: filepath.Join(t.TempDir(), "wsl-proxy.sock"), RecordOnly: true}
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer p.Stop()
+	send(t, p, "")
+	send(t, p, `{"remove":false,"ports":{"80/tcp":[{"HostIp":"127.0.0.1",`)
+	if n := p.Truncated(); n != 2 {
+		t.Errorf("Truncated() = %d, want 2", n)
+	}
+	if err := p.Err(); err != nil {
+		t.Errorf("Err() = %v for messages cut short", err)
+	}
+	send(t, p, `{"remove":nope}`)
+	if err := p.Err(); err == nil {
+		t.Error("a malformed message is no error")
+	}
+}
