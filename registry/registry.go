@@ -37,6 +37,32 @@ type Options struct {
 	K8sServiceListenerAddr netip.Addr
 	// K8sAPIPort is the Kubernetes API server port.
 	K8sAPIPort uint16
+	// Entries are where the selected sinks' peers bring the host side's
+	// traffic into the guest besides the tunnel (whose interface and
+	// address the sources' own flags name): sources that make
+	// loopback-only ports reachable, by NAT rules or relays, open them on
+	// each of these too.
+	Entries []Entry
+}
+
+// Entry is an interface of the guest and the guest's address on it,
+// through which a sink's peer brings the host side's traffic in
+// (wsl-proxy's upstream: veth-rd-ns, 192.168.143.1).
+type Entry struct {
+	// Sink names the sink whose peer comes in here.
+	Sink      string
+	Interface string
+	Addr      netip.Addr
+}
+
+// String renders e as "sink: interface address".
+func (e Entry) String() string { return e.Sink + ": " + e.Interface + " " + e.Addr.String() }
+
+// Entrance is implemented by sinks whose peer brings traffic in through an
+// entry of its own, not the tunnel's. ok is false when it has none (its
+// settings turned it off).
+type Entrance interface {
+	Entrance() (e Entry, ok bool)
 }
 
 // SourceFactory builds a configured source once flags are parsed.

@@ -95,6 +95,21 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 		StateDir:     cfg.stateDir,
 		Delivered:    m.delivered,
 	})
+	// The sinks first: the entries of their peers into the guest are
+	// what the sources open loopback-only ports on.
+	sinks := make([]core.Sink, len(sinkNames))
+	var entries []string
+	for i, n := range sinkNames {
+		if sinks[i], err = bound.NewSink(n, env); err != nil {
+			return nil, err
+		}
+		if e, ok := sinks[i].(registry.Entrance); ok {
+			if entry, ok := e.Entrance(); ok {
+				env.Options.Entries = append(env.Options.Entries, entry)
+				entries = append(entries, entry.String())
+			}
+		}
+	}
 	for _, n := range sourceNames {
 		src, err := bound.NewSource(n, env)
 		if err != nil {
@@ -105,17 +120,14 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 	if kubernetes {
 		router.AddSource(k8sAPISource, k8sAPIMapping(uint16(cfg.k8sAPIPort)))
 	}
-	for _, n := range sinkNames {
-		snk, err := bound.NewSink(n, env)
-		if err != nil {
-			return nil, err
-		}
-		router.AddSink(n, snk, acceptFor(n))
+	for i, n := range sinkNames {
+		router.AddSink(n, sinks[i], acceptFor(n))
 	}
 	log.Info("configuration",
 		zap.Stringer("mode", mode),
 		zap.Strings("sources", sourceNames),
-		zap.Strings("sinks", sinkNames))
+		zap.Strings("sinks", sinkNames),
+		zap.Strings("entries", entries))
 	return router, nil
 }
 

@@ -9,15 +9,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
@@ -149,7 +146,7 @@ func referenceCommand(b *testing.B, dir, ref string, docker *dockerdtest.Dockerd
 // forwardInNetns listens on a loopback port inside the network namespace
 // ns and forwards each connection to the unix socket at path, until the
 // benchmark ends; it returns the address it listens on.
-func forwardInNetns(b *testing.B, ns, path string) string {
+func forwardInNetns(b testing.TB, ns, path string) string {
 	ln := listenInNetns(b, ns, "127.0.0.1:0")
 	b.Cleanup(func() { ln.Close() })
 	go func() {
@@ -175,7 +172,7 @@ func forwardInNetns(b *testing.B, ns, path string) string {
 
 // listenInNetns opens a TCP listener on addr inside the network namespace
 // ns.
-func listenInNetns(b *testing.B, ns, addr string) net.Listener {
+func listenInNetns(b testing.TB, ns, addr string) net.Listener {
 	l, err := inNetns(ns, func() (net.Listener, error) { return net.Listen("tcp", addr) })
 	if err != nil {
 		b.Fatal(err)
@@ -183,35 +180,8 @@ func listenInNetns(b *testing.B, ns, addr string) net.Listener {
 	return l
 }
 
-// inNetns calls open on a thread that enters the network namespace ns and
-// is then thrown away; the socket open makes stays in ns.
-func inNetns[T any](ns string, open func() (T, error)) (T, error) {
-	type result struct {
-		v   T
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		// Never unlocked: the thread ends with the goroutine rather than
-		// go back to the scheduler in the wrong namespace.
-		runtime.LockOSThread()
-		var zero T
-		f, err := os.Open("/var/run/netns/" + ns)
-		if err != nil {
-			ch <- result{zero, err}
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{zero, fmt.Errorf("setns: %w", err)}
-			return
-		}
-		v, err := open()
-		ch <- result{v, err}
-	}()
-	r := <-ch
-	return r.v, r.err
-}
+// inNetns calls open inside the network namespace ns (testenv.Within).
+func inNetns[T any](ns string, open func() (T, error)) (T, error) { return testenv.Within(ns, open) }
 
 // start starts the agent's command, its output going to the file log.
 func (c *cpuRun) start(cmd *exec.Cmd, log string) {

@@ -35,7 +35,7 @@ const (
 )
 
 // TestSocketsThroughGvforwarder runs the real network-tunnel path on one
-// machine: gvproxy here, and a guest network namespace whose tap0 device
+// machine: gvproxy here, and a guest network namespace whose eth0 device
 // gvisor-tap-vsock's gvforwarder connects to gvproxy's virtual network.
 // The agent runs in the guest with the sockets source and the host-switch
 // sink, reaching gvproxy's API at the gateway through the tap. Sockets a
@@ -82,7 +82,7 @@ func TestSocketsThroughGvforwarder(t *testing.T) {
 	// relays still answer.
 	gv.Stop()
 	gv.Start()
-	t.Logf("tap0 set up again %d times after gvproxy restarted", g.Rejoin())
+	t.Logf("eth0 set up again %d times after gvproxy restarted", g.Rejoin())
 	waitForwards(t, gv, agent, "the forwards back after gvproxy restarted", want, nil)
 	exchange(t, "after gvproxy restarted: ", payload[:64<<10], ports...)
 
@@ -171,6 +171,13 @@ type guestAgent struct {
 // of the test's own, until the test ends.
 func startAgentIn(t *testing.T, g *gvproxytest.Guest, args ...string) *guestAgent {
 	t.Helper()
+	return startAgentInNetns(t, g.Netns, args...)
+}
+
+// startAgentInNetns runs the agent as startAgentIn does, in the network
+// namespace ns (a name under /var/run/netns).
+func startAgentInNetns(t *testing.T, ns string, args ...string) *guestAgent {
+	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -181,7 +188,7 @@ func startAgentIn(t *testing.T, g *gvproxytest.Guest, args ...string) *guestAgen
 		t.Fatal(err)
 	}
 	defer log.Close()
-	argv := testenv.InNetns(g.Netns, append([]string{exe}, isolated(t, args)...)...)
+	argv := testenv.InNetns(ns, append([]string{exe}, isolated(t, args)...)...)
 	a.cmd = exec.Command(argv[0], argv[1:]...)
 	a.cmd.Env = append(os.Environ(), agentEnv+"=1")
 	a.cmd.Stdout, a.cmd.Stderr = log, log

@@ -5,8 +5,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // NewNetns creates the network namespace name with its loopback up. The
@@ -77,4 +80,35 @@ func RunIn(t testing.TB, ns string, argv ...string) string {
 		t.Fatalf("%s in %s: %v: %s", strings.Join(argv, " "), ns, err, out)
 	}
 	return string(out)
+}
+
+// Within calls open on a thread that enters the network namespace ns (a
+// name under /var/run/netns) and is then thrown away, so that no other
+// goroutine ever runs there; the sockets open makes stay in ns.
+func Within[T any](ns string, open func() (T, error)) (T, error) {
+	type result struct {
+		v   T
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		// Never unlocked: the thread ends with the goroutine rather than
+		// go back to the scheduler in the wrong namespace.
+		runtime.LockOSThread()
+		var zero T
+		f, err := os.Open("/var/run/netns/" + ns)
+		if err != nil {
+			ch <- result{zero, err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{zero, fmt.Errorf("entering network namespace %s: %w", ns, err)}
+			return
+		}
+		v, err := open()
+		ch <- result{v, err}
+	}()
+	r := <-ch
+	return r.v, r.err
 }

@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -46,6 +47,14 @@ const DefaultSocket = "/run/wsl-proxy.sock"
 // DefaultCheckInterval is the --wslProxyCheckInterval default.
 const DefaultCheckInterval = 2 * time.Second
 
+// Defaults of wsl-proxy's upstream, the entry of its traffic into the
+// guest: Rancher Desktop's veth pair between WSL's default namespace and
+// the agent's.
+const (
+	DefaultUpstreamInterface = "veth-rd-ns"
+	DefaultUpstreamAddr      = "192.168.143.1"
+)
+
 // AppliedWait bounds how long a send waits for wsl-proxy to close the
 // connection, its sign that it applied the message. wsl-proxy closes it
 // as soon as it has opened or closed the listener; a send that runs out of
@@ -60,6 +69,8 @@ func init() {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.Socket, "wslProxySocket", DefaultSocket, "wsl-proxy's unix socket")
 			fs.DurationVar(&cfg.CheckInterval, "wslProxyCheckInterval", DefaultCheckInterval, "how often the socket is checked for a restarted wsl-proxy where its directory cannot be watched with inotify (0 disables the check)")
+			fs.StringVar(&cfg.UpstreamInterface, "wslProxyUpstreamInterface", DefaultUpstreamInterface, "this namespace's interface toward wsl-proxy, where its connections come in; ports bound to 127.0.0.1 are opened there too (empty with --wslProxyUpstreamAddr empty: none)")
+			fs.StringVar(&cfg.UpstreamAddr, "wslProxyUpstreamAddr", DefaultUpstreamAddr, "this namespace's address on that interface, which wsl-proxy forwards each port to (empty: none)")
 			return func(env registry.Env) (core.Sink, error) {
 				c := cfg
 				c.Log = env.Log
@@ -80,6 +91,14 @@ type Config struct {
 	// DefaultCheckInterval); 0 disables the check, and it may not be
 	// negative.
 	CheckInterval time.Duration
+	// UpstreamInterface and UpstreamAddr are where wsl-proxy's
+	// connections come into this namespace: the interface
+	// (--wslProxyUpstreamInterface) and this namespace's address on it
+	// (--wslProxyUpstreamAddr), which wsl-proxy forwards each port to.
+	// Both empty (the zero value) means none; the flags default to
+	// DefaultUpstreamInterface and DefaultUpstreamAddr.
+	UpstreamInterface string
+	UpstreamAddr      string
 	// Log receives the sink's log lines; nil discards them.
 	Log *zap.Logger
 }
@@ -88,10 +107,11 @@ type Config struct {
 // Send opens its own and closes it before returning, so there is nothing
 // to close.
 type Sink struct {
-	path  string
-	every time.Duration
-	log   *zap.Logger
-	back  chan struct{} // PeerBack
+	path     string
+	every    time.Duration
+	log      *zap.Logger
+	back     chan struct{}  // PeerBack
+	entrance registry.Entry // Addr invalid: none
 }
 
 // New checks cfg and returns a Sink.
@@ -105,7 +125,19 @@ func New(cfg Config) (*Sink, error) {
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
 	}
-	return &Sink{path: cfg.Socket, every: cfg.CheckInterval, log: cfg.Log.With(zap.String("sink", Name)), back: make(chan struct{}, 1)}, nil
+	s := &Sink{path: cfg.Socket, every: cfg.CheckInterval, log: cfg.Log.With(zap.String("sink", Name)), back: make(chan struct{}, 1)}
+	switch {
+	case cfg.UpstreamInterface == "" && cfg.UpstreamAddr == "":
+	case cfg.UpstreamInterface == "" || cfg.UpstreamAddr == "":
+		return nil, fmt.Errorf("--wslProxyUpstreamInterface %q and --wslProxyUpstreamAddr %q: give both or neither", cfg.UpstreamInterface, cfg.UpstreamAddr)
+	default:
+		addr, err := netip.ParseAddr(cfg.UpstreamAddr)
+		if err != nil || !addr.Is4() || addr.IsUnspecified() || addr.IsLoopback() {
+			return nil, fmt.Errorf("--wslProxyUpstreamAddr %q is not a unicast IPv4 address", cfg.UpstreamAddr)
+		}
+		s.entrance = registry.Entry{Sink: Name, Interface: cfg.UpstreamInterface, Addr: addr}
+	}
+	return s, nil
 }
 
 func (s *Sink) dial(ctx context.Context) (net.Conn, error) {
@@ -205,6 +237,9 @@ func (s *Sink) WatchPeer(ctx context.Context, lost func()) {
 	}
 }
 
+// Entrance is wsl-proxy's upstream: where its connections come in.
+func (s *Sink) Entrance() (registry.Entry, bool) { return s.entrance, s.entrance.Addr.IsValid() }
+
 // PeerBack delivers a value when WatchPeer sees wsl-proxy's socket
 // appear or be replaced.
 func (s *Sink) PeerBack() <-chan struct{} { return s.back }
@@ -230,4 +265,5 @@ var (
 	_ core.PeerWatcher      = (*Sink)(nil)
 	_ core.PeerBackNotifier = (*Sink)(nil)
 	_ core.PortFilter       = (*Sink)(nil)
+	_ registry.Entrance     = (*Sink)(nil)
 )

@@ -148,14 +148,29 @@ func TestConfigIsChecked(t *testing.T) {
 		want string
 	}{
 		{wslproxy.Config{Socket: wslproxy.DefaultSocket, CheckInterval: -time.Second}, "--wslProxyCheckInterval must not be negative, got -1s"},
+		{wslproxy.Config{UpstreamInterface: "veth-rd-ns"}, "give both or neither"},
+		{wslproxy.Config{UpstreamAddr: "192.168.143.1"}, "give both or neither"},
+		{wslproxy.Config{UpstreamInterface: "veth-rd-ns", UpstreamAddr: "fd00::1"}, `--wslProxyUpstreamAddr "fd00::1" is not a unicast IPv4 address`},
+		{wslproxy.Config{UpstreamInterface: "veth-rd-ns", UpstreamAddr: "127.0.0.1"}, "is not a unicast IPv4 address"},
 	} {
 		_, err := wslproxy.New(tt.cfg)
 		if err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("New(%+v) = %v, want an error with %q", tt.cfg, err, tt.want)
 		}
 	}
-	if _, err := wslproxy.New(wslproxy.Config{}); err != nil {
-		t.Errorf("the default socket with the zero rest: %v", err)
+	s, err := wslproxy.New(wslproxy.Config{})
+	if err != nil {
+		t.Fatalf("the default socket with the zero rest: %v", err)
+	}
+	if e, ok := s.Entrance(); ok {
+		t.Errorf("the zero Config has the entrance %v", e)
+	}
+	s, err = wslproxy.New(wslproxy.Config{UpstreamInterface: wslproxy.DefaultUpstreamInterface, UpstreamAddr: wslproxy.DefaultUpstreamAddr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, ok := s.Entrance(); !ok || e.String() != "wsl-proxy: veth-rd-ns 192.168.143.1" {
+		t.Errorf("Entrance() = %v, %v; want wsl-proxy's upstream", e, ok)
 	}
 }
 

@@ -65,6 +65,7 @@ func init() {
 			return func(env registry.Env) (core.Source, error) {
 				cfg := cfg
 				cfg.Log = env.Log
+				cfg.Entries = env.Options.Entries
 				return New(cfg)
 			}
 		},
@@ -82,6 +83,10 @@ type Config struct {
 	// through the host's tunnel. The zero value keeps no rules; the
 	// --containerdLoopbackNAT flag turns them on by default.
 	LoopbackNAT loopbacknat.Options
+	// Entries are the selected sinks' ways into the guest besides the
+	// tunnel (registry.Options.Entries): with the loopback NAT rules on,
+	// each binding on 127.0.0.1 answers there too.
+	Entries []registry.Entry
 	// Backoff bounds reconnect delays (default core.DefaultBackoff, capped
 	// at 10s).
 	Backoff core.Backoff
@@ -102,7 +107,7 @@ func New(cfg Config) (*Source, error) {
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
 	}
-	nat, err := cfg.LoopbackNAT.Manager(Name, "", cfg.Log)
+	nat, err := cfg.LoopbackNAT.Manager(Name, "", cfg.Entries, cfg.Log)
 	if err != nil {
 		return nil, err
 	}

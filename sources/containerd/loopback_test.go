@@ -9,10 +9,10 @@ import (
 	cniutils "github.com/containernetworking/plugins/pkg/utils"
 
 	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/internal/loopbacknattest"
 	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/containerd"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
-	"github.com/guestagent/guestagent/sources/internal/loopbacknat/loopbacknattest"
 )
 
 // TestLoopbackPortAnswersOnlyThroughTheTunnel runs a container on a CNI

@@ -17,12 +17,12 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/internal/loopbacknattest"
 	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 	"github.com/guestagent/guestagent/sinks/hostswitch/gvproxytest"
 	"github.com/guestagent/guestagent/sources/docker"
 	"github.com/guestagent/guestagent/sources/docker/dockerfake"
-	"github.com/guestagent/guestagent/sources/internal/loopbacknat/loopbacknattest"
 )
 
 // ceilingContainers is how many containers the ceiling benchmarks start.

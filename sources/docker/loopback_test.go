@@ -8,10 +8,10 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/internal/loopbacknattest"
 	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/docker"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
-	"github.com/guestagent/guestagent/sources/internal/loopbacknat/loopbacknattest"
 )
 
 // TestLoopbackPortAnswersOnlyThroughTheTunnel sends real connections to a

@@ -11,9 +11,9 @@ import (
 	cniutils "github.com/containernetworking/plugins/pkg/utils"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/internal/loopbacknattest"
 	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
-	"github.com/guestagent/guestagent/sources/internal/loopbacknat/loopbacknattest"
 	"github.com/guestagent/guestagent/sources/iptables"
 )
 
@@ -46,7 +46,7 @@ func TestLoopbackNATRulesAreNotReported(t *testing.T) {
 	}
 	r.run(t, "-t", "nat", "-A", chain, "-p", "tcp", "-m", "tcp", "--dport", "9090", "-m", "comment", "--comment", loopbacknat.CommentPrefix,
 		"-j", "DNAT", "--to-destination", netip.AddrPortFrom(ip, 80).String())
-	if rules := testenv.NatRules(t, r.ns); strings.Count(rules, loopbacknat.CommentPrefix) != 4 || !strings.Contains(rules, "-A "+chain+" -d 127.0.0.1/32") {
+	if rules := testenv.NatRules(t, r.ns); strings.Count(rules, loopbacknat.CommentPrefix) != 2 || !strings.Contains(rules, "-A "+chain+" -d 127.0.0.1/32") {
 		t.Fatalf("portmap's and the agent's rules not in place:\n%s", rules)
 	}
 

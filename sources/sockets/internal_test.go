@@ -154,8 +154,8 @@ func TestRelayRunsInTunnelModeOrWhereTheAddressIsGiven(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			s := sourceFromFlags(t, registry.Options{Mode: tt.mode}, tt.args...)
 			got := ""
-			if s.relay.IsValid() {
-				got = s.relay.String()
+			if len(s.relayAt) > 0 {
+				got = s.relayAt[0].addr.String()
 			}
 			if got != tt.want {
 				t.Errorf("relay address %q, want %q", got, tt.want)
@@ -218,8 +218,8 @@ func TestNewAppliesTheRelayAndKubernetesFields(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if s.relay.IsValid() != tt.want {
-			t.Errorf("New(%+v): relay at %v, want a relay: %v", tt.cfg, s.relay, tt.want)
+		if (len(s.relayAt) > 0) != tt.want {
+			t.Errorf("New(%+v): relay at %v, want a relay: %v", tt.cfg, s.relayAt, tt.want)
 		}
 	}
 	s, err := New(Config{KubernetesAPIPort: 7443, Exclude: []string{}})

@@ -3,6 +3,7 @@ package sockets
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -36,28 +37,50 @@ const (
 	relayDialTimeout = 5 * time.Second
 )
 
-// relayKey is what one relay listens for: a protocol and port on the
-// relay address.
-type relayKey struct {
+// relayEntry is where relays listen: an address of the namespace and,
+// when set, the interface their sockets are bound to (SO_BINDTODEVICE), so
+// that only traffic coming in through it reaches them.
+type relayEntry struct {
+	addr  netip.Addr
+	iface string
+}
+
+func (e relayEntry) String() string {
+	if e.iface == "" {
+		return e.addr.String()
+	}
+	return e.addr.String() + "%" + e.iface
+}
+
+// relayPort is a protocol and port a loopback-only socket has.
+type relayPort struct {
 	proto core.Protocol
 	port  uint16
 }
 
-// relays makes reported loopback-only sockets reachable on the relay
-// address, one relay per protocol and port. Its methods are called from
-// Run's goroutine only; each relay runs its own goroutines, which close
-// waits for.
+// relayKey is what one relay listens for: a protocol and port on one
+// entry (an index into relays.entries).
+type relayKey struct {
+	at int
+	relayPort
+}
+
+// relays makes reported loopback-only sockets reachable on each relay
+// entry, one relay per entry, protocol and port. Its methods are called
+// from Run's goroutine only; each relay runs its own goroutines, which
+// close waits for.
 type relays struct {
-	addr                  netip.Addr
-	idle, udpIdle         time.Duration
-	maxConns              int
-	log                   *zap.Logger
-	ns                    *netnsThread // nil: the agent's own namespace
-	active                map[relayKey]*relay
-	byID                  map[string]core.Port  // the relayed ids and their sockets
-	owners                map[relayKey][]string // ids behind a key, in order of arrival
-	wg                    sync.WaitGroup
-	noAddrLogged, nsError bool
+	entries       []relayEntry
+	idle, udpIdle time.Duration
+	maxConns      int
+	log           *zap.Logger
+	ns            *netnsThread // nil: the agent's own namespace
+	active        map[relayKey]*relay
+	byID          map[string]core.Port   // the relayed ids and their sockets
+	owners        map[relayPort][]string // ids behind a port, in order of arrival
+	wg            sync.WaitGroup
+	missingLogged map[int]bool // entries whose address or interface was missing, logged once
+	nsError       bool
 }
 
 // relay is one running relay.
@@ -68,16 +91,20 @@ type relay struct {
 	done   chan struct{}
 }
 
-// newRelays returns the relays of one Run, or nil when cfg has no relay
-// address. The relay sockets are made in the namespace at netns.
-func newRelays(cfg Config, addr netip.Addr, log *zap.Logger) *relays {
-	if !addr.IsValid() {
+// newRelays returns the relays of one Run, or nil without entries. The
+// relay sockets are made in the namespace at cfg.Netns.
+func newRelays(cfg Config, entries []relayEntry, log *zap.Logger) *relays {
+	if len(entries) == 0 {
 		return nil
 	}
+	at := make([]string, len(entries))
+	for i, e := range entries {
+		at[i] = e.String()
+	}
 	r := &relays{
-		addr: addr, idle: cfg.RelayIdle, udpIdle: cfg.RelayUDPIdle, maxConns: cfg.RelayMaxConns,
-		log: log.With(zap.Stringer("relay_addr", addr)), active: map[relayKey]*relay{},
-		byID: map[string]core.Port{}, owners: map[relayKey][]string{},
+		entries: entries, idle: cfg.RelayIdle, udpIdle: cfg.RelayUDPIdle, maxConns: cfg.RelayMaxConns,
+		log: log.With(zap.Strings("relay_at", at)), active: map[relayKey]*relay{},
+		byID: map[string]core.Port{}, owners: map[relayPort][]string{}, missingLogged: map[int]bool{},
 	}
 	if cfg.Netns != "" {
 		ns, err := startNetnsThread(cfg.Netns)
@@ -87,7 +114,7 @@ func newRelays(cfg Config, addr netip.Addr, log *zap.Logger) *relays {
 		}
 		r.ns = ns
 	}
-	r.log.Info("relaying loopback-only sockets from the relay address",
+	r.log.Info("relaying loopback-only sockets from the relay addresses",
 		zap.Duration("idle", r.idle), zap.Duration("udp_idle", r.udpIdle), zap.Int("max_conns", r.maxConns))
 	return r
 }
@@ -97,11 +124,16 @@ func (r *relays) add(id string, p core.Port) {
 	if r == nil || !p.HostIP.IsLoopback() || (p.Protocol != core.TCP && p.Protocol != core.UDP) {
 		return
 	}
-	k := relayKey{p.Protocol, p.HostPort}
+	pk := relayPort{p.Protocol, p.HostPort}
 	r.byID[id] = p
-	r.owners[k] = append(r.owners[k], id)
-	if _, ok := r.active[k]; !ok && len(r.owners[k]) == 1 {
-		r.start(k, id, netip.AddrPortFrom(p.HostIP, p.HostPort))
+	r.owners[pk] = append(r.owners[pk], id)
+	if len(r.owners[pk]) > 1 {
+		return
+	}
+	for i := range r.entries {
+		if k := (relayKey{i, pk}); r.active[k] == nil {
+			r.start(k, id, netip.AddrPortFrom(p.HostIP, p.HostPort))
+		}
 	}
 }
 
@@ -115,23 +147,26 @@ func (r *relays) remove(id string) {
 	if !ok {
 		return
 	}
-	k := relayKey{p.Protocol, p.HostPort}
+	pk := relayPort{p.Protocol, p.HostPort}
 	delete(r.byID, id)
-	r.owners[k] = slices.DeleteFunc(r.owners[k], func(o string) bool { return o == id })
-	rl := r.active[k]
-	if rl != nil && rl.owner != id {
+	r.owners[pk] = slices.DeleteFunc(r.owners[pk], func(o string) bool { return o == id })
+	var halted []relayKey
+	for i := range r.entries {
+		k := relayKey{i, pk}
+		if rl := r.active[k]; rl != nil && rl.owner == id {
+			r.halt(k, rl)
+			halted = append(halted, k)
+		}
+	}
+	if len(r.owners[pk]) == 0 {
+		delete(r.owners, pk)
 		return
 	}
-	if rl != nil {
-		r.halt(k, rl)
-	}
-	if len(r.owners[k]) == 0 {
-		delete(r.owners, k)
-		return
-	}
-	next := r.owners[k][0]
+	next := r.owners[pk][0]
 	np := r.byID[next]
-	r.start(k, next, netip.AddrPortFrom(np.HostIP, np.HostPort))
+	for _, k := range halted {
+		r.start(k, next, netip.AddrPortFrom(np.HostIP, np.HostPort))
+	}
 }
 
 // close stops every relay and waits for all their goroutines.
@@ -155,34 +190,37 @@ func (r *relays) halt(k relayKey, rl *relay) {
 }
 
 // start opens the relay socket for k, forwarding to backend. A socket that
-// cannot be opened is logged and skipped: the relay address may not be
-// assigned in the namespace, or another process may hold the port on it
-// (one listening on 0.0.0.0, which is then reachable there anyway).
+// cannot be opened is logged and skipped: the entry's address may not be
+// assigned in the namespace or its interface missing, or another process
+// may hold the port on it (one listening on 0.0.0.0, which is then
+// reachable there anyway).
 func (r *relays) start(k relayKey, id string, backend netip.AddrPort) {
 	if r.nsError {
 		return
 	}
-	at := netip.AddrPortFrom(r.addr, k.port)
+	entry := r.entries[k.at]
+	at := netip.AddrPortFrom(entry.addr, k.port)
+	lc := net.ListenConfig{Control: bindToDevice(entry.iface)}
 	var (
 		ln  net.Listener
-		pc  *net.UDPConn
+		pc  net.PacketConn
 		err error
 	)
 	if doErr := r.ns.do(func() {
 		if k.proto == core.TCP {
-			ln, err = net.Listen("tcp", at.String())
+			ln, err = lc.Listen(context.Background(), "tcp", at.String())
 		} else {
-			pc, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(at))
+			pc, err = lc.ListenPacket(context.Background(), "udp", at.String())
 		}
 	}); doErr != nil {
 		err = doErr
 	}
-	log := r.log.With(zap.String("id", id))
+	log := r.log.With(zap.String("id", id), zap.Stringer("at", entry))
 	switch {
-	case errors.Is(err, syscall.EADDRNOTAVAIL):
-		if !r.noAddrLogged {
-			log.Warn("the relay address is not assigned in the namespace; loopback-only sockets are not relayed", zap.Error(err))
-			r.noAddrLogged = true
+	case errors.Is(err, syscall.EADDRNOTAVAIL), errors.Is(err, syscall.ENODEV):
+		if !r.missingLogged[k.at] {
+			log.Warn("the relay address is not assigned in the namespace, or its interface is missing; loopback-only sockets are not relayed there", zap.Error(err))
+			r.missingLogged[k.at] = true
 		}
 		return
 	case errors.Is(err, syscall.EADDRINUSE):
@@ -203,10 +241,31 @@ func (r *relays) start(k relayKey, id string, backend netip.AddrPort) {
 		rl.closer = func() { _ = ln.Close() }
 		go func() { defer r.wg.Done(); defer close(rl.done); r.serveTCP(ctx, ln, backend, log) }()
 	} else {
-		rl.closer = func() { _ = pc.Close() }
-		go func() { defer r.wg.Done(); defer close(rl.done); r.serveUDP(ctx, pc, backend, log) }()
+		udp := pc.(*net.UDPConn)
+		rl.closer = func() { _ = udp.Close() }
+		go func() { defer r.wg.Done(); defer close(rl.done); r.serveUDP(ctx, udp, backend, log) }()
 	}
 	log.Debug("relay started", zap.Stringer("listen", at), zap.Stringer("backend", backend))
+}
+
+// bindToDevice returns a socket Control that binds the socket to iface
+// (SO_BINDTODEVICE), or nil for none.
+func bindToDevice(iface string) func(network, address string, c syscall.RawConn) error {
+	if iface == "" {
+		return nil
+	}
+	return func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptString(int(fd), syscall.SOL_SOCKET, syscall.SO_BINDTODEVICE, iface)
+		}); err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("binding to %s: %w", iface, serr)
+		}
+		return nil
+	}
 }
 
 // dial connects to the backend from inside the namespace.

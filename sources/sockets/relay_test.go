@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"syscall"
 	"testing"
@@ -17,8 +18,9 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/internal/loopbacknattest"
 	"github.com/guestagent/guestagent/internal/testenv"
-	"github.com/guestagent/guestagent/sources/internal/loopbacknat/loopbacknattest"
+	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sources/sockets"
 )
 
@@ -344,5 +346,71 @@ func TestRelayMovesBetweenLoopbackAddresses(t *testing.T) {
 		r.h.do(t, "close %s [::1]:%d", proto, p)
 		waitLacks(t, router, fmt.Sprintf("%s/[::1]:%d", proto, p))
 		r.refused(t, proto+"4", p)
+	}
+}
+
+// TestRelayAnswersOnlyThroughItsInterface: with RelayInterface, the
+// relay's sockets are bound to the guest's link to the host namespace, so
+// a namespace on another link of the guest (as a container on a bridge)
+// that sends to the relay address is refused, TCP and UDP, while the host
+// namespace is served; an entry (wsl-proxy's upstream) gets relays of its
+// own, bound to its interface, and answers through it alike.
+func TestRelayAnswersOnlyThroughItsInterface(t *testing.T) {
+	r := newRelayRig(t)
+	other := testenv.Netns(t)
+	loopbacknattest.Link(t,
+		loopbacknattest.End{Netns: r.ns, Iface: "bridge0", Addr: "198.18.92.1/24"},
+		loopbacknattest.End{Netns: other, Iface: "eth0", Addr: "198.18.92.2/24"})
+	testenv.RunIn(t, other, "ip", "route", "add", "198.18.0.0/16", "via", "198.18.92.1")
+	wsl := testenv.Netns(t)
+	loopbacknattest.Link(t,
+		loopbacknattest.End{Netns: r.ns, Iface: "up0", Addr: "198.18.93.1/24"},
+		loopbacknattest.End{Netns: wsl, Iface: "down0", Addr: "198.18.93.2/24"})
+	router, _ := run(t, r.relaySource(t, sockets.Config{RelayAddr: relayAddr, RelayInterface: "guest0",
+		Entries: []registry.Entry{{Sink: "wsl-proxy", Interface: "up0", Addr: netip.MustParseAddr("198.18.93.1")}}}))
+	tcp, udp := r.nextPort(), r.nextPort()
+	r.h.do(t, "serve tcp 127.0.0.1:%d", tcp)
+	r.h.do(t, "serve udp 127.0.0.1:%d", udp)
+	waitHas(t, router, fmt.Sprintf("tcp/127.0.0.1:%d", tcp))
+	waitHas(t, router, fmt.Sprintf("udp/127.0.0.1:%d", udp))
+	testenv.Eventually(t, waitTimeout, "the relay to answer", func() (bool, string) {
+		c, err := loopbacknattest.DialNetworkFrom(r.host, "tcp4", fmt.Sprintf("%s:%d", relayAddr, tcp))
+		if err != nil {
+			return false, err.Error()
+		}
+		c.Close()
+		return true, ""
+	})
+	r.checkTCP(t, tcp)
+	r.checkUDP(t, udp)
+	otherNS, wslNS := loopbacknattest.NetnsPath(other), loopbacknattest.NetnsPath(wsl)
+	for _, at := range []string{relayAddr, "198.18.93.1"} {
+		addr := fmt.Sprintf("%s:%d", at, tcp)
+		if _, err := loopbacknattest.DialFrom(otherNS, addr); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("tcp %s from another link of the guest: %v; want the connection refused", addr, err)
+		}
+	}
+	c, err := loopbacknattest.DialFrom(wslNS, fmt.Sprintf("198.18.93.1:%d", tcp))
+	if err != nil {
+		t.Fatalf("the entry's relay: %v", err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(waitTimeout))
+	if _, err := io.WriteString(c, "hi\n"); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || line != "hi\n" {
+		t.Errorf("echo through the entry's relay: %q, %v", line, err)
+	}
+	// UDP from the other link: no reply, and an ICMP port unreachable.
+	u, err := loopbacknattest.DialNetworkFrom(otherNS, "udp4", fmt.Sprintf("%s:%d", relayAddr, udp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	_ = u.SetDeadline(time.Now().Add(2 * time.Second))
+	_, _ = io.WriteString(u, "ping")
+	if n, err := u.Read(make([]byte, 64)); err == nil {
+		t.Errorf("UDP from another link of the guest got %d bytes back through the relay", n)
 	}
 }

@@ -44,7 +44,7 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 	describe(out, how)
 	d := &dumper{netns: s.cfg.Netns}
 	defer d.close()
-	relays := newRelays(s.cfg, s.relay, s.log)
+	relays := newRelays(s.cfg, s.relayAt, s.log)
 	defer relays.close()
 	g := newGate(s.cfg.Settle)
 	var firstDump time.Time // the first dump that succeeded: what it saw settles first

@@ -69,6 +69,7 @@ func init() {
 			fs.StringVar(&cfg.Wakeups, "socketsWakeups", WakeupsAuto, "eBPF wake-ups when a TCP listener opens or closes: auto (when the kernel allows it, else the periodic dump alone), ebpf (required: fail without it) or off")
 			fs.StringSliceVar(&cfg.Exclude, "socketsExclude", DefaultExclude, "ports and ranges never reported, e.g. 22,10248-10259 (the Kubernetes API port is added)")
 			fs.StringVar(&cfg.RelayAddr, "socketsRelayAddr", DefaultRelayAddr, "address where loopback-only sockets are made reachable by a relay; used in network-tunnel mode, or in any mode when given; empty for none")
+			fs.StringVar(&cfg.RelayInterface, "socketsRelayInterface", "", "interface the relay's sockets on --socketsRelayAddr are bound to, so that only traffic coming in through it reaches them (e.g. eth0); empty for any. A relay bound to an interface that is made again (a restarted gvproxy's tap) stops carrying traffic")
 			fs.DurationVar(&cfg.RelayIdle, "socketsRelayIdle", DefaultRelayIdle, "how long a relayed TCP connection may carry nothing before it is closed")
 			fs.DurationVar(&cfg.RelayUDPIdle, "socketsRelayUDPIdle", DefaultRelayUDPIdle, "how long a relayed UDP client may send and receive nothing before its session ends")
 			fs.IntVar(&cfg.RelayMaxConns, "socketsRelayMaxConns", DefaultRelayMaxConns, "TCP connections or UDP sessions one relayed port carries at once")
@@ -77,6 +78,7 @@ func init() {
 				c.KubernetesAPIPort = env.Options.K8sAPIPort
 				c.Mode = env.Options.Mode
 				c.RelayInTunnelModeOnly = !fs.Changed("socketsRelayAddr")
+				c.Entries = env.Options.Entries
 				c.Log = env.Log
 				return New(c)
 			}
@@ -118,6 +120,18 @@ type Config struct {
 	// a relay listens on RelayAddr and the socket's port and forwards to
 	// the socket. Empty for no relay.
 	RelayAddr string
+	// RelayInterface, when set, is the interface the relay's sockets on
+	// RelayAddr are bound to (SO_BINDTODEVICE): only connections and
+	// datagrams that come in through it reach them, not those of the
+	// containers on the guest's bridges. Empty (the default) binds none: a
+	// socket bound to an interface that is deleted and made again (the
+	// tap of a restarted gvproxy) carries nothing any more.
+	RelayInterface string
+	// Entries are the selected sinks' other ways into the guest
+	// (registry.Options.Entries): while the relay is on, loopback-only
+	// sockets are relayed on each entry's address too, bound to its
+	// interface.
+	Entries []registry.Entry
 	// RelayInTunnelModeOnly turns the relay off unless Mode is
 	// core.ModeTunnel. The registration sets it when --socketsRelayAddr is
 	// left at its default, the guest's address on host-switch's network,
@@ -147,7 +161,7 @@ type Source struct {
 	log     *zap.Logger
 	exclude []PortRange
 	self    int
-	relay   netip.Addr       // zero: no relay
+	relayAt []relayEntry     // none: no relay
 	onDump  func(woken bool) // tests: called before each dump
 }
 
@@ -209,6 +223,15 @@ func New(cfg Config) (*Source, error) {
 		}
 		relay = relay.Unmap()
 	}
+	var relayAt []relayEntry
+	if relay.IsValid() {
+		relayAt = append(relayAt, relayEntry{relay, cfg.RelayInterface})
+		for _, e := range cfg.Entries {
+			if e.Addr.IsValid() && !slices.ContainsFunc(relayAt, func(r relayEntry) bool { return r.addr == e.Addr.Unmap() }) {
+				relayAt = append(relayAt, relayEntry{e.Addr.Unmap(), e.Interface})
+			}
+		}
+	}
 	for _, d := range []struct {
 		name string
 		v    *time.Duration
@@ -231,7 +254,7 @@ func New(cfg Config) (*Source, error) {
 	if cfg.Netns != "" {
 		log = log.With(zap.String("netns", cfg.Netns))
 	}
-	return &Source{cfg: cfg, log: log, exclude: ex, self: os.Getpid(), relay: relay}, nil
+	return &Source{cfg: cfg, log: log, exclude: ex, self: os.Getpid(), relayAt: relayAt}, nil
 }
 
 // Interface guards.

@@ -29,7 +29,7 @@ const (
 	// reaches the forwarder API on port 80.
 	GatewayIP = "192.168.127.1"
 	// TapName is the guest's tap device.
-	TapName = "tap0"
+	TapName = "eth0" // as in the desktop app's guest
 )
 
 // Guest is a network namespace on gvproxy's virtual network, as a VM is:
@@ -44,10 +44,10 @@ type Guest struct {
 	log      string
 	exited   <-chan error // gvforwarder's end
 	client   *http.Client
-	joinedAt time.Time // when tap0 was last set up
+	joinedAt time.Time // when eth0 was last set up
 }
 
-// StartGuest makes a namespace with tap0 set up, runs gvforwarder (from
+// StartGuest makes a namespace with eth0 set up, runs gvforwarder (from
 // GUESTAGENT_GVFORWARDER or PATH) in it on g's socket until the test ends,
 // and waits until the forwarder API answers from inside the guest at
 // GatewayIP. After g restarts, call Rejoin.
@@ -105,7 +105,7 @@ func (gu *Guest) Path() string { return "/var/run/netns/" + gu.Netns }
 func (gu *Guest) Client() *http.Client { return gu.client }
 
 // Dial connects to addr from inside the guest, as net.Dialer.DialContext
-// does; the connection goes through tap0 and gvproxy's network when addr
+// does; the connection goes through eth0 and gvproxy's network when addr
 // is beyond the guest (GatewayIP, say). It suits http.Transport's
 // DialContext and the sinks' Dial.
 func (gu *Guest) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -172,11 +172,11 @@ func (gu *Guest) Log() string {
 }
 
 // Rejoin waits, after gvproxy restarted, until the guest reaches the API
-// again, setting tap0 up again whenever it lacks GuestIP, as the guest's
+// again, setting eth0 up again whenever it lacks GuestIP, as the guest's
 // network set-up would: gvforwarder (v0.8.9) clears the tap's persistent
-// flag, so tap0 goes when gvproxy drops the connection, and the one
+// flag, so eth0 goes when gvproxy drops the connection, and the one
 // gvforwarder makes when it connects again is blank, -preexisting
-// notwithstanding. It reports how many times it set tap0 up; Joined says
+// notwithstanding. It reports how many times it set eth0 up; Joined says
 // when it last did.
 func (gu *Guest) Rejoin() int {
 	gu.t.Helper()
@@ -198,11 +198,11 @@ func (gu *Guest) Rejoin() int {
 	return n
 }
 
-// Joined is when tap0 was last set up, by StartGuest or Rejoin: from
+// Joined is when eth0 was last set up, by StartGuest or Rejoin: from
 // then on the guest is on gvproxy's network.
 func (gu *Guest) Joined() time.Time { return gu.joinedAt }
 
-// configureTap gives tap0 the guest's MAC address, its address and the
+// configureTap gives eth0 the guest's MAC address, its address and the
 // default route to the gateway, and brings it up.
 func (gu *Guest) configureTap() error {
 	for _, argv := range [][]string{

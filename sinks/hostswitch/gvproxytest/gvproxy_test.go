@@ -106,7 +106,7 @@ func TestGuestReachesAndIsReachedThroughGvproxy(t *testing.T) {
 		if round > 0 {
 			g.Stop()
 			g.Start()
-			t.Logf("tap0 set up again %d times after gvproxy restarted", gu.Rejoin())
+			t.Logf("eth0 set up again %d times after gvproxy restarted", gu.Rejoin())
 		}
 		local := fmt.Sprintf("127.0.0.1:%d", port)
 		if err := g.Expose("tcp", local, remote); err != nil {

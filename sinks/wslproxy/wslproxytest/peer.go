@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/wire"
 )
 
@@ -33,6 +34,10 @@ type Peer struct {
 	Path string
 	// Upstream returns where a connection to host port p is forwarded.
 	Upstream func(hostPort uint16) string
+	// Netns, when set, names the network namespace (under /var/run/netns)
+	// the peer listens and dials upstream in, as wsl-proxy does in WSL's
+	// default namespace; the unix socket is a file, reached from anywhere.
+	Netns string
 	// RecordOnly keeps the state without binding the ports, for tests in
 	// which another peer binds them on the same machine.
 	RecordOnly bool
@@ -181,14 +186,14 @@ func (p *Peer) listen(port core.Port) (io.Closer, error) {
 	}
 	switch port.Protocol {
 	case core.UDP:
-		pc, err := net.ListenPacket("udp", addr)
+		pc, err := within(p.Netns, func() (net.PacketConn, error) { return net.ListenPacket("udp", addr) })
 		if err != nil {
 			return nil, err
 		}
 		p.wg.Go(func() { p.forwardUDP(pc, port.HostPort) })
 		return pc, nil
 	case core.TCP:
-		ln, err := net.Listen("tcp", addr)
+		ln, err := within(p.Netns, func() (net.Listener, error) { return net.Listen("tcp", addr) })
 		if err != nil {
 			return nil, err
 		}
@@ -210,7 +215,7 @@ func (p *Peer) forward(ln net.Listener, hostPort uint16) {
 			if p.Upstream == nil {
 				return
 			}
-			up, err := net.Dial("tcp", p.Upstream(hostPort))
+			up, err := within(p.Netns, func() (net.Conn, error) { return net.Dial("tcp", p.Upstream(hostPort)) })
 			if err != nil {
 				return
 			}
@@ -248,13 +253,22 @@ func (p *Peer) forwardUDP(pc net.PacketConn, hostPort uint16) {
 			continue
 		}
 		if up == nil {
-			if up, err = net.Dial("udp", p.Upstream(hostPort)); err != nil {
+			if up, err = within(p.Netns, func() (net.Conn, error) { return net.Dial("udp", p.Upstream(hostPort)) }); err != nil {
 				up = nil
 				continue
 			}
 		}
 		_, _ = up.Write(buf[:n])
 	}
+}
+
+// within calls open in the network namespace ns, or here when ns is
+// empty.
+func within[T any](ns string, open func() (T, error)) (T, error) {
+	if ns == "" {
+		return open()
+	}
+	return testenv.Within(ns, open)
 }
 
 // State returns the bindings the peer listens on.

@@ -1,9 +1,11 @@
 // Package loopbacknat manages the NAT rules that let traffic forwarded from
 // the host reach container ports published on 127.0.0.1. The host side
 // reaches the guest through one interface (IFACE, the tunnel: eth0) at one
-// address (GUEST); for each binding (protocol, host port P, backend C:c) the
-// manager keeps one rule in the nat table, which matches only traffic of
-// that path:
+// address (GUEST), and other peers may come in through entries of their own
+// (wsl-proxy through its upstream: veth-rd-ns, 192.168.143.1); for each
+// binding (protocol, host port P, backend C:c) and each of these entries
+// the manager keeps one rule in the nat table, which matches only traffic
+// of that path:
 //
 //	<chain> -d GUEST/32 -i IFACE -p tcp -m tcp --dport P -m comment --comment "guestagent-loopback:OWNER" -j DNAT --to-destination C:c
 //
@@ -98,8 +100,18 @@ type Config struct {
 	// GuestIP is the guest's IPv4 address toward the host (192.168.127.2):
 	// the DNAT rules match only traffic to it. Required.
 	GuestIP netip.Addr
+	// Entries are further ways in: each binding gets a rule for each of
+	// them too, matching its interface and IPv4 address.
+	Entries []Entry
 	// Log receives the manager's log lines; nil discards them.
 	Log *zap.Logger
+}
+
+// Entry is a way into the guest besides the tunnel: an interface and the
+// guest's IPv4 address on it.
+type Entry struct {
+	Interface string
+	Addr      netip.Addr
 }
 
 // Manager keeps the rules of every owner (a container id) of one source.
@@ -141,6 +153,11 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Interface == "" {
 		return nil, errors.New("loopback NAT rules need the interface toward the host")
 	}
+	for _, e := range cfg.Entries {
+		if e.Interface == "" || !e.Addr.Is4() {
+			return nil, fmt.Errorf("loopback NAT entry %q %q needs an interface and an IPv4 address", e.Interface, e.Addr)
+		}
+	}
 	ipt, err := iptables.New(iptables.Timeout(5), iptables.Path(cfg.Iptables))
 	if err != nil {
 		return nil, fmt.Errorf("loopback NAT rules need iptables: %w", err)
@@ -165,13 +182,22 @@ func (m *Manager) rules(b Binding) []rule {
 	chain := cmp.Or(b.Chain, m.cfg.Chain)
 	proto := string(b.Protocol)
 	port := strconv.Itoa(int(b.HostPort))
-	// In the order iptables prints them, so that Sync recognises them.
-	return []rule{{chain, []string{
-		"-d", m.cfg.GuestIP.String() + "/32", "-i", m.cfg.Interface,
-		"-p", proto, "-m", proto, "--dport", port,
-		"-m", "comment", "--comment", m.comment,
-		"-j", "DNAT", "--to-destination", b.Backend.String(),
-	}}}
+	ruleAt := func(iface string, addr netip.Addr) rule {
+		// In the order iptables prints them, so that Sync recognises them.
+		return rule{chain, []string{
+			"-d", addr.String() + "/32", "-i", iface,
+			"-p", proto, "-m", proto, "--dport", port,
+			"-m", "comment", "--comment", m.comment,
+			"-j", "DNAT", "--to-destination", b.Backend.String(),
+		}}
+	}
+	out := []rule{ruleAt(m.cfg.Interface, m.cfg.GuestIP)}
+	for _, e := range m.cfg.Entries {
+		if e.Interface != m.cfg.Interface || e.Addr != m.cfg.GuestIP {
+			out = append(out, ruleAt(e.Interface, e.Addr))
+		}
+	}
+	return out
 }
 
 // Valid reports whether b can have rules: tcp, udp or sctp to an IPv4

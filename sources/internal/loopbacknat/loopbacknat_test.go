@@ -346,7 +346,7 @@ func TestOptionsFromFlags(t *testing.T) {
 	if o != want {
 		t.Errorf("parsed %+v, want %+v", o, want)
 	}
-	if m, err := o.Manager("docker", "DOCKER", nil); m != nil || err != nil {
+	if m, err := o.Manager("docker", "DOCKER", nil, nil); m != nil || err != nil {
 		t.Errorf("rules off: manager %v, error %v; want neither", m, err)
 	}
 }
@@ -422,5 +422,40 @@ func TestEachRuleCostsOneRun(t *testing.T) {
 	}
 	if got := ours(testenv.NatRules(t, ns), ""); len(got) != 0 {
 		t.Errorf("rules left: %v", got)
+	}
+}
+
+// TestEntriesGetRulesToo: with a further way in (wsl-proxy's upstream),
+// each binding gets one more rule, in the engine's chain, matching that
+// interface and address; removing the binding removes both.
+func TestEntriesGetRulesToo(t *testing.T) {
+	ns, _ := setup(t)
+	wrapper, err := testenv.IptablesWrapper(t.TempDir(), ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	upstream := loopbacknat.Entry{Interface: "veth-rd-ns", Addr: netip.MustParseAddr("192.168.143.1")}
+	m, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: wrapper, Chain: "DOCKER", Interface: "eth0", GuestIP: guest,
+		Entries: []loopbacknat.Entry{upstream, {Interface: "eth0", Addr: guest}}}) // the tunnel's again: no second rule
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Set("c1", []loopbacknat.Binding{b8081}); err != nil {
+		t.Fatal(err)
+	}
+	want := append(slices.Clone(rules8081),
+		`-A DOCKER -d 192.168.143.1/32 -i veth-rd-ns -p tcp -m tcp --dport 8081 -m comment --comment "guestagent-loopback:docker" -j DNAT --to-destination 198.18.0.2:80`)
+	if got := ours(testenv.NatRules(t, ns), ""); !slices.Equal(got, want) {
+		t.Errorf("rules:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if err := m.Remove("c1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := ours(testenv.NatRules(t, ns), ""); len(got) != 0 {
+		t.Errorf("rules left: %v", got)
+	}
+	if _, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: wrapper, Interface: "eth0", GuestIP: guest,
+		Entries: []loopbacknat.Entry{{Interface: "veth-rd-ns"}}}); err == nil {
+		t.Error("an entry without an address was accepted")
 	}
 }

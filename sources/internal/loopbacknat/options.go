@@ -45,10 +45,11 @@ func BindFlags(fs *pflag.FlagSet, prefix string, o *Options) {
 }
 
 // Manager checks o and returns the Manager of owner's rules, with chain as
-// its Config.Chain and log as its log, or nil when o turns the rules off.
-// owner is also the prefix of the source's flags (see BindFlags), which
-// the errors name.
-func (o Options) Manager(owner, chain string, log *zap.Logger) (*Manager, error) {
+// its Config.Chain, entries (the selected sinks' ways in, beside the
+// tunnel's) as its Config.Entries and log as its log, or nil when o turns
+// the rules off. owner is also the prefix of the source's flags (see
+// BindFlags), which the errors name.
+func (o Options) Manager(owner, chain string, entries []registry.Entry, log *zap.Logger) (*Manager, error) {
 	if !o.Enabled {
 		return nil, nil
 	}
@@ -62,7 +63,13 @@ func (o Options) Manager(owner, chain string, log *zap.Logger) (*Manager, error)
 	if err != nil || !ip.Is4() {
 		return nil, fmt.Errorf("--%sNATGuestIP %q is not an IPv4 address", owner, o.GuestIP)
 	}
-	m, err := New(Config{Owner: owner, Iptables: o.Iptables, Chain: chain, Interface: o.Interface, GuestIP: ip, Log: log})
+	var more []Entry
+	for _, e := range entries {
+		if e.Addr.Is4() {
+			more = append(more, Entry{Interface: e.Interface, Addr: e.Addr})
+		}
+	}
+	m, err := New(Config{Owner: owner, Iptables: o.Iptables, Chain: chain, Interface: o.Interface, GuestIP: ip, Entries: more, Log: log})
 	if err != nil {
 		return nil, fmt.Errorf("%w (turn the rules off with --%sLoopbackNAT=false)", err, owner)
 	}
