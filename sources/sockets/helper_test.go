@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -416,32 +415,10 @@ func copyExecutable(t testing.TB, from, to string) string {
 // away: a socket of the agent itself.
 func listenInNetns(t testing.TB, ns, addr string) net.Listener {
 	t.Helper()
-	type result struct {
-		l   net.Listener
-		err error
+	l, err := testenv.Within(ns, func() (net.Listener, error) { return net.Listen("tcp", addr) })
+	if err != nil {
+		t.Fatal(err)
 	}
-	ch := make(chan result, 1)
-	go func() {
-		// Never unlocked: the thread dies with the goroutine rather than
-		// return to the scheduler in the wrong namespace.
-		runtime.LockOSThread()
-		f, err := os.Open("/var/run/netns/" + ns)
-		if err != nil {
-			ch <- result{nil, err}
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{nil, fmt.Errorf("setns: %w", err)}
-			return
-		}
-		l, err := net.Listen("tcp", addr)
-		ch <- result{l, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		t.Fatal(r.err)
-	}
-	t.Cleanup(func() { _ = r.l.Close() })
-	return r.l
+	t.Cleanup(func() { _ = l.Close() })
+	return l
 }
