@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -12,8 +13,10 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 )
 
 // record is the durable list of the ports one sink was sent by this agent
@@ -52,7 +55,24 @@ type record struct {
 	journalSize, baseSize int64
 	buf                   []byte
 	removed               []Port
+
+	failing bool      // the last write failed
+	retryAt time.Time // while failing: no write before this
 }
+
+// Bounds of what load accepts: a record over them is not read at all (its
+// ports cannot be removed, which the agent says), so that a damaged or
+// forged one cannot stall the start or exhaust memory. A sink's peer
+// holds at most a few ports per host port and protocol; 2^17 entries is
+// twice every TCP and UDP port on one address.
+const (
+	maxRecordBytes   = 32 << 20
+	maxRecordEntries = 1 << 17
+)
+
+// failedWriteWait is how long a record whose write failed waits before it
+// tries again (a full rewrite); the ports change meanwhile in memory.
+const failedWriteWait = 5 * time.Second
 
 // compactMin is the size the journal may reach before a compaction
 // whatever the size of the base.
@@ -116,26 +136,44 @@ func (r *record) load(key func(Port) sinkKey, log *zap.Logger) ([]exposure, erro
 	r.gen, r.appendable, r.stale = 0, false, false
 	r.journalSize, r.baseSize = 0, 0
 	r.removeTemps()
-	b, err := os.ReadFile(r.path)
+	skipped := 0
+	b, err := readRecordFile(r.path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
-		return nil, fmt.Errorf("reading the ownership record: %w", err)
+		return nil, err
 	default:
 		var f recordFile
 		if err := json.Unmarshal(b, &f); err != nil {
 			return nil, fmt.Errorf("ownership record %s is not valid: %w", r.path, err)
 		}
+		if f.Sink != r.sink {
+			return nil, fmt.Errorf("ownership record %s is sink %q's, not %q's", r.path, f.Sink, r.sink)
+		}
+		if len(f.Exposed) > maxRecordEntries {
+			return nil, fmt.Errorf("ownership record %s holds %d entries, more than the %d a sink can hold", r.path, len(f.Exposed), maxRecordEntries)
+		}
 		r.gen, r.baseSize = f.Generation, int64(len(b))
 		for _, e := range f.Exposed {
-			if e.Port.Protocol != "" && e.Port.HostPort != 0 {
+			if validEntry(e) {
 				r.held[key(e.Port)] = e
+			} else {
+				skipped++
 			}
 		}
 	}
-	if err := r.replay(key, log); err != nil {
+	n, err := r.replay(key, log)
+	if err != nil {
 		clear(r.held)
 		return nil, err
+	}
+	if skipped += n; skipped > 0 {
+		log.Warn("ignoring ownership record entries this agent cannot have written", zap.String("path", r.path), zap.Int("entries", skipped))
+		r.stale = true
+	}
+	if len(r.held) > maxRecordEntries {
+		clear(r.held)
+		return nil, fmt.Errorf("ownership journal %s brings the record to more than the %d entries a sink can hold", r.journal, maxRecordEntries)
 	}
 	return slices.Collect(func(yield func(exposure) bool) {
 		for _, e := range r.held {
@@ -146,14 +184,15 @@ func (r *record) load(key func(Port) sinkKey, log *zap.Logger) ([]exposure, erro
 	}), nil
 }
 
-// replay applies the journal to held when it continues the base.
-func (r *record) replay(key func(Port) sinkKey, log *zap.Logger) error {
-	b, err := os.ReadFile(r.journal)
+// replay applies the journal to held when it continues the base, and
+// returns how many of its entries were not valid (and left out).
+func (r *record) replay(key func(Port) sinkKey, log *zap.Logger) (int, error) {
+	b, err := readRecordFile(r.journal)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil
+		return 0, nil
 	}
 	if err != nil {
-		return fmt.Errorf("reading the ownership journal: %w", err)
+		return 0, err
 	}
 	size := int64(len(b))
 	var lines [][]byte
@@ -176,16 +215,19 @@ func (r *record) replay(key func(Port) sinkKey, log *zap.Logger) error {
 				r.stale = true
 				break
 			}
-			return fmt.Errorf("ownership journal %s line %d is not valid: %w", r.journal, i+1, err)
+			return 0, fmt.Errorf("ownership journal %s line %d is not valid: %w", r.journal, i+1, err)
 		}
 		if i == 0 && l.Generation == 0 {
-			return fmt.Errorf("ownership journal %s has no header", r.journal)
+			return 0, fmt.Errorf("ownership journal %s has no header", r.journal)
+		}
+		if i == 0 && l.Sink != r.sink {
+			return 0, fmt.Errorf("ownership journal %s is sink %q's, not %q's", r.journal, l.Sink, r.sink)
 		}
 		parsed = append(parsed, l)
 	}
 	if len(parsed) == 0 {
 		r.stale = true
-		return nil
+		return 0, nil
 	}
 	if g := parsed[0].Generation; g != r.gen {
 		// The base was written after this journal began (a compaction
@@ -193,21 +235,120 @@ func (r *record) replay(key func(Port) sinkKey, log *zap.Logger) error {
 		// writes the base alone): the base has it all.
 		log.Info("ownership journal not replayed: the base record is newer", zap.String("path", r.journal), zap.Uint64("journal_generation", g), zap.Uint64("base_generation", r.gen))
 		r.stale = true
-		return nil
+		return 0, nil
 	}
+	skipped := 0
 	for _, l := range parsed[1:] {
 		for _, p := range l.Remove {
 			delete(r.held, key(p))
 		}
 		for _, e := range l.Add {
-			if e.Port.Protocol != "" && e.Port.HostPort != 0 {
+			if validEntry(e) {
 				r.held[key(e.Port)] = e
+			} else {
+				skipped++
 			}
 		}
 	}
 	r.appendable = !r.stale
 	r.journalSize = size
+	return skipped, nil
+}
+
+// validEntry reports whether e is an entry this agent writes: a known
+// protocol and a host port of a named claim, with connect addresses that
+// name a network and an address. Anything else was not written by the
+// agent, and is never acted on.
+func validEntry(e exposure) bool {
+	switch e.Port.Protocol {
+	case TCP, UDP, SCTP:
+	default:
+		return false
+	}
+	if e.Port.HostPort == 0 || e.Claim.Source == "" {
+		return false
+	}
+	for _, c := range e.ConnectAddrs {
+		if c.Network == "" || c.Addr == "" {
+			return false
+		}
+	}
+	return true
+}
+
+// readRecordFile reads a file of the record: a regular file (not a
+// link, a FIFO or a device, which are never opened as one), owned by the
+// agent's user, writable by no one else, of at most maxRecordBytes.
+func readRecordFile(path string) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return nil, fs.ErrNotExist
+	case errors.Is(err, unix.ELOOP):
+		return nil, fmt.Errorf("ownership record %s is a symbolic link; not following it", path)
+	case err != nil:
+		return nil, fmt.Errorf("reading the ownership record: %w", &fs.PathError{Op: "open", Path: path, Err: err})
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	if err := trusted(f, path, false); err != nil {
+		return nil, err
+	}
+	if st, err := f.Stat(); err == nil && st.Size() > maxRecordBytes {
+		return nil, fmt.Errorf("ownership record %s is larger than %d MiB", path, maxRecordBytes>>20)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxRecordBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading the ownership record: %w", err)
+	}
+	if len(b) > maxRecordBytes {
+		return nil, fmt.Errorf("ownership record %s is larger than %d MiB", path, maxRecordBytes>>20)
+	}
+	return b, nil
+}
+
+// trusted checks that f (at path) is a regular file (a directory when
+// dir), owned by the agent's user and writable by no other.
+func trusted(f *os.File, path string, dir bool) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	kind := uint32(unix.S_IFREG)
+	if dir {
+		kind = unix.S_IFDIR
+	}
+	switch {
+	case st.Mode&unix.S_IFMT != kind && dir:
+		return fmt.Errorf("%s is not a directory", path)
+	case st.Mode&unix.S_IFMT != kind:
+		return fmt.Errorf("ownership record %s is not a regular file", path)
+	case int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("%s is owned by uid %d, not by the agent's (%d)", path, st.Uid, os.Geteuid())
+	case st.Mode&0o022 != 0:
+		return fmt.Errorf("%s is writable by group or others (mode %04o)", path, st.Mode&0o7777)
+	}
 	return nil
+}
+
+// prepareStateDir makes dir, the directory of the records, when it is
+// missing (0700), and checks that only the agent can change what is in
+// it: a real directory (not a link), owned by the agent's user and
+// writable by no other.
+func prepareStateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+			return fmt.Errorf("%s is not a directory (a link is not followed)", dir)
+		}
+		return &fs.PathError{Op: "open", Path: dir, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), dir)
+	defer f.Close()
+	return trusted(f, dir, true)
 }
 
 // removeTemps removes the temporary files of writes a killed agent left.
@@ -280,6 +421,8 @@ func (r *record) apply(ops []recordOp, full bool) error {
 	b = append(b, "]}\n"...)
 	r.buf, r.removed = b, removed[:0]
 	switch {
+	case r.stale && r.failing && time.Now().Before(r.retryAt):
+		return errWritePaused
 	case r.stale:
 		return r.compact()
 	case adds == 0 && len(removed) == 0:
@@ -297,14 +440,22 @@ func (r *record) apply(ops []recordOp, full bool) error {
 	return nil
 }
 
-// append appends line to the journal in one write.
+// errWritePaused is apply's answer while a record whose last write failed
+// waits before it tries again.
+var errWritePaused = errors.New("ownership record not written: waiting after a failed write")
+
+// append appends line to the journal in one write, and flushes it to the
+// disk before it returns (the adds it records are sent after it).
 func (r *record) append(line []byte) error {
-	f, err := os.OpenFile(r.journal, os.O_WRONLY|os.O_APPEND, 0)
+	f, err := os.OpenFile(r.journal, os.O_WRONLY|os.O_APPEND|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return fmt.Errorf("writing the ownership journal: %w", err)
 	}
 	n, err := f.Write(line)
 	r.journalSize += int64(n)
+	if err == nil {
+		err = unix.Fdatasync(int(f.Fd()))
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -347,24 +498,46 @@ func (r *record) compact() error {
 	return nil
 }
 
-// write replaces the file at path with b, atomically.
+// write replaces the file at path with b, atomically and durably: the
+// new file is flushed before it is renamed over the old, and the
+// directory after.
 func (r *record) write(path string, b []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
 	if err != nil {
 		return fmt.Errorf("writing the ownership record: %w", err)
 	}
 	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing the ownership record: %w", err)
+	_, err = tmp.Write(b)
+	if err == nil {
+		err = tmp.Sync()
 	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("writing the ownership record: %w", err)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
 	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err == nil {
+		err = syncDir(dir)
+	}
+	if err != nil {
 		return fmt.Errorf("writing the ownership record: %w", err)
 	}
 	return nil
+}
+
+// syncDir flushes dir's entries (a rename in it) to the disk.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // identical reports whether a and b record the same entry.

@@ -29,7 +29,11 @@ type RouterConfig struct {
 	PortBackoff Backoff
 	// StateDir, when set, holds each sink's ownership record: the ports
 	// this agent exposed there, so that a restarted agent removes exactly
-	// its own leftovers. Empty keeps the record in memory only.
+	// its own leftovers. Empty keeps the record in memory only. Run makes
+	// it (0700) when it is missing; one that is a link, or that another
+	// user owns or may write to, is not used (the record stays in memory,
+	// with a warning), and neither is a file in it that is not a regular
+	// file the agent's user owns and alone may write.
 	StateDir string
 	// SendTimeout bounds one Send or List call (default 15s).
 	SendTimeout time.Duration
@@ -187,6 +191,14 @@ func (r *Router) Run(ctx context.Context) error {
 	r.running = true
 	if len(r.unsynced) == 0 {
 		close(r.ready)
+	}
+	if r.cfg.StateDir != "" {
+		if err := prepareStateDir(r.cfg.StateDir); err != nil {
+			r.log.Warn("ownership records kept in memory only: the state directory cannot be used (ports a previous run left cannot be removed, and a restart will not know this run's)", zap.String("dir", r.cfg.StateDir), zap.Error(err))
+			for _, w := range r.workers {
+				w.record = nil
+			}
+		}
 	}
 	for _, w := range r.workers {
 		w.loadRecord()

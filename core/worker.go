@@ -725,9 +725,23 @@ func (w *sinkWorker) flushRecord(r *Router) {
 
 // writeRecord records ops; a record that could not be written is
 // rewritten whole at the next write.
+//
+// A failure is logged once, when the record starts failing; while it
+// fails, the record tries again at most every failedWriteWait, and says
+// when a write works again.
 func (w *sinkWorker) writeRecord(ops []recordOp, full bool) {
-	if err := w.record.apply(ops, full); err != nil {
-		w.log.Warn("cannot write the ownership record", zap.Error(err))
-	}
+	err := w.record.apply(ops, full)
 	clear(ops) // drop the references to claims
+	rec := w.record
+	switch {
+	case errors.Is(err, errWritePaused):
+	case err != nil:
+		if !rec.failing {
+			w.log.Warn("cannot write the ownership record; keeping it in memory and trying again every few seconds (after a restart, ports exposed meanwhile cannot be told apart from another party's)", zap.Error(err), zap.Duration("retry_every", failedWriteWait))
+		}
+		rec.failing, rec.retryAt = true, time.Now().Add(failedWriteWait)
+	case rec.failing:
+		rec.failing = false
+		w.log.Info("ownership record written again", zap.String("path", rec.path))
+	}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"os"
 	"slices"
 	"strings"
 	"time"
@@ -83,11 +82,6 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 		return nil, errors.New("no sink selected: --sinks is empty")
 	}
 
-	if cfg.stateDir != "" {
-		if err := os.MkdirAll(cfg.stateDir, 0o700); err != nil {
-			return nil, fmt.Errorf("--stateDir: %w", err)
-		}
-	}
 	router := core.NewRouter(core.RouterConfig{
 		Log:          log,
 		Policy:       mode.Policy(),
