@@ -27,6 +27,13 @@ type RouterConfig struct {
 	// PortBackoff bounds retry delays of one port a peer refused (a host
 	// port in use, say); it never delays other ports (default 250ms to 8s).
 	PortBackoff Backoff
+	// RetryRate bounds the retries of refused ports, per sink, in all:
+	// at most RetryBurst at once, then RetryRate a second (defaults 20
+	// and 200). Retries over it wait their turn, earliest due first; new
+	// changes never wait for it. So a peer that cannot bind ten thousand
+	// ports costs a bounded rate of requests, not one per port per backoff.
+	RetryRate  float64
+	RetryBurst int
 	// StateDir, when set, holds each sink's ownership record: the ports
 	// this agent exposed there, so that a restarted agent removes exactly
 	// its own leftovers. Empty keeps the record in memory only. Run makes
@@ -102,6 +109,12 @@ func NewRouter(cfg RouterConfig) *Router {
 	}
 	if cfg.PortBackoff.Initial <= 0 {
 		cfg.PortBackoff = Backoff{Initial: 250 * time.Millisecond, Max: 8 * time.Second}
+	}
+	if cfg.RetryRate <= 0 {
+		cfg.RetryRate = 20
+	}
+	if cfg.RetryBurst <= 0 {
+		cfg.RetryBurst = 200
 	}
 	if cfg.SendTimeout <= 0 {
 		cfg.SendTimeout = 15 * time.Second

@@ -44,8 +44,40 @@ type sinkWorker struct {
 	recordDirty bool                     // mu: acked changed in ways recordKeys does not say (the drain): compare it whole
 	queuedAt    map[sinkKey]time.Time    // mu: when a source's change first queued each key
 
+	retries    retryBudget // mu: what retries of refused ports may still cost
+	overBudget bool        // mu: retries are due that the budget held back
+
 	down      bool       // the last failure was ErrPeerDown
 	recordOps []recordOp // reused between writes of the record
+}
+
+// retryBudget is a token bucket: retries of refused ports spend one token
+// each; tokens come back at a steady rate up to a burst.
+type retryBudget struct {
+	tokens float64
+	at     time.Time // when tokens was counted; zero: full
+}
+
+// take returns how many of n retries may go now (at most the tokens left),
+// and spends them.
+func (b *retryBudget) take(now time.Time, n int, rate float64, burst int) int {
+	if b.at.IsZero() {
+		b.tokens = float64(burst)
+	} else {
+		b.tokens = min(float64(burst), b.tokens+now.Sub(b.at).Seconds()*rate)
+	}
+	b.at = now
+	n = min(n, int(b.tokens))
+	b.tokens -= float64(n)
+	return n
+}
+
+// next is when the bucket holds a token again.
+func (b *retryBudget) next(rate float64) time.Time {
+	if b.at.IsZero() || b.tokens >= 1 {
+		return b.at
+	}
+	return b.at.Add(time.Duration((1 - b.tokens) / rate * float64(time.Second)))
 }
 
 // foreignHold is a port the peer holds for another party.
@@ -239,7 +271,7 @@ func (w *sinkWorker) run(ctx context.Context, r *Router, syncGo <-chan struct{})
 		}
 		r.mu.Lock()
 		busy := w.resync || w.dirty.len() > 0
-		next := w.nextRetry()
+		next := r.nextRetry(w)
 		r.mu.Unlock()
 		if busy {
 			continue
@@ -301,9 +333,13 @@ func (w *sinkWorker) wait(ctx context.Context, r *Router, next time.Time, syncGo
 	return false
 }
 
-// nextRetry is when the earliest failing port is due; the caller holds
+// nextRetry is when the earliest failing port is due, or, when the retry
+// budget held due ones back, when it allows one more; the caller holds
 // r.mu.
-func (w *sinkWorker) nextRetry() time.Time {
+func (r *Router) nextRetry(w *sinkWorker) time.Time {
+	if w.overBudget {
+		return w.retries.next(r.cfg.RetryRate)
+	}
 	var next time.Time
 	for _, f := range w.failing {
 		if !f.permanent && (next.IsZero() || f.next.Before(next)) {
@@ -313,13 +349,31 @@ func (w *sinkWorker) nextRetry() time.Time {
 	return next
 }
 
-// pushDue queues the failing ports whose retry is due; the caller holds
-// r.mu.
+// pushDue queues the failing ports whose retry is due, as many as the
+// retry budget allows, earliest due first; the caller holds r.mu.
 func (r *Router) pushDue(w *sinkWorker, now time.Time) {
+	var due []sinkKey
 	for sk, f := range w.failing {
-		if !f.permanent && !f.next.After(now) {
-			w.dirty.push(sk)
+		if !f.permanent && !f.next.After(now) && !w.dirty.has(sk) {
+			due = append(due, sk)
 		}
+	}
+	if len(due) == 0 {
+		w.overBudget = false
+		return
+	}
+	n := w.retries.take(now, len(due), r.cfg.RetryRate, r.cfg.RetryBurst)
+	if w.overBudget = n < len(due); w.overBudget {
+		slices.SortFunc(due, func(a, b sinkKey) int {
+			if c := w.failing[a].next.Compare(w.failing[b].next); c != 0 {
+				return c
+			}
+			return compareSinkKeys(a, b)
+		})
+		due = due[:n]
+	}
+	for _, sk := range due {
+		w.dirty.push(sk)
 	}
 }
 
