@@ -76,8 +76,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "guestagent: --pprof needs --statusAddr")
 		return 2
 	}
-	log := newLogger(cfg.debug, stderr)
-	defer func() { _ = log.Sync() }()
+	log, limiter := newLogger(cfg.debug, stderr)
+	defer func() { limiter.Stop(); _ = log.Sync() }()
 
 	m := newMetrics()
 	router, err := build(cfg, bound, log, stdout, m)
@@ -157,7 +157,9 @@ func withProfiles(h http.Handler) http.Handler {
 	return mux
 }
 
-func newLogger(debugOn bool, w io.Writer) *zap.Logger {
+// newLogger returns the agent's JSON logger on w, with repeated lines
+// limited (see limitRepeats).
+func newLogger(debugOn bool, w io.Writer) (*zap.Logger, *logLimiter) {
 	level := zapcore.InfoLevel
 	if debugOn {
 		level = zapcore.DebugLevel
@@ -166,7 +168,8 @@ func newLogger(debugOn bool, w io.Writer) *zap.Logger {
 	enc.TimeKey = "time"
 	enc.EncodeTime = zapcore.ISO8601TimeEncoder
 	ws := zapcore.Lock(zapcore.AddSync(w))
-	return zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(enc), ws, level), zap.ErrorOutput(ws))
+	core, limiter := limitRepeats(zapcore.NewCore(zapcore.NewJSONEncoder(enc), ws, level))
+	return zap.New(core, zap.ErrorOutput(ws)), limiter
 }
 
 func versionString() string {
