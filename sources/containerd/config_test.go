@@ -32,6 +32,11 @@ func TestNewChecksConfig(t *testing.T) {
 			`--containerdNATGuestIP "fd00::2" is not an IPv4 address`},
 		{"no iptables", containerd.Config{Socket: containerd.DefaultSocket, LoopbackNAT: with(nat, func(o *loopbacknat.Options) { o.Iptables = missing })},
 			"turn the rules off with --containerdLoopbackNAT=false"},
+		{"data root", containerd.Config{NerdctlDataRoot: "/srv/nerdctl"}, ""},
+		{"relative data root", containerd.Config{NerdctlDataRoot: "var/lib/nerdctl"},
+			`--containerdNerdctlDataRoot "var/lib/nerdctl" is not an absolute, clean path`},
+		{"unclean data root", containerd.Config{NerdctlDataRoot: "/var/lib/nerdctl/../nerdctl"},
+			`--containerdNerdctlDataRoot "/var/lib/nerdctl/../nerdctl" is not an absolute, clean path`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			s, err := containerd.New(tt.cfg)
@@ -60,6 +65,9 @@ func TestFlagsReachNew(t *testing.T) {
 		{[]string{"--containerdSock=/run/test.sock", "--containerdNATGuestIP=fd00::2"}, `--containerdNATGuestIP "fd00::2" is not an IPv4 address`},
 		{[]string{"--containerdSock=/run/test.sock", "--containerdNATInterface="}, "--containerdNATInterface"},
 		{[]string{"--containerdSock=/run/test.sock", "--containerdIptables=" + filepath.Join(t.TempDir(), "no-iptables")}, "--containerdLoopbackNAT=false"},
+		{[]string{"--containerdNerdctlDataRoot=/srv/nerdctl", "--containerdLoopbackNAT=false"}, ""},
+		{[]string{"--containerdNerdctlDataRoot=", "--containerdLoopbackNAT=false"}, "--containerdNerdctlDataRoot"},
+		{[]string{"--containerdNerdctlDataRoot=/srv/nerdctl/", "--containerdLoopbackNAT=false"}, `--containerdNerdctlDataRoot "/srv/nerdctl/" is not an absolute, clean path`},
 	} {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
 			fs := pflag.NewFlagSet("test", pflag.ContinueOnError)

@@ -4,8 +4,21 @@
 // directory's network-config.json, or the nerdctl/ports label).
 //
 // All namespaces are watched: nerdctl uses "default" unless told
-// otherwise, and containers of other namespaces (k8s.io, buildkit) carry no
-// nerdctl port data, so they cost one label read and nothing else.
+// otherwise, and may be told "k8s.io". nerdctl's labels are honoured on
+// every container but those of containerd's CRI plugin (the ones labelled
+// io.cri-containerd.kind, in whatever namespace): CRI copies an image's
+// LABELs into its containers' labels, so an image that says
+// nerdctl/ports would otherwise claim host ports its pod never publishes.
+// Other containers without nerdctl port data (buildkit's) cost one label
+// read and nothing else.
+//
+// A state directory is used only if it is an absolute, clean path under
+// nerdctl's data root (Config.NerdctlDataRoot), reached without a symbolic
+// link, and its network-config.json is a regular file of at most 1 MiB,
+// opened so that neither a FIFO nor a device can block or flood the
+// source. A container refused for any of these reasons is logged once, at
+// warn level, and reported without ports (port data that does not parse
+// is logged once too, at error level); other containers are not affected.
 //
 // After every (re)connect the source lists every namespace's containers
 // with a running task and reports them as one snapshot, so nothing that
@@ -20,7 +33,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -61,6 +76,8 @@ func init() {
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.Socket, "containerdSock", DefaultSocket, "containerd socket path")
+			registry.NonEmptyStringVar(fs, &cfg.NerdctlDataRoot, "containerdNerdctlDataRoot", DefaultNerdctlDataRoot,
+				"nerdctl's data root (its --data-root): only state directories under it are read")
 			loopbacknat.BindFlags(fs, Name, &cfg.LoopbackNAT)
 			return func(env registry.Env) (core.Source, error) {
 				cfg := cfg
@@ -77,6 +94,10 @@ type Config struct {
 	// Socket is containerd's socket path (--containerdSock); empty means
 	// DefaultSocket.
 	Socket string
+	// NerdctlDataRoot is nerdctl's data root (--containerdNerdctlDataRoot),
+	// an absolute, clean path; empty means DefaultNerdctlDataRoot. A
+	// container's nerdctl/state-dir is read only if it is under it.
+	NerdctlDataRoot string
 	// LoopbackNAT sets up the loopback NAT rules for bindings on
 	// 127.0.0.1, next to the CNI portmap plugin's rules in each
 	// container's CNI-DN chain, so that they answer on the guest's address
@@ -99,6 +120,12 @@ type Source struct {
 	cfg Config
 	nat *loopbacknat.Manager // nil when the rules are off
 	log *zap.Logger
+
+	// said holds, by mapping id, what was last logged about a container's
+	// port data, so that it is logged once per container, not per event.
+	// Only Run's goroutine uses it; the resync forgets the containers
+	// that are gone.
+	said map[string]string
 }
 
 // New checks cfg and returns a Source, with its loopback NAT manager when
@@ -114,10 +141,16 @@ func New(cfg Config) (*Source, error) {
 	if cfg.Socket == "" {
 		cfg.Socket = DefaultSocket
 	}
+	if cfg.NerdctlDataRoot == "" {
+		cfg.NerdctlDataRoot = DefaultNerdctlDataRoot
+	}
+	if err := checkDataRoot(cfg.NerdctlDataRoot); err != nil {
+		return nil, fmt.Errorf("--containerdNerdctlDataRoot %w", err)
+	}
 	if cfg.Backoff.Initial <= 0 {
 		cfg.Backoff = core.Backoff{Initial: core.DefaultBackoff.Initial, Max: 10 * time.Second}
 	}
-	return &Source{cfg: cfg, nat: nat, log: cfg.Log.With(zap.String("source", Name))}, nil
+	return &Source{cfg: cfg, nat: nat, log: cfg.Log.With(zap.String("source", Name)), said: map[string]string{}}, nil
 }
 
 // ID returns the mapping id of a container: ids are unique per namespace.
@@ -190,6 +223,7 @@ func (s *Source) resync(ctx context.Context, e *engine, out core.Emitter) error 
 	var ms []core.Mapping
 	rules := map[string][]loopbacknat.Binding{}
 	running := 0
+	listed := map[string]bool{}
 	for _, ns := range nss {
 		nctx := namespaces.WithNamespace(lctx, ns)
 		ctrs, err := e.listContainers(nctx)
@@ -197,6 +231,7 @@ func (s *Source) resync(ctx context.Context, e *engine, out core.Emitter) error 
 			return fmt.Errorf("listing containers in %s: %w", ns, err)
 		}
 		for _, c := range ctrs {
+			listed[ID(ns, c.ID)] = true
 			proc, err := e.task(nctx, c.ID)
 			if cerrdefs.IsNotFound(err) {
 				continue
@@ -217,6 +252,7 @@ func (s *Source) resync(ctx context.Context, e *engine, out core.Emitter) error 
 			}
 		}
 	}
+	maps.DeleteFunc(s.said, func(key, _ string) bool { return !listed[key] })
 	if s.nat != nil {
 		if err := s.nat.Sync(rules); err != nil {
 			s.log.Error("loopback NAT rules", zap.Error(err))
@@ -261,6 +297,7 @@ func (s *Source) refresh(ctx context.Context, e *engine, out core.Emitter, ns, i
 	key := ID(ns, id)
 	c, err := e.container(ctx, id)
 	if cerrdefs.IsNotFound(err) {
+		delete(s.said, key)
 		s.remove(out, key)
 		return
 	}
@@ -295,23 +332,53 @@ func (s *Source) remove(out core.Emitter, key string) {
 }
 
 // mapping builds a container's mapping and, for its 127.0.0.1 bindings,
-// the loopback NAT bindings, logging what it has to skip.
+// the loopback NAT bindings, logging (once) what it has to refuse or skip.
 func (s *Source) mapping(ns, id string, labels map[string]string, pid uint32) (core.Mapping, []loopbacknat.Binding) {
 	key := ID(ns, id)
 	m := core.Mapping{Key: core.Key{Source: Name, ID: key}}
-	ports, skipped, err := PortsFromLabels(labels)
-	if err != nil {
-		s.log.Error("container's port data unusable; container skipped", zap.String("container", key), zap.Error(err))
-		return m, nil
+	ports, skipped, err := NerdctlPorts(s.cfg.NerdctlDataRoot, labels)
+	if s.news(key, err, skipped) {
+		log := s.log.With(zap.String("container", key))
+		switch {
+		case errors.Is(err, ErrRefused):
+			log.Warn("container's port data refused; container reported without ports", zap.Error(err))
+		case err != nil:
+			log.Error("container's port data unusable; container reported without ports", zap.Error(err))
+		}
+		for _, e := range skipped {
+			log.Warn("port mapping skipped", zap.Error(e))
+		}
 	}
-	for _, e := range skipped {
-		s.log.Warn("port mapping skipped", zap.String("container", key), zap.Error(e))
+	if err != nil {
+		return m, nil
 	}
 	m.Ports = ports
 	if s.nat == nil {
 		return m, nil
 	}
 	return m, s.loopback(ns, id, labels, pid, ports)
+}
+
+// news reports whether err and skipped say something about container key
+// that was not the last thing logged about it, and remembers it.
+func (s *Source) news(key string, err error, skipped []error) bool {
+	var b strings.Builder
+	if err != nil {
+		b.WriteString(err.Error())
+	}
+	for _, e := range skipped {
+		b.WriteString("\n" + e.Error())
+	}
+	said := b.String()
+	if said == "" {
+		delete(s.said, key)
+		return false
+	}
+	if s.said[key] == said {
+		return false
+	}
+	s.said[key] = said
+	return true
 }
 
 // Interface guards.

@@ -59,7 +59,7 @@ func portsLabel(entries ...containerd.PortEntry) map[string]string {
 }
 
 func expected(ns, id string, labels map[string]string) core.Mapping {
-	ports, _, _ := containerd.PortsFromLabels(labels)
+	ports, _, _ := containerd.NerdctlPorts(containerd.DefaultNerdctlDataRoot, labels)
 	return core.Mapping{Key: core.Key{ID: containerd.ID(ns, id)}, Ports: ports}
 }
 

@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/guestagent/guestagent/core"
@@ -18,6 +16,12 @@ const (
 	LabelStateDir = "nerdctl/state-dir"
 	LabelNetworks = "nerdctl/networks"
 )
+
+// LabelCRIKind is the label containerd's CRI plugin sets on every
+// container it makes ("container" or "sandbox"), last, over the image's
+// and the pod's labels; images cannot set it (CRI drops their
+// io.cri-containerd.* labels).
+const LabelCRIKind = "io.cri-containerd.kind"
 
 // maxPortData bounds a port label or network-config.json.
 const maxPortData = 1 << 20
@@ -94,20 +98,49 @@ func (e PortEntry) port() (core.Port, error) {
 	return core.Port{Protocol: proto, ContainerPort: uint16(e.ContainerPort), HostIP: ip, HostPort: uint16(e.HostPort)}, nil
 }
 
-// PortsFromLabels returns a container's ports: from network-config.json in
-// its nerdctl state directory (nerdctl ≥ 2.2) if there is one, else from the
-// nerdctl/ports label. A container with neither has no ports.
-func PortsFromLabels(labels map[string]string) (ports []core.Port, skipped []error, err error) {
-	if dir := labels[LabelStateDir]; dir != "" {
-		data, err := readLimited(filepath.Join(dir, "network-config.json"))
+// NerdctlPorts returns a container's ports from what nerdctl recorded:
+// network-config.json in its nerdctl/state-dir (nerdctl ≥ 2.2) if there is
+// one, else the nerdctl/ports label. A container with neither has no
+// ports. dataRoot is nerdctl's data root, absolute and clean; a state
+// directory that is not under it, or that the file cannot be read from
+// safely (see readStateFile), is refused, and the label is not used then.
+//
+// A container made by containerd's CRI plugin (marked by LabelCRIKind)
+// never has its nerdctl labels honoured: CRI copies an image's LABELs into
+// its containers' labels, so they are the image's word, not nerdctl's. A
+// CRI container with nerdctl's port labels is refused; one without them
+// has no ports, as every CRI container.
+//
+// Refusals wrap ErrRefused; port data that does not parse is another
+// error.
+func NerdctlPorts(dataRoot string, labels map[string]string) (ports []core.Port, skipped []error, err error) {
+	return nerdctlPorts(dataRoot, labels, openBeneath)
+}
+
+func nerdctlPorts(dataRoot string, labels map[string]string, open dirOpener) ([]core.Port, []error, error) {
+	// Empty labels are as good as none, as nerdctl sees them.
+	dir := labels[LabelStateDir]
+	label := labels[LabelPorts]
+	hasDir, hasLabel := dir != "", strings.TrimSpace(label) != ""
+	if kind, ok := labels[LabelCRIKind]; ok {
+		if hasDir || hasLabel {
+			return nil, nil, refused("the container was made by containerd's CRI plugin (%s=%q), which copies image labels", LabelCRIKind, kind)
+		}
+		return nil, nil, nil
+	}
+	if hasDir {
+		if err := checkDataRoot(dataRoot); err != nil {
+			return nil, nil, refused("nerdctl's data root: %w", err)
+		}
+		data, err := readStateFile(dataRoot, dir, open)
 		switch {
 		case err == nil:
 			return ParseNetworkConfig(data)
-		case !errors.Is(err, os.ErrNotExist):
+		case err != errNoNetworkConfig:
 			return nil, nil, err
 		}
 	}
-	if label, ok := labels[LabelPorts]; ok && strings.TrimSpace(label) != "" {
+	if hasLabel {
 		return ParseEntries([]byte(label))
 	}
 	return nil, nil, nil
@@ -124,15 +157,4 @@ func Networks(labels map[string]string) ([]string, error) {
 		return nil, fmt.Errorf("label %s is not a JSON list of names: %w", LabelNetworks, err)
 	}
 	return nets, nil
-}
-
-func readLimited(path string) ([]byte, error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return nil, err
-	}
-	if fi.Size() > maxPortData {
-		return nil, fmt.Errorf("%s is %d bytes, more than %d", path, fi.Size(), maxPortData)
-	}
-	return os.ReadFile(path)
 }
