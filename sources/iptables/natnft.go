@@ -95,8 +95,14 @@ func dataValue(b []byte) []byte {
 	return nil
 }
 
-// cstring is a NUL-terminated string attribute, as bytes.
-func cstring(b []byte) []byte { return bytes.TrimRight(b, "\x00") }
+// cstring is a NUL-terminated string attribute, as bytes: what comes
+// before its first NUL, as C reads it.
+func cstring(b []byte) []byte {
+	if i := bytes.IndexByte(b, 0); i >= 0 {
+		return b[:i]
+	}
+	return b
+}
 
 // attrSetSize bounds the attribute types an attrSet keeps: every
 // attribute the decoder reads has a smaller one.

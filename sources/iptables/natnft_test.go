@@ -230,7 +230,17 @@ func portIDs(ports []ServicePort) string {
 // kernel sends them for rules iptables-nft and ip6tables-nft write, with
 // expressions that set rather than load (skipped), and checks what
 // `iptables -S` would print of each.
-func TestDecodeRuleReadsExpressions(t *testing.T) {
+// decodeCase is a rule message, as the kernel sends it, and its decoding.
+type decodeCase struct {
+	name   string
+	family nftables.TableFamily
+	msg    []byte
+	want   rule
+}
+
+// decodeCases builds the rule messages of TestDecodeRuleReadsExpressions
+// (also FuzzDecodeRule's seeds).
+func decodeCases(t testing.TB) []decodeCase {
 	u32 := func(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
 	nested := func(as ...netlink.Attribute) []byte {
 		b, err := netlink.MarshalAttributes(as)
@@ -305,16 +315,24 @@ func TestDecodeRuleReadsExpressions(t *testing.T) {
 			expr("nat"),
 		}, rule{chain: "C", target: "SNAT"}},
 	}
+	var out []decodeCase
 	for _, tt := range tests {
 		msg := append([]byte{byte(tt.family), unix.NFNETLINK_V0, 0, 0}, nested(
 			netlink.Attribute{Type: unix.NFTA_RULE_HANDLE, Data: binary.BigEndian.AppendUint64(nil, 7)},
 			netlink.Attribute{Type: unix.NFTA_RULE_EXPRESSIONS, Data: nested(tt.exprs...)},
 		)...)
-		got, handle, err := decodeRule(tt.family, "C", msg)
+		out = append(out, decodeCase{tt.name, tt.family, msg, tt.want})
+	}
+	return out
+}
+
+func TestDecodeRuleReadsExpressions(t *testing.T) {
+	for _, tt := range decodeCases(t) {
+		got, handle, err := decodeRule(tt.family, "C", tt.msg)
 		if err != nil || handle != 7 || got != tt.want {
 			t.Errorf("%s: decodeRule = %+v, %d, %v; want %+v, 7", tt.name, got, handle, err, tt.want)
 		}
-		if _, _, err := decodeRule(tt.family, "C", msg[:len(msg)-1]); err == nil {
+		if _, _, err := decodeRule(tt.family, "C", tt.msg[:len(tt.msg)-1]); err == nil {
 			t.Errorf("%s: a truncated message decoded without an error", tt.name)
 		}
 	}
