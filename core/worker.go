@@ -72,12 +72,15 @@ func (b *retryBudget) take(now time.Time, n int, rate float64, burst int) int {
 	return n
 }
 
-// next is when the bucket holds a token again.
-func (b *retryBudget) next(rate float64) time.Time {
-	if b.at.IsZero() || b.tokens >= 1 {
+// next is when the bucket holds a second's worth of tokens again (a
+// burst's, when that is less): a worker held back by the budget wakes
+// once a second, not once a token.
+func (b *retryBudget) next(rate float64, burst int) time.Time {
+	want := min(max(rate, 1), float64(burst))
+	if b.at.IsZero() || b.tokens >= want {
 		return b.at
 	}
-	return b.at.Add(time.Duration((1 - b.tokens) / rate * float64(time.Second)))
+	return b.at.Add(time.Duration((want - b.tokens) / rate * float64(time.Second)))
 }
 
 // foreignHold is a port the peer holds for another party.
@@ -94,6 +97,7 @@ type portFailure struct {
 	next      time.Time // zero when permanent
 	permanent bool
 	since     time.Time
+	granted   bool // the retry budget let its next attempt through
 }
 
 func newSinkWorker(name string, s Sink, accept func(Key) bool, log *zap.Logger) *sinkWorker {
@@ -338,7 +342,7 @@ func (w *sinkWorker) wait(ctx context.Context, r *Router, next time.Time, syncGo
 // r.mu.
 func (r *Router) nextRetry(w *sinkWorker) time.Time {
 	if w.overBudget {
-		return w.retries.next(r.cfg.RetryRate)
+		return w.retries.next(r.cfg.RetryRate, r.cfg.RetryBurst)
 	}
 	var next time.Time
 	for _, f := range w.failing {
@@ -350,30 +354,29 @@ func (r *Router) nextRetry(w *sinkWorker) time.Time {
 }
 
 // pushDue queues the failing ports whose retry is due, as many as the
-// retry budget allows, earliest due first; the caller holds r.mu.
+// retry budget allows (which ones, when not all may go, is left to the
+// map's order: every due port has the same chance each time); the caller
+// holds r.mu.
 func (r *Router) pushDue(w *sinkWorker, now time.Time) {
-	var due []sinkKey
+	avail := -1 // the tokens, counted at the first due port
+	w.overBudget = false
 	for sk, f := range w.failing {
-		if !f.permanent && !f.next.After(now) && !w.dirty.has(sk) {
-			due = append(due, sk)
+		if f.permanent || f.next.After(now) || w.dirty.has(sk) {
+			continue
 		}
-	}
-	if len(due) == 0 {
-		w.overBudget = false
-		return
-	}
-	n := w.retries.take(now, len(due), r.cfg.RetryRate, r.cfg.RetryBurst)
-	if w.overBudget = n < len(due); w.overBudget {
-		slices.SortFunc(due, func(a, b sinkKey) int {
-			if c := w.failing[a].next.Compare(w.failing[b].next); c != 0 {
-				return c
-			}
-			return compareSinkKeys(a, b)
-		})
-		due = due[:n]
-	}
-	for _, sk := range due {
+		if avail < 0 {
+			avail = w.retries.take(now, r.cfg.RetryBurst, r.cfg.RetryRate, r.cfg.RetryBurst)
+		}
+		if avail == 0 {
+			w.overBudget = true
+			break
+		}
+		avail--
+		f.granted = true
 		w.dirty.push(sk)
+	}
+	if avail > 0 {
+		w.retries.tokens += float64(avail) // not needed: back in the bucket
 	}
 }
 
@@ -481,8 +484,19 @@ func (s step) sameAs(o step) bool {
 
 // plan decides what sk needs; the caller holds r.mu.
 func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
-	if f := w.failing[sk]; f != nil && !f.permanent && f.next.After(now) {
-		return step{}, false // its retry timer brings it back
+	if f := w.failing[sk]; f != nil && !f.permanent {
+		if f.next.After(now) {
+			return step{}, false // its retry timer brings it back
+		}
+		// A retry, whoever queued it (a reconcile queues every port the
+		// peer lacks), is let through by the budget.
+		if !f.granted {
+			if w.retries.take(now, 1, r.cfg.RetryRate, r.cfg.RetryBurst) == 0 {
+				w.overBudget = true
+				return step{}, false
+			}
+			f.granted = true
+		}
 	}
 	c, wanted := r.want(w, sk)
 	a, had := w.acked[sk]
@@ -701,7 +715,7 @@ func (w *sinkWorker) fail(r *Router, sk sinkKey, e exposure, err error) {
 		w.failing[sk] = f
 	}
 	first := f.attempt == 0 || f.err != err.Error()
-	f.exp, f.err = e, err.Error()
+	f.exp, f.err, f.granted = e, err.Error(), false
 	delay := r.cfg.PortBackoff.Delay(f.attempt)
 	f.attempt++
 	f.next = time.Now().Add(delay)

@@ -350,7 +350,7 @@ func heapStats(b *testing.B, addr, name string) map[string]float64 {
 }
 
 // cpuTicks returns the user plus system CPU time of pid, in userHZ ticks.
-func cpuTicks(b *testing.B, pid int) int64 {
+func cpuTicks(b testing.TB, pid int) int64 {
 	f, err := testenv.ProcStat(pid)
 	if err != nil {
 		b.Fatal(err)
