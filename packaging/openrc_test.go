@@ -21,10 +21,11 @@ import (
 // waitFor is how long a step of the service may take before the test fails.
 const waitFor = 30 * time.Second
 
-// openrcRoot is a private mount namespace where OpenRC believes it booted
-// the machine: tmpfs on /run (with OpenRC's state directory), /var/log and
-// /etc/init.d, and an overlay on /etc, seen by nothing outside. A process
-// sleeping in it keeps it.
+// openrcRoot is a private mount and network namespace where OpenRC
+// believes it booted the machine: tmpfs on /run (with OpenRC's state
+// directory), /var/log, /etc/init.d, /usr/local/bin and /mnt, and an
+// overlay on /etc, seen by nothing outside; its network has only its
+// loopback, up. A process sleeping in it keeps it.
 type openrcRoot struct {
 	t         *testing.T
 	openrcRun string
@@ -43,10 +44,13 @@ func newOpenRCRoot(t *testing.T) *openrcRoot {
 	openrcRun := testenv.Binary(t, "GUESTAGENT_OPENRC_RUN", "openrc-run")
 	testenv.Binary(t, "GUESTAGENT_UNSHARE", "unshare")
 	testenv.Binary(t, "GUESTAGENT_NSENTER", "nsenter")
+	testenv.Binary(t, "GUESTAGENT_IP", "ip")
 
 	// /etc is an overlay whose changes stay in the namespace, so that the
 	// script and its settings go where they are installed; the tmpfs on
-	// /etc/init.d leaves this machine's own services out. Then the
+	// /etc/init.d leaves this machine's own services out, the one on
+	// /usr/local/bin its programs (the binary's place in the image), and
+	// the one on /mnt gives the desktop app's log folder a place. Then the
 	// directories OpenRC's boot creates in its state directory, and the
 	// softlevel file that says it booted.
 	setup := `set -e
@@ -56,6 +60,9 @@ mount -t overlay -o lowerdir=/etc,upperdir=/run/etc-upper,workdir=/run/etc-work 
 mount -t tmpfs -o mode=0755 tmpfs /etc/init.d
 mkdir -p /etc/conf.d
 mount -t tmpfs -o mode=0755 tmpfs /var/log
+mount -t tmpfs -o mode=0755 tmpfs /usr/local/bin
+mount -t tmpfs -o mode=0755 tmpfs /mnt
+ip link set lo up
 mkdir /run/openrc
 cd /run/openrc
 mkdir daemons exclusive failed hotplugged inactive init.d options scheduled started starting stopping tmp wasinactive
@@ -63,7 +70,7 @@ echo default >softlevel
 echo ready
 exec sleep infinity
 `
-	holder := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", setup)
+	holder := exec.Command("unshare", "--mount", "--net", "--propagation", "private", "sh", "-c", setup)
 	holder.Stderr = os.Stderr
 	out, err := holder.StdoutPipe()
 	if err != nil {
@@ -83,8 +90,9 @@ exec sleep infinity
 // close stops whatever supervise-daemon still runs in the namespace (a
 // test that failed half-way), then the namespace.
 func (r *openrcRoot) close() {
-	if b, err := os.ReadFile(r.path("/run/supervise-guestagent.pid")); err == nil {
-		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 {
+	pidfiles, _ := filepath.Glob(r.path("/run/supervise-*.pid"))
+	for _, f := range pidfiles {
+		if pid, err := strconv.Atoi(strings.TrimSpace(readFile(f))); err == nil && pid > 1 {
 			syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
@@ -97,11 +105,11 @@ func (r *openrcRoot) path(path string) string {
 	return fmt.Sprintf("/proc/%d/root%s", r.holder.Process.Pid, path)
 }
 
-// run runs argv in the namespace and returns its combined output and exit
-// code.
+// run runs argv in the namespaces and returns its combined output and
+// exit code.
 func (r *openrcRoot) run(argv ...string) (string, int) {
 	r.t.Helper()
-	nsenter := append([]string{"-t", strconv.Itoa(r.holder.Process.Pid), "-m", "--"}, argv...)
+	nsenter := append([]string{"-t", strconv.Itoa(r.holder.Process.Pid), "-m", "-n", "--"}, argv...)
 	out, err := exec.Command("nsenter", nsenter...).CombinedOutput()
 	var exit *exec.ExitError
 	if errors.As(err, &exit) {
@@ -114,9 +122,12 @@ func (r *openrcRoot) run(argv ...string) (string, int) {
 }
 
 // install writes the service script to /etc/init.d/guestagent.
-func (r *openrcRoot) install() {
+func (r *openrcRoot) install() { r.installAs("guestagent") }
+
+// installAs writes the service script to /etc/init.d/NAME.
+func (r *openrcRoot) installAs(name string) {
 	r.t.Helper()
-	err := os.WriteFile(r.path("/etc/init.d/guestagent"), []byte(readFile(absPath(r.t, initScript))), 0o755)
+	err := os.WriteFile(r.path("/etc/init.d/"+name), []byte(readFile(absPath(r.t, initScript))), 0o755)
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -126,20 +137,43 @@ func (r *openrcRoot) install() {
 // status...).
 func (r *openrcRoot) service(command string) (string, int) {
 	r.t.Helper()
-	return r.run(r.openrcRun, "/etc/init.d/guestagent", command)
+	return r.serviceNamed("guestagent", command)
+}
+
+// serviceNamed runs /etc/init.d/NAME with a command.
+func (r *openrcRoot) serviceNamed(name, command string) (string, int) {
+	r.t.Helper()
+	return r.run(r.openrcRun, "/etc/init.d/"+name, command)
+}
+
+// writeFile writes a file at path in the namespace.
+func (r *openrcRoot) writeFile(path, content string, mode os.FileMode) {
+	r.t.Helper()
+	if err := os.WriteFile(r.path(path), []byte(content), mode); err != nil {
+		r.t.Fatal(err)
+	}
 }
 
 // stubAgent writes a program in dir that stands in for guestagent: it
-// records its arguments in dir/argv and its pid in dir/pid (each written
-// whole, by rename), prints a line on standard output and one on standard
-// error, prints "stub: HUP" on SIGHUP, and on SIGTERM prints "stub: TERM"
-// and exits.
+// records its arguments in dir/argv, its environment in dir/env and its
+// pid in dir/pid (each written whole, by rename) and appends a line to
+// dir/starts, prints a line on standard output and one on standard error,
+// prints "stub: HUP" on SIGHUP, and on SIGTERM prints "stub: TERM" and
+// exits. While dir/crashes holds a number above 0, it counts it down and
+// exits at once with 1 instead, printing "stub: crash".
 func stubAgent(t *testing.T, dir string) string {
 	t.Helper()
 	stub := filepath.Join(dir, "guestagent-stub")
 	script := fmt.Sprintf(`#!/bin/sh
 d=%s
+echo start >>"$d/starts"
+if [ -e "$d/crashes" ] && n=$(cat "$d/crashes") && [ "$n" -gt 0 ]; then
+	echo $((n - 1)) >"$d/crashes"
+	echo "stub: crash"
+	exit 1
+fi
 printf '%%s\n' "$@" >"$d/argv.new" && mv "$d/argv.new" "$d/argv"
+env >"$d/env.new" && mv "$d/env.new" "$d/env"
 echo $$ >"$d/pid.new" && mv "$d/pid.new" "$d/pid"
 echo "stub: started"
 echo "stub: on stderr" >&2
