@@ -162,24 +162,34 @@ func transportError(ctx context.Context, err error) error {
 
 // forwards returns the forwards the API lists.
 func (c *client) forwards(ctx context.Context) ([]Forward, error) {
+	all, _, err := c.list(ctx)
+	return all, err
+}
+
+// list returns the forwards the API lists, and the answer's body.
+func (c *client) list(ctx context.Context) ([]Forward, []byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+allPath, nil)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	res, err := c.http.Do(req)
 	if err != nil {
-		return nil, transportError(ctx, err)
+		return nil, nil, transportError(ctx, err)
 	}
 	defer res.Body.Close()
 	if res.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(res.Body, 4096))
-		return nil, fmt.Errorf("list forwards: HTTP %d: %s", res.StatusCode, bytes.TrimSpace(body))
+		return nil, nil, fmt.Errorf("list forwards: HTTP %d: %s", res.StatusCode, bytes.TrimSpace(body))
 	}
-	all, err := DecodeForwards(res.Body)
-	// Read what follows the list (a newline, say) so the connection is
-	// reused rather than closed.
+	body, err := io.ReadAll(io.LimitReader(res.Body, maxBody))
+	if err != nil {
+		return nil, nil, transportError(ctx, err)
+	}
+	// Read what may follow so the connection is reused rather than
+	// closed.
 	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, maxBody))
-	return all, err
+	all, err := DecodeForwards(bytes.NewReader(body))
+	return all, body, err
 }
 
 // DecodeForwards reads the API's answer to a list request: a JSON list of

@@ -206,11 +206,24 @@ func TestStaticForwardsSurviveEverything(t *testing.T) {
 		}
 		return false, "not in status"
 	})
-	syncs := sinkStatus(t, r).Syncs
-	testenv.Eventually(t, 10*time.Second, "two reconciles from the peer checks", func() (bool, string) {
-		got := sinkStatus(t, r).Syncs
-		return got >= syncs+2, fmt.Sprintf("%d after %d", got, syncs)
-	})
+	// A peer check reconciles when the list changed: another party's
+	// forward comes and goes, then one of this agent's goes.
+	other := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	for _, change := range []func() error{
+		func() error { return g.Expose("tcp", other, "192.168.127.3:80") },
+		func() error { return g.Unexpose("tcp", other) },
+		func() error { return g.Unexpose("tcp", fmt.Sprintf("127.0.0.1:%d", p2)) },
+	} {
+		syncs := sinkStatus(t, r).Syncs
+		if err := change(); err != nil {
+			t.Fatal(err)
+		}
+		testenv.Eventually(t, 10*time.Second, "a reconcile from the peer checks", func() (bool, string) {
+			got := sinkStatus(t, r).Syncs
+			return got > syncs, fmt.Sprintf("%d after %d", got, syncs)
+		})
+	}
+	waitForwards(t, g, tcpLocal(p1, p2)) // the one removed is back
 	checkStatic("after peer checks")
 
 	g.Stop()

@@ -13,15 +13,19 @@
 package hostswitch
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"net"
 	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -49,7 +53,7 @@ func init() {
 			registry.NonEmptyStringVar(fs, &cfg.BaseURL, "hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")
 			registry.NonEmptyStringVar(fs, &cfg.GuestIP, "hostSwitchGuestIP", DefaultGuestIP, "this guest's address on the virtual network: the remote end of every forward")
 			fs.DurationVar(&cfg.ProbeInterval, "hostSwitchProbeInterval", DefaultProbeInterval, "how often one small request on a connection kept open checks that host-switch is up and has not restarted (at once when that connection breaks, every 200ms while host-switch does not answer); when it answers again or on a new connection (it restarted), its forwards are listed and restored at once (0 disables; at most 5s)")
-			fs.DurationVar(&cfg.CheckInterval, "hostSwitchCheckInterval", DefaultCheckInterval, "how often the whole list of forwards is read, to restore forwards someone removed and take up ports others released; not while the probe has no answer from host-switch (0 disables)")
+			fs.DurationVar(&cfg.CheckInterval, "hostSwitchCheckInterval", DefaultCheckInterval, "how often the whole list of forwards is read (as the probe of that turn), to restore forwards someone removed and take up ports others released; a reconcile follows only when the list changed; not while the probe has no answer from host-switch (0 disables)")
 			return func(env registry.Env) (core.Sink, error) {
 				c := cfg
 				c.Log = env.Log
@@ -96,6 +100,39 @@ type Sink struct {
 	probeEvery time.Duration
 	prober     *prober       // used by WatchPeer alone
 	back       chan struct{} // PeerBack
+
+	sends atomic.Uint64 // Sends begun: each may change the list
+
+	mu sync.Mutex
+	// given is the list List last returned (its body's hash, and the
+	// Sends begun before it was read): a check that reads the same, with
+	// no Send since, has nothing to tell the router.
+	given listMark
+	// read is a list a check read and asked the router to reconcile
+	// with: List returns it instead of asking again, while no Send
+	// began since and it is fresh.
+	read     []Forward
+	readMark listMark
+	readAt   time.Time
+}
+
+// listMark says which list a reconcile saw: the hash of the API's answer
+// and the count of Sends begun before it was asked for.
+type listMark struct {
+	sum   uint64
+	sends uint64
+	ok    bool
+}
+
+// readFresh is how long a list a check read stands for the API's, for the
+// List that the check's reconcile makes.
+const readFresh = 2 * time.Second
+
+// mark returns the listMark of body, read after sends Sends began.
+func mark(body []byte, sends uint64) listMark {
+	h := fnv.New64a()
+	_, _ = h.Write(body)
+	return listMark{sum: h.Sum64(), sends: sends, ok: true}
 }
 
 // New checks cfg and returns a Sink.
@@ -181,6 +218,7 @@ func (s *Sink) forwardFor(p core.Port) (Forward, error) {
 // time). Ports the API cannot take are reported as a permanent error after
 // the others are done.
 func (s *Sink) Send(ctx context.Context, c core.Change) error {
+	s.sends.Add(1)
 	var refused []error
 	for _, p := range c.Mapping.Ports {
 		f, err := s.forwardFor(p)
@@ -212,8 +250,11 @@ func (s *Sink) Forwards(ctx context.Context) ([]Forward, error) {
 // forward matches when it leads to the guest's same port, as the ones this
 // sink creates do; forwards whose local address cannot be read are left
 // out (they are nobody's port the agent could want).
+//
+// Right after a check that read the list (and asked for this reconcile),
+// that list is used rather than asked for again.
 func (s *Sink) List(ctx context.Context) ([]core.Held, error) {
-	all, err := s.api.forwards(ctx)
+	all, err := s.list(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -227,6 +268,52 @@ func (s *Sink) List(ctx context.Context) ([]core.Held, error) {
 		out = append(out, core.Held{Port: p, Target: f.Remote, Matches: err == nil && want.Remote == f.Remote})
 	}
 	return out, nil
+}
+
+// list returns the API's forwards for a reconcile: the ones a check just
+// read when nothing was sent since, else a new list.
+func (s *Sink) list(ctx context.Context) ([]Forward, error) {
+	s.mu.Lock()
+	all, m := s.read, s.readMark
+	fresh := all != nil && m.sends == s.sends.Load() && time.Since(s.readAt) < readFresh
+	s.read = nil
+	if fresh {
+		s.given = m
+	}
+	s.mu.Unlock()
+	if fresh {
+		return all, nil
+	}
+	sends := s.sends.Load()
+	all, body, err := s.api.list(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.given = mark(body, sends)
+	s.mu.Unlock()
+	return all, nil
+}
+
+// changed reports whether the list in body, read after sends Sends
+// began, may differ from what the router last reconciled with; if so, it
+// keeps the list for the reconcile it asks for.
+func (s *Sink) changed(body []byte, sends uint64) bool {
+	m := mark(body, sends)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.given.ok && s.given.sum == m.sum && s.given.sends == m.sends {
+		return false
+	}
+	all, err := DecodeForwards(bytes.NewReader(body))
+	if err != nil {
+		return true // the reconcile's own list says what is wrong
+	}
+	if all == nil {
+		all = []Forward{}
+	}
+	s.read, s.readMark, s.readAt = all, m, time.Now()
+	return true
 }
 
 // parseLocal reads a forward's local address ("127.0.0.1:80", or ":80"
@@ -257,50 +344,43 @@ func parseLocal(f Forward) (core.Port, bool) {
 // probe's kept connection breaks; every downProbeInterval while it does
 // not answer) and asks the router to reconcile (one list of the forwards)
 // when it answers again after failing or answers on a new connection: it
-// restarted and lost the forwards this agent made. Every CheckInterval it asks for a reconcile too, so that
-// forwards someone else removed come back and ports others release are
-// taken up; while the probe has no answer from host-switch it does not
-// (the router retries on its own then, and the probe says when it is
-// back).
+// restarted and lost the forwards this agent made.
+//
+// Every CheckInterval the list of forwards is read, so that forwards
+// someone else removed come back and ports others release are taken up:
+// with the probe on, that read is the probe of its turn, over the probe's
+// connection, so that each interval costs one request. The router is
+// asked to reconcile only when the list differs from the one it last
+// reconciled with, or the sink sent something since; it then gets the
+// list just read. While the probe has no answer from host-switch no list
+// is read (the router retries on its own then, and the probe says when it
+// is back).
 func (s *Sink) WatchPeer(ctx context.Context, check func()) {
-	var probe <-chan time.Time
-	var probeTimer *time.Timer
-	if s.probeEvery > 0 {
-		probeTimer = time.NewTimer(s.probeEvery)
-		defer probeTimer.Stop()
-		probe = probeTimer.C
-		// The first answer is what later ones are told from: get it
-		// now, before the router's first adds.
-		s.probe(ctx, check)
-		probeTimer.Reset(s.nextProbe())
-	}
-	var full <-chan time.Time
-	if s.every > 0 {
-		t := time.NewTicker(s.every)
-		defer t.Stop()
-		full = t.C
-	}
-	if probe == nil && full == nil {
+	if s.probeEvery <= 0 {
+		s.watchLists(ctx, check)
 		return
 	}
-	var lost <-chan struct{}
-	if probe != nil {
-		lost = s.prober.lost
-	}
+	probeTimer := time.NewTimer(s.probeEvery)
+	defer probeTimer.Stop()
+	// The first answer is what later ones are told from: get it now,
+	// before the router's first adds.
+	s.probe(ctx, check, false)
+	lastList := time.Now()
+	probeTimer.Reset(s.nextProbe())
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-full:
-			if probe == nil || s.prober.up() {
-				check()
-			}
-			continue
-		case <-probe:
-		case <-lost:
+		case <-probeTimer.C:
+		case <-s.prober.lost:
 			s.log.Debug("the probe's connection to host-switch broke; probing now")
 		}
-		s.probe(ctx, check)
+		// A probe less than a tenth of the interval early is on time.
+		list := s.every > 0 && s.prober.up() && time.Since(lastList) >= s.every-s.every/10
+		if list {
+			lastList = time.Now()
+		}
+		s.probe(ctx, check, list)
 		if !probeTimer.Stop() {
 			select {
 			case <-probeTimer.C:
@@ -308,6 +388,30 @@ func (s *Sink) WatchPeer(ctx context.Context, check func()) {
 			}
 		}
 		probeTimer.Reset(s.nextProbe())
+	}
+}
+
+// watchLists reads the list every CheckInterval, when the probe is off.
+func (s *Sink) watchLists(ctx context.Context, check func()) {
+	if s.every <= 0 {
+		return
+	}
+	t := time.NewTicker(s.every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		sends := s.sends.Load()
+		_, body, err := s.api.list(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil || s.changed(body, sends) {
+			check() // the reconcile's list reports the error
+		}
 	}
 }
 
@@ -322,10 +426,18 @@ func (s *Sink) nextProbe() time.Duration {
 }
 
 // probe probes host-switch once and asks for a check when it restarted or
-// is back.
-func (s *Sink) probe(ctx context.Context, check func()) {
-	res, err := s.prober.probe(ctx)
+// is back; with list, the probe reads the list of forwards, and asks for
+// a check when that changed too.
+func (s *Sink) probe(ctx context.Context, check func(), list bool) {
+	sends := s.sends.Load()
+	res, body, err := s.prober.probe(ctx, list)
 	if ctx.Err() != nil {
+		return
+	}
+	if list && (res == probeSame || res == probeFirst) {
+		if body == nil || s.changed(body, sends) {
+			check() // a list that is not HTTP 200: the reconcile's says why
+		}
 		return
 	}
 	switch res {

@@ -282,10 +282,13 @@ func TestConfigValidation(t *testing.T) {
 // closes every one the sink kept open, at the server's end too, and no
 // goroutine is left; a Sink that never sent anything closes as well.
 func TestCloseReleasesConnections(t *testing.T) {
-	var open, peak atomic.Int64
+	var open, peak, lists atomic.Int64
 	srv := httptest.NewUnstartedServer(&scripted{answer: func(path string, _ hostswitch.Forward) (int, string) {
 		if path == "/services/forwarder/all" {
-			return 200, "[]"
+			// A list that reads differently each time (the same
+			// forwards, spaced otherwise), so that each check asks
+			// for a reconcile.
+			return 200, "[]" + strings.Repeat(" ", int(lists.Add(1)%2))
 		}
 		return 200, ""
 	}})

@@ -76,7 +76,8 @@ func probeTimeout(every time.Duration) time.Duration {
 
 // prober holds the probe's connection; one goroutine uses it at a time.
 type prober struct {
-	url      string
+	url      string // the probe's: the expose path
+	listURL  string // the list's, when the probe reads the forwards too
 	timeout  time.Duration
 	client   *http.Client
 	answered bool          // a probe was answered before
@@ -88,7 +89,7 @@ type prober struct {
 func (p *prober) up() bool { return p.answered && !p.down }
 
 func newProber(base string, timeout time.Duration, dial dialFunc) *prober {
-	p := &prober{url: base + exposePath, timeout: timeout, lost: make(chan struct{}, 1)}
+	p := &prober{url: base + exposePath, listURL: base + allPath, timeout: timeout, lost: make(chan struct{}, 1)}
 	tr := &http.Transport{
 		Proxy:               nil,
 		DialContext:         p.watched(dial),
@@ -140,20 +141,23 @@ func (c *watchedConn) Close() error {
 	return c.Conn.Close()
 }
 
-// probe asks host-switch once and says what it found.
-func (p *prober) probe(ctx context.Context) (probeResult, error) {
+// probe asks host-switch once and says what it found. With list, the
+// question is the list of forwards, whose answer (the body, at most
+// maxBody bytes; nil unless HTTP 200) it returns too: one request that is
+// the probe and the check at once.
+func (p *prober) probe(ctx context.Context, list bool) (probeResult, []byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	fresh, err := p.ask(ctx)
+	fresh, body, err := p.ask(ctx, list)
 	if err != nil {
 		// A connection that failed is not used again; drop any other so
 		// the next probe starts afresh.
 		p.client.CloseIdleConnections()
 		if p.down {
-			return probeStillDown, err
+			return probeStillDown, nil, err
 		}
 		p.down = true
-		return probeFailed, err
+		return probeFailed, nil, err
 	}
 	r := probeSame
 	switch {
@@ -165,34 +169,46 @@ func (p *prober) probe(ctx context.Context) (probeResult, error) {
 		r = probeNew
 	}
 	p.down, p.answered = false, true
-	return r, nil
+	return r, body, nil
 }
 
-// ask sends the probe's request and reports whether its answer came on a
-// new connection.
-func (p *prober) ask(ctx context.Context) (bool, error) {
+// ask sends the probe's request (the list's, with list) and reports
+// whether its answer came on a new connection, with the list's body.
+func (p *prober) ask(ctx context.Context, list bool) (bool, []byte, error) {
 	// net/http retries a GET that fails on a reused connection on a new
 	// one, so the connection that carried the answer is the last one
 	// reported.
 	var reused atomic.Bool
 	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { reused.Store(i.Reused) }}
-	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(ctx, trace), http.MethodGet, p.url, nil)
+	url := p.url
+	if list {
+		url = p.listURL
+	}
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(ctx, trace), http.MethodGet, url, nil)
 	if err != nil {
-		return false, err
+		return false, nil, err
 	}
 	res, err := p.client.Do(req)
 	if err != nil {
-		return false, err
+		return false, nil, err
 	}
 	// Read the answer to its end so that the connection is kept.
-	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, 4096))
-	res.Body.Close()
-	if res.StatusCode >= 500 {
-		// Not gvproxy's answer (it says 400 "post only"): something in
-		// between answers for a host-switch that is not there.
-		return false, fmt.Errorf("probe: HTTP %d from %s", res.StatusCode, p.url)
+	var body []byte
+	if list && res.StatusCode == http.StatusOK {
+		body, err = io.ReadAll(io.LimitReader(res.Body, maxBody))
 	}
-	return !reused.Load(), nil
+	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, maxBody))
+	res.Body.Close()
+	if err != nil {
+		return false, nil, err
+	}
+	if res.StatusCode >= 500 {
+		// Not gvproxy's answer (it says 400 "post only" to the probe):
+		// something in between answers for a host-switch that is not
+		// there.
+		return false, nil, fmt.Errorf("probe: HTTP %d from %s", res.StatusCode, url)
+	}
+	return !reused.Load(), body, nil
 }
 
 // close releases the probe's connection.

@@ -3,6 +3,7 @@ package hostswitch_test
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"sync/atomic"
@@ -12,6 +13,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/core/sinktest"
 	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sinks/hostswitch"
 )
@@ -164,5 +167,80 @@ func TestBrokenConnectionIsProbedAtOnce(t *testing.T) {
 	}
 	if n := peer.probes.Load(); n != 2 {
 		t.Errorf("%d probes, want 2: the first and the one the broken connection brought", n)
+	}
+}
+
+// TestChecksCostOneRequestAndAskOnlyOnChange: with the probe and the
+// check at one interval, each interval costs one request, the list (the
+// probe of its turn); the router is asked to reconcile only when the list
+// changed or the sink sent something since the reconcile before, and that
+// reconcile gets the list just read instead of asking again.
+func TestChecksCostOneRequestAndAskOnlyOnChange(t *testing.T) {
+	var list atomic.Value
+	list.Store(`[]`)
+	var lists, probes atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.Method == http.MethodGet && r.URL.Path == "/services/forwarder/all":
+			lists.Add(1)
+			_, _ = io.WriteString(w, list.Load().(string))
+		case r.Method == http.MethodGet:
+			probes.Add(1)
+			http.Error(w, "post only", http.StatusBadRequest)
+		default:
+			w.WriteHeader(http.StatusOK)
+		}
+	}))
+	defer srv.Close()
+	s, err := hostswitch.New(hostswitch.Config{BaseURL: srv.URL, GuestIP: hostswitch.DefaultGuestIP,
+		ProbeInterval: 20 * time.Millisecond, CheckInterval: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	var checks, extra atomic.Int64
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.WatchPeer(ctx, func() {
+			// As the router does: reconcile, through List, at once.
+			checks.Add(1)
+			before := lists.Load()
+			if _, err := s.List(ctx); err != nil {
+				t.Errorf("List: %v", err)
+			}
+			extra.Add(lists.Load() - before)
+		})
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+
+	waitLists := func(n int64) {
+		t.Helper()
+		testenv.Eventually(t, 10*time.Second, fmt.Sprintf("%d lists", n), func() (bool, string) {
+			return lists.Load() >= n, fmt.Sprintf("%d so far", lists.Load())
+		})
+	}
+	waitLists(20)
+	if n := probes.Load(); n != 1 {
+		t.Errorf("%d probes besides %d lists, want only the first: a list is the probe of its turn", n, lists.Load())
+	}
+	if n := checks.Load(); n != 1 {
+		t.Errorf("%d checks while the list stayed the same, want the first alone", n)
+	}
+	list.Store(`[{"local":"127.0.0.1:8080","remote":"192.168.127.2:8080","protocol":"tcp"}]`)
+	waitLists(lists.Load() + 10)
+	if n := checks.Load(); n != 2 {
+		t.Errorf("%d checks after one change of the list, want 2", n)
+	}
+	if err := s.Send(ctx, core.Change{Mapping: sinktest.Mapping("docker", "c", 8081, 1)}); err != nil {
+		t.Fatal(err)
+	}
+	waitLists(lists.Load() + 10)
+	if n := checks.Load(); n != 3 {
+		t.Errorf("%d checks after a send, the list the same, want 3", n)
+	}
+	if n := extra.Load(); n != 0 {
+		t.Errorf("the reconciles asked for the list %d more times; want the one just read", n)
 	}
 }

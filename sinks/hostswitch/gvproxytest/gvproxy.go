@@ -149,18 +149,27 @@ func (g *Gvproxy) Stop() {
 // Expose adds a forward through the API, as another party (a user, say)
 // would: one that is not gvproxy's own, so that a restart loses it.
 func (g *Gvproxy) Expose(protocol, local, remote string) error {
-	body, err := json.Marshal(map[string]string{"local": local, "remote": remote, "protocol": protocol})
+	return g.post("expose", map[string]string{"local": local, "remote": remote, "protocol": protocol})
+}
+
+// Unexpose removes a forward through the API, as another party would.
+func (g *Gvproxy) Unexpose(protocol, local string) error {
+	return g.post("unexpose", map[string]string{"local": local, "protocol": protocol})
+}
+
+func (g *Gvproxy) post(op string, f map[string]string) error {
+	body, err := json.Marshal(f)
 	if err != nil {
 		return err
 	}
-	res, err := http.Post(g.URL()+"/services/forwarder/expose", "application/json", bytes.NewReader(body))
+	res, err := http.Post(g.URL()+"/services/forwarder/"+op, "application/json", bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
 	defer res.Body.Close()
 	answer, _ := io.ReadAll(io.LimitReader(res.Body, 4096))
 	if res.StatusCode != http.StatusOK {
-		return fmt.Errorf("expose %s %s -> %s: HTTP %d: %s", protocol, local, remote, res.StatusCode, bytes.TrimSpace(answer))
+		return fmt.Errorf("%s %s %s -> %s: HTTP %d: %s", op, f["protocol"], f["local"], f["remote"], res.StatusCode, bytes.TrimSpace(answer))
 	}
 	return nil
 }
