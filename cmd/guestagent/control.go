@@ -15,6 +15,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -26,33 +28,127 @@ import (
 // watch and explain commands.
 const DefaultControlSocket = "/run/guestagent/guestagent.sock"
 
-// listenControl opens the control socket at path: its directory is made
-// 0700 and the socket 0600, so only root reaches it. A socket another
-// running agent answers on is an error; a stale one is replaced.
-func listenControl(path string) (net.Listener, error) {
+// listenControl opens the control socket at path, mode 0600, so that only
+// root and the agent's own user reach it. It creates the socket's
+// directory (0700) when it is missing and changes nothing it did not
+// create: an existing directory keeps its mode, and anything at path but a
+// stale socket (one nobody answers on) is an error, a symbolic link
+// included. A socket another running agent answers on is an error too.
+//
+// The socket is bound in a directory of its own (0700, beside path),
+// made 0600 there and then linked to path, which fails if anything
+// appeared at path in between: no one can connect while the mode is the
+// umask's, and no process-wide umask is changed.
+func listenControl(path string, log *zap.Logger) (net.Listener, error) {
 	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	switch fi, err := os.Stat(dir); {
+	case errors.Is(err, fs.ErrNotExist):
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("--controlSocket: %w", err)
+		}
+	case err != nil:
 		return nil, fmt.Errorf("--controlSocket: %w", err)
+	case !fi.IsDir():
+		return nil, fmt.Errorf("--controlSocket %s: %s is not a directory", path, dir)
+	default:
+		warnSharedDir(dir, fi, log)
 	}
-	if err := os.Chmod(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("--controlSocket: %w", err)
+	if err := clearStaleSocket(path); err != nil {
+		return nil, err
 	}
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("--controlSocket %s: another agent is running and answers on it", path)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("--controlSocket: %w", err)
-	}
-	ln, err := net.Listen("unix", path)
+	tmp, err := os.MkdirTemp(dir, ".ga")
 	if err != nil {
 		return nil, fmt.Errorf("--controlSocket: %w", err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	defer os.Remove(tmp)
+	bound := filepath.Join(tmp, "s")
+	ln, err := net.Listen("unix", bound)
+	if err != nil {
+		return nil, fmt.Errorf("--controlSocket %s: %w", path, err)
+	}
+	ul := ln.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false) // the temporary name goes below; path goes in Close
+	defer os.Remove(bound)
+	if err := os.Chmod(bound, 0o600); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("--controlSocket: %w", err)
 	}
-	return ln, nil
+	if err := os.Link(bound, path); err != nil {
+		ln.Close()
+		if errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("--controlSocket %s: something appeared at the path while the agent was starting; not replacing it", path)
+		}
+		return nil, fmt.Errorf("--controlSocket %s: %w", path, err)
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("--controlSocket: %w", err)
+	}
+	return &controlListener{UnixListener: ul, path: path, fi: fi}, nil
+}
+
+// clearStaleSocket makes way for the control socket at path: nothing
+// there is fine, a socket nobody answers on is removed, anything else is
+// an error and left alone.
+func clearStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("--controlSocket: %w", err)
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("--controlSocket %s is a symbolic link; the agent neither follows nor replaces it", path)
+	case fi.Mode()&fs.ModeSocket == 0:
+		return fmt.Errorf("--controlSocket %s exists and is not a socket (%s); the agent does not remove it", path, fi.Mode().Type())
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("--controlSocket %s: another agent is running and answers on it", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("--controlSocket: removing the stale socket: %w", err)
+	}
+	return nil
+}
+
+// warnSharedDir logs when others than root and the agent's user may
+// write to dir (without the sticky bit, or as its owner): they could
+// replace the socket with their own, which clients would then talk to.
+func warnSharedDir(dir string, fi fs.FileInfo, log *zap.Logger) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return
+	}
+	uid := uint32(os.Getuid())
+	switch {
+	case st.Uid != 0 && st.Uid != uid:
+		log.Warn("the control socket's directory belongs to another user, who can replace the socket", zap.String("dir", dir), zap.Uint32("owner", st.Uid))
+	case fi.Mode()&0o022 != 0 && fi.Mode()&fs.ModeSticky == 0:
+		log.Warn("others may write to the control socket's directory and replace the socket", zap.String("dir", dir), zap.Stringer("mode", fi.Mode()))
+	}
+}
+
+// controlListener is the control socket: it reports path as its address
+// and removes path when closed, if path is still the socket it bound.
+type controlListener struct {
+	*net.UnixListener
+	path   string
+	fi     fs.FileInfo
+	remove sync.Once
+}
+
+func (l *controlListener) Addr() net.Addr { return &net.UnixAddr{Name: l.path, Net: "unix"} }
+
+func (l *controlListener) Close() error {
+	err := l.UnixListener.Close()
+	l.remove.Do(func() {
+		if fi, err := os.Lstat(l.path); err == nil && os.SameFile(fi, l.fi) {
+			_ = os.Remove(l.path)
+		}
+	})
+	return err
 }
 
 // serveHTTP serves h on ln until ctx is done.

@@ -102,7 +102,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		listeners, names, handlers = append(listeners, ln), append(names, "status and metrics"), append(handlers, h)
 	}
 	if cfg.controlSocket != "" {
-		ln, err := listenControl(cfg.controlSocket)
+		ln, err := listenControl(cfg.controlSocket, log)
 		if err != nil {
 			for _, l := range listeners {
 				l.Close()
