@@ -320,13 +320,13 @@ func diffEvents(old, cur core.Status, now time.Time) []watchEvent {
 
 // watchHandler streams the router's changes as NDJSON, starting with its
 // current state, until the client goes or the agent stops.
-func watchHandler(r *core.Router) http.HandlerFunc {
+func watchHandler(snap *snapshots) http.HandlerFunc {
 	return func(w http.ResponseWriter, req *http.Request) {
 		flusher, _ := w.(http.Flusher)
 		w.Header().Set("Content-Type", "application/x-ndjson")
 		enc := json.NewEncoder(w)
-		changed := r.Changed()
-		st := r.Status()
+		changed := snap.r.Changed()
+		st := snap.since(time.Now())
 		for _, ev := range currentEvents(st, time.Now()) {
 			if enc.Encode(ev) != nil {
 				return
@@ -347,8 +347,8 @@ func watchHandler(r *core.Router) http.HandlerFunc {
 				return
 			case <-time.After(20 * time.Millisecond):
 			}
-			changed = r.Changed()
-			cur := r.Status()
+			changed = snap.r.Changed()
+			cur := snap.since(time.Now())
 			for _, ev := range diffEvents(st, cur, time.Now()) {
 				if enc.Encode(ev) != nil {
 					return

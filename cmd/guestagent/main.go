@@ -85,7 +85,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "guestagent:", err)
 		return 2
 	}
-	handler := statusHandler(router, m)
+	handler := statusHandler(newSnapshots(router), m)
 	var listeners []net.Listener
 	var names []string
 	var handlers []http.Handler
