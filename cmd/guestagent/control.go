@@ -151,9 +151,38 @@ func (l *controlListener) Close() error {
 	return err
 }
 
-// serveHTTP serves h on ln until ctx is done.
+// Bounds of the status endpoint and of the control socket, each: a local
+// user may open connections and leave them idle, or read slowly, and the
+// agent's descriptors must not run out.
+const (
+	// maxConns is how many connections one server holds open; more wait
+	// in the kernel's backlog until one closes.
+	maxConns = 64
+	// maxWatches is how many /watch streams one server holds open, so
+	// that streams always leave room for other requests.
+	maxWatches = maxConns / 2
+	// readHeaderTimeout bounds how long a new or idle connection takes
+	// to send a request's header; readTimeout the whole request.
+	readHeaderTimeout = 5 * time.Second
+	readTimeout       = 10 * time.Second
+	// writeTimeout bounds writing a response (a /watch stream: each of
+	// its writes; a profile: its duration more).
+	writeTimeout = 10 * time.Second
+	// idleTimeout closes a keep-alive connection that sends no request.
+	idleTimeout = 10 * time.Second
+)
+
+// serveHTTP serves h on ln until ctx is done, within the bounds above.
 func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler, log *zap.Logger, what string) {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: readHeaderTimeout,
+		ReadTimeout:       readTimeout,
+		WriteTimeout:      writeTimeout,
+		IdleTimeout:       idleTimeout,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          zap.NewStdLog(log.With(zap.String("server", what))),
+	}
 	stop := context.AfterFunc(ctx, func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
@@ -161,10 +190,66 @@ func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler, log *zap.Lo
 		_ = srv.Close() // streams (watch) do not end by themselves
 	})
 	defer stop()
-	log.Info("serving "+what, zap.String("addr", ln.Addr().String()))
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	log.Info("serving "+what, zap.String("addr", ln.Addr().String()), zap.Int("max_connections", maxConns))
+	if err := srv.Serve(limitListener(ln, maxConns, log.With(zap.String("server", what)))); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		log.Error(what+" server stopped", zap.Error(err))
 	}
+}
+
+// limitListener returns ln accepting at most n connections at a time:
+// while n are open, Accept waits for one to close. Reaching the limit is
+// logged, once a minute at most.
+func limitListener(ln net.Listener, n int, log *zap.Logger) net.Listener {
+	return &limitedListener{Listener: ln, slots: make(chan struct{}, n), closed: make(chan struct{}), log: log}
+}
+
+type limitedListener struct {
+	net.Listener
+	slots     chan struct{} // one element per open connection
+	closed    chan struct{}
+	closeOnce sync.Once
+	log       *zap.Logger
+	warned    time.Time // belongs to the goroutine calling Accept
+}
+
+func (l *limitedListener) Accept() (net.Conn, error) {
+	select {
+	case l.slots <- struct{}{}:
+	default:
+		if now := time.Now(); now.Sub(l.warned) > time.Minute {
+			l.warned = now
+			l.log.Warn("connection limit reached; new connections wait until one closes", zap.Int("limit", cap(l.slots)))
+		}
+		select {
+		case l.slots <- struct{}{}:
+		case <-l.closed:
+			return nil, net.ErrClosed
+		}
+	}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.slots
+		return nil, err
+	}
+	return &limitedConn{Conn: c, release: func() { <-l.slots }}, nil
+}
+
+func (l *limitedListener) Close() error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+// limitedConn gives its listener's slot back when closed.
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
 }
 
 // watchEvent is one line of the watch stream.
@@ -319,21 +404,40 @@ func diffEvents(old, cur core.Status, now time.Time) []watchEvent {
 }
 
 // watchHandler streams the router's changes as NDJSON, starting with its
-// current state, until the client goes or the agent stops.
-func watchHandler(snap *snapshots) http.HandlerFunc {
+// current state, until the client goes or the agent stops. It serves at
+// most limit streams at a time and refuses more with 503. The server's
+// write timeout bounds each write of a stream, not the stream.
+func watchHandler(snap *snapshots, limit int, log *zap.Logger) http.HandlerFunc {
+	streams := make(chan struct{}, limit)
+	var refused sync.Once
 	return func(w http.ResponseWriter, req *http.Request) {
-		flusher, _ := w.(http.Flusher)
+		select {
+		case streams <- struct{}{}:
+			defer func() { <-streams }()
+		default:
+			refused.Do(func() {
+				log.Warn("refusing /watch streams beyond the limit; each server holds that many at a time", zap.Int("limit", limit))
+			})
+			http.Error(w, fmt.Sprintf("too many /watch streams on this endpoint (%d at a time); try again later", limit), http.StatusServiceUnavailable)
+			return
+		}
+		rc := http.NewResponseController(w)
 		w.Header().Set("Content-Type", "application/x-ndjson")
 		enc := json.NewEncoder(w)
+		// send writes one batch of events within the write timeout.
+		send := func(evs []watchEvent) bool {
+			_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+			for _, ev := range evs {
+				if enc.Encode(ev) != nil {
+					return false
+				}
+			}
+			return rc.Flush() == nil
+		}
 		changed := snap.r.Changed()
 		st := snap.since(time.Now())
-		for _, ev := range currentEvents(st, time.Now()) {
-			if enc.Encode(ev) != nil {
-				return
-			}
-		}
-		if flusher != nil {
-			flusher.Flush()
+		if !send(currentEvents(st, time.Now())) {
+			return
 		}
 		for {
 			select {
@@ -349,13 +453,8 @@ func watchHandler(snap *snapshots) http.HandlerFunc {
 			}
 			changed = snap.r.Changed()
 			cur := snap.since(time.Now())
-			for _, ev := range diffEvents(st, cur, time.Now()) {
-				if enc.Encode(ev) != nil {
-					return
-				}
-			}
-			if flusher != nil {
-				flusher.Flush()
+			if !send(diffEvents(st, cur, time.Now())) {
+				return
 			}
 			st = cur
 		}

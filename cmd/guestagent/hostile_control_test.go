@@ -1,13 +1,18 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -17,9 +22,9 @@ import (
 )
 
 // startAgent runs the agent in-process with args; the returned stop ends
-// it and fails the test if it exited with an error. The test's cleanup
-// stops it too.
-func startAgent(t *testing.T, args ...string) (stop func()) {
+// it and fails the test if it exited with an error, and logs receives
+// its log. The test's cleanup stops it too.
+func startAgent(t *testing.T, args ...string) (stop func(), logs *syncBuffer) {
 	t.Helper()
 	var out, errOut syncBuffer
 	ctx, cancel := context.WithCancel(context.Background())
@@ -32,7 +37,23 @@ func startAgent(t *testing.T, args ...string) (stop func()) {
 		}
 	})
 	t.Cleanup(stop)
-	return stop
+	return stop, &errOut
+}
+
+// statusUp waits until the agent answers GET /status on addr.
+func statusUp(t *testing.T, addr string) {
+	t.Helper()
+	client := &http.Client{Timeout: 5 * time.Second}
+	testenv.Eventually(t, 15*time.Second, "GET /status on "+addr, func() (bool, string) {
+		res, err := client.Get("http://" + addr + "/status")
+		if err != nil {
+			return false, err.Error()
+		}
+		_, _ = io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		return res.StatusCode == http.StatusOK, res.Status
+	})
+	client.CloseIdleConnections()
 }
 
 // controlSocketAnswers waits until `guestagent status` reads the agent's
@@ -75,7 +96,7 @@ func TestControlSocketKeepsItsDirectoryAsItIs(t *testing.T) {
 				}
 			}
 			sock := filepath.Join(dir, "ga.sock")
-			stop := startAgent(t, "--sources=static", "--staticFile="+writeStatic(t), "--sinks=stdout",
+			stop, _ := startAgent(t, "--sources=static", "--staticFile="+writeStatic(t), "--sinks=stdout",
 				"--stateDir="+t.TempDir(), "--controlSocket="+sock)
 			controlSocketAnswers(t, sock)
 			fi, err := os.Lstat(sock)
@@ -259,4 +280,222 @@ func linksTo(t *testing.T, path, target string) {
 	if got, err := os.Readlink(path); err != nil || got != target {
 		t.Errorf("%s links to %q (%v), want %q", path, got, err, target)
 	}
+}
+
+// agentConns counts the TCP connections to local port port whose socket
+// this process holds a descriptor of: with the agent in-process, those
+// it accepted (the test's own ends have port as their remote port, and
+// connections still in the backlog have no descriptor).
+func agentConns(t *testing.T, port int) int {
+	t.Helper()
+	held := map[string]bool{}
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fd := range fds {
+		if l, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err == nil {
+			if ino, ok := strings.CutPrefix(l, "socket:["); ok {
+				held[strings.TrimSuffix(ino, "]")] = true
+			}
+		}
+	}
+	conns := map[string]bool{} // by inode: a table read while it changes may repeat rows
+	for _, file := range []string{"/proc/self/net/tcp", "/proc/self/net/tcp6"} {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			continue
+		}
+		for line := range strings.Lines(string(data)) {
+			f := strings.Fields(line)
+			if len(f) < 10 || f[3] == "0A" { // the header, a listener
+				continue
+			}
+			_, hexPort, _ := strings.Cut(f[1], ":")
+			if p, err := strconv.ParseUint(hexPort, 16, 16); err == nil && int(p) == port && held[f[9]] {
+				conns[f[9]] = true
+			}
+		}
+	}
+	return len(conns)
+}
+
+// TestIdleClientsDoNotExhaustTheStatusServer opens more connections to
+// the status address than the agent serves at once and sends nothing on
+// them, and leaves one keep-alive connection idle after a request: the
+// agent never holds more than maxConns of them, closes each (the header
+// timeout, the idle timeout), and a fresh client still gets /status.
+func TestIdleClientsDoNotExhaustTheStatusServer(t *testing.T) {
+	t.Parallel()
+	port := testenv.FreePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	_, logs := startAgent(t, isolated(t, []string{"--sources=static", "--staticFile=" + writeStatic(t), "--sinks=stdout", "--statusAddr=" + addr})...)
+	statusUp(t, addr)
+
+	keepAlive, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer keepAlive.Close()
+	fmt.Fprintf(keepAlive, "GET /status HTTP/1.1\r\nHost: agent\r\n\r\n")
+	br := bufio.NewReader(keepAlive)
+	res, err := http.ReadResponse(br, nil)
+	if err != nil || res.StatusCode != http.StatusOK {
+		t.Fatalf("GET /status on the keep-alive connection: %v %v", res, err)
+	}
+	_, _ = io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+
+	idle := make([]net.Conn, maxConns+maxConns/2)
+	for i := range idle {
+		if idle[i], err = net.Dial("tcp", addr); err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		defer idle[i].Close()
+	}
+	most := 0
+	testenv.Eventually(t, 15*time.Second, "the agent to accept maxConns connections", func() (bool, string) {
+		most = max(most, agentConns(t, port))
+		return most >= maxConns, fmt.Sprint(most)
+	})
+	fresh := make(chan error, 1)
+	go func() {
+		client := &http.Client{Timeout: time.Minute}
+		defer client.CloseIdleConnections()
+		res, err := client.Get("http://" + addr + "/status")
+		if err == nil {
+			var st struct{ Mappings []json.RawMessage }
+			err = json.NewDecoder(res.Body).Decode(&st)
+			res.Body.Close()
+			if err == nil && (res.StatusCode != http.StatusOK || len(st.Mappings) != 1) {
+				err = fmt.Errorf("%s, %d mappings", res.Status, len(st.Mappings))
+			}
+		}
+		fresh <- err
+	}()
+	// Each idle connection must be closed by the agent: a read ends.
+	closed := make(chan int, len(idle)+1)
+	for i, c := range append(idle, keepAlive) {
+		go func() {
+			_ = c.SetReadDeadline(time.Now().Add(time.Minute))
+			var err error
+			if c == keepAlive {
+				_, err = br.ReadByte()
+			} else {
+				_, err = c.Read(make([]byte, 1))
+			}
+			if !errors.Is(err, io.EOF) {
+				t.Errorf("idle connection %d: read %v, want the agent to close it", i, err)
+			}
+			closed <- i
+		}()
+	}
+	var freshErr error
+	freshDone := false
+	for n := 0; n < len(idle)+1 || !freshDone; {
+		select {
+		case <-closed:
+			n++
+		case freshErr = <-fresh:
+			freshDone = true
+		case <-time.After(20 * time.Millisecond):
+		}
+		most = max(most, agentConns(t, port))
+	}
+	if freshErr != nil {
+		t.Errorf("a fresh client's GET /status: %v", freshErr)
+	}
+	if most > maxConns {
+		t.Errorf("the agent held %d connections at once, want at most %d", most, maxConns)
+	}
+	if n := agentConns(t, port); n != 0 {
+		t.Errorf("the agent still holds %d connections", n)
+	}
+	if !strings.Contains(logs.String(), "connection limit reached") {
+		t.Errorf("the agent did not log reaching the limit:\n%s", logs.String())
+	}
+}
+
+// TestWatchOutlivesTheServerTimeouts keeps a /watch stream open longer
+// than the server's read and write timeouts and sees a change arrive on
+// it; the streams beyond maxWatches are refused with 503 while the
+// others stay open.
+func TestWatchOutlivesTheServerTimeouts(t *testing.T) {
+	t.Parallel()
+	addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	static := writeStatic(t)
+	startAgent(t, isolated(t, []string{"--sources=static", "--staticFile=" + static, "--sinks=stdout", "--statusAddr=" + addr})...)
+	statusUp(t, addr)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	client := &http.Client{Transport: &http.Transport{}}
+	defer client.CloseIdleConnections()
+	watch := func() (*http.Response, error) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/watch", nil)
+		return client.Do(req)
+	}
+	res, err := watch()
+	if err != nil || res.StatusCode != http.StatusOK {
+		t.Fatalf("GET /watch: %v %v", res, err)
+	}
+	defer res.Body.Close()
+	events := make(chan watchEvent, 16)
+	go func() {
+		defer close(events)
+		dec := json.NewDecoder(res.Body)
+		for {
+			var ev watchEvent
+			if dec.Decode(&ev) != nil {
+				return
+			}
+			events <- ev
+		}
+	}()
+	next := func(what string, ok func(watchEvent) bool) {
+		t.Helper()
+		timeout := time.After(30 * time.Second)
+		for {
+			select {
+			case ev, open := <-events:
+				if !open {
+					t.Fatalf("the stream ended while waiting for %s", what)
+				}
+				if ok(ev) {
+					return
+				}
+			case <-timeout:
+				t.Fatalf("no %s on the stream", what)
+			}
+		}
+	}
+	next("the static port", func(ev watchEvent) bool {
+		return (ev.Event == evCurrent || ev.Event == evAdded) && ev.Port == "tcp 127.0.0.1:8080"
+	})
+
+	// The others, up to the limit, are served; one more is refused.
+	for i := 1; i < maxWatches; i++ {
+		r, err := watch()
+		if err != nil || r.StatusCode != http.StatusOK {
+			t.Fatalf("watch stream %d: %v %v", i+1, r, err)
+		}
+		defer r.Body.Close()
+	}
+	if r, err := watch(); err != nil || r.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("watch stream %d: %v %v, want 503", maxWatches+1, r, err)
+	} else {
+		body, _ := io.ReadAll(r.Body)
+		r.Body.Close()
+		if !strings.Contains(string(body), "too many /watch streams") {
+			t.Errorf("the refusal says %q", body)
+		}
+	}
+
+	// Outlast both timeouts before the change: the stream must still be
+	// open and written to.
+	time.Sleep(max(readTimeout, writeTimeout) + 2*time.Second)
+	writeFile(t, static, `{"mappings":[{"id":"web","ports":[
+		{"protocol":"tcp","containerPort":80,"hostIP":"0.0.0.0","hostPort":8080},
+		{"protocol":"tcp","containerPort":81,"hostIP":"0.0.0.0","hostPort":8081}]}]}`)
+	next("added event for 8081", func(ev watchEvent) bool { return ev.Event == evAdded && ev.Port == "tcp 127.0.0.1:8081" })
 }

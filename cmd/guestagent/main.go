@@ -85,7 +85,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "guestagent:", err)
 		return 2
 	}
-	handler := statusHandler(newSnapshots(router), m)
+	snap := newSnapshots(router)
 	var listeners []net.Listener
 	var names []string
 	var handlers []http.Handler
@@ -95,9 +95,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "guestagent:", err)
 			return 2
 		}
-		h := handler
+		h := statusHandler(snap, m, log)
 		if cfg.pprof {
-			h = withProfiles(handler)
+			h = withProfiles(h)
 		}
 		listeners, names, handlers = append(listeners, ln), append(names, "status and metrics"), append(handlers, h)
 	}
@@ -110,7 +110,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "guestagent:", err)
 			return 2
 		}
-		listeners, names, handlers = append(listeners, ln), append(names, "control socket"), append(handlers, handler)
+		listeners, names, handlers = append(listeners, ln), append(names, "control socket"), append(handlers, statusHandler(snap, m, log))
 	}
 	log.Info("guestagent starting", zap.String("version", versionString()))
 	sctx, stopServing := context.WithCancel(ctx)

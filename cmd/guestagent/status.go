@@ -8,6 +8,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
 
 	"github.com/guestagent/guestagent/core"
 )
@@ -114,15 +115,16 @@ func (s *snapshots) forget(start time.Time) {
 }
 
 // statusHandler serves /status (the router's state as JSON), /watch (its
-// changes as NDJSON) and /metrics (for Prometheus).
-func statusHandler(snap *snapshots, m *metrics) http.Handler {
+// changes as NDJSON) and /metrics (for Prometheus) for one server: each
+// server has its own, so that its /watch streams are counted apart.
+func statusHandler(snap *snapshots, m *metrics, log *zap.Logger) http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(routerCollector{snap})
 	if m != nil {
 		reg.MustRegister(m.latency)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("GET /watch", watchHandler(snap))
+	mux.Handle("GET /watch", watchHandler(snap, maxWatches, log))
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		st := snap.since(time.Now())
 		w.Header().Set("Content-Type", "application/json")
