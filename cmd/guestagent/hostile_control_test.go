@@ -2,7 +2,10 @@ package main
 
 import (
 	"bufio"
+	"bytes"
+	"compress/gzip"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -498,4 +501,107 @@ func TestWatchOutlivesTheServerTimeouts(t *testing.T) {
 		{"protocol":"tcp","containerPort":80,"hostIP":"0.0.0.0","hostPort":8080},
 		{"protocol":"tcp","containerPort":81,"hostIP":"0.0.0.0","hostPort":8081}]}]}`)
 	next("added event for 8081", func(ev watchEvent) bool { return ev.Event == evAdded && ev.Port == "tcp 127.0.0.1:8081" })
+}
+
+// TestProfilesAreBounded asks for profiles longer than maxProfileSeconds
+// (refused with 400) and for a second timed profile while one runs
+// (refused with 429); the one running outlasts the server's read and
+// write timeouts.
+func TestProfilesAreBounded(t *testing.T) {
+	t.Parallel()
+	addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	startAgent(t, isolated(t, []string{"--sources=static", "--staticFile=" + writeStatic(t), "--sinks=stdout", "--statusAddr=" + addr, "--pprof"})...)
+	statusUp(t, addr)
+	client := &http.Client{Timeout: 2 * time.Minute}
+	get := func(path string) (int, string) {
+		res, err := client.Get("http://" + addr + path)
+		if err != nil {
+			t.Errorf("GET %s: %v", path, err)
+			return 0, ""
+		}
+		defer res.Body.Close()
+		body, _ := io.ReadAll(res.Body)
+		return res.StatusCode, string(body)
+	}
+	for _, path := range []string{
+		"/debug/pprof/profile?seconds=3600",
+		"/debug/pprof/trace?seconds=3600",
+		"/debug/pprof/heap?seconds=3600",
+		"/debug/pprof/profile?seconds=soon",
+		"/debug/pprof/profile?seconds=1.5",
+		"/debug/pprof/trace?seconds=-1",
+	} {
+		if code, body := get(path); code != http.StatusBadRequest || !strings.Contains(body, "at most 60") {
+			t.Errorf("GET %s: %d %q, want 400 saying the limit", path, code, body)
+		}
+	}
+
+	timeouts := max(readTimeout, writeTimeout)
+	seconds := int((timeouts + 3*time.Second) / time.Second)
+	profile := make(chan []byte, 1)
+	go func() {
+		code, body := get(fmt.Sprintf("/debug/pprof/profile?seconds=%d", seconds))
+		if code != http.StatusOK {
+			t.Errorf("the CPU profile: %d %.200q", code, body)
+		}
+		profile <- []byte(body)
+	}()
+	// The goroutine dump is no timed profile: it shows when the CPU
+	// profile runs without taking its place.
+	testenv.Eventually(t, time.Minute, "the CPU profile to run", func() (bool, string) {
+		_, body := get("/debug/pprof/goroutine?debug=2")
+		return strings.Contains(body, "net/http/pprof.Profile("), "not in the goroutine dump"
+	})
+	if code, body := get("/debug/pprof/trace?seconds=1"); code != http.StatusTooManyRequests || !strings.Contains(body, "one runs at a time") {
+		t.Errorf("a trace while the profile runs: %d %q, want 429", code, body)
+	}
+	if code, _ := get("/debug/pprof/heap"); code != http.StatusOK {
+		t.Errorf("a heap snapshot while the profile runs: %d, want 200", code)
+	}
+	// Cut short by a timeout, it would end at the timeout or not parse.
+	if d := profileDuration(t, <-profile); d <= timeouts+time.Second {
+		t.Errorf("the profile covers %s of the %ds asked for", d, seconds)
+	}
+}
+
+// profileDuration reads duration_nanos (field 10) from a gzipped
+// profile.proto.
+func profileDuration(t *testing.T, gz []byte) time.Duration {
+	t.Helper()
+	zr, err := gzip.NewReader(bytes.NewReader(gz))
+	if err != nil {
+		t.Fatalf("the profile is not gzip: %v", err)
+	}
+	b, err := io.ReadAll(zr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for len(b) > 0 {
+		tag, n := binary.Uvarint(b)
+		if n <= 0 {
+			break
+		}
+		b = b[n:]
+		switch tag & 7 {
+		case 0:
+			v, n := binary.Uvarint(b)
+			if n <= 0 {
+				t.Fatal("bad varint in the profile")
+			}
+			if tag>>3 == 10 {
+				return time.Duration(v)
+			}
+			b = b[n:]
+		case 2:
+			l, n := binary.Uvarint(b)
+			if n <= 0 || uint64(len(b)-n) < l {
+				t.Fatal("bad length in the profile")
+			}
+			b = b[n+int(l):]
+		default:
+			t.Fatalf("wire type %d in the profile", tag&7)
+		}
+	}
+	t.Fatal("the profile has no duration")
+	return 0
 }
