@@ -1,6 +1,7 @@
 package core
 
 import (
+	"cmp"
 	"maps"
 	"net/netip"
 	"slices"
@@ -89,63 +90,146 @@ type SinkStatus struct {
 }
 
 // Status returns the ledger, the desired mappings, refused ports and
-// per-sink delivery counters.
+// per-sink delivery counters. It holds the router's lock only to copy
+// what it reports; the sorting and each port's state at each sink are
+// worked out from the copy, so that readers of the status (many of them,
+// in a loop) barely slow delivery.
 func (r *Router) Status() Status {
+	return r.copyForStatus().status()
+}
+
+// statusCopy is what Status reports, copied under r.mu and read without
+// it. The slices inside mappings, refusals, notes and claims are shared
+// with the router, which replaces them and never changes them in place.
+type statusCopy struct {
+	mappings []Mapping
+	refused  []Refusal
+	spans    []refusalSpan // refused by key, in the router's order within each
+	notes    []Note
+	sources  []SourceStatus
+	claims   []claim
+	sinks    []sinkCopy
+}
+
+// refusalSpan is refused[from:to], the refusals of key.
+type refusalSpan struct {
+	key      Key
+	from, to int
+}
+
+// sinkCopy is one sink worker's part of a statusCopy.
+type sinkCopy struct {
+	w       *sinkWorker // for what is set at its creation: name, accept, filter, keying
+	stats   SinkStatus
+	acked   map[sinkKey]exposure
+	forced  map[sinkKey]bool
+	dirty   map[sinkKey]struct{}
+	foreign map[sinkKey]foreignHold
+	failing map[sinkKey]portFailure
+}
+
+func (r *Router) copyForStatus() *statusCopy {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	st := Status{
-		Ports:    []PortStatus{},
-		Mappings: r.sortedDesired(func(Key) bool { return true }),
-		Refused:  []Refusal{},
+	c := &statusCopy{
+		mappings: make([]Mapping, 0, len(r.desired)),
+		claims:   make([]claim, 0, len(r.ledger.byPort)),
 	}
-	for _, k := range slices.SortedFunc(maps.Keys(r.refused), compareKeys) {
-		st.Refused = append(st.Refused, r.refused[k]...)
+	for _, m := range r.desired {
+		c.mappings = append(c.mappings, m)
 	}
-	for _, k := range slices.SortedFunc(maps.Keys(r.notes), compareKeys) {
-		st.Notes = append(st.Notes, r.notes[k])
+	for k, rs := range r.refused {
+		c.spans = append(c.spans, refusalSpan{key: k, from: len(c.refused), to: len(c.refused) + len(rs)})
+		c.refused = append(c.refused, rs...)
+	}
+	for _, n := range r.notes {
+		c.notes = append(c.notes, n)
 	}
 	for _, s := range r.sources {
 		_, unsynced := r.unsynced[s.name]
-		st.Sources = append(st.Sources, SourceStatus{Name: s.name, Synced: !unsynced, Watching: r.watching[s.name]})
+		c.sources = append(c.sources, SourceStatus{Name: s.name, Synced: !unsynced, Watching: r.watching[s.name]})
 	}
-	for _, addr := range r.ledger.addresses() {
-		ps := PortStatus{Protocol: addr.Protocol, HostIP: addr.HostIP, HostPort: addr.HostPort}
-		claims := r.ledger.onAddress(addr)
-		for i, c := range claims {
-			cs := ClaimStatus{Key: c.key, ContainerPort: c.port.ContainerPort, ConnectAddrs: c.conn}
-			if i > 0 && !c.agrees(claims[0]) {
+	for _, cs := range r.ledger.byPort {
+		c.claims = append(c.claims, cs...)
+	}
+	for _, w := range r.workers {
+		sc := sinkCopy{
+			w:       w,
+			stats:   w.stats,
+			acked:   maps.Clone(w.acked),
+			forced:  maps.Clone(w.forced),
+			dirty:   maps.Clone(w.dirty.in),
+			foreign: maps.Clone(w.foreign),
+			failing: make(map[sinkKey]portFailure, len(w.failing)),
+		}
+		sc.stats.Name = w.name
+		sc.stats.Pending = w.dirty.len()
+		if w.resync {
+			sc.stats.Pending++
+		}
+		sc.stats.Exposed = len(w.acked)
+		for sk, f := range w.failing {
+			sc.failing[sk] = *f
+			if !f.permanent {
+				sc.stats.Failing++
+			}
+		}
+		c.sinks = append(c.sinks, sc)
+	}
+	return c
+}
+
+// status builds the Status from the copy.
+func (c *statusCopy) status() Status {
+	st := Status{Ports: []PortStatus{}, Mappings: c.mappings, Refused: make([]Refusal, 0, len(c.refused))}
+	slices.SortFunc(st.Mappings, func(a, b Mapping) int { return compareKeys(a.Key, b.Key) })
+	slices.SortFunc(c.spans, func(a, b refusalSpan) int { return compareKeys(a.key, b.key) })
+	for _, sp := range c.spans {
+		st.Refused = append(st.Refused, c.refused[sp.from:sp.to]...)
+	}
+	slices.SortFunc(c.notes, func(a, b Note) int { return compareKeys(a.Key, b.Key) })
+	st.Notes = c.notes
+	st.Sources = c.sources
+	// By host address, then in order of arrival: the ledger's addresses
+	// and the claims on each.
+	slices.SortFunc(c.claims, func(a, b claim) int {
+		return cmp.Or(cmp.Compare(a.port.Protocol, b.port.Protocol), cmp.Compare(a.port.HostPort, b.port.HostPort),
+			hostAddr(a.port).Compare(hostAddr(b.port)), cmp.Compare(a.seq, b.seq))
+	})
+	for i := 0; i < len(c.claims); {
+		first := c.claims[i]
+		addr := Port{Protocol: first.port.Protocol, HostIP: hostAddr(first.port), HostPort: first.port.HostPort}
+		j := i + 1
+		for j < len(c.claims) && c.claims[j].port.Protocol == addr.Protocol && c.claims[j].port.HostPort == addr.HostPort && hostAddr(c.claims[j].port) == addr.HostIP {
+			j++
+		}
+		claims := c.claims[i:j:j]
+		i = j
+		ps := PortStatus{Protocol: addr.Protocol, HostIP: addr.HostIP, HostPort: addr.HostPort, Claims: make([]ClaimStatus, 0, len(claims))}
+		for k, cl := range claims {
+			cs := ClaimStatus{Key: cl.key, ContainerPort: cl.port.ContainerPort, ConnectAddrs: cl.conn}
+			if k > 0 && !cl.agrees(claims[0]) {
 				cs.Conflict = "another backend than " + claims[0].key.String() + ", which holds the port"
 			}
 			ps.Claims = append(ps.Claims, cs)
 		}
-		for _, w := range r.workers {
-			if at, ok := r.portAtSink(w, addr, claims); ok {
+		for _, s := range c.sinks {
+			if at, ok := s.portAt(addr, claims); ok {
 				ps.Sinks = append(ps.Sinks, at)
 			}
 		}
 		st.Ports = append(st.Ports, ps)
 	}
-	for _, w := range r.workers {
-		s := w.stats
-		s.Name = w.name
-		s.Pending = w.dirty.len()
-		if w.resync {
-			s.Pending++
-		}
-		s.Exposed = len(w.acked)
-		for _, f := range w.failing {
-			if !f.permanent {
-				s.Failing++
-			}
-		}
-		st.Sinks = append(st.Sinks, s)
+	for _, s := range c.sinks {
+		st.Sinks = append(st.Sinks, s.stats)
 	}
 	return st
 }
 
-// portAtSink is the state of addr at w; the caller holds r.mu. It reports
-// false when no claim on addr goes to w.
-func (r *Router) portAtSink(w *sinkWorker, addr Port, claims []claim) (PortAtSink, bool) {
+// portAt is the state of addr at the sink. It reports false when no claim
+// on addr goes to the sink.
+func (s *sinkCopy) portAt(addr Port, claims []claim) (PortAtSink, bool) {
+	w := s.w
 	at := PortAtSink{Sink: w.name}
 	accepted := false
 	for _, c := range claims {
@@ -167,15 +251,15 @@ func (r *Router) portAtSink(w *sinkWorker, addr Port, claims []claim) (PortAtSin
 		return at, true
 	}
 	sk := w.keyOf(addr)
-	if a, ok := w.acked[sk]; ok {
+	if a, ok := s.acked[sk]; ok {
 		at.State = PortExposed
 		if hostAddr(a.Port) != hostAddr(addr) {
 			at.Held = netip.AddrPortFrom(hostAddr(a.Port), a.Port.HostPort).String()
 		}
-		if w.forced[sk] || w.dirty.has(sk) {
+		if _, dirty := s.dirty[sk]; s.forced[sk] || dirty {
 			at.State = PortPending
 		}
-	} else if f, ok := w.foreign[sk]; ok {
+	} else if f, ok := s.foreign[sk]; ok {
 		at.State, at.Error = PortConflict, f.target
 		if f.same {
 			at.State = PortElsewhere
@@ -183,7 +267,7 @@ func (r *Router) portAtSink(w *sinkWorker, addr Port, claims []claim) (PortAtSin
 	} else {
 		at.State = PortPending
 	}
-	if f := w.failing[sk]; f != nil {
+	if f, ok := s.failing[sk]; ok {
 		at.State, at.Error, at.Since = PortRetrying, f.err, f.since
 		if f.permanent {
 			at.State = PortRejected

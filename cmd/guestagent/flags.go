@@ -52,10 +52,10 @@ func defineFlags(fs *pflag.FlagSet) *config {
 	c.general.StringSliceVar(&c.sinks, "sinks", []string{"auto"}, `sinks to deliver to by name, comma-separated; "auto" means the ones the networking mode selects`)
 	c.general.BoolVar(&c.unexposeOnExit, "unexposeOnExit", true, "on SIGINT/SIGTERM, remove every exposed port before exiting")
 	c.general.StringVar(&c.stateDir, "stateDir", "/var/lib/guestagent", "directory of the ownership records: which ports this agent exposed on each sink, so that after a restart (or a crash) it removes exactly its own leftovers and never another party's; made 0700 when missing, not used (records in memory, with a warning) when others may write to it; empty keeps them in memory only")
-	c.general.StringVar(&c.controlSocket, "controlSocket", DefaultControlSocket, "unix socket (root only) on which the agent serves its state to 'guestagent status', 'watch' and 'explain'; empty: off")
+	c.general.StringVar(&c.controlSocket, "controlSocket", DefaultControlSocket, "unix socket (0600: root only) on which the agent serves its state to 'guestagent status', 'watch' and 'explain'; a missing directory is created 0700, an existing one is left as it is, and anything at the path but a stale socket (a symbolic link included) is refused; empty: off")
 	c.general.BoolVar(&c.statusAllowRemote, "statusAllowRemote", false, "let --statusAddr listen on an address other than loopback (anyone who reaches it reads the agent's state)")
-	c.general.StringVar(&c.statusAddr, "statusAddr", "", "serve GET /status (current mappings, JSON) and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9901; empty: off")
-	c.general.BoolVar(&c.pprof, "pprof", false, "with --statusAddr: also serve the Go runtime's profiles (heap, goroutines, CPU) under /debug/pprof/ there, for 'go tool pprof http://ADDR/debug/pprof/heap'")
+	c.general.StringVar(&c.statusAddr, "statusAddr", "", fmt.Sprintf("serve GET /status (current mappings, JSON), GET /watch and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9901; at most %d connections at a time (%d of them /watch streams), idle ones closed after %s; empty: off", maxConns, maxWatches, idleTimeout))
+	c.general.BoolVar(&c.pprof, "pprof", false, fmt.Sprintf("with --statusAddr: also serve the Go runtime's profiles (heap, goroutines, CPU) under /debug/pprof/ there, for 'go tool pprof http://ADDR/debug/pprof/heap'; a timed profile (profile, trace, any with ?seconds=N) lasts at most %ds and one runs at a time", maxProfileSeconds))
 
 	c.mode = pflag.NewFlagSet("mode", pflag.ContinueOnError)
 	c.mode.BoolVar(&c.adminInstall, "adminInstall", false, "network-tunnel mode: forward to host-switch's API as bound (the agent runs in its own network namespace)")

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strconv"
 	"sync"
 	"syscall"
 
@@ -85,7 +86,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "guestagent:", err)
 		return 2
 	}
-	handler := statusHandler(router, m)
+	snap := newSnapshots(router)
 	var listeners []net.Listener
 	var names []string
 	var handlers []http.Handler
@@ -95,14 +96,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "guestagent:", err)
 			return 2
 		}
-		h := handler
+		h := statusHandler(snap, m, log)
 		if cfg.pprof {
-			h = withProfiles(handler)
+			h = withProfiles(h)
 		}
 		listeners, names, handlers = append(listeners, ln), append(names, "status and metrics"), append(handlers, h)
 	}
 	if cfg.controlSocket != "" {
-		ln, err := listenControl(cfg.controlSocket)
+		ln, err := listenControl(cfg.controlSocket, log)
 		if err != nil {
 			for _, l := range listeners {
 				l.Close()
@@ -110,7 +111,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "guestagent:", err)
 			return 2
 		}
-		listeners, names, handlers = append(listeners, ln), append(names, "control socket"), append(handlers, handler)
+		listeners, names, handlers = append(listeners, ln), append(names, "control socket"), append(handlers, statusHandler(snap, m, log))
 	}
 	log.Info("guestagent starting", zap.String("version", versionString()))
 	sctx, stopServing := context.WithCancel(ctx)
@@ -144,17 +145,64 @@ func listenStatus(addr string, allowRemote bool) (net.Listener, error) {
 	return ln, nil
 }
 
+// maxProfileSeconds bounds the seconds parameter of the profiles that run
+// over time: profile, trace and the deltas (heap?seconds=N and the like).
+const maxProfileSeconds = 60
+
 // withProfiles serves the Go runtime's profiles under /debug/pprof/
-// beside h.
+// beside h. A profile that runs over time lasts at most maxProfileSeconds
+// (more is refused with 400) and one runs at a time (another is refused
+// with 429), since each costs the agent CPU while it runs.
 func withProfiles(h http.Handler) http.Handler {
+	profiles := http.NewServeMux()
+	profiles.HandleFunc("GET /debug/pprof/", pprof.Index)
+	profiles.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	profiles.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	profiles.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	profiles.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	mux := http.NewServeMux()
 	mux.Handle("/", h)
-	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
-	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	mux.Handle("/debug/pprof/", boundProfiles(profiles))
 	return mux
+}
+
+// boundProfiles checks the duration of the profiles next serves and runs
+// one timed profile at a time.
+func boundProfiles(next http.Handler) http.Handler {
+	running := make(chan struct{}, 1)
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		v := req.URL.Query().Get("seconds")
+		trace := req.URL.Path == "/debug/pprof/trace"
+		if v == "" && !trace && req.URL.Path != "/debug/pprof/profile" {
+			next.ServeHTTP(w, req) // a snapshot, not timed
+			return
+		}
+		if v != "" {
+			sec, err := strconv.ParseFloat(v, 64)
+			if !trace { // pprof reads an integer, and a fraction as its default
+				var n int64
+				n, err = strconv.ParseInt(v, 10, 64)
+				sec = float64(n)
+			}
+			if err != nil || !(sec > 0 && sec <= maxProfileSeconds) {
+				unit := "a whole number of seconds"
+				if trace {
+					unit = "a number of seconds"
+				}
+				http.Error(w, fmt.Sprintf("seconds=%q: want %s above 0 and at most %d", v, unit, maxProfileSeconds), http.StatusBadRequest)
+				return
+			}
+		}
+		select {
+		case running <- struct{}{}:
+			defer func() { <-running }()
+		default:
+			http.Error(w, "another profile or trace is running; one runs at a time", http.StatusTooManyRequests)
+			return
+		}
+		// pprof moves the write deadline by the duration.
+		next.ServeHTTP(w, req)
+	})
 }
 
 // newLogger returns the agent's JSON logger on w, with repeated lines

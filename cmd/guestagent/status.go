@@ -3,10 +3,12 @@ package main
 import (
 	"encoding/json"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
 
 	"github.com/guestagent/guestagent/core"
 )
@@ -34,21 +36,101 @@ func (m *metrics) delivered(sink, source string, remove bool, latency time.Durat
 	m.latency.WithLabelValues(sink, source, op).Observe(latency.Seconds())
 }
 
+// metricsMaxAge is how old a snapshot of the router's status a scrape of
+// /metrics may reuse.
+const metricsMaxAge = time.Second
+
+// snapshots shares the router's status among the agent's readers. A
+// reader asks for a status taken after a given moment; one that asks while
+// a snapshot is being taken waits for it, or for the next one when that
+// one began too early, so that many clients asking in a loop cost the
+// router about what one does. The statuses it returns are shared: readers
+// must not change them.
+type snapshots struct {
+	r *core.Router
+
+	mu     sync.Mutex
+	last   core.Status // mu: the latest one taken
+	lastAt time.Time   // mu: when last began; zero before the first
+	taking *snapshot   // mu: the one being taken, or nil
+}
+
+// snapshot is one status being taken; done closes once st is set.
+type snapshot struct {
+	start time.Time
+	st    core.Status
+	done  chan struct{}
+}
+
+func newSnapshots(r *core.Router) *snapshots { return &snapshots{r: r} }
+
+// since returns a status of the router taken no earlier than t.
+func (s *snapshots) since(t time.Time) core.Status {
+	s.mu.Lock()
+	for {
+		if !s.lastAt.IsZero() && !s.lastAt.Before(t) {
+			st := s.last
+			s.mu.Unlock()
+			return st
+		}
+		f := s.taking
+		if f == nil {
+			break
+		}
+		s.mu.Unlock()
+		<-f.done
+		if !f.start.Before(t) {
+			return f.st
+		}
+		s.mu.Lock()
+	}
+	f := &snapshot{start: time.Now(), done: make(chan struct{})}
+	s.taking = f
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		if s.taking == f {
+			s.taking = nil
+		}
+		if f.start.After(s.lastAt) {
+			s.last, s.lastAt = f.st, f.start
+			// Let it go once no reader may reuse it: a status of many
+			// ports is large.
+			time.AfterFunc(metricsMaxAge, func() { s.forget(f.start) })
+		}
+		s.mu.Unlock()
+		close(f.done)
+	}()
+	f.st = s.r.Status()
+	return f.st
+}
+
+// forget drops the latest status if it is still the one taken at start.
+func (s *snapshots) forget(start time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lastAt.Equal(start) {
+		s.last, s.lastAt = core.Status{}, time.Time{}
+	}
+}
+
 // statusHandler serves /status (the router's state as JSON), /watch (its
-// changes as NDJSON) and /metrics (for Prometheus).
-func statusHandler(r *core.Router, m *metrics) http.Handler {
+// changes as NDJSON) and /metrics (for Prometheus) for one server: each
+// server has its own, so that its /watch streams are counted apart.
+func statusHandler(snap *snapshots, m *metrics, log *zap.Logger) http.Handler {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(routerCollector{r})
+	reg.MustRegister(routerCollector{snap})
 	if m != nil {
 		reg.MustRegister(m.latency)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("GET /watch", watchHandler(r))
+	mux.Handle("GET /watch", watchHandler(snap, maxWatches, log))
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
+		st := snap.since(time.Now())
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
-		_ = enc.Encode(r.Status())
+		_ = enc.Encode(st)
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	return mux
@@ -68,8 +150,9 @@ var (
 	descConflicts = prometheus.NewDesc("guestagent_port_conflicts", "Claims on a host address that name other backend addresses than the claim holding it.", nil, nil)
 )
 
-// routerCollector reads the router's status at each scrape.
-type routerCollector struct{ r *core.Router }
+// routerCollector reads the router's status at each scrape, sharing one
+// taken up to metricsMaxAge before.
+type routerCollector struct{ snap *snapshots }
 
 func (routerCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descMappings, descPorts, descRefused, descPending, descDelivered, descFailures, descRejected, descSyncs, descPeerDown, descPortState, descConflicts} {
@@ -78,7 +161,7 @@ func (routerCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c routerCollector) Collect(ch chan<- prometheus.Metric) {
-	st := c.r.Status()
+	st := c.snap.since(time.Now().Add(-metricsMaxAge))
 	mappings, ports := map[string]int{}, map[string]int{}
 	for _, m := range st.Mappings {
 		mappings[m.Source]++
