@@ -67,3 +67,42 @@ func TestRetriesOfRefusedPortsAreBudgeted(t *testing.T) {
 	})
 	peer.checkNoViolations(t)
 }
+
+// TestARefusedPortThatComesBackIsARetry has a source lose and find its
+// refused ports again and again (as a socket dump may): each return is a
+// retry, within the budget, not a first attempt on its own.
+func TestARefusedPortThatComesBackIsARetry(t *testing.T) {
+	const n, rate, burst, rounds = 200, 50, 10, 20
+	peer := &unbindable{fakePeer: newFakePeer()}
+	peer.refusing.Store(true)
+	cfg := fastConfig()
+	cfg.RetryRate, cfg.RetryBurst = rate, burst
+	h := startRouter(t, cfg, func(r *core.Router) { r.AddSink("p", peer, nil) })
+	defer h.stop()
+	ports := make([]uint16, n)
+	for i := range ports {
+		ports[i] = uint16(10000 + i)
+	}
+	start := time.Now()
+	out := h.r.Emitter("src")
+	out.Set(mapping("many", ports...))
+	testenv.Eventually(t, waitFor, "every port refused once", func() (bool, string) {
+		return peer.refused.Load() >= n, fmt.Sprintf("%d refusals", peer.refused.Load())
+	})
+	for range rounds {
+		out.Delete("many")
+		time.Sleep(20 * time.Millisecond)
+		out.Set(mapping("many", ports...))
+		time.Sleep(20 * time.Millisecond)
+	}
+	refused, elapsed := peer.refused.Load(), time.Since(start)
+	if limit := int64(n + burst + rate*elapsed.Seconds() + 1); refused > limit {
+		t.Errorf("%d refusals in %v over %d returns of %d ports: over the budget's %d", refused, elapsed.Round(time.Millisecond), rounds, n, limit)
+	}
+	t.Logf("%d refusals in %v", refused, elapsed.Round(time.Millisecond))
+	peer.refusing.Store(false)
+	testenv.Eventually(t, 60*time.Second, "every port exposed", func() (bool, string) {
+		got := len(peer.state())
+		return got == n, fmt.Sprintf("%d of %d", got, n)
+	})
+}

@@ -409,7 +409,13 @@ func (r *Router) changed(k Key, touched []Port) {
 				continue
 			}
 			sk := w.keyOf(p)
-			delete(w.failing, sk) // what it wants changed: try at once
+			if f := w.failing[sk]; f != nil {
+				// What it wants changed: try at once. The same port
+				// again (its claim went and came back) is a retry.
+				if c, ok := r.want(w, sk); ok && !identical(c.exposure(), f.exp) {
+					delete(w.failing, sk)
+				}
+			}
 			if _, queued := w.queuedAt[sk]; !queued {
 				w.queuedAt[sk] = time.Now()
 			}

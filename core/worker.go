@@ -97,8 +97,13 @@ type portFailure struct {
 	next      time.Time // zero when permanent
 	permanent bool
 	since     time.Time
-	granted   bool // the retry budget let its next attempt through
+	granted   bool      // the retry budget let its next attempt through
+	idle      bool      // no longer wanted: kept for keepRefusal after at
+	at        time.Time // of the last refusal
 }
+
+// keepRefusal is how long the refusal of a port no longer wanted is kept.
+const keepRefusal = 30 * time.Second
 
 func newSinkWorker(name string, s Sink, accept func(Key) bool, log *zap.Logger) *sinkWorker {
 	w := &sinkWorker{
@@ -346,7 +351,7 @@ func (r *Router) nextRetry(w *sinkWorker) time.Time {
 	}
 	var next time.Time
 	for _, f := range w.failing {
-		if !f.permanent && (next.IsZero() || f.next.Before(next)) {
+		if !f.permanent && !f.idle && (next.IsZero() || f.next.Before(next)) {
 			next = f.next
 		}
 	}
@@ -361,6 +366,12 @@ func (r *Router) pushDue(w *sinkWorker, now time.Time) {
 	avail := -1 // the tokens, counted at the first due port
 	w.overBudget = false
 	for sk, f := range w.failing {
+		if f.idle {
+			if now.Sub(f.at) > keepRefusal {
+				delete(w.failing, sk)
+			}
+			continue
+		}
 		if f.permanent || f.next.After(now) || w.dirty.has(sk) {
 			continue
 		}
@@ -484,7 +495,19 @@ func (s step) sameAs(o step) bool {
 
 // plan decides what sk needs; the caller holds r.mu.
 func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
+	c, wanted := r.want(w, sk)
+	a, had := w.acked[sk]
 	if f := w.failing[sk]; f != nil && !f.permanent {
+		if !wanted && !had {
+			// The port went while refused. Its refusal is kept a while,
+			// so that a port that comes straight back (a source that
+			// loses and finds it again) is a retry, not a first attempt.
+			f.idle = true
+			delete(w.forced, sk)
+			delete(w.queuedAt, sk)
+			return step{}, false
+		}
+		f.idle = false
 		if f.next.After(now) {
 			return step{}, false // its retry timer brings it back
 		}
@@ -498,8 +521,6 @@ func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
 			f.granted = true
 		}
 	}
-	c, wanted := r.want(w, sk)
-	a, had := w.acked[sk]
 	st := step{key: sk}
 	switch {
 	case wanted && had:
@@ -715,7 +736,7 @@ func (w *sinkWorker) fail(r *Router, sk sinkKey, e exposure, err error) {
 		w.failing[sk] = f
 	}
 	first := f.attempt == 0 || f.err != err.Error()
-	f.exp, f.err, f.granted = e, err.Error(), false
+	f.exp, f.err, f.granted, f.at = e, err.Error(), false, time.Now()
 	delay := r.cfg.PortBackoff.Delay(f.attempt)
 	f.attempt++
 	f.next = time.Now().Add(delay)
