@@ -53,11 +53,17 @@ func InNetns(ns string, argv ...string) []string {
 }
 
 // IptablesWrapper writes, into dir, a script that runs iptables inside ns
-// and returns its path, for components that take an iptables command.
+// and returns its path, for components that take an iptables command;
+// beside it, PATH-restore runs iptables-restore there.
 func IptablesWrapper(dir, ns string) (string, error) {
 	path := filepath.Join(dir, "iptables-"+ns)
-	script := "#!/bin/sh\nexec " + strings.Join(InNetns(ns, "iptables"), " ") + " \"$@\"\n"
-	return path, os.WriteFile(path, []byte(script), 0o755)
+	for _, cmd := range []string{"iptables", "iptables-restore"} {
+		script := "#!/bin/sh\nexec " + strings.Join(InNetns(ns, cmd), " ") + " \"$@\"\n"
+		if err := os.WriteFile(path+strings.TrimPrefix(cmd, "iptables"), []byte(script), 0o755); err != nil {
+			return "", err
+		}
+	}
+	return path, nil
 }
 
 // NatRules returns `iptables -t nat -S` inside ns.

@@ -40,14 +40,18 @@
 package loopbacknat
 
 import (
+	"bytes"
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/coreos/go-iptables/iptables"
 	"go.uber.org/zap"
@@ -89,7 +93,9 @@ type Config struct {
 	// a manager deletes only rules of its own owner. Required.
 	Owner string
 	// Iptables is the iptables command (name on PATH or path); empty for
-	// "iptables".
+	// "iptables". The changes of one batch go to its iptables-restore
+	// (the same name with "-restore" after it) in one run when there is
+	// one, else one run of Iptables per rule.
 	Iptables string
 	// Chain is where the engine writes its DNAT rules (DOCKER for dockerd;
 	// empty when every binding names its own chain).
@@ -121,9 +127,12 @@ type Manager struct {
 	ipt     *iptables.IPTables
 	log     *zap.Logger
 
+	restore string // iptables-restore, "" when there is none
+
 	mu     sync.Mutex
 	owners map[string][]Binding // mu
 	refs   map[string]int       // mu: rule (String) -> owners whose bindings have it
+	ops    []ruleOp             // mu: the changes of the batch being made
 
 	// The queue of Queue: the latest request of each waiting owner, in
 	// the order the owners first asked.
@@ -162,7 +171,12 @@ func New(cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loopback NAT rules need iptables: %w", err)
 	}
-	return &Manager{cfg: cfg, comment: OwnerComment(cfg.Owner), ipt: ipt, log: cfg.Log, owners: map[string][]Binding{}, refs: map[string]int{},
+	restore, err := exec.LookPath(cfg.Iptables + "-restore")
+	if err != nil {
+		restore = ""
+		cfg.Log.Debug("no iptables-restore beside iptables; one iptables run per rule", zap.String("iptables", cfg.Iptables))
+	}
+	return &Manager{cfg: cfg, comment: OwnerComment(cfg.Owner), ipt: ipt, restore: restore, log: cfg.Log, owners: map[string][]Binding{}, refs: map[string]int{},
 		pending: map[string][]Binding{}, wake: make(chan struct{}, 1)}, nil
 }
 
@@ -212,7 +226,8 @@ func Valid(b Binding) bool {
 func (m *Manager) Set(owner string, bs []Binding) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.set(owner, bs)
+	err := m.set(owner, bs)
+	return errors.Join(err, m.flush())
 }
 
 func (m *Manager) set(owner string, bs []Binding) error {
@@ -224,23 +239,23 @@ func (m *Manager) set(owner string, bs []Binding) error {
 // owner holds it, as Sync knows after listing the chains. With present
 // nil, the manager's own record of its owners says what is there.
 //
-// Each rule costs one iptables run at most: an append of a rule no owner
-// held, or a delete, once the last owner lets it go, whose "no such rule"
-// answer means it is gone already; a binding the owner keeps, or one
-// another owner holds too, costs nothing. iptables reads the whole nat
-// table on every run, so a check (-C) before each append or delete would
-// double what every container's start and stop costs.
+// It adds the changes to the batch (m.ops), which flush applies: an
+// append of a rule no owner held, or a delete, once the last owner lets
+// it go, whose "no such rule" answer means it is gone already; a binding
+// the owner keeps, or one another owner holds too, costs nothing.
+// iptables reads the whole nat table on every run, so a check (-C)
+// before each append or delete would double what every container's
+// start and stop costs.
 func (m *Manager) setKnown(owner string, bs []Binding, present map[string]bool) error {
 	bs = slices.DeleteFunc(slices.Clone(bs), func(b Binding) bool { return !Valid(b) })
 	old := m.owners[owner]
-	var errs []error
 	for _, b := range old {
 		if slices.Contains(bs, b) {
 			continue
 		}
 		for _, r := range m.rules(b) {
 			if m.release(r.String()) {
-				errs = append(errs, m.apply(r, false)...)
+				m.ops = append(m.ops, ruleOp{r, false})
 			}
 		}
 	}
@@ -250,7 +265,7 @@ func (m *Manager) setKnown(owner string, bs []Binding, present map[string]bool) 
 		}
 		for _, r := range m.rules(b) {
 			if m.hold(r.String()) && !present[r.String()] {
-				errs = append(errs, m.apply(r, true)...)
+				m.ops = append(m.ops, ruleOp{r, true})
 			}
 		}
 	}
@@ -259,10 +274,80 @@ func (m *Manager) setKnown(owner string, bs []Binding, present map[string]bool) 
 	} else {
 		m.owners[owner] = bs
 	}
+	return nil
+}
+
+// ruleOp is one change of a batch: an append of r, or its delete.
+type ruleOp struct {
+	r   rule
+	add bool
+}
+
+// flush applies the batch's changes and empties it: in one run of
+// iptables-restore (--noflush: only these rules change, atomically) when
+// there is one and the batch has more than one change, else, or when
+// that run fails (a rule to delete was gone already, say), one iptables
+// run per change. The caller holds m.mu.
+func (m *Manager) flush() error {
+	ops := m.ops
+	m.ops = m.ops[:0]
+	if len(ops) == 0 {
+		return nil
+	}
+	if m.restore != "" && len(ops) > 1 {
+		err := m.restoreAll(ops)
+		if err == nil {
+			for _, op := range ops {
+				m.log.Debug("loopback NAT rule", zap.Bool("add", op.add), zap.Stringer("rule", op.r))
+			}
+			return nil
+		}
+		m.log.Debug("iptables-restore refused the batch; applying it rule by rule", zap.Error(err), zap.Int("rules", len(ops)))
+	}
+	var errs []error
+	for _, op := range ops {
+		errs = append(errs, m.apply(op.r, op.add)...)
+	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("loopback NAT rules for %s: %w", owner, err)
+		return fmt.Errorf("loopback NAT rules: %w", err)
 	}
 	return nil
+}
+
+// restoreAll applies ops in one iptables-restore run.
+func (m *Manager) restoreAll(ops []ruleOp) error {
+	var in bytes.Buffer
+	in.WriteString("*nat\n")
+	for _, op := range ops {
+		verb := "-A "
+		if !op.add {
+			verb = "-D "
+		}
+		in.WriteString(verb + op.r.chain)
+		for _, a := range op.r.spec {
+			in.WriteByte(' ')
+			in.WriteString(restoreQuote(a))
+		}
+		in.WriteByte('\n')
+	}
+	in.WriteString("COMMIT\n")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, m.restore, "--noflush", "--wait=5")
+	cmd.Stdin = &in
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s: %w: %s", m.restore, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// restoreQuote quotes a for iptables-restore, which splits its lines at
+// spaces and honours double quotes.
+func restoreQuote(a string) string {
+	if a != "" && !strings.ContainsAny(a, " \t\"'\\") {
+		return a
+	}
+	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(a) + `"`
 }
 
 // hold counts one more owner of rule and reports whether it is the first.
@@ -372,6 +457,7 @@ func (m *Manager) Sync(all map[string][]Binding) error {
 	// The rules were just reconciled: the owners are counted afresh.
 	clear(m.owners)
 	clear(m.refs)
+	m.ops = m.ops[:0]
 	for owner, bs := range all {
 		var err error
 		if present != nil {
@@ -383,6 +469,7 @@ func (m *Manager) Sync(all map[string][]Binding) error {
 			errs = append(errs, err)
 		}
 	}
+	errs = append(errs, m.flush())
 	return errors.Join(errs...)
 }
 

@@ -459,3 +459,94 @@ func TestEntriesGetRulesToo(t *testing.T) {
 		t.Error("an entry without an address was accepted")
 	}
 }
+
+// TestQueuedBurstIsOneRestore queues the bindings of 40 containers (each
+// with a rule for the tunnel and one for an entry) before the queue runs:
+// they are written in one iptables-restore run, not 80 iptables runs, and
+// removed the same way. A batch iptables-restore refuses (a rule to
+// delete that an engine flushed) is applied rule by rule instead.
+func TestQueuedBurstIsOneRestore(t *testing.T) {
+	ns := testenv.Netns(t)
+	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-N", "DOCKER")
+	dir := t.TempDir()
+	wrapper, err := testenv.IptablesWrapper(dir, ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runs := filepath.Join(dir, "runs")
+	counting := filepath.Join(dir, "iptables-counting")
+	for _, suffix := range []string{"", "-restore"} {
+		script := fmt.Sprintf("#!/bin/sh\necho \"iptables%s $*\" >> %s\nexec %s%s \"$@\"\n", suffix, runs, wrapper, suffix)
+		if err := os.WriteFile(counting+suffix, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	entry := loopbacknat.Entry{Interface: "veth-rd-ns", Addr: netip.MustParseAddr("192.168.143.1")}
+	m, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: counting, Chain: "DOCKER", Interface: "eth0", GuestIP: guest, Entries: []loopbacknat.Entry{entry}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runsOf := func() (plain, restore int) {
+		data, _ := os.ReadFile(runs)
+		_ = os.Remove(runs)
+		for l := range strings.Lines(string(data)) {
+			if strings.HasPrefix(l, "iptables-restore ") {
+				restore++
+			} else {
+				plain++
+			}
+		}
+		return plain, restore
+	}
+	runsOf() // New's own check
+	const n = 40
+	owners := func(bind bool) {
+		for i := range n {
+			var bs []loopbacknat.Binding
+			if bind {
+				bs = []loopbacknat.Binding{{Protocol: core.TCP, HostPort: uint16(9000 + i), Backend: netip.AddrPortFrom(netip.MustParseAddr("198.18.0.2"), 80)}}
+			}
+			m.Queue(fmt.Sprintf("c%d", i), bs)
+		}
+	}
+	run := func(what string, want int) {
+		t.Helper()
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); m.RunQueue(ctx) }()
+		testenv.Eventually(t, 30*time.Second, what, func() (bool, string) {
+			got := len(ours(testenv.NatRules(t, ns), ""))
+			return got == want && m.Pending() == 0, fmt.Sprintf("%d rules", got)
+		})
+		cancel()
+		<-done
+	}
+	owners(true)
+	run("the burst's rules", 2*n)
+	if plain, restore := runsOf(); plain != 0 || restore != 1 {
+		t.Errorf("the burst took %d iptables and %d iptables-restore runs, want 0 and 1", plain, restore)
+	}
+	owners(false)
+	run("the burst's rules gone", 0)
+	if plain, restore := runsOf(); plain != 0 || restore != 1 {
+		t.Errorf("removing the burst took %d iptables and %d iptables-restore runs, want 0 and 1", plain, restore)
+	}
+
+	// An engine flushes its chain; the batch that deletes its rules (and
+	// adds others) is refused whole, and applied rule by rule.
+	owners(true)
+	run("the burst's rules again", 2*n)
+	runsOf()
+	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-F", "DOCKER")
+	for i := range n {
+		var bs []loopbacknat.Binding
+		if i == 0 {
+			bs = []loopbacknat.Binding{{Protocol: core.UDP, HostPort: 9999, Backend: netip.MustParseAddrPort("198.18.0.3:53")}}
+		}
+		m.Queue(fmt.Sprintf("c%d", i), bs)
+	}
+	run("the new binding's rules alone", 2)
+	if plain, restore := runsOf(); restore != 1 || plain != 2*n+2 {
+		t.Errorf("after the flush: %d iptables and %d iptables-restore runs, want %d and 1", plain, restore, 2*n+2)
+	}
+}

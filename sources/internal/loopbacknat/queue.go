@@ -28,32 +28,38 @@ func (m *Manager) Queue(owner string, bs []Binding) {
 }
 
 // RunQueue applies queued requests until ctx is done; requests still
-// waiting then are dropped (the next Sync makes the rules whole).
+// waiting then are dropped (the next Sync makes the rules whole). The
+// requests waiting when it looks are applied as one batch: a burst of
+// containers costs one iptables-restore run, not one iptables run per
+// rule.
 func (m *Manager) RunQueue(ctx context.Context) {
-	for {
-		owner, bs, gen, ok := m.next()
-		if !ok {
-			select {
-			case <-ctx.Done():
-				return
-			case <-m.wake:
-			}
-			continue
-		}
-		if ctx.Err() != nil {
-			return
-		}
+	for ctx.Err() == nil {
 		m.mu.Lock()
-		m.qmu.Lock()
-		stale := gen != m.gen
-		m.qmu.Unlock()
-		var err error
-		if !stale {
-			err = m.set(owner, bs)
+		n := 0
+		for {
+			owner, bs, gen, ok := m.next()
+			if !ok {
+				break
+			}
+			m.qmu.Lock()
+			stale := gen != m.gen
+			m.qmu.Unlock()
+			if !stale {
+				_ = m.set(owner, bs) // errors come from flush
+			}
+			n++
 		}
+		err := m.flush()
 		m.mu.Unlock()
 		if err != nil {
 			m.log.Error("loopback NAT rules", zap.Error(err))
+		}
+		if n > 0 {
+			continue // more may have come while iptables ran
+		}
+		select {
+		case <-ctx.Done():
+		case <-m.wake:
 		}
 	}
 }
