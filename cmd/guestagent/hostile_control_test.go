@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -304,7 +305,12 @@ func agentConns(t *testing.T, port int) int {
 		}
 	}
 	conns := map[string]bool{} // by inode: a table read while it changes may repeat rows
-	for _, file := range []string{"/proc/self/net/tcp", "/proc/self/net/tcp6"} {
+	// The tables of this thread's network namespace: /proc/self/net is
+	// the main thread's, which a test that entered another namespace on
+	// it may have left there for good.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	for _, file := range []string{"/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"} {
 		data, err := os.ReadFile(file)
 		if err != nil {
 			continue
