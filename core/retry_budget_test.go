@@ -28,18 +28,17 @@ func (u *unbindable) Send(ctx context.Context, c core.Change) error {
 	return u.fakePeer.Send(ctx, c)
 }
 
-// TestRetriesOfRefusedPortsAreBudgeted has a peer refuse a thousand ports
-// with a fast per-port backoff: their retries cost at most the budget's
-// burst and rate in all, a new port meanwhile goes out at once, and once
-// the peer can bind them, every refused port gets there.
-func TestRetriesOfRefusedPortsAreBudgeted(t *testing.T) {
-	const n, rate, burst = 1000, 200, 10
+// refuseAll starts a router with a retry budget of rate and burst,
+// delivering to an unbindable peer, sets n ports it refuses (from 10000
+// up), and returns once each was refused, with the time they were set.
+func refuseAll(t *testing.T, n int, rate float64, burst int) (*unbindable, *harness, []uint16, time.Time) {
+	t.Helper()
 	peer := &unbindable{fakePeer: newFakePeer()}
 	peer.refusing.Store(true)
 	cfg := fastConfig()
 	cfg.RetryRate, cfg.RetryBurst = rate, burst
 	h := startRouter(t, cfg, func(r *core.Router) { r.AddSink("p", peer, nil) })
-	defer h.stop()
+	t.Cleanup(h.stop)
 	ports := make([]uint16, n)
 	for i := range ports {
 		ports[i] = uint16(10000 + i)
@@ -47,8 +46,18 @@ func TestRetriesOfRefusedPortsAreBudgeted(t *testing.T) {
 	start := time.Now()
 	h.r.Emitter("src").Set(mapping("many", ports...))
 	testenv.Eventually(t, waitFor, "every port refused once", func() (bool, string) {
-		return peer.refused.Load() >= n, fmt.Sprintf("%d refusals", peer.refused.Load())
+		return peer.refused.Load() >= int64(n), fmt.Sprintf("%d refusals", peer.refused.Load())
 	})
+	return peer, h, ports, start
+}
+
+// TestRetriesOfRefusedPortsAreBudgeted has a peer refuse a thousand ports
+// with a fast per-port backoff: their retries cost at most the budget's
+// burst and rate in all, a new port meanwhile goes out at once, and once
+// the peer can bind them, every refused port gets there.
+func TestRetriesOfRefusedPortsAreBudgeted(t *testing.T) {
+	const n, rate, burst = 1000, 200, 10
+	peer, h, ports, start := refuseAll(t, n, rate, burst)
 	h.r.Emitter("src").Set(mapping("new", 8080))
 	waitState(t, peer.fakePeer, want(mapping("new", 8080)))
 	time.Sleep(time.Second)
@@ -73,22 +82,8 @@ func TestRetriesOfRefusedPortsAreBudgeted(t *testing.T) {
 // retry, within the budget, not a first attempt on its own.
 func TestARefusedPortThatComesBackIsARetry(t *testing.T) {
 	const n, rate, burst, rounds = 200, 50, 10, 20
-	peer := &unbindable{fakePeer: newFakePeer()}
-	peer.refusing.Store(true)
-	cfg := fastConfig()
-	cfg.RetryRate, cfg.RetryBurst = rate, burst
-	h := startRouter(t, cfg, func(r *core.Router) { r.AddSink("p", peer, nil) })
-	defer h.stop()
-	ports := make([]uint16, n)
-	for i := range ports {
-		ports[i] = uint16(10000 + i)
-	}
-	start := time.Now()
+	peer, h, ports, start := refuseAll(t, n, rate, burst)
 	out := h.r.Emitter("src")
-	out.Set(mapping("many", ports...))
-	testenv.Eventually(t, waitFor, "every port refused once", func() (bool, string) {
-		return peer.refused.Load() >= n, fmt.Sprintf("%d refusals", peer.refused.Load())
-	})
 	for range rounds {
 		out.Delete("many")
 		time.Sleep(20 * time.Millisecond)

@@ -359,17 +359,7 @@ func TestOptionsFromFlags(t *testing.T) {
 func TestEachRuleCostsOneRun(t *testing.T) {
 	ns := testenv.Netns(t)
 	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-N", "DOCKER")
-	dir := t.TempDir()
-	wrapper, err := testenv.IptablesWrapper(dir, ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	runs := filepath.Join(dir, "runs")
-	counting := filepath.Join(dir, "iptables-counting")
-	script := fmt.Sprintf("#!/bin/sh\necho \"$*\" >> %s\nexec %s \"$@\"\n", runs, wrapper)
-	if err := os.WriteFile(counting, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
+	counting, runs := countingIptables(t, ns)
 	m, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: counting, Chain: "DOCKER", Interface: "eth0", GuestIP: guest})
 	if err != nil {
 		t.Fatal(err)
@@ -460,6 +450,27 @@ func TestEntriesGetRulesToo(t *testing.T) {
 	}
 }
 
+// countingIptables writes iptables and iptables-restore commands that run
+// in ns and log each run ("iptables ARGS" or "iptables-restore ARGS") to
+// the file it returns too.
+func countingIptables(t *testing.T, ns string) (counting, runs string) {
+	t.Helper()
+	dir := t.TempDir()
+	wrapper, err := testenv.IptablesWrapper(dir, ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runs = filepath.Join(dir, "runs")
+	counting = filepath.Join(dir, "iptables-counting")
+	for _, suffix := range []string{"", "-restore"} {
+		script := fmt.Sprintf("#!/bin/sh\necho \"iptables%s $*\" >> %s\nexec %s%s \"$@\"\n", suffix, runs, wrapper, suffix)
+		if err := os.WriteFile(counting+suffix, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return counting, runs
+}
+
 // TestQueuedBurstIsOneRestore queues the bindings of 40 containers (each
 // with a rule for the tunnel and one for an entry) before the queue runs:
 // they are written in one iptables-restore run, not 80 iptables runs, and
@@ -468,19 +479,7 @@ func TestEntriesGetRulesToo(t *testing.T) {
 func TestQueuedBurstIsOneRestore(t *testing.T) {
 	ns := testenv.Netns(t)
 	testenv.RunIn(t, ns, "iptables", "-t", "nat", "-N", "DOCKER")
-	dir := t.TempDir()
-	wrapper, err := testenv.IptablesWrapper(dir, ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	runs := filepath.Join(dir, "runs")
-	counting := filepath.Join(dir, "iptables-counting")
-	for _, suffix := range []string{"", "-restore"} {
-		script := fmt.Sprintf("#!/bin/sh\necho \"iptables%s $*\" >> %s\nexec %s%s \"$@\"\n", suffix, runs, wrapper, suffix)
-		if err := os.WriteFile(counting+suffix, []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
+	counting, runs := countingIptables(t, ns)
 	entry := loopbacknat.Entry{Interface: "veth-rd-ns", Addr: netip.MustParseAddr("192.168.143.1")}
 	m, err := loopbacknat.New(loopbacknat.Config{Owner: "docker", Iptables: counting, Chain: "DOCKER", Interface: "eth0", GuestIP: guest, Entries: []loopbacknat.Entry{entry}})
 	if err != nil {
