@@ -265,3 +265,52 @@ func BenchmarkIdleChurnWakeups(b *testing.B) {
 		b.ReportMetric(float64(churnRate)*window.Seconds(), "connections")
 	}
 }
+
+// BenchmarkForeignFlood measures what a listen/close loop in another
+// network namespace (a container's) costs the source: the CPU of this
+// process, which runs the source reading the test namespace with eBPF
+// wake-ups, over 10 s while a process in a second namespace opens and
+// closes a TCP listener and a bound UDP socket 1,000 times a second each,
+// beside 10 s with nothing happening. The kernel drops the wake-ups of
+// other namespaces, so the two should cost the same. The flooder's own
+// CPU is reported too, to show the loop ran.
+func BenchmarkForeignFlood(b *testing.B) {
+	const rate, window = 1000, 10 * time.Second
+	r := newRig(b)
+	r.wakeups = sockets.WakeupsEBPF
+	r.h.do(b, "serve tcp 0.0.0.0:29998")
+	src := r.source(b, 0, 0, nil).(*sockets.Source)
+	var woken atomic.Int64
+	sockets.SetDumpHook(src, func(byWake bool) {
+		if byWake {
+			woken.Add(1)
+		}
+	})
+	router := sourcetest.Start(b, sockets.Name, src)
+	testenv.Eventually(b, waitTimeout, "the server reported", func() (bool, string) {
+		return len(router.Desired()) == 1, fmt.Sprintf("have %d", len(router.Desired()))
+	})
+	other := startHelper(b, testenv.Netns(b), "")
+	pid := other.cmd.Process.Pid
+	measure := func(during func()) (cpuPercent, flooder, dumps float64) {
+		w0, c0, f0, t0 := woken.Load(), cpuTime(b), procCPU(b, pid), time.Now()
+		during()
+		el := float64(time.Since(t0))
+		return float64(cpuTime(b)-c0) / el * 100, float64(procCPU(b, pid)-f0) / el * 100, float64(woken.Load() - w0)
+	}
+	for b.Loop() {
+		quietCPU, _, quietDumps := measure(func() { time.Sleep(window) })
+		floodCPU, flooderCPU, floodDumps := measure(func() {
+			other.do(b, "flood tcp 0.0.0.0:7201 %d", rate)
+			other.do(b, "flood udp 0.0.0.0:7202 %d", rate)
+			time.Sleep(window)
+			other.do(b, "flood tcp 0.0.0.0:7201 0")
+			other.do(b, "flood udp 0.0.0.0:7202 0")
+		})
+		b.ReportMetric(quietCPU, "quiet-cpu-%")
+		b.ReportMetric(floodCPU, "flood-cpu-%")
+		b.ReportMetric(flooderCPU, "flooder-cpu-%") // the loop's own, to show it ran
+		b.ReportMetric(quietDumps, "woken-dumps-quiet")
+		b.ReportMetric(floodDumps, "woken-dumps-flood")
+	}
+}

@@ -100,6 +100,20 @@ func runHelper(in io.Reader, out io.Writer) int {
 					open["churn "+f[1]] = []io.Closer{churn(f[1], rate)}
 				}
 				return nil
+			case "flood": // flood PROTO ADDR RATE: open and close a listener RATE times a second (0 stops)
+				key := "flood " + f[1] + " " + f[2]
+				for _, c := range open[key] {
+					_ = c.Close()
+				}
+				delete(open, key)
+				rate, err := strconv.Atoi(f[3])
+				if err != nil || rate < 0 {
+					return fmt.Errorf("flood rate %q", f[3])
+				}
+				if rate > 0 {
+					open[key] = []io.Closer{flood(f[1], f[2], rate)}
+				}
+				return nil
 			case "serve":
 				c, err := serve(f[1], f[2])
 				if err == nil {
@@ -303,6 +317,28 @@ func churn(addr string, rate int) *churner {
 			}
 			if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 				_ = conn.Close()
+			}
+		}
+	}()
+	return c
+}
+
+// flood opens and closes a listener on addr at a steady rate, in the
+// churner's way, until closed.
+func flood(proto, addr string, rate int) *churner {
+	c := &churner{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		tick := time.NewTicker(time.Second / time.Duration(rate))
+		defer tick.Stop()
+		for {
+			select {
+			case <-c.stop:
+				return
+			case <-tick.C:
+			}
+			if l, err := listen(proto, addr, ""); err == nil {
+				_ = l.Close()
 			}
 		}
 	}()
