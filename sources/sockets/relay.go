@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -30,6 +31,12 @@ const (
 	// DefaultRelayMaxConns is how many TCP connections, or UDP sessions,
 	// one relay carries at once.
 	DefaultRelayMaxConns = 256
+	// DefaultRelayMaxTotal is how many TCP connections and UDP sessions
+	// every relay together carries at once (each holds two descriptors).
+	DefaultRelayMaxTotal = 1024
+	// DefaultRelayMaxPerClient is how many TCP connections, or UDP
+	// sessions, one relay carries at once for one client address.
+	DefaultRelayMaxPerClient = 32
 )
 
 const (
@@ -73,6 +80,10 @@ type relays struct {
 	entries       []relayEntry
 	idle, udpIdle time.Duration
 	maxConns      int
+	maxPerClient  int
+	total         chan struct{} // a slot per connection or session, of every relay
+	load          relayLoad
+	changed       chan struct{} // a value when the load's refusals or errors grew
 	log           *zap.Logger
 	ns            *netnsThread // nil: the agent's own namespace
 	active        map[relayKey]*relay
@@ -103,6 +114,7 @@ func newRelays(cfg Config, entries []relayEntry, log *zap.Logger) *relays {
 	}
 	r := &relays{
 		entries: entries, idle: cfg.RelayIdle, udpIdle: cfg.RelayUDPIdle, maxConns: cfg.RelayMaxConns,
+		maxPerClient: cfg.RelayMaxPerClient, total: make(chan struct{}, cfg.RelayMaxTotal), changed: make(chan struct{}, 1),
 		log: log.With(zap.Strings("relay_at", at)), active: map[relayKey]*relay{},
 		byID: map[string]core.Port{}, owners: map[relayPort][]string{}, missingLogged: map[int]bool{},
 	}
@@ -115,8 +127,96 @@ func newRelays(cfg Config, entries []relayEntry, log *zap.Logger) *relays {
 		r.ns = ns
 	}
 	r.log.Info("relaying loopback-only sockets from the relay addresses",
-		zap.Duration("idle", r.idle), zap.Duration("udp_idle", r.udpIdle), zap.Int("max_conns", r.maxConns))
+		zap.Duration("idle", r.idle), zap.Duration("udp_idle", r.udpIdle), zap.Int("max_conns", r.maxConns),
+		zap.Int("max_total", cap(r.total)), zap.Int("max_per_client", r.maxPerClient))
 	return r
+}
+
+// relayLoad counts what the relays carry and what they turned away.
+type relayLoad struct {
+	refused      atomic.Int64 // connections reset, datagrams of new sessions dropped, at a limit
+	acceptErrors atomic.Int64 // failed accepts (out of descriptors, say), each followed by a pause
+	saturated    atomic.Bool  // the last new connection or session met a limit
+}
+
+// RelayLoad is what the relays of a source carry and turned away.
+type RelayLoad struct {
+	// Active is how many TCP connections and UDP sessions they carry now,
+	// of at most Max.
+	Active, Max int
+	// Refused counts connections and sessions turned away at a limit (of
+	// the relay, of one client, or of all); AcceptErrors failed accepts.
+	Refused, AcceptErrors int64
+	// Saturated is true when the last connection or session to be turned
+	// away came after the last one taken.
+	Saturated bool
+}
+
+// String is the load as the source's status line shows it.
+func (l RelayLoad) String() string {
+	s := fmt.Sprintf("relays carry %d of %d connections and sessions", l.Active, l.Max)
+	if l.Refused > 0 {
+		s += fmt.Sprintf(", %d refused at a limit", l.Refused)
+	}
+	if l.AcceptErrors > 0 {
+		s += fmt.Sprintf(", %d failed accepts", l.AcceptErrors)
+	}
+	if l.Saturated {
+		s += " (saturated)"
+	}
+	return s
+}
+
+// loadNow returns the relays' load.
+func (r *relays) loadNow() RelayLoad {
+	if r == nil {
+		return RelayLoad{}
+	}
+	return RelayLoad{Active: len(r.total), Max: cap(r.total), Refused: r.load.refused.Load(),
+		AcceptErrors: r.load.acceptErrors.Load(), Saturated: r.load.saturated.Load()}
+}
+
+// admit takes a slot of all for a new connection or session of client,
+// which already holds n of this relay's: false, counted as refused, when
+// one client or all are at their limit.
+func (r *relays) admit(n int) bool {
+	if n >= r.maxPerClient {
+		r.refuse()
+		return false
+	}
+	select {
+	case r.total <- struct{}{}:
+		r.load.saturated.Store(false)
+		return true
+	default:
+		r.refuse()
+		return false
+	}
+}
+
+// release gives back a slot admit took.
+func (r *relays) release() { <-r.total }
+
+func (r *relays) refuse() {
+	r.load.refused.Add(1)
+	r.load.saturated.Store(true)
+	r.signal()
+}
+
+// signal says the load changed in a way the status shows.
+func (r *relays) signal() {
+	select {
+	case r.changed <- struct{}{}:
+	default:
+	}
+}
+
+// loadChanged is the channel of signal; nil without relays.
+func (r *relays) loadChanged() <-chan struct{} {
+	if r == nil {
+		return nil
+	}
+	return r.changed
 }
 
 // add relays the reported id, when its socket is on a loopback address.

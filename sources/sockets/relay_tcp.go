@@ -15,35 +15,78 @@ import (
 )
 
 // serveTCP accepts connections on ln until it is closed, and forwards each
-// to backend, at most maxConns at once.
+// to backend, at most maxConns at once, maxPerClient of one client
+// address, and as many as the relays' slots of all allow; others are
+// reset. A failed accept (out of descriptors, say) pauses the relay, from
+// 5 ms doubling to a second, and it accepts again: it stops only when ln
+// is closed.
 func (r *relays) serveTCP(ctx context.Context, ln net.Listener, backend netip.AddrPort, log *zap.Logger) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	slots := make(chan struct{}, r.maxConns)
-	full := false
+	var mu sync.Mutex
+	perClient := map[netip.Addr]int{}
+	full, pause := false, time.Duration(0)
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				log.Warn("relay stopped accepting", zap.Error(err))
+			if errors.Is(err, net.ErrClosed) || ctx.Err() != nil {
+				return
 			}
-			return
+			r.load.acceptErrors.Add(1)
+			r.signal()
+			if pause == 0 {
+				log.Warn("relay cannot accept; pausing and trying again", zap.Error(err))
+				pause = 5 * time.Millisecond
+			} else {
+				pause = min(2*pause, time.Second)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(pause):
+			}
+			continue
 		}
+		pause = 0
+		client := addrOf(c.RemoteAddr())
+		mu.Lock()
+		n := perClient[client]
+		mu.Unlock()
+		taken := false
 		select {
 		case slots <- struct{}{}:
-			full = false
+			if taken = r.admit(n); !taken {
+				<-slots
+			}
 		default:
+			r.refuse()
+		}
+		if !taken {
 			if !full {
-				log.Warn("relay at its connection limit; refusing connections", zap.Int("max_conns", r.maxConns))
+				log.Warn("relay at a connection limit; refusing connections", zap.Int("max_conns", r.maxConns),
+					zap.Int("max_per_client", r.maxPerClient), zap.Int("max_total", cap(r.total)), zap.Stringer("client", client))
 				full = true
 			}
 			reset(c)
 			continue
 		}
+		full = false
+		mu.Lock()
+		perClient[client]++
+		mu.Unlock()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-slots }()
+			defer func() {
+				mu.Lock()
+				if perClient[client]--; perClient[client] <= 0 {
+					delete(perClient, client)
+				}
+				mu.Unlock()
+				r.release()
+				<-slots
+			}()
 			b, err := r.dial("tcp", backend)
 			if err != nil {
 				log.Debug("cannot reach the relayed socket", zap.Error(err))
@@ -53,6 +96,15 @@ func (r *relays) serveTCP(ctx context.Context, ln net.Listener, backend netip.Ad
 			proxyTCP(ctx, c.(*net.TCPConn), b.(*net.TCPConn), r.idle)
 		}()
 	}
+}
+
+// addrOf is the IP address of a, unmapped; the zero Addr when a is not
+// an IP address.
+func addrOf(a net.Addr) netip.Addr {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.AddrPort().Addr().Unmap()
+	}
+	return netip.Addr{}
 }
 
 // reset closes c with a reset, as a refused connection is answered.

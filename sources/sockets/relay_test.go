@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -33,7 +35,8 @@ const relayAddr = "198.18.90.2"
 // comes.
 type relayRig struct {
 	*rig
-	host string // path of the host namespace
+	host     string // path of the host namespace
+	hostName string // its name
 }
 
 func newRelayRig(t *testing.T) *relayRig {
@@ -43,7 +46,7 @@ func newRelayRig(t *testing.T) *relayRig {
 	loopbacknattest.Link(t,
 		loopbacknattest.End{Netns: r.ns, Iface: "guest0", Addr: relayAddr + "/24"},
 		loopbacknattest.End{Netns: host, Iface: "host0", Addr: "198.18.90.1/24"})
-	return &relayRig{rig: r, host: loopbacknattest.NetnsPath(host)}
+	return &relayRig{rig: r, host: loopbacknattest.NetnsPath(host), hostName: host}
 }
 
 func (r *relayRig) relaySource(t *testing.T, cfg sockets.Config) core.Source {
@@ -413,4 +416,97 @@ func TestRelayAnswersOnlyThroughItsInterface(t *testing.T) {
 	if n, err := u.Read(make([]byte, 64)); err == nil {
 		t.Errorf("UDP from another link of the guest got %d bytes back through the relay", n)
 	}
+}
+
+// TestRelayFloodKeepsOtherClientsAndSaysSaturated floods a UDP and a TCP
+// relay from one client address (many source ports, many connections):
+// that client gets no more than its share, another client address is
+// still served, the relays' limit of all holds, and the source's status
+// line says the relays are saturated and counts what they refused.
+func TestRelayFloodKeepsOtherClientsAndSaysSaturated(t *testing.T) {
+	const perClient, total = 4, 10
+	r := newRelayRig(t)
+	const other = "198.18.90.3" // a second client address of the host namespace
+	testenv.RunIn(t, r.hostName, "ip", "addr", "add", other+"/24", "dev", "host0")
+	router, rec := run(t, r.relaySource(t, sockets.Config{RelayAddr: relayAddr, RelayMaxPerClient: perClient, RelayMaxTotal: total}))
+	u, p := r.nextPort(), r.nextPort()
+	r.h.do(t, "serve udp 127.0.0.1:%d", u)
+	r.h.do(t, "serve tcp 127.0.0.1:%d", p)
+	waitHas(t, router, fmt.Sprintf("udp/127.0.0.1:%d", u))
+	waitHas(t, router, fmt.Sprintf("tcp/127.0.0.1:%d", p))
+
+	dialFrom := func(network, from string, port int) (net.Conn, error) {
+		return testenv.Within(r.hostName, func() (net.Conn, error) {
+			d := net.Dialer{Timeout: waitTimeout}
+			if from != "" {
+				if network == "udp4" {
+					d.LocalAddr = &net.UDPAddr{IP: net.ParseIP(from)}
+				} else {
+					d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+				}
+			}
+			return d.Dial(network, net.JoinHostPort(relayAddr, strconv.Itoa(port)))
+		})
+	}
+	echoes := func(c net.Conn, payload string, wait time.Duration) bool {
+		if c == nil {
+			return false // reset while it was being made
+		}
+		_ = c.SetDeadline(time.Now().Add(wait))
+		if _, err := io.WriteString(c, payload); err != nil {
+			return false
+		}
+		buf := make([]byte, 64)
+		n, err := c.Read(buf)
+		return err == nil && (string(buf[:n]) == "echo:"+payload || string(buf[:n]) == payload)
+	}
+	open := func(network, from string, port int) net.Conn {
+		t.Helper()
+		c, err := dialFrom(network, from, port)
+		if errors.Is(err, syscall.ECONNRESET) {
+			return nil // refused: the reset may come before the dial returns
+		}
+		if err != nil {
+			t.Fatalf("%s from %s: %v", network, from, err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+
+	// 20 source ports of one client: its share of sessions, no more.
+	served := 0
+	for range 20 {
+		if echoes(open("udp4", "198.18.90.1", u), "flood", 300*time.Millisecond) {
+			served++
+		}
+	}
+	if served != perClient {
+		t.Errorf("one client with 20 source ports got %d UDP sessions, want %d", served, perClient)
+	}
+	if c := open("udp4", other, u); !echoes(c, "other", waitTimeout) {
+		t.Errorf("another client is locked out of the UDP relay")
+	}
+	// 10 connections of one client: its share, the rest reset.
+	served = 0
+	for range 10 {
+		if echoes(open("tcp4", "198.18.90.1", p), "x", 300*time.Millisecond) {
+			served++
+		}
+	}
+	if served != perClient {
+		t.Errorf("one client with 10 connections got %d served, want %d", served, perClient)
+	}
+	// The other client: one more fits the limit of all (4+1+4+1), the
+	// next does not.
+	if c := open("tcp4", other, p); !echoes(c, "y", waitTimeout) {
+		t.Errorf("another client is locked out of the TCP relay")
+	}
+	if c := open("tcp4", other, p); echoes(c, "z", 300*time.Millisecond) {
+		t.Errorf("a connection beyond the relays' limit of all (%d) was served", total)
+	}
+	testenv.Eventually(t, waitTimeout, "the status line to say the relays are saturated", func() (bool, string) {
+		line := rec.status()
+		return strings.Contains(line, "(saturated)") && strings.Contains(line, "refused at a limit") &&
+			strings.Contains(line, fmt.Sprintf("%d of %d", total, total)), line
+	})
 }

@@ -21,13 +21,16 @@ type udpSession struct {
 }
 
 // serveUDP reads datagrams on pc until it is closed and forwards each to
-// backend over its client's session, opening one per client address (at
-// most maxConns at once); replies go back to the client from pc.
+// backend over its client's session, opening one per client address and
+// port (at most maxConns at once, maxPerClient of one client address, and
+// as many as the relays' slots of all allow); replies go back to the
+// client from pc.
 func (r *relays) serveUDP(ctx context.Context, pc *net.UDPConn, backend netip.AddrPort, log *zap.Logger) {
 	var (
-		mu       sync.Mutex
-		sessions = map[netip.AddrPort]*udpSession{}
-		wg       sync.WaitGroup
+		mu        sync.Mutex
+		sessions  = map[netip.AddrPort]*udpSession{}
+		perClient = map[netip.Addr]int{} // sessions by client address
+		wg        sync.WaitGroup
 	)
 	defer func() {
 		mu.Lock()
@@ -49,12 +52,16 @@ func (r *relays) serveUDP(ctx context.Context, pc *net.UDPConn, backend netip.Ad
 		}
 		mu.Lock()
 		s := sessions[from]
-		count := len(sessions)
+		count, ofClient := len(sessions), perClient[from.Addr()]
 		mu.Unlock()
 		if s == nil {
 			if count >= r.maxConns {
+				r.refuse()
+			}
+			if count >= r.maxConns || !r.admit(ofClient) {
 				if !full {
-					log.Warn("relay at its session limit; dropping datagrams of new clients", zap.Int("max_sessions", r.maxConns))
+					log.Warn("relay at a session limit; dropping datagrams of new sessions", zap.Int("max_sessions", r.maxConns),
+						zap.Int("max_per_client", r.maxPerClient), zap.Int("max_total", cap(r.total)), zap.Stringer("client", from.Addr()))
 					full = true
 				}
 				continue
@@ -62,6 +69,7 @@ func (r *relays) serveUDP(ctx context.Context, pc *net.UDPConn, backend netip.Ad
 			full = false
 			c, err := r.dial("udp", backend)
 			if err != nil {
+				r.release()
 				log.Debug("cannot open a socket to the relayed socket", zap.Error(err))
 				continue
 			}
@@ -71,9 +79,11 @@ func (r *relays) serveUDP(ctx context.Context, pc *net.UDPConn, backend netip.Ad
 			if ctx.Err() != nil {
 				mu.Unlock()
 				_ = s.conn.Close()
+				r.release()
 				return
 			}
 			sessions[from] = s
+			perClient[from.Addr()]++
 			mu.Unlock()
 			wg.Add(1)
 			go func() {
@@ -83,8 +93,12 @@ func (r *relays) serveUDP(ctx context.Context, pc *net.UDPConn, backend netip.Ad
 				if sessions[from] == s {
 					delete(sessions, from)
 				}
+				if perClient[from.Addr()]--; perClient[from.Addr()] <= 0 {
+					delete(perClient, from.Addr())
+				}
 				mu.Unlock()
 				_ = s.conn.Close()
+				r.release()
 			}()
 		}
 		s.last.Store(time.Now().UnixNano())

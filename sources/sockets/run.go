@@ -41,11 +41,28 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 			every = s.cfg.Recheck
 		}
 	}
-	describe(out, how)
 	d := &dumper{netns: s.cfg.Netns}
 	defer d.close()
 	relays := newRelays(s.cfg, s.relayAt, s.log)
 	defer relays.close()
+	// The status line: how the source watches, and the relays' load when
+	// it changed (at most once a second from the relays' signal; each
+	// dump looks again).
+	var shown RelayLoad
+	var shownAt time.Time
+	status := func(force bool) {
+		l := relays.loadNow()
+		if !force && (l == shown || time.Since(shownAt) < time.Second) {
+			return
+		}
+		shown, shownAt = l, time.Now()
+		if relays == nil {
+			describe(out, how)
+		} else {
+			describe(out, how+"; "+l.String())
+		}
+	}
+	status(true)
 	g := newGate(s.cfg.Settle)
 	var firstDump time.Time // the first dump that succeeded: what it saw settles first
 	synced, failing, badLogged := false, false, false
@@ -70,6 +87,9 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 				due, byWake = at, true
 			}
 			continue
+		case <-relays.loadChanged():
+			status(false)
+			continue
 		case <-stopped:
 			s.log.Warn("eBPF wake-ups stopped; reading sockets by the periodic dump alone", zap.Error(wake.Err))
 			woken, stopped = nil, nil
@@ -80,12 +100,14 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 					timer.Reset(every)
 				}
 			}
-			describe(out, fmt.Sprintf("sock_diag dump every %s (eBPF wake-ups stopped: %v)", s.cfg.Interval, wake.Err))
+			how = fmt.Sprintf("sock_diag dump every %s (eBPF wake-ups stopped: %v)", s.cfg.Interval, wake.Err)
+			status(true)
 			continue
 		}
 		if s.onDump != nil {
 			s.onDump(byWake)
 		}
+		status(false)
 		byWake = false
 		wait := every
 		lastStart = time.Now()

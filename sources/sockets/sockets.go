@@ -73,6 +73,8 @@ func init() {
 			fs.DurationVar(&cfg.RelayIdle, "socketsRelayIdle", DefaultRelayIdle, "how long a relayed TCP connection may carry nothing before it is closed")
 			fs.DurationVar(&cfg.RelayUDPIdle, "socketsRelayUDPIdle", DefaultRelayUDPIdle, "how long a relayed UDP client may send and receive nothing before its session ends")
 			fs.IntVar(&cfg.RelayMaxConns, "socketsRelayMaxConns", DefaultRelayMaxConns, "TCP connections or UDP sessions one relayed port carries at once")
+			fs.IntVar(&cfg.RelayMaxPerClient, "socketsRelayMaxPerClient", DefaultRelayMaxPerClient, "TCP connections or UDP sessions one client address may hold on one relayed port")
+			fs.IntVar(&cfg.RelayMaxTotal, "socketsRelayMaxTotal", DefaultRelayMaxTotal, "TCP connections and UDP sessions every relayed port together carries at once (each holds two descriptors)")
 			return func(env registry.Env) (core.Source, error) {
 				c := cfg
 				c.KubernetesAPIPort = env.Options.K8sAPIPort
@@ -151,6 +153,14 @@ type Config struct {
 	// RelayMaxConns is how many TCP connections, or UDP sessions, one
 	// relay carries at once (default DefaultRelayMaxConns).
 	RelayMaxConns int
+	// RelayMaxPerClient is how many of them one client address may hold
+	// on one relay (default DefaultRelayMaxPerClient): a client that
+	// opens many never locks others out.
+	RelayMaxPerClient int
+	// RelayMaxTotal is how many every relay together carries at once
+	// (default DefaultRelayMaxTotal), which bounds the descriptors the
+	// relays hold (two each).
+	RelayMaxTotal int
 	// Log receives the source's log lines; nil discards them.
 	Log *zap.Logger
 }
@@ -249,6 +259,18 @@ func New(cfg Config) (*Source, error) {
 		return nil, fmt.Errorf("--socketsRelayMaxConns must be positive, got %d", cfg.RelayMaxConns)
 	case cfg.RelayMaxConns == 0:
 		cfg.RelayMaxConns = DefaultRelayMaxConns
+	}
+	switch {
+	case cfg.RelayMaxPerClient < 0:
+		return nil, fmt.Errorf("--socketsRelayMaxPerClient must be positive, got %d", cfg.RelayMaxPerClient)
+	case cfg.RelayMaxPerClient == 0:
+		cfg.RelayMaxPerClient = DefaultRelayMaxPerClient
+	}
+	switch {
+	case cfg.RelayMaxTotal < 0:
+		return nil, fmt.Errorf("--socketsRelayMaxTotal must be positive, got %d", cfg.RelayMaxTotal)
+	case cfg.RelayMaxTotal == 0:
+		cfg.RelayMaxTotal = DefaultRelayMaxTotal
 	}
 	log := cfg.Log.With(zap.String("source", Name))
 	if cfg.Netns != "" {

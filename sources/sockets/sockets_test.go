@@ -76,9 +76,10 @@ func (r *rig) source(t testing.TB, interval, settle time.Duration, log *zap.Logg
 // recorder passes a source's reports to a Router and keeps them all, so a
 // test can tell that something was never reported.
 type recorder struct {
-	out core.Emitter
-	mu  sync.Mutex
-	log []string // "set ID", "delete ID", "snapshot ID ID ..."
+	out      core.Emitter
+	mu       sync.Mutex
+	log      []string // "set ID", "delete ID", "snapshot ID ID ..."
+	watching string   // the last Describe
 }
 
 func (e *recorder) note(s string) {
@@ -96,6 +97,20 @@ func (e *recorder) Snapshot(ms []core.Mapping) {
 	}
 	e.note("snapshot " + strings.Join(ids, " "))
 	e.out.Snapshot(ms)
+}
+
+// Describe records the source's status line.
+func (e *recorder) Describe(how string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.watching = how
+}
+
+// status returns the last status line the source gave.
+func (e *recorder) status() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.watching
 }
 
 // mentions returns the reports that name id.
