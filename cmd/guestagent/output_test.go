@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -12,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/internal/testenv"
@@ -426,5 +430,70 @@ func TestVersionCommand(t *testing.T) {
 	var o, e bytes.Buffer
 	if code := run(t.Context(), []string{"version", "-o", "wide"}, &o, &e); code != 2 || !strings.Contains(e.String(), "want one of table, json") {
 		t.Errorf("version -o wide: exit %d, %q", code, e.String())
+	}
+}
+
+// openPty returns the two ends of a new pseudo-terminal whose size is
+// cols columns.
+func openPty(t *testing.T, cols uint16) (ptmx, pts *os.File) {
+	t.Helper()
+	ptmx, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminals here: %v", err)
+	}
+	t.Cleanup(func() { ptmx.Close() })
+	if err := unix.IoctlSetPointerInt(int(ptmx.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(int(ptmx.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pts, err = os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pts.Close() })
+	if err := unix.IoctlSetWinsize(int(pts.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 24, Col: cols}); err != nil {
+		t.Fatal(err)
+	}
+	return ptmx, pts
+}
+
+// TestHelpWrapsAtTheTerminalWidth checks the width of the help on a
+// terminal: its own when narrower than 100 columns, else 100; and 100 on
+// anything but a terminal.
+func TestHelpWrapsAtTheTerminalWidth(t *testing.T) {
+	for cols, want := range map[uint16]int{80: 80, 60: 60, 200: maxHelpWidth} {
+		_, pts := openPty(t, cols)
+		if got := helpWidth(pts); got != want {
+			t.Errorf("a terminal of %d columns: help width %d, want %d", cols, got, want)
+		}
+	}
+	f, err := os.CreateTemp(t.TempDir(), "help")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if got := helpWidth(f); got != maxHelpWidth {
+		t.Errorf("a file: help width %d, want %d", got, maxHelpWidth)
+	}
+	// The help itself, written to an 80-column terminal and read back.
+	ptmx, pts := openPty(t, 80)
+	var help bytes.Buffer
+	read := make(chan error, 1)
+	go func() { _, err := help.ReadFrom(ptmx); read <- err }()
+	if code := run(t.Context(), []string{"status", "--help"}, pts, io.Discard); code != 0 {
+		t.Fatalf("status --help: exit %d", code)
+	}
+	pts.Close()
+	<-read // EIO once the terminal's last other end is closed
+	if help.Len() == 0 {
+		t.Fatal("nothing read from the terminal")
+	}
+	for _, l := range strings.Split(strings.ReplaceAll(help.String(), "\r", ""), "\n") {
+		if len(l) > 80 {
+			t.Errorf("a line of %d columns on an 80-column terminal:\n%s", len(l), l)
+		}
 	}
 }
