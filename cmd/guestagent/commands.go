@@ -65,7 +65,7 @@ func parseCommandFlags(name string, args []string, stdout, stderr io.Writer) (*c
 		"version": "output format: table (the line --version prints) or json",
 		"status":  "output format: table, wide (with full ids, the peers' errors and the container port) or json",
 		"watch":   "output format: table, wide (with full ids) or json (one event per line, NDJSON)",
-		"explain": "output format: table or wide (sentences, the same) or json",
+		"explain": "output format: table (sentences; wide is the same) or json",
 	}[name]
 	fs.StringVarP(&cf.output, "output", "o", valid[0], outputHelp)
 	asJSON := fs.Bool("json", false, "the same as -o json")
