@@ -9,6 +9,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,8 +22,10 @@ import (
 	"github.com/guestagent/guestagent/core"
 )
 
-// The commands that talk to a running agent over its control socket.
+// The commands: version, and those that talk to a running agent over its
+// control socket.
 var commands = map[string]string{
+	"version": "print the version, as --version does; -o json adds the Go version and the commit",
 	"status":  "show every exposed port, its claims and each sink's state, then refused and conflicting ports",
 	"watch":   "stream changes (added, removed, failed, recovered, refused) as they happen, starting with the current state",
 	"explain": "say in plain sentences why a host port is or is not exposed: explain PORT[/tcp|udp]",
@@ -32,28 +36,89 @@ func isCommand(name string) bool {
 	return ok
 }
 
-// runCommand runs one of the commands; it returns the exit code.
-func runCommand(ctx context.Context, name string, args []string, stdout, stderr io.Writer) int {
+// Output formats of -o; the first is the default.
+var outputs = []string{"table", "wide", "json"}
+
+// versionOutputs are the output formats of version.
+var versionOutputs = []string{"table", "json"}
+
+// commandFlags are a command's flags, parsed.
+type commandFlags struct {
+	socket string
+	output string // one of outputs
+	quiet  bool   // status: the exposed ports alone
+}
+
+// parseCommandFlags parses a command's arguments; on --help it prints the
+// help on stdout. It returns the exit code to end with, or -1 to go on.
+func parseCommandFlags(name string, args []string, stdout, stderr io.Writer) (*commandFlags, *pflag.FlagSet, int) {
 	fs := pflag.NewFlagSet("guestagent "+name, pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	socket := fs.String("socket", DefaultControlSocket, "the agent's control socket (--controlSocket of the agent)")
-	asJSON := fs.Bool("json", false, "print JSON (NDJSON for watch) instead of text")
-	output := fs.StringP("output", "o", "", `"wide" adds full ids, errors and retry times`)
+	var cf commandFlags
+	valid := outputs
+	if name == "version" {
+		valid = versionOutputs
+	} else {
+		fs.StringVar(&cf.socket, "socket", DefaultControlSocket, "the agent's control socket (--controlSocket of the agent)")
+	}
+	outputHelp := map[string]string{
+		"version": "output format: table (the line --version prints) or json",
+		"status":  "output format: table, wide (with full ids, the peers' errors and the container port) or json",
+		"watch":   "output format: table, wide (with full ids) or json (one event per line, NDJSON)",
+		"explain": "output format: table (sentences; wide is the same) or json",
+	}[name]
+	fs.StringVarP(&cf.output, "output", "o", valid[0], outputHelp)
+	asJSON := fs.Bool("json", false, "the same as -o json")
+	_ = fs.MarkHidden("json") // kept for scripts written before -o json
+	if name == "status" {
+		fs.BoolVarP(&cf.quiet, "quiet", "q", false, `print only the exposed ports (held by at least one sink), one per line as "tcp 127.0.0.1:8080"; nothing when none is`)
+	}
 	if err := fs.Parse(longFlags(fs, args)); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
-			fmt.Fprintf(stdout, "Usage: guestagent %s [flags]%s\n\n%s.\n\n%s", name, map[string]string{"explain": " PORT[/tcp|udp]"}[name], commands[name], fs.FlagUsages())
-			return 0
+			commandUsage(stdout, name, fs)
+			return nil, nil, 0
 		}
 		fmt.Fprintf(stderr, "guestagent %s: %v\n", name, err)
-		return 2
+		return nil, nil, 2
 	}
-	if *output != "" && *output != "wide" {
-		fmt.Fprintf(stderr, "guestagent %s: -o %q: the only output is wide\n", name, *output)
-		return 2
+	if !slices.Contains(valid, cf.output) {
+		fmt.Fprintf(stderr, "guestagent %s: -o %q: want one of %s\n", name, cf.output, strings.Join(valid, ", "))
+		return nil, nil, 2
 	}
-	c := newControlClient(*socket)
-	wide := *output == "wide"
+	if *asJSON {
+		if fs.Changed("output") && cf.output != "json" {
+			fmt.Fprintf(stderr, "guestagent %s: --json is -o json; it cannot go with -o %s\n", name, cf.output)
+			return nil, nil, 2
+		}
+		cf.output = "json"
+	}
+	if cf.quiet && cf.output != outputs[0] {
+		fmt.Fprintf(stderr, "guestagent %s: -q prints the ports alone; it cannot go with -o %s\n", name, cf.output)
+		return nil, nil, 2
+	}
+	return &cf, fs, -1
+}
+
+// runCommand runs one of the commands; it returns the exit code.
+func runCommand(ctx context.Context, name string, args []string, stdout, stderr io.Writer) int {
+	cf, fs, code := parseCommandFlags(name, args, stdout, stderr)
+	if code >= 0 {
+		return code
+	}
+	c := newControlClient(cf.socket)
+	wide, asJSON := cf.output == "wide", cf.output == "json"
 	switch name {
+	case "version":
+		if fs.NArg() > 0 {
+			fmt.Fprintf(stderr, "guestagent version: unexpected arguments %q\n", fs.Args())
+			return 2
+		}
+		if asJSON {
+			printJSON(stdout, buildVersion())
+			return 0
+		}
+		fmt.Fprintln(stdout, "guestagent", versionString())
+		return 0
 	case "status":
 		if fs.NArg() > 0 {
 			fmt.Fprintf(stderr, "guestagent status: unexpected arguments %q\n", fs.Args())
@@ -64,13 +129,16 @@ func runCommand(ctx context.Context, name string, args []string, stdout, stderr 
 			fmt.Fprintln(stderr, "guestagent status:", err)
 			return 1
 		}
-		if *asJSON {
-			enc := json.NewEncoder(stdout)
-			enc.SetIndent("", "  ")
-			_ = enc.Encode(st)
-			return 0
+		switch {
+		case cf.quiet:
+			for _, p := range exposedPorts(st) {
+				fmt.Fprintln(stdout, p)
+			}
+		case asJSON:
+			printJSON(stdout, statusForJSON(st))
+		default:
+			renderStatus(stdout, st, wide, time.Now())
 		}
-		renderStatus(stdout, st, wide, time.Now())
 		return 0
 	case "explain":
 		if fs.NArg() != 1 {
@@ -87,10 +155,8 @@ func runCommand(ctx context.Context, name string, args []string, stdout, stderr 
 			fmt.Fprintln(stderr, "guestagent explain:", err)
 			return 1
 		}
-		if *asJSON {
-			enc := json.NewEncoder(stdout)
-			enc.SetIndent("", "  ")
-			_ = enc.Encode(explain(st, proto, port))
+		if asJSON {
+			printJSON(stdout, explain(st, proto, port))
 			return 0
 		}
 		for _, line := range explain(st, proto, port).sentences(time.Now()) {
@@ -102,8 +168,91 @@ func runCommand(ctx context.Context, name string, args []string, stdout, stderr 
 			fmt.Fprintf(stderr, "guestagent watch: unexpected arguments %q\n", fs.Args())
 			return 2
 		}
-		return c.watch(ctx, stdout, stderr, *asJSON, wide)
+		return c.watch(ctx, stdout, stderr, asJSON, wide)
 	}
+}
+
+// versionInfo is what version -o json prints.
+type versionInfo struct {
+	Version string `json:"version"`
+	Go      string `json:"go"`
+	// Commit is the VCS revision the binary was built from, when the
+	// build recorded it ("-dirty" added for a modified work tree).
+	Commit string `json:"commit,omitempty"`
+}
+
+func buildVersion() versionInfo {
+	v := versionInfo{Version: versionString(), Go: runtime.Version()}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		modified := false
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				v.Commit = s.Value
+			case "vcs.modified":
+				modified = s.Value == "true"
+			}
+		}
+		if modified && v.Commit != "" {
+			v.Commit += "-dirty"
+		}
+	}
+	return v
+}
+
+// printJSON prints v indented, as kubectl -o json does.
+func printJSON(w io.Writer, v any) {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+// exposedPorts are the ports of st that at least one sink holds, as
+// "tcp 127.0.0.1:8080", in the status's order.
+func exposedPorts(st core.Status) []string {
+	var out []string
+	for _, ps := range st.Ports {
+		if slices.ContainsFunc(ps.Sinks, func(at core.PortAtSink) bool { return at.State == core.PortExposed }) {
+			out = append(out, portOf(ps).String())
+		}
+	}
+	return out
+}
+
+// statusJSON is the status as status -o json prints it: every list is
+// there, [] when empty, never null or left out.
+type statusJSON struct {
+	core.Status
+	Sources []core.SourceStatus `json:"sources"`
+	Notes   []core.Note         `json:"notes"`
+}
+
+// statusForJSON fills st's empty lists, at every depth, for statusJSON.
+func statusForJSON(st core.Status) statusJSON {
+	st.Ports = orEmpty(st.Ports)
+	for i := range st.Ports {
+		st.Ports[i].Claims = orEmpty(st.Ports[i].Claims)
+		st.Ports[i].Sinks = orEmpty(st.Ports[i].Sinks)
+	}
+	st.Mappings = orEmpty(st.Mappings)
+	for i := range st.Mappings {
+		st.Mappings[i].Ports = orEmpty(st.Mappings[i].Ports)
+	}
+	st.Refused = orEmpty(st.Refused)
+	st.Sinks = orEmpty(st.Sinks)
+	st.Notes = orEmpty(st.Notes)
+	for i := range st.Notes {
+		st.Notes[i].Ports = orEmpty(st.Notes[i].Ports)
+	}
+	return statusJSON{Status: st, Sources: orEmpty(st.Sources), Notes: st.Notes}
+}
+
+// orEmpty is s, or an empty slice (JSON []) for nil.
+func orEmpty[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
 }
 
 // parsePortArg reads "8080", "8080/tcp" or "53/udp".
@@ -225,8 +374,8 @@ func (c *controlClient) watch(ctx context.Context, stdout, stderr io.Writer, asJ
 // eventLine renders one watch event as text.
 func eventLine(ev watchEvent, wide bool) string {
 	parts := []string{ev.Time.Format("15:04:05.000"), fmt.Sprintf("%-12s", ev.Event)}
-	if ev.Port != "" {
-		parts = append(parts, ev.Port)
+	if p := ev.port(); p != "" {
+		parts = append(parts, p)
 	}
 	if ev.Sink != "" {
 		parts = append(parts, "at "+ev.Sink)
@@ -271,6 +420,9 @@ func shortClaims(names []string) []string {
 func renderStatus(w io.Writer, st core.Status, wide bool, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	header := []string{"PROTO", "HOST ADDRESS", "BACKEND", "CLAIMED BY"}
+	if wide {
+		header = slices.Insert(header, 3, "CONTAINER PORT")
+	}
 	for _, s := range st.Sinks {
 		header = append(header, strings.ToUpper(s.Name))
 	}
@@ -292,6 +444,9 @@ func renderStatus(w io.Writer, st core.Status, wide bool, now time.Time) {
 			}
 		}
 		row := []string{string(ps.Protocol), addrPort(ps.HostIP, ps.HostPort), backend, strings.Join(claims, ", ")}
+		if wide {
+			row = slices.Insert(row, 3, containerPorts(ps.Claims))
+		}
 		for _, s := range st.Sinks {
 			row = append(row, sinkCell(ps, s.Name, wide, now))
 		}
@@ -365,6 +520,20 @@ func backendOf(c core.ClaimStatus) string {
 	return ":" + strconv.Itoa(int(c.ContainerPort))
 }
 
+// containerPorts lists the claims' container ports, each once.
+func containerPorts(claims []core.ClaimStatus) string {
+	var ports []string
+	for _, c := range claims {
+		if p := strconv.Itoa(int(c.ContainerPort)); !slices.Contains(ports, p) {
+			ports = append(ports, p)
+		}
+	}
+	if len(ports) == 0 {
+		return "-"
+	}
+	return strings.Join(ports, ",")
+}
+
 // sinkCell is one sink's column of a port's line.
 func sinkCell(ps core.PortStatus, sink string, wide bool, now time.Time) string {
 	i := slices.IndexFunc(ps.Sinks, func(at core.PortAtSink) bool { return at.Sink == sink })
@@ -396,12 +565,12 @@ type explanation struct {
 	Port     uint16            `json:"port"`
 	Ports    []core.PortStatus `json:"ports"`   // the port's claimed addresses
 	Refused  []core.Refusal    `json:"refused"` // the port's refused claims
-	Nearest  []string          `json:"nearest,omitempty"`
+	Nearest  []string          `json:"nearest"` // when nothing claims it
 	Sinks    []core.SinkStatus `json:"sinks"`
 }
 
 func explain(st core.Status, proto core.Protocol, port uint16) explanation {
-	e := explanation{Protocol: proto, Port: port, Sinks: st.Sinks}
+	e := explanation{Protocol: proto, Port: port, Ports: []core.PortStatus{}, Refused: []core.Refusal{}, Nearest: []string{}, Sinks: orEmpty(st.Sinks)}
 	for _, ps := range st.Ports {
 		if ps.Protocol == proto && ps.HostPort == port {
 			e.Ports = append(e.Ports, ps)

@@ -123,7 +123,7 @@ func TestWatchEventsFromStatusChanges(t *testing.T) {
 	after.Sinks[1].PeerDown = false
 	var got []string
 	for _, ev := range diffEvents(before, after, now) {
-		got = append(got, fmt.Sprintf("%s %s %s", ev.Event, ev.Port, ev.Sink))
+		got = append(got, fmt.Sprintf("%s %s %s", ev.Event, ev.port(), ev.Sink))
 	}
 	want := []string{
 		"recovered tcp 0.0.0.0:30080 host-switch",
@@ -231,7 +231,7 @@ func TestCommandsAgainstARunningAgent(t *testing.T) {
 	has := func(event, port string) func() (bool, string) {
 		return func() (bool, string) {
 			for _, ev := range events() {
-				if ev.Event == event && strings.HasSuffix(ev.Port, port) {
+				if ev.Event == event && strings.HasSuffix(ev.port(), port) {
 					return true, ""
 				}
 			}

@@ -256,12 +256,35 @@ func (c *limitedConn) Close() error {
 type watchEvent struct {
 	Time  time.Time `json:"time"`
 	Event string    `json:"event"`
-	// Port is "proto address:port".
-	Port   string   `json:"port,omitempty"`
+	// The host address, spelt as in the status's ports: "protocol",
+	// "hostIP" and "hostPort"; none for the events of a sink alone.
+	*PortAddr
 	Sink   string   `json:"sink,omitempty"`
 	State  string   `json:"state,omitempty"`
 	Claims []string `json:"claims,omitempty"`
 	Error  string   `json:"error,omitempty"`
+}
+
+// PortAddr is a claimed host address, with the JSON fields of a port of
+// the status (core.PortStatus), so that a port reads the same in both.
+type PortAddr struct {
+	Protocol core.Protocol `json:"protocol"`
+	HostIP   netip.Addr    `json:"hostIP"`
+	HostPort uint16        `json:"hostPort"`
+}
+
+// String renders p as "tcp 127.0.0.1:8080".
+func (p PortAddr) String() string {
+	return fmt.Sprintf("%s %s", p.Protocol, addrPort(p.HostIP, p.HostPort))
+}
+
+// port names the event's host address ("tcp 127.0.0.1:8080"); it is
+// empty for the events of a sink alone.
+func (ev watchEvent) port() string {
+	if ev.PortAddr == nil {
+		return ""
+	}
+	return ev.PortAddr.String()
 }
 
 // Events of the watch stream.
@@ -289,8 +312,12 @@ func addrPort(ip netip.Addr, port uint16) string {
 	return netip.AddrPortFrom(ip, port).String()
 }
 
-func portName(ps core.PortStatus) string {
-	return fmt.Sprintf("%s %s", ps.Protocol, addrPort(ps.HostIP, ps.HostPort))
+func portOf(ps core.PortStatus) PortAddr {
+	return PortAddr{Protocol: ps.Protocol, HostIP: ps.HostIP, HostPort: ps.HostPort}
+}
+
+func refusedPort(f core.Refusal) *PortAddr {
+	return &PortAddr{Protocol: f.Port.Protocol, HostIP: f.Port.HostIP, HostPort: f.Port.HostPort}
 }
 
 func claimNames(ps core.PortStatus) []string {
@@ -305,12 +332,13 @@ func claimNames(ps core.PortStatus) []string {
 func currentEvents(st core.Status, now time.Time) []watchEvent {
 	var out []watchEvent
 	for _, ps := range st.Ports {
+		p := portOf(ps)
 		for _, at := range ps.Sinks {
-			out = append(out, watchEvent{Time: now, Event: evCurrent, Port: portName(ps), Sink: at.Sink, State: at.State, Claims: claimNames(ps), Error: at.Error})
+			out = append(out, watchEvent{Time: now, Event: evCurrent, PortAddr: &p, Sink: at.Sink, State: at.State, Claims: claimNames(ps), Error: at.Error})
 		}
 	}
 	for _, f := range st.Refused {
-		out = append(out, watchEvent{Time: now, Event: evCurrent, Port: fmt.Sprintf("%s %s", f.Port.Protocol, addrPort(f.Port.HostIP, f.Port.HostPort)), State: evRefused, Claims: []string{f.Key.String()}, Error: f.Reason})
+		out = append(out, watchEvent{Time: now, Event: evCurrent, PortAddr: refusedPort(f), State: evRefused, Claims: []string{f.Key.String()}, Error: f.Reason})
 	}
 	for _, s := range st.Sinks {
 		if s.PeerDown {
@@ -320,21 +348,24 @@ func currentEvents(st core.Status, now time.Time) []watchEvent {
 	return out
 }
 
-type portAt struct{ port, sink string }
+type portAt struct {
+	port PortAddr
+	sink string
+}
 
 // diffEvents returns the changes from old to cur, in a stable order.
 func diffEvents(old, cur core.Status, now time.Time) []watchEvent {
 	before := map[portAt]core.PortAtSink{}
 	for _, ps := range old.Ports {
 		for _, at := range ps.Sinks {
-			before[portAt{portName(ps), at.Sink}] = at
+			before[portAt{portOf(ps), at.Sink}] = at
 		}
 	}
 	var out []watchEvent
 	seen := map[portAt]bool{}
 	for _, ps := range cur.Ports {
 		for _, at := range ps.Sinks {
-			k := portAt{portName(ps), at.Sink}
+			k := portAt{portOf(ps), at.Sink}
 			seen[k] = true
 			prev, had := before[k]
 			if had && prev.State == at.State && prev.Error == at.Error {
@@ -369,14 +400,14 @@ func diffEvents(old, cur core.Status, now time.Time) []watchEvent {
 			default:
 				continue
 			}
-			out = append(out, watchEvent{Time: now, Event: ev, Port: k.port, Sink: k.sink, State: at.State, Claims: claimNames(ps), Error: at.Error})
+			out = append(out, watchEvent{Time: now, Event: ev, PortAddr: &k.port, Sink: k.sink, State: at.State, Claims: claimNames(ps), Error: at.Error})
 		}
 	}
 	for _, k := range slices.SortedFunc(maps.Keys(before), func(a, b portAt) int {
-		return cmp.Or(strings.Compare(a.port, b.port), strings.Compare(a.sink, b.sink))
+		return cmp.Or(strings.Compare(a.port.String(), b.port.String()), strings.Compare(a.sink, b.sink))
 	}) {
 		if !seen[k] && before[k].State == core.PortExposed {
-			out = append(out, watchEvent{Time: now, Event: evRemoved, Port: k.port, Sink: k.sink})
+			out = append(out, watchEvent{Time: now, Event: evRemoved, PortAddr: &k.port, Sink: k.sink})
 		}
 	}
 	was := map[string]bool{}
@@ -385,7 +416,7 @@ func diffEvents(old, cur core.Status, now time.Time) []watchEvent {
 	}
 	for _, f := range cur.Refused {
 		if !was[f.Key.String()+" "+f.Port.String()] {
-			out = append(out, watchEvent{Time: now, Event: evRefused, Port: fmt.Sprintf("%s %s", f.Port.Protocol, addrPort(f.Port.HostIP, f.Port.HostPort)), Claims: []string{f.Key.String()}, Error: f.Reason})
+			out = append(out, watchEvent{Time: now, Event: evRefused, PortAddr: refusedPort(f), Claims: []string{f.Key.String()}, Error: f.Reason})
 		}
 	}
 	down := map[string]bool{}

@@ -479,7 +479,7 @@ func TestWatchOutlivesTheServerTimeouts(t *testing.T) {
 		}
 	}
 	next("the static port", func(ev watchEvent) bool {
-		return (ev.Event == evCurrent || ev.Event == evAdded) && ev.Port == "tcp 127.0.0.1:8080"
+		return (ev.Event == evCurrent || ev.Event == evAdded) && ev.port() == "tcp 127.0.0.1:8080"
 	})
 
 	// The others, up to the limit, are served; one more is refused.
@@ -506,7 +506,7 @@ func TestWatchOutlivesTheServerTimeouts(t *testing.T) {
 	writeFile(t, static, `{"mappings":[{"id":"web","ports":[
 		{"protocol":"tcp","containerPort":80,"hostIP":"0.0.0.0","hostPort":8080},
 		{"protocol":"tcp","containerPort":81,"hostIP":"0.0.0.0","hostPort":8081}]}]}`)
-	next("added event for 8081", func(ev watchEvent) bool { return ev.Event == evAdded && ev.Port == "tcp 127.0.0.1:8081" })
+	next("added event for 8081", func(ev watchEvent) bool { return ev.Event == evAdded && ev.port() == "tcp 127.0.0.1:8081" })
 }
 
 // TestProfilesAreBounded asks for profiles longer than maxProfileSeconds

@@ -166,7 +166,7 @@ func TestBadConfigurationIsRejected(t *testing.T) {
 		{[]string{"explain"}, "want one PORT"},
 		{[]string{"explain", "http"}, "want PORT[/tcp|udp]"},
 		{[]string{"explain", "80/icmp"}, "unknown protocol"},
-		{[]string{"status", "-o", "yaml"}, "the only output is wide"},
+		{[]string{"status", "-o", "yaml"}, `-o "yaml": want one of table, wide, json`},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
