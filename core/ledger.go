@@ -1,7 +1,6 @@
 package core
 
 import (
-	"cmp"
 	"net/netip"
 	"slices"
 )
@@ -108,34 +107,4 @@ func (l *ledger) drop(k Key, p Port) {
 	} else {
 		l.byPort[pk] = cs
 	}
-}
-
-// onAddress returns the claims on p's exact host address, in order.
-func (l *ledger) onAddress(p Port) []claim {
-	var out []claim
-	for _, c := range l.byPort[portKey{p.Protocol, p.HostPort}] {
-		if hostAddr(c.port) == hostAddr(p) {
-			out = append(out, c)
-		}
-	}
-	return out
-}
-
-// addresses returns every claimed host address, sorted.
-func (l *ledger) addresses() []Port {
-	seen := map[sinkKey]bool{}
-	var out []Port
-	for _, cs := range l.byPort {
-		for _, c := range cs {
-			sk := sinkKey{c.port.Protocol, hostAddr(c.port), c.port.HostPort}
-			if !seen[sk] {
-				seen[sk] = true
-				out = append(out, Port{Protocol: sk.proto, HostIP: sk.ip, HostPort: sk.port})
-			}
-		}
-	}
-	slices.SortFunc(out, func(a, b Port) int {
-		return cmp.Or(cmp.Compare(a.Protocol, b.Protocol), cmp.Compare(a.HostPort, b.HostPort), a.HostIP.Compare(b.HostIP))
-	})
-	return out
 }
