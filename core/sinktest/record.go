@@ -21,13 +21,14 @@ import (
 type recorder struct {
 	sink core.Sink
 
-	mu       sync.Mutex
-	last     error         // the last error a call returned
-	outage   int           // counts outages; the current one while open
-	open     bool          // an outage is under way
-	calls    []outcome     // calls that began and ended during the outage
-	reported chan struct{} // closed once a call reports the outage
-	said     bool          // reported is closed
+	mu      sync.Mutex
+	last    error         // the last error a call returned
+	outage  int           // counts outages; the current one while open
+	open    bool          // an outage is under way
+	calls   []outcome     // calls that began and ended during the outage
+	settled chan struct{} // closed once a call reports the outage or a Send hides it
+	said    bool          // a call reported the outage
+	hid     bool          // a call returned nil during the outage
 }
 
 // outcome is one call to the sink and what it returned.
@@ -134,9 +135,17 @@ func (r *recorder) end(ctx context.Context, during int, o outcome) {
 		return
 	}
 	r.calls = append(r.calls, o)
-	if o.reportsOutage() && !r.said {
-		close(r.reported)
+	settled := r.said || r.hid
+	switch {
+	case o.reportsOutage():
 		r.said = true
+	case o.err == nil:
+		r.hid = true
+	default:
+		return
+	}
+	if !settled {
+		close(r.settled)
 	}
 }
 
@@ -165,51 +174,55 @@ func (r *recorder) beginOutage() {
 	r.outage++
 	r.open = true
 	r.calls = nil
-	r.reported = make(chan struct{})
-	r.said = false
+	r.settled = make(chan struct{})
+	r.said, r.hid = false, false
 }
 
 // awaitOutageReport waits up to timeout for a call that reports the
-// outage begun by beginOutage, and ends it. It returns "" when one did,
-// and otherwise why the sink fails the contract.
+// outage begun by beginOutage, and ends it. It returns "" when one did and
+// no call returned nil meanwhile, and otherwise why the sink fails the
+// contract. A call that returns nil ends the wait at once: no change can
+// reach a peer that is down, nor can its list be read.
 func (r *recorder) awaitOutageReport(timeout time.Duration) string {
 	r.mu.Lock()
-	reported := r.reported
+	settled := r.settled
 	r.mu.Unlock()
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
-	case <-reported:
+	case <-settled:
 	case <-t.C:
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.open = false
-	if r.said {
+	if r.said && !r.hid {
 		return ""
 	}
 	return verdict(r.calls, timeout)
 }
 
-// verdict says why calls, all that returned during an outage, did not
-// report it within timeout.
+// mustReport is what the outage check demands of a sink.
+const mustReport = "a sink must report an unreachable peer with core.PeerDown"
+
+// verdict says why calls, all that returned during an outage, fail the
+// contract: one returned nil, or none reported the outage within timeout.
 func verdict(calls []outcome, timeout time.Duration) string {
-	const must = "a sink must report an unreachable peer with core.PeerDown"
 	var hid, unmarked []outcome
 	for _, c := range calls {
-		if c.err == nil {
+		switch {
+		case c.err == nil:
 			hid = append(hid, c)
-		} else {
+		case !c.reportsOutage():
 			unmarked = append(unmarked, c)
 		}
 	}
 	switch {
 	case len(hid) > 0:
-		return fmt.Sprintf("%s returned nil while the peer was down: %s (%d of the %d calls in %s of outage returned nil, the first %s)",
-			hid[0].op, must, len(hid), len(calls), timeout, hid[0])
+		return fmt.Sprintf("%s returned nil while the peer was down: %s (the router's %s returned nil)", hid[0].op, mustReport, hid[0])
 	case len(unmarked) > 0:
-		return fmt.Sprintf("%s failed while the peer was down with an error not marked core.PeerDown: %s, so that the router pauses the sink and replays the state once the peer is back (%s: %v)",
-			unmarked[0].op, must, unmarked[0], unmarked[0].err)
+		return fmt.Sprintf("Send failed while the peer was down with an error not marked core.PeerDown: %s, so that the router pauses the sink and replays the state once the peer is back (the router's %s: %v)",
+			mustReport, unmarked[0], unmarked[0].err)
 	default:
 		return fmt.Sprintf("no call to the sink returned within %s of the peer going down, though changes were pending: Send must return, with an error marked core.PeerDown, while the peer is unreachable", timeout)
 	}

@@ -1,6 +1,8 @@
 // Package sinktest is the contract suite every sink passes. A sink's own
 // test supplies a Harness that reads its peer's state (a real gvproxy, a
-// protocol peer, a buffer) and calls Run.
+// protocol peer, a buffer) and calls Run. Each check says what it needs
+// beyond core.Sink (a Harness function, an optional interface such as
+// core.PeerWatcher) and is skipped with the reason when that is missing.
 package sinktest
 
 import (
@@ -254,9 +256,12 @@ func checkResyncAfterPeerRestart(t *testing.T, s *suite) {
 	s.waitState(t, m1, m2)
 }
 
-// checkChangesWhilePeerIsDown: while the peer is down the sink reports it
-// (a Send returns an error marked core.PeerDown, or a List fails), and the
-// changes made meanwhile reach the peer once it is back.
+// checkChangesWhilePeerIsDown: while the peer is down the sink reports it,
+// and the changes made meanwhile reach the peer once it is back. A Send
+// from a new instance must fail with an error marked core.PeerDown; the
+// Router's instance must report it too (a Send so marked, or a failed
+// List), and no call of it may return nil. The peer stays down until the
+// router's instance has reported it, however long its delivery takes.
 func checkChangesWhilePeerIsDown(t *testing.T, s *suite) {
 	s.rt.emit.Set(m1)
 	s.waitState(t, m1, m2)
@@ -267,7 +272,14 @@ func checkChangesWhilePeerIsDown(t *testing.T, s *suite) {
 		s.rt.rec.beginOutage()
 		s.rt.emit.Delete(m1.ID)
 		s.rt.emit.Set(m3)
-		report = s.rt.rec.awaitOutageReport(s.h.Timeout)
+		report = sendWhileDown(t, s.h)
+		wait := s.h.Timeout
+		if report != "" {
+			wait = 0 // the verdict is in: only end the recording
+		}
+		if r := s.rt.rec.awaitOutageReport(wait); report == "" {
+			report = r
+		}
 	})
 	if !called {
 		t.Fatal("Harness.Outage returned without calling during")
@@ -276,6 +288,32 @@ func checkChangesWhilePeerIsDown(t *testing.T, s *suite) {
 		t.Fatal(report)
 	}
 	s.waitState(t, m2, m3)
+}
+
+// sendWhileDown sends an add, from a new instance, to the peer that is
+// down, and returns "" when Send reports it with core.PeerDown, and
+// otherwise why the sink fails the contract. The add is m3's, which the
+// router adds once the peer is back: should a sink that hides the outage
+// deliver it later, the peer ends up with no port the check does not want.
+func sendWhileDown(t *testing.T, h Harness) string {
+	snk := h.New(t)
+	if c, ok := snk.(io.Closer); ok {
+		defer c.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.Timeout)
+	defer cancel()
+	o := outcome{op: "Send", what: describe(core.Change{Mapping: m3})}
+	o.err = snk.Send(ctx, core.Change{Mapping: m3})
+	switch {
+	case errors.Is(o.err, core.ErrPeerDown):
+		return ""
+	case o.err == nil:
+		return fmt.Sprintf("Send returned nil while the peer was down: %s (%s, from a new instance, returned nil)", mustReport, o)
+	case ctx.Err() != nil:
+		return fmt.Sprintf("Send did not return within %s while the peer was down: %s, and return soon (%s: %v)", h.Timeout, mustReport, o, o.err)
+	default:
+		return fmt.Sprintf("Send failed while the peer was down with an error not marked core.PeerDown: %s (%s: %v)", mustReport, o, o.err)
+	}
 }
 
 // checkCancellation: Send, and WatchPeer where the sink has it, return

@@ -48,9 +48,9 @@ func (p *fakePeer) setDown(down bool) {
 // contract; the zero value keeps it.
 type fakeSink struct {
 	peer *fakePeer
-	// whenDown is what Send returns while the peer is down; nil: an
+	// whenDown is what Send of c returns while the peer is down; nil: an
 	// error marked core.PeerDown.
-	whenDown func() error
+	whenDown func(c core.Change) error
 	// keepsRemoved makes Send of a remove succeed without removing.
 	keepsRemoved bool
 }
@@ -65,7 +65,7 @@ func (s *fakeSink) Send(ctx context.Context, c core.Change) error {
 	defer s.peer.mu.Unlock()
 	if s.peer.down {
 		if s.whenDown != nil {
-			return s.whenDown()
+			return s.whenDown(c)
 		}
 		return core.PeerDown(errRefused)
 	}
@@ -83,9 +83,15 @@ func (s *fakeSink) Send(ctx context.Context, c core.Change) error {
 // fixtures are the sinks TestSinkFixture can run the suite against.
 var fixtures = map[string]fakeSink{
 	"honest":        {},
-	"hides outage":  {whenDown: func() error { return nil }},
-	"unmarked":      {whenDown: func() error { return errRefused }},
+	"hides outage":  {whenDown: func(core.Change) error { return nil }},
+	"unmarked":      {whenDown: func(core.Change) error { return errRefused }},
 	"keeps removed": {keepsRemoved: true},
+	"hides removes": {whenDown: func(c core.Change) error {
+		if c.Remove {
+			return nil
+		}
+		return core.PeerDown(errRefused)
+	}},
 }
 
 // TestSinkFixture runs the suite against the fixture fixtureEnv names, an
@@ -165,6 +171,24 @@ func TestFailsASinkThatHidesAnOutage(t *testing.T) {
 		"Send returned nil while the peer was down: a sink must report an unreachable peer with core.PeerDown",
 		"--- PASS: TestSinkFixture/update",
 		"--- PASS: TestSinkFixture/cancellation",
+	)
+	if n := strings.Count(out, "--- FAIL: TestSinkFixture/"); n != 1 {
+		t.Errorf("%d checks failed, want 1:\n%s", n, out)
+	}
+}
+
+// TestFailsASinkThatHidesAnOutageFromTheRouter: a sink that reports an
+// outage to an add but not to a remove is caught by what the router's
+// instance returned: the add from a new instance does not tell.
+func TestFailsASinkThatHidesAnOutageFromTheRouter(t *testing.T) {
+	t.Parallel()
+	out, ok := runFixture(t, "hides removes")
+	if ok {
+		t.Fatalf("the suite passed a sink that hides an outage from removes:\n%s", out)
+	}
+	wantLines(t, out,
+		"--- FAIL: TestSinkFixture/changes_while_peer_is_down",
+		"Send returned nil while the peer was down: a sink must report an unreachable peer with core.PeerDown (the router's Send of remove tcp 127.0.0.1:1100",
 	)
 	if n := strings.Count(out, "--- FAIL: TestSinkFixture/"); n != 1 {
 		t.Errorf("%d checks failed, want 1:\n%s", n, out)
