@@ -356,7 +356,6 @@ type suite struct {
 
 // caps is what an instance of the sink implements beyond core.Sink.
 type caps struct {
-	lister  bool
 	watcher bool
 	// refused says which port of the suite's the sink's PortFilter
 	// refuses, and why; empty when it takes them all.
@@ -369,14 +368,13 @@ func probe(t *testing.T, h Harness) caps {
 	t.Helper()
 	snk := h.New(t)
 	var c caps
-	_, c.lister = snk.(core.Lister)
 	_, c.watcher = snk.(core.PeerWatcher)
 	if f, ok := snk.(core.PortFilter); ok {
 	search:
 		for _, m := range []core.Mapping{m1, m1b, m2, m3, cancelled} {
 			for _, p := range m.Ports {
 				if err := f.Supports(p); err != nil {
-					c.refused = fmt.Sprintf("the sink's core.PortFilter refuses %s: %v", p, err)
+					c.refused = fmt.Sprintf("the sink's core.PortFilter refuses %s: %v", Entry(p), err)
 					break search
 				}
 			}

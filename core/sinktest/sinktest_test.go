@@ -80,38 +80,53 @@ func (s *fakeSink) Send(ctx context.Context, c core.Change) error {
 	return nil
 }
 
-// fixtures are the sinks TestSinkFixture can run the suite against.
-var fixtures = map[string]fakeSink{
-	"honest":        {},
-	"hides outage":  {whenDown: func(core.Change) error { return nil }},
-	"unmarked":      {whenDown: func(core.Change) error { return errRefused }},
-	"keeps removed": {keepsRemoved: true},
-	"hides removes": {whenDown: func(c core.Change) error {
-		if c.Remove {
-			return nil
-		}
-		return core.PeerDown(errRefused)
-	}},
+// ipv6Only is a fakeSink whose PortFilter takes IPv6 ports alone.
+type ipv6Only struct{ fakeSink }
+
+func (*ipv6Only) Supports(p core.Port) error {
+	if !p.HostIP.Is6() {
+		return errors.New("fake peer: IPv6 only")
+	}
+	return nil
+}
+
+// fixtures are the sinks TestSinkFixture can run the suite against, by
+// name: each returns a new instance talking to p.
+var fixtures = map[string]func(p *fakePeer) core.Sink{
+	"honest": func(p *fakePeer) core.Sink { return &fakeSink{peer: p} },
+	"hides outage": func(p *fakePeer) core.Sink {
+		return &fakeSink{peer: p, whenDown: func(core.Change) error { return nil }}
+	},
+	"unmarked": func(p *fakePeer) core.Sink {
+		return &fakeSink{peer: p, whenDown: func(core.Change) error { return errRefused }}
+	},
+	"keeps removed": func(p *fakePeer) core.Sink { return &fakeSink{peer: p, keepsRemoved: true} },
+	"hides removes": func(p *fakePeer) core.Sink {
+		return &fakeSink{peer: p, whenDown: func(c core.Change) error {
+			if c.Remove {
+				return nil
+			}
+			return core.PeerDown(errRefused)
+		}}
+	},
+	"ipv6 only": func(p *fakePeer) core.Sink { return &ipv6Only{fakeSink{peer: p}} },
 }
 
 // TestSinkFixture runs the suite against the fixture fixtureEnv names, an
-// in-memory sink without any optional interface; it is skipped without.
+// in-memory sink (without any optional interface but ipv6Only's
+// PortFilter); it is skipped without.
 func TestSinkFixture(t *testing.T) {
 	name := os.Getenv(fixtureEnv)
 	if name == "" {
 		t.Skip("runs only as the fixture of the tests of the suite, with " + fixtureEnv + " set")
 	}
-	f, ok := fixtures[name]
+	newSink, ok := fixtures[name]
 	if !ok {
 		t.Fatalf("%s=%q names no fixture", fixtureEnv, name)
 	}
 	peer := &fakePeer{held: map[string]bool{}}
 	sinktest.Run(t, sinktest.Harness{
-		New: func(*testing.T) core.Sink {
-			s := f
-			s.peer = peer
-			return &s
-		},
+		New:   func(*testing.T) core.Sink { return newSink(peer) },
 		State: peer.state,
 		Restart: func(*testing.T) {
 			peer.mu.Lock()
@@ -256,5 +271,20 @@ func TestPassesAnHonestSinkWithoutPeerWatcher(t *testing.T) {
 	)
 	if n := strings.Count(out, "--- SKIP: TestSinkFixture/"); n != 1 {
 		t.Errorf("%d checks skipped, want 1:\n%s", n, out)
+	}
+}
+
+// TestSkipsWhatAPortFilterRefuses: a sink whose PortFilter refuses the
+// suite's ports is not failed for not exposing them: every check is
+// skipped, saying which port the filter refuses and why.
+func TestSkipsWhatAPortFilterRefuses(t *testing.T) {
+	t.Parallel()
+	out, ok := runFixture(t, "ipv6 only")
+	if !ok {
+		t.Fatalf("the suite failed a sink that refuses its ports:\n%s", out)
+	}
+	wantLines(t, out, "needs its ports taken: the sink's core.PortFilter refuses tcp 127.0.0.1:11001")
+	if n, want := strings.Count(out, "--- SKIP: TestSinkFixture/"), 8; n != want {
+		t.Errorf("%d checks skipped, want all %d:\n%s", n, want, out)
 	}
 }
