@@ -1,6 +1,8 @@
 // Package sinktest is the contract suite every sink passes. A sink's own
 // test supplies a Harness that reads its peer's state (a real gvproxy, a
-// protocol peer, a buffer) and calls Run.
+// protocol peer, a buffer) and calls Run. Each check says what it needs
+// beyond core.Sink (a Harness function, an optional interface such as
+// core.PeerWatcher) and is skipped with the reason when that is missing.
 package sinktest
 
 import (
@@ -22,21 +24,46 @@ import (
 // checks is the contract, in the order Run runs it on one peer. The direct
 // checks call Send on sink instances of their own; the others emit
 // into a Router that runs one instance, as in the agent, started before the
-// first of them and stopped after the last.
-var checks = []struct {
-	name string
-	via  path
-	run  func(*testing.T, *suite)
-}{
-	{"add", direct, checkAdd},
-	{"duplicate add", direct, checkDuplicateAdd},
-	{"remove", direct, checkRemove},
-	{"remove unknown", direct, checkRemoveUnknown},
-	{"update", throughRouter, checkUpdate},
-	{"resync after peer restart", throughRouter, checkResyncAfterPeerRestart},
-	{"changes while peer is down", throughRouter, checkChangesWhilePeerIsDown},
-	{"cancellation", direct, checkCancellation},
+// first of them and stopped after the last. A check that lacks what it
+// needs is skipped with the reason; once a check fails, the later ones
+// that build on the state it left are skipped.
+var checks = []check{
+	{name: "add", via: direct, run: checkAdd},
+	{name: "duplicate add", via: direct, run: checkDuplicateAdd},
+	{name: "remove", via: direct, run: checkRemove},
+	{name: "remove unknown", via: direct, run: checkRemoveUnknown},
+	{name: "update", via: throughRouter, run: checkUpdate},
+	{name: "resync after peer restart", via: throughRouter, needs: []need{needRestart, needPeerWatcher}, run: checkResyncAfterPeerRestart},
+	{name: "changes while peer is down", via: throughRouter, needs: []need{needOutage}, run: checkChangesWhilePeerIsDown},
+	{name: "cancellation", via: direct, alone: true, run: checkCancellation},
 }
+
+// check is one named part of the contract.
+type check struct {
+	name  string
+	via   path
+	needs []need // besides core.Sink and a PortFilter that takes the suite's ports
+	alone bool   // does not build on the state the checks before it left
+	run   func(*testing.T, *suite)
+}
+
+// need is what a check needs beyond core.Sink: an optional interface of
+// the sink or a function of the Harness.
+type need struct {
+	what string // the interface or Harness field
+	why  string // what the check cannot do without it
+	has  func(*suite) bool
+}
+
+// The needs of checks.
+var (
+	needRestart = need{"Harness.Restart", "the suite cannot restart the peer",
+		func(s *suite) bool { return s.h.Restart != nil }}
+	needOutage = need{"Harness.Outage", "the suite cannot stop the peer",
+		func(s *suite) bool { return s.h.Outage != nil }}
+	needPeerWatcher = need{"core.PeerWatcher", "without it the router only notices a restarted peer at its next change",
+		func(s *suite) bool { return s.caps.watcher }}
+)
 
 // path is how a check reaches the sink.
 type path int
@@ -71,6 +98,9 @@ type Harness struct {
 	// Restart, if set, restarts the peer so that it loses its state.
 	Restart func(t *testing.T)
 	// Outage, if set, stops the peer, calls during, then starts it again.
+	// The peer must stay unreachable until during returns: during returns
+	// once the sink has reported the outage to the Router (or the check
+	// has given up waiting for it).
 	Outage func(t *testing.T, during func())
 	// Timeout bounds every wait (default 30s).
 	Timeout time.Duration
@@ -108,7 +138,8 @@ func Mapping(source, id string, base uint16, n int) core.Mapping {
 }
 
 // Run runs the contract suite against h: every check, as a subtest named
-// for it, in order, on one peer. It leaves the peer empty.
+// for it, in order, on one peer. A check stops at its first failure. It
+// leaves the peer empty.
 func Run(t *testing.T, h Harness) {
 	t.Helper()
 	if h.New == nil || h.State == nil {
@@ -120,22 +151,42 @@ func Run(t *testing.T, h Harness) {
 	if h.Entries == nil {
 		h.Entries = DefaultEntries
 	}
-	s := &suite{h: h}
+	s := &suite{h: h, caps: probe(t, h)}
 	defer s.stopRouter()
+	var failed string // the first check that failed
 	for _, c := range checks {
 		switch {
-		case c.via == throughRouter && s.rt == nil:
+		case c.via == throughRouter && s.rt == nil && failed == "":
 			s.rt = newRouted(t, h)
 		case c.via != throughRouter && s.rt != nil:
 			s.stopRouter()
 		}
-		t.Run(c.name, func(t *testing.T) { c.run(t, s) })
+		ok := t.Run(c.name, func(t *testing.T) {
+			if failed != "" && !c.alone {
+				t.Skipf("not run: %q failed before it and left the peer's state unknown", failed)
+			}
+			if s.caps.refused != "" {
+				t.Skipf("needs its ports taken: %s", s.caps.refused)
+			}
+			for _, n := range c.needs {
+				if !n.has(s) {
+					t.Skipf("needs %s: %s", n.what, n.why)
+				}
+			}
+			c.run(t, s)
+		})
+		if !ok && failed == "" {
+			failed = c.name
+		}
 	}
 	s.stopRouter()
 	// Leave the peer empty for the next user.
 	cleanup := h.New(t)
-	for _, m := range []core.Mapping{m1, m2, m3, cancelled} {
+	for _, m := range []core.Mapping{m1, m1b, m2, m3, cancelled} {
 		_ = cleanup.Send(context.Background(), core.Change{Remove: true, Mapping: m})
+	}
+	if c, ok := cleanup.(io.Closer); ok {
+		_ = c.Close()
 	}
 }
 
@@ -143,7 +194,7 @@ func Run(t *testing.T, h Harness) {
 func checkAdd(t *testing.T, s *suite) {
 	snk := s.h.New(t)
 	if err := snk.Send(context.Background(), core.Change{Mapping: m1}); err != nil {
-		t.Fatalf("add: %v", err)
+		t.Fatalf("add: Send returned %v", err)
 	}
 	s.waitState(t, m1)
 }
@@ -157,7 +208,7 @@ func checkDuplicateAdd(t *testing.T, s *suite) {
 	// another party's: it may say the port is held elsewhere, and the
 	// router's ownership record decides.
 	if err := snk.Send(context.Background(), core.Change{Mapping: m1}); err != nil && !errors.Is(err, core.ErrHeldElsewhere) {
-		t.Fatalf("second add of the same ports: %v", err)
+		t.Fatalf("second add of the same ports: Send returned %v; want nil or an error marked core.HeldElsewhere", err)
 	}
 	s.waitState(t, m1)
 }
@@ -167,7 +218,7 @@ func checkDuplicateAdd(t *testing.T, s *suite) {
 func checkRemove(t *testing.T, s *suite) {
 	snk := s.h.New(t)
 	if err := snk.Send(context.Background(), core.Change{Remove: true, Mapping: m1}); err != nil {
-		t.Fatalf("remove: %v", err)
+		t.Fatalf("remove: Send returned %v", err)
 	}
 	s.waitState(t)
 }
@@ -176,7 +227,7 @@ func checkRemove(t *testing.T, s *suite) {
 func checkRemoveUnknown(t *testing.T, s *suite) {
 	snk := s.h.New(t)
 	if err := snk.Send(context.Background(), core.Change{Remove: true, Mapping: m2}); err != nil {
-		t.Fatalf("removing what was never added must succeed, got %v", err)
+		t.Fatalf("removing what was never added must succeed: Send returned %v", err)
 	}
 	s.waitState(t)
 }
@@ -196,30 +247,73 @@ func checkUpdate(t *testing.T, s *suite) {
 }
 
 // checkResyncAfterPeerRestart: a peer that restarts and loses its state
-// gets it all back. Skipped when the harness has no Restart.
+// gets it all back, with no change to deliver meanwhile: the sink's
+// WatchPeer must notice the restart.
 func checkResyncAfterPeerRestart(t *testing.T, s *suite) {
-	if s.h.Restart == nil {
-		t.Skip("peer cannot be restarted by the harness")
-	}
 	s.rt.emit.Set(m1)
 	s.waitState(t, m1, m2)
 	s.h.Restart(t)
 	s.waitState(t, m1, m2)
 }
 
-// checkChangesWhilePeerIsDown: changes made while the peer is down reach
-// it once it is back. Skipped when the harness has no Outage.
+// checkChangesWhilePeerIsDown: while the peer is down the sink reports it,
+// and the changes made meanwhile reach the peer once it is back. A Send
+// from a new instance must fail with an error marked core.PeerDown; the
+// Router's instance must report it too (a Send so marked, or a failed
+// List), and no call of it may return nil. The peer stays down until the
+// router's instance has reported it, however long its delivery takes.
 func checkChangesWhilePeerIsDown(t *testing.T, s *suite) {
-	if s.h.Outage == nil {
-		t.Skip("peer cannot be stopped by the harness")
-	}
 	s.rt.emit.Set(m1)
 	s.waitState(t, m1, m2)
+	var called bool
+	var report string
 	s.h.Outage(t, func() {
+		called = true
+		s.rt.rec.beginOutage()
 		s.rt.emit.Delete(m1.ID)
 		s.rt.emit.Set(m3)
+		report = sendWhileDown(t, s.h)
+		wait := s.h.Timeout
+		if report != "" {
+			wait = 0 // the verdict is in: only end the recording
+		}
+		if r := s.rt.rec.awaitOutageReport(wait); report == "" {
+			report = r
+		}
 	})
+	if !called {
+		t.Fatal("Harness.Outage returned without calling during")
+	}
+	if report != "" {
+		t.Fatal(report)
+	}
 	s.waitState(t, m2, m3)
+}
+
+// sendWhileDown sends an add, from a new instance, to the peer that is
+// down, and returns "" when Send reports it with core.PeerDown, and
+// otherwise why the sink fails the contract. The add is m3's, which the
+// router adds once the peer is back: should a sink that hides the outage
+// deliver it later, the peer ends up with no port the check does not want.
+func sendWhileDown(t *testing.T, h Harness) string {
+	snk := h.New(t)
+	if c, ok := snk.(io.Closer); ok {
+		defer c.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.Timeout)
+	defer cancel()
+	o := outcome{op: "Send", what: describe(core.Change{Mapping: m3})}
+	o.err = snk.Send(ctx, core.Change{Mapping: m3})
+	switch {
+	case errors.Is(o.err, core.ErrPeerDown):
+		return ""
+	case o.err == nil:
+		return fmt.Sprintf("Send returned nil while the peer was down: %s (%s, from a new instance, returned nil)", mustReport, o)
+	case ctx.Err() != nil:
+		return fmt.Sprintf("Send did not return within %s while the peer was down: %s, and return soon (%s: %v)", h.Timeout, mustReport, o, o.err)
+	default:
+		return fmt.Sprintf("Send failed while the peer was down with an error not marked core.PeerDown: %s (%s: %v)", mustReport, o, o.err)
+	}
 }
 
 // checkCancellation: Send, and WatchPeer where the sink has it, return
@@ -244,17 +338,52 @@ func checkCancellation(t *testing.T, s *suite) {
 		t.Fatalf("Send/WatchPeer with a cancelled context did not return within %s", s.h.Timeout)
 	}
 	if c, ok := snk.(io.Closer); ok {
-		_ = c.Close()
+		if err := c.Close(); err != nil {
+			t.Fatalf("Close: %v", err)
+		}
 	}
 	if err := goleak.Find(ignore); err != nil {
-		t.Errorf("goroutines left behind: %v", err)
+		t.Fatalf("goroutines left behind: %v", err)
 	}
 }
 
 // suite is the state the checks share.
 type suite struct {
-	h  Harness
-	rt *routed // the running Router, for the routed checks; nil otherwise
+	h    Harness
+	caps caps
+	rt   *routed // the running Router, for the routed checks; nil otherwise
+}
+
+// caps is what an instance of the sink implements beyond core.Sink.
+type caps struct {
+	watcher bool
+	// refused says which port of the suite's the sink's PortFilter
+	// refuses, and why; empty when it takes them all.
+	refused string
+}
+
+// probe makes an instance of the sink to learn what it implements, and
+// closes it.
+func probe(t *testing.T, h Harness) caps {
+	t.Helper()
+	snk := h.New(t)
+	var c caps
+	_, c.watcher = snk.(core.PeerWatcher)
+	if f, ok := snk.(core.PortFilter); ok {
+	search:
+		for _, m := range []core.Mapping{m1, m1b, m2, m3, cancelled} {
+			for _, p := range m.Ports {
+				if err := f.Supports(p); err != nil {
+					c.refused = fmt.Sprintf("the sink's core.PortFilter refuses %s: %v", Entry(p), err)
+					break search
+				}
+			}
+		}
+	}
+	if cl, ok := snk.(io.Closer); ok {
+		_ = cl.Close()
+	}
+	return c
 }
 
 // waitState waits until the peer exposes exactly the ports of ms, each once.
@@ -268,7 +397,13 @@ func (s *suite) waitState(t *testing.T, ms ...core.Mapping) {
 	testenv.Eventually(t, s.h.Timeout, fmt.Sprintf("the peer to have %q", want), func() (bool, string) {
 		got := slices.Clone(s.h.State(t))
 		slices.Sort(got)
-		return slices.Equal(got, want), fmt.Sprintf("it has %q", got)
+		detail := fmt.Sprintf("it has %q", got)
+		if s.rt != nil {
+			if err := s.rt.rec.lastError(); err != nil {
+				detail += fmt.Sprintf("; the sink's last error: %v", err)
+			}
+		}
+		return slices.Equal(got, want), detail
 	})
 }
 
@@ -283,20 +418,22 @@ func (s *suite) stopRouter() {
 // routed is a Router running one instance of the sink, fed by emit.
 type routed struct {
 	emit   core.Emitter
+	rec    *recorder // the instance, as the Router sees it
 	cancel context.CancelFunc
 	done   chan struct{}
 }
 
-// newRouted starts a Router whose only sink is a new instance from h; the
-// Router closes it when it stops.
+// newRouted starts a Router whose only sink is a new instance from h,
+// seen through a recorder; the Router closes it when it stops.
 func newRouted(t *testing.T, h Harness) *routed {
 	r := core.NewRouter(core.RouterConfig{
 		Backoff:   core.Backoff{Initial: 50 * time.Millisecond, Max: time.Second},
 		SyncGrace: 50 * time.Millisecond,
 	})
-	r.AddSink("under-test", h.New(t), nil)
+	rec, snk := record(h.New(t))
+	r.AddSink("under-test", snk, nil)
 	ctx, cancel := context.WithCancel(context.Background())
-	rt := &routed{emit: r.Emitter("test"), cancel: cancel, done: make(chan struct{})}
+	rt := &routed{emit: r.Emitter("test"), rec: rec, cancel: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(rt.done)
 		_ = r.Run(ctx)

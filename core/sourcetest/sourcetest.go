@@ -21,20 +21,45 @@ import (
 // checks is the contract, in the order Run runs it on one backend. Before
 // the first, the backend publishes workload "a" and the source starts; each
 // check leaves the source running (but the last) and suite.a exposed, as
-// the next expects.
-var checks = []struct {
-	name string
-	run  func(*testing.T, *suite)
-}{
-	{"initial sync", checkInitialSync},
-	{"add", checkAdd},
-	{"no ports", checkNoPorts},
-	{"update", checkUpdate},
-	{"duplicate", checkDuplicate},
-	{"resync after agent restart", checkResyncAfterAgentRestart},
-	{"resync after backend outage", checkResyncAfterBackendOutage},
-	{"cancellation", checkCancellation},
+// the next expects. A check whose Harness function is nil is skipped with
+// the reason; once a check fails, the later ones that build on the state
+// it left are skipped. No check needs an optional interface of the source
+// (core.Noter, core.Describer).
+var checks = []check{
+	{name: "initial sync", run: checkInitialSync},
+	{name: "add", run: checkAdd},
+	{name: "no ports", run: checkNoPorts},
+	{name: "update", needs: []need{needUpdate}, run: checkUpdate},
+	{name: "duplicate", needs: []need{needRepeat}, run: checkDuplicate},
+	{name: "resync after agent restart", run: checkResyncAfterAgentRestart},
+	{name: "resync after backend outage", needs: []need{needOutage}, run: checkResyncAfterBackendOutage},
+	{name: "cancellation", alone: true, run: checkCancellation},
 }
+
+// check is one named part of the contract.
+type check struct {
+	name  string
+	needs []need
+	alone bool // does not build on the state the checks before it left
+	run   func(*testing.T, *suite)
+}
+
+// need is a Harness function a check cannot do without.
+type need struct {
+	what string // the Harness field
+	why  string // what the check cannot do without it
+	has  func(Harness) bool
+}
+
+// The needs of checks.
+var (
+	needUpdate = need{"Harness.Update", "the backend cannot change a workload's ports in place",
+		func(h Harness) bool { return h.Update != nil }}
+	needRepeat = need{"Harness.Repeat", "the backend cannot announce a workload again",
+		func(h Harness) bool { return h.Repeat != nil }}
+	needOutage = need{"Harness.Outage", "the suite cannot take the backend down",
+		func(h Harness) bool { return h.Outage != nil }}
+)
 
 // NoPorts asks Harness.Expose for a workload that publishes no ports.
 const NoPorts = -1
@@ -65,7 +90,8 @@ type Harness struct {
 }
 
 // Run runs the contract suite against h: every check, as a subtest named
-// for it, in order. The subtests share one backend.
+// for it, in order. The subtests share one backend. A check stops at its
+// first failure.
 func Run(t *testing.T, h Harness) {
 	t.Helper()
 	if h.New == nil || h.Expose == nil || h.Unexpose == nil {
@@ -79,8 +105,22 @@ func Run(t *testing.T, h Harness) {
 
 	s.a = h.Expose(t, "a", 0)
 	s.start()
+	var failed string // the first check that failed
 	for _, c := range checks {
-		t.Run(c.name, func(t *testing.T) { c.run(t, s) })
+		ok := t.Run(c.name, func(t *testing.T) {
+			if failed != "" && !c.alone {
+				t.Skipf("not run: %q failed before it and left the backend's state unknown", failed)
+			}
+			for _, n := range c.needs {
+				if !n.has(h) {
+					t.Skipf("needs %s: %s", n.what, n.why)
+				}
+			}
+			c.run(t, s)
+		})
+		if !ok && failed == "" {
+			failed = c.name
+		}
 	}
 	h.Unexpose(t, s.a)
 }
@@ -108,43 +148,38 @@ func checkNoPorts(t *testing.T, s *suite) {
 	s.h.Unexpose(t, c)
 	s.waitGone(t, c.Key)
 	if got := s.sink.changesFor(n.Key); len(got) != 0 {
-		t.Errorf("a workload without ports produced changes: %v", got)
+		t.Fatalf("a workload without ports produced changes: %v", got)
 	}
 }
 
 // checkUpdate: a workload whose ports change in place is reported with the
 // new ports, and the old ones are removed before the new ones are added.
-// Skipped when the harness has no Update.
 func checkUpdate(t *testing.T, s *suite) {
-	if s.h.Update == nil {
-		t.Skip("backend cannot change ports in place")
-	}
 	before := len(s.sink.changesFor(s.a.Key))
 	a2 := s.h.Update(t, s.a, 1)
 	s.waitMapping(t, a2)
 	changes := s.sink.changesFor(s.a.Key)[before:]
 	if len(changes) == 0 || !changes[0].Remove {
-		t.Errorf("update must remove what went before adding what came; got %v", changes)
+		s.a = a2
+		t.Fatalf("update must remove what went before adding what came; got %v", changes)
 	}
 	s.a = a2
 }
 
 // checkDuplicate: the backend announcing a workload again unchanged
 // produces no change; a marker workload exposed after it shows the source
-// has caught up. Skipped when the harness has no Repeat.
+// has caught up.
 func checkDuplicate(t *testing.T, s *suite) {
-	if s.h.Repeat == nil {
-		t.Skip("backend cannot repeat an announcement")
-	}
 	before := len(s.sink.changesFor(s.a.Key))
 	s.h.Repeat(t, s.a)
 	marker := s.h.Expose(t, "marker", 0)
 	s.waitMapping(t, marker)
-	if got := s.sink.changesFor(s.a.Key)[before:]; len(got) != 0 {
-		t.Errorf("repeated announcement produced changes: %v", got)
-	}
+	got := s.sink.changesFor(s.a.Key)[before:]
 	s.h.Unexpose(t, marker)
 	s.waitGone(t, marker.Key)
+	if len(got) != 0 {
+		t.Fatalf("repeated announcement produced changes: %v", got)
+	}
 }
 
 // checkResyncAfterAgentRestart: a new instance of the source, started
@@ -160,12 +195,8 @@ func checkResyncAfterAgentRestart(t *testing.T, s *suite) {
 
 // checkResyncAfterBackendOutage: the running source recovers from its
 // backend going down, and then reports exactly what the backend has, though
-// workloads came and went during the outage. Skipped when the harness has
-// no Outage.
+// workloads came and went during the outage.
 func checkResyncAfterBackendOutage(t *testing.T, s *suite) {
-	if s.h.Outage == nil {
-		t.Skip("backend cannot be restarted by the harness")
-	}
 	var e core.Mapping
 	s.h.Outage(t, func() {
 		s.h.Unexpose(t, s.a)
@@ -193,13 +224,13 @@ func checkCancellation(t *testing.T, s *suite) {
 	select {
 	case err := <-done:
 		if err != nil {
-			t.Errorf("Run after cancel returned %v, want nil", err)
+			t.Fatalf("Run after cancel returned %v, want nil", err)
 		}
 	case <-time.After(s.h.Timeout):
 		t.Fatalf("Run did not return within %s of cancellation", s.h.Timeout)
 	}
 	if err := goleak.Find(ignore); err != nil {
-		t.Errorf("goroutines left behind after Run returned: %v", err)
+		t.Fatalf("goroutines left behind after Run returned: %v", err)
 	}
 }
 
@@ -214,8 +245,7 @@ type suite struct {
 	stopR  context.CancelFunc
 	rDone  chan struct{}
 
-	cancelSrc context.CancelFunc // nil while no instance runs
-	srcDone   chan error
+	src *instance // the instance running into the router; nil while none
 
 	// a is the workload every check may rely on: exposed before the first,
 	// replaced by those that update, restart or take the backend down, and
@@ -238,31 +268,42 @@ func newSuite(t *testing.T, h Harness) *suite {
 	return s
 }
 
+// instance is one running instance of the source.
+type instance struct {
+	cancel context.CancelFunc
+	done   chan struct{} // closed when Run has returned
+	err    error         // what Run returned, once done is closed
+}
+
 // start runs a new instance of the source into the router.
 func (s *suite) start() {
 	src := s.h.New(s.t)
 	ctx, cancel := context.WithCancel(context.Background())
-	s.cancelSrc = cancel
-	s.srcDone = make(chan error, 1)
-	go func() { s.srcDone <- src.Run(ctx, s.router.Emitter(sourceName)) }()
+	in := &instance{cancel: cancel, done: make(chan struct{})}
+	s.src = in
+	go func() {
+		defer close(in.done)
+		in.err = src.Run(ctx, s.router.Emitter(sourceName))
+	}()
 }
 
 // stopSource cancels the running instance, if any, and fails t unless its
 // Run returns nil within the timeout.
 func (s *suite) stopSource(t *testing.T) {
-	if s.cancelSrc == nil {
+	in := s.src
+	if in == nil {
 		return
 	}
-	s.cancelSrc()
+	s.src = nil
+	in.cancel()
 	select {
-	case err := <-s.srcDone:
-		if err != nil {
-			t.Errorf("Run returned %v after cancellation, want nil", err)
+	case <-in.done:
+		if in.err != nil {
+			t.Fatalf("Run returned %v after cancellation, want nil", in.err)
 		}
 	case <-time.After(s.h.Timeout):
 		t.Fatalf("Run did not return within %s of cancellation", s.h.Timeout)
 	}
-	s.cancelSrc = nil
 }
 
 // restart stops the instance, calls whileDown, and starts a new one.
@@ -274,19 +315,40 @@ func (s *suite) restart(t *testing.T, whileDown func()) {
 
 // stop stops the instance and the router.
 func (s *suite) stop() {
-	if s.cancelSrc != nil {
-		s.cancelSrc()
-		<-s.srcDone
+	if s.src != nil {
+		s.src.cancel()
+		<-s.src.done
 	}
 	s.stopR()
 	<-s.rDone
+}
+
+// wait waits until cond holds, as testenv.Eventually does, and fails t at
+// once, with its error, if the running instance's Run returns meanwhile:
+// nothing in the suite would start it again.
+func (s *suite) wait(t *testing.T, what string, cond func() (bool, string)) {
+	t.Helper()
+	in := s.src
+	testenv.Eventually(t, s.h.Timeout, what, func() (bool, string) {
+		ok, detail := cond()
+		if ok || in == nil {
+			return ok, detail
+		}
+		select {
+		case <-in.done:
+			s.src = nil // gone, and its error told here
+			t.Fatalf("the source's Run returned %v, before its context was done, while the suite waited for %s (%s)", in.err, what, detail)
+		default:
+		}
+		return ok, detail
+	})
 }
 
 // waitMapping waits until the sink holds want, as the source reports it.
 func (s *suite) waitMapping(t *testing.T, want core.Mapping) {
 	t.Helper()
 	want = expected(want)
-	testenv.Eventually(t, s.h.Timeout, fmt.Sprintf("the sink to have %v for %s", want, want.Key), func() (bool, string) {
+	s.wait(t, fmt.Sprintf("the sink to have %v for %s", want, want.Key), func() (bool, string) {
 		got, ok := s.sink.state(want.Key)
 		return ok && got.Equal(want), fmt.Sprintf("it has %v", got)
 	})
@@ -296,7 +358,7 @@ func (s *suite) waitMapping(t *testing.T, want core.Mapping) {
 func (s *suite) waitGone(t *testing.T, k core.Key) {
 	t.Helper()
 	k.Source = sourceName
-	testenv.Eventually(t, s.h.Timeout, fmt.Sprintf("%s to go from the sink", k), func() (bool, string) {
+	s.wait(t, fmt.Sprintf("%s to go from the sink", k), func() (bool, string) {
 		got, ok := s.sink.state(k)
 		return !ok, fmt.Sprintf("it still has %v", got)
 	})
@@ -306,7 +368,7 @@ func (s *suite) waitGone(t *testing.T, k core.Key) {
 func (s *suite) waitExactly(t *testing.T, want core.Mapping) {
 	t.Helper()
 	want = expected(want)
-	testenv.Eventually(t, s.h.Timeout, fmt.Sprintf("the sink to have only %v", want), func() (bool, string) {
+	s.wait(t, fmt.Sprintf("the sink to have only %v", want), func() (bool, string) {
 		all := s.sink.all(sourceName)
 		return len(all) == 1 && all[0].Equal(want), fmt.Sprintf("it has %v", all)
 	})
