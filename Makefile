@@ -102,8 +102,8 @@ test-faults: engines ## the fault-injection convergence suite, FAULT_ROUNDS roun
 # Debian packages of the engines the integration tests start (on private
 # sockets, in network namespaces of their own).
 APT_PACKAGES := docker.io containerd runc iptables nftables iproute2 util-linux \
-	containernetworking-plugins conntrack etcd-server file busybox openrc logrotate
-ENGINE_BINARIES := dockerd containerd runc iptables nft ip nsenter setpriv etcd file busybox openrc-run logrotate
+	containernetworking-plugins conntrack etcd-server file busybox openrc logrotate libcap2-bin
+ENGINE_BINARIES := dockerd containerd runc iptables nft ip nsenter setpriv etcd file busybox openrc-run logrotate capsh
 
 # The real peers and engines the integration tests use; installed with
 # apt-get when run as root and missing.
