@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sinktest"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 // fixtureEnv names the fixture TestSinkFixture runs the suite against;
@@ -148,28 +148,7 @@ func TestSinkFixture(t *testing.T) {
 // test binary, and returns its verbose output and whether it passed.
 func runFixture(t *testing.T, name string) (string, bool) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestSinkFixture$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), fixtureEnv+"="+name)
-	out, err := cmd.CombinedOutput()
-	var exit *exec.ExitError
-	if err != nil && !errors.As(err, &exit) {
-		t.Fatalf("running the fixture %q: %v", name, err)
-	}
-	return string(out), err == nil
-}
-
-// wantLines fails t unless out has every line of want (each matched as
-// a substring of some line).
-func wantLines(t *testing.T, out string, want ...string) {
-	t.Helper()
-	for _, w := range want {
-		if !strings.Contains(out, w) {
-			t.Errorf("output lacks %q", w)
-		}
-	}
-	if t.Failed() {
-		t.Logf("output:\n%s", out)
-	}
+	return testenv.RunTestInChild(t, "TestSinkFixture", fixtureEnv+"="+name)
 }
 
 // TestFailsASinkThatHidesAnOutage: a sink whose Send returns nil while
@@ -181,7 +160,7 @@ func TestFailsASinkThatHidesAnOutage(t *testing.T) {
 	if ok {
 		t.Fatalf("the suite passed a sink that hides an outage:\n%s", out)
 	}
-	wantLines(t, out,
+	testenv.WantLines(t, out,
 		"--- FAIL: TestSinkFixture/changes_while_peer_is_down",
 		"Send returned nil while the peer was down: a sink must report an unreachable peer with core.PeerDown",
 		"--- PASS: TestSinkFixture/update",
@@ -201,7 +180,7 @@ func TestFailsASinkThatHidesAnOutageFromTheRouter(t *testing.T) {
 	if ok {
 		t.Fatalf("the suite passed a sink that hides an outage from removes:\n%s", out)
 	}
-	wantLines(t, out,
+	testenv.WantLines(t, out,
 		"--- FAIL: TestSinkFixture/changes_while_peer_is_down",
 		"Send returned nil while the peer was down: a sink must report an unreachable peer with core.PeerDown (the router's Send of remove tcp 127.0.0.1:1100",
 	)
@@ -220,7 +199,7 @@ func TestFailsASinkThatDoesNotMarkAnOutage(t *testing.T) {
 	if ok {
 		t.Fatalf("the suite passed a sink that does not mark an outage:\n%s", out)
 	}
-	wantLines(t, out,
+	testenv.WantLines(t, out,
 		"--- FAIL: TestSinkFixture/changes_while_peer_is_down",
 		"Send failed while the peer was down with an error not marked core.PeerDown",
 		errRefused.Error(),
@@ -240,7 +219,7 @@ func TestStopsAtTheFirstFailure(t *testing.T) {
 	if ok {
 		t.Fatalf("the suite passed a sink that keeps removed ports:\n%s", out)
 	}
-	wantLines(t, out,
+	testenv.WantLines(t, out,
 		"--- PASS: TestSinkFixture/add",
 		"--- FAIL: TestSinkFixture/remove ",
 		"--- SKIP: TestSinkFixture/remove_unknown",
@@ -263,7 +242,7 @@ func TestPassesAnHonestSinkWithoutPeerWatcher(t *testing.T) {
 	if !ok {
 		t.Fatalf("the suite failed an honest sink:\n%s", out)
 	}
-	wantLines(t, out,
+	testenv.WantLines(t, out,
 		"--- SKIP: TestSinkFixture/resync_after_peer_restart",
 		"needs core.PeerWatcher: without it the router only notices a restarted peer at its next change",
 		"--- PASS: TestSinkFixture/changes_while_peer_is_down",
@@ -283,7 +262,7 @@ func TestSkipsWhatAPortFilterRefuses(t *testing.T) {
 	if !ok {
 		t.Fatalf("the suite failed a sink that refuses its ports:\n%s", out)
 	}
-	wantLines(t, out, "needs its ports taken: the sink's core.PortFilter refuses tcp 127.0.0.1:11001")
+	testenv.WantLines(t, out, "needs its ports taken: the sink's core.PortFilter refuses tcp 127.0.0.1:11001")
 	if n, want := strings.Count(out, "--- SKIP: TestSinkFixture/"), 8; n != want {
 		t.Errorf("%d checks skipped, want all %d:\n%s", n, want, out)
 	}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net/netip"
 	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/internal/testenv"
 )
 
 // fixtureEnv names the fixture TestSourceFixture runs the suite against;
@@ -148,27 +148,7 @@ func TestSourceFixture(t *testing.T) {
 // test binary, and returns its verbose output and whether it passed.
 func runFixture(t *testing.T, name string) (string, bool) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestSourceFixture$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), fixtureEnv+"="+name)
-	out, err := cmd.CombinedOutput()
-	var exit *exec.ExitError
-	if err != nil && !errors.As(err, &exit) {
-		t.Fatalf("running the fixture %q: %v", name, err)
-	}
-	return string(out), err == nil
-}
-
-// wantLines fails t unless out contains every string of want.
-func wantLines(t *testing.T, out string, want ...string) {
-	t.Helper()
-	for _, w := range want {
-		if !strings.Contains(out, w) {
-			t.Errorf("output lacks %q", w)
-		}
-	}
-	if t.Failed() {
-		t.Logf("output:\n%s", out)
-	}
+	return testenv.RunTestInChild(t, "TestSourceFixture", fixtureEnv+"="+name)
 }
 
 // TestFailsASourceWhoseRunGivesUp: a source whose Run returns an error
@@ -181,7 +161,7 @@ func TestFailsASourceWhoseRunGivesUp(t *testing.T) {
 	if ok {
 		t.Fatalf("the suite passed a source whose Run gives up:\n%s", out)
 	}
-	wantLines(t, out,
+	testenv.WantLines(t, out,
 		"--- PASS: TestSourceFixture/initial_sync",
 		"--- FAIL: TestSourceFixture/add",
 		"the source's Run returned "+errWatchEnded.Error(),
@@ -206,7 +186,7 @@ func TestPassesAnHonestSourceWithoutUpdateOrOutage(t *testing.T) {
 	if !ok {
 		t.Fatalf("the suite failed an honest source:\n%s", out)
 	}
-	wantLines(t, out,
+	testenv.WantLines(t, out,
 		"--- SKIP: TestSourceFixture/update",
 		"needs Harness.Update: the backend cannot change a workload's ports in place",
 		"--- SKIP: TestSourceFixture/resync_after_backend_outage",

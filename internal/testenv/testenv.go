@@ -6,6 +6,7 @@ package testenv
 
 import (
 	"bytes"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
@@ -126,4 +127,36 @@ func (s *SyncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// RunTestInChild runs the test named test of this test binary in a child
+// process, with env added to its environment (a fixture the test runs
+// only then), and returns the child's verbose output and whether it
+// passed.
+func RunTestInChild(t testing.TB, test string, env ...string) (string, bool) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if err != nil && !errors.As(err, &exit) {
+		t.Fatalf("running %s in a child: %v", test, err)
+	}
+	return string(out), err == nil
+}
+
+// WantLines fails t unless out contains every string of want, and then
+// logs out.
+func WantLines(t testing.TB, out string, want ...string) {
+	t.Helper()
+	failed := false
+	for _, w := range want {
+		if !strings.Contains(out, w) {
+			t.Errorf("output lacks %q", w)
+			failed = true
+		}
+	}
+	if failed {
+		t.Logf("output:\n%s", out)
+	}
 }

@@ -226,6 +226,27 @@ func cpuTime(tb testing.TB) time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
+// wokenRig starts the source, with eBPF wake-ups, on a rig whose helper
+// serves TCP on port, and returns once the server is reported, with the
+// count of dumps wake-ups brought forward.
+func wokenRig(b *testing.B, port int) (*rig, *atomic.Int64) {
+	r := newRig(b)
+	r.wakeups = sockets.WakeupsEBPF
+	r.h.do(b, "serve tcp 0.0.0.0:%d", port)
+	src := r.source(b, 0, 0, nil).(*sockets.Source)
+	woken := new(atomic.Int64)
+	sockets.SetDumpHook(src, func(byWake bool) {
+		if byWake {
+			woken.Add(1)
+		}
+	})
+	router := sourcetest.Start(b, sockets.Name, src)
+	testenv.Eventually(b, waitTimeout, "the server reported", func() (bool, string) {
+		return len(router.Desired()) == 1, fmt.Sprintf("have %d", len(router.Desired()))
+	})
+	return r, woken
+}
+
 // BenchmarkIdleChurnWakeups counts the dumps that eBPF wake-ups bring
 // forward over 10 s with the default interval and settle time: first with
 // nothing happening in the namespace, then while a client in it opens and
@@ -234,20 +255,7 @@ func cpuTime(tb testing.TB) time.Duration {
 // or close count in both windows; the difference is churn's share.
 func BenchmarkIdleChurnWakeups(b *testing.B) {
 	const churnRate, window = 100, 10 * time.Second
-	r := newRig(b)
-	r.wakeups = sockets.WakeupsEBPF
-	r.h.do(b, "serve tcp 0.0.0.0:29999")
-	src := r.source(b, 0, 0, nil).(*sockets.Source)
-	var woken atomic.Int64
-	sockets.SetDumpHook(src, func(byWake bool) {
-		if byWake {
-			woken.Add(1)
-		}
-	})
-	router := sourcetest.Start(b, sockets.Name, src)
-	testenv.Eventually(b, waitTimeout, "the echo server reported", func() (bool, string) {
-		return len(router.Desired()) == 1, fmt.Sprintf("have %d", len(router.Desired()))
-	})
+	r, woken := wokenRig(b, 29999)
 	count := func(during func()) float64 {
 		before := woken.Load()
 		during()
@@ -276,20 +284,7 @@ func BenchmarkIdleChurnWakeups(b *testing.B) {
 // CPU is reported too, to show the loop ran.
 func BenchmarkForeignFlood(b *testing.B) {
 	const rate, window = 1000, 10 * time.Second
-	r := newRig(b)
-	r.wakeups = sockets.WakeupsEBPF
-	r.h.do(b, "serve tcp 0.0.0.0:29998")
-	src := r.source(b, 0, 0, nil).(*sockets.Source)
-	var woken atomic.Int64
-	sockets.SetDumpHook(src, func(byWake bool) {
-		if byWake {
-			woken.Add(1)
-		}
-	})
-	router := sourcetest.Start(b, sockets.Name, src)
-	testenv.Eventually(b, waitTimeout, "the server reported", func() (bool, string) {
-		return len(router.Desired()) == 1, fmt.Sprintf("have %d", len(router.Desired()))
-	})
+	_, woken := wokenRig(b, 29998)
 	other := startHelper(b, testenv.Netns(b), "")
 	pid := other.cmd.Process.Pid
 	measure := func(during func()) (cpuPercent, flooder, dumps float64) {

@@ -297,35 +297,33 @@ func serve(proto, addr string) (io.Closer, error) {
 	return c, nil
 }
 
-// churner connects and disconnects at a steady rate until closed.
+// churner does something at a steady rate until closed: connect and
+// disconnect (churn), open and close a listener (flood).
 type churner struct {
 	stop chan struct{}
 	done chan struct{}
 }
 
 func churn(addr string, rate int) *churner {
-	c := &churner{stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(c.done)
-		tick := time.NewTicker(time.Second / time.Duration(rate))
-		defer tick.Stop()
-		for {
-			select {
-			case <-c.stop:
-				return
-			case <-tick.C:
-			}
-			if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
-				_ = conn.Close()
-			}
+	return repeat(rate, func() {
+		if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			_ = conn.Close()
 		}
-	}()
-	return c
+	})
 }
 
-// flood opens and closes a listener on addr at a steady rate, in the
-// churner's way, until closed.
+// flood opens and closes a listener on addr at a steady rate until
+// closed.
 func flood(proto, addr string, rate int) *churner {
+	return repeat(rate, func() {
+		if l, err := listen(proto, addr, ""); err == nil {
+			_ = l.Close()
+		}
+	})
+}
+
+// repeat calls do rate times a second until closed.
+func repeat(rate int, do func()) *churner {
 	c := &churner{stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(c.done)
@@ -337,9 +335,7 @@ func flood(proto, addr string, rate int) *churner {
 				return
 			case <-tick.C:
 			}
-			if l, err := listen(proto, addr, ""); err == nil {
-				_ = l.Close()
-			}
+			do()
 		}
 	}()
 	return c
