@@ -2,15 +2,18 @@ package containerd_test
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
 	cniutils "github.com/containernetworking/plugins/pkg/utils"
 
+	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/core/sourcetest"
 	"github.com/guestagent/guestagent/internal/loopbacknattest"
 	"github.com/guestagent/guestagent/internal/testenv"
+	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sources/containerd"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 )
@@ -100,4 +103,98 @@ func TestLoopbackPortAnswersOnlyThroughTheTunnel(t *testing.T) {
 	} {
 		loopbacknattest.Refused(t, c.what, c.ns, at(c.addr))
 	}
+}
+
+// TestLoopbackPortSurvivesAContainerdRestart publishes a container's
+// port on 127.0.0.1 on a CNI bridge, in a guest namespace with the tunnel
+// and a second entry (wsl-proxy's upstream, its own interface and
+// address), and restarts containerd under the running task: the source
+// reconnects, the port's rules are still there once each, and a
+// connection through either entry still reaches the container.
+func TestLoopbackPortSurvivesAContainerdRestart(t *testing.T) {
+	c := requireEngine(t)
+	n := seq.Add(1)
+	const (
+		guestIP    = "198.18.243.2"
+		hostIP     = "198.18.243.1"
+		upstreamIP = "198.18.244.1" // the guest's end of the second entry
+		defaultIP  = "198.18.244.2" // where that entry's peer connects from
+	)
+	guest, host, other := testenv.Netns(t), testenv.Netns(t), testenv.Netns(t)
+	task := testenv.Netns(t)
+	loopbacknattest.Link(t, loopbacknattest.End{Netns: guest, Iface: "garst0", Addr: guestIP + "/24"},
+		loopbacknattest.End{Netns: host, Iface: "eth0", Addr: hostIP + "/24"})
+	loopbacknattest.Link(t, loopbacknattest.End{Netns: guest, Iface: "garup0", Addr: upstreamIP + "/24"},
+		loopbacknattest.End{Netns: other, Iface: "eth0", Addr: defaultIP + "/24"})
+	testenv.RunIn(t, host, "ip", "route", "add", "198.18.0.0/16", "via", guestIP)
+	testenv.RunIn(t, other, "ip", "route", "add", "198.18.0.0/16", "via", upstreamIP)
+
+	id := uniqueID(fmt.Sprintf("rst-%d", n))
+	port := 22700 + int(n)
+	cni := loopbacknattest.CNI{Netns: guest, Name: "bridge", Bridge: "cni-ga1", Subnet: "198.18.251.0/24", DataDir: t.TempDir()}
+	cni.Add(t, "default-"+id, loopbacknattest.NetnsPath(task),
+		[]loopbacknattest.PortMapping{{HostPort: port, ContainerPort: 80, Protocol: "tcp", HostIP: "127.0.0.1"}})
+	wrapper, err := testenv.IptablesWrapper(t.TempDir(), guest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := containerd.New(containerd.Config{Socket: c.Socket,
+		LoopbackNAT: loopbacknat.Options{Enabled: true, Iptables: wrapper, Interface: "garst0", GuestIP: guestIP},
+		Entries:     []registry.Entry{{Interface: "garup0", Addr: netip.MustParseAddr(upstreamIP)}},
+		Backoff:     core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	router := sourcetest.Start(t, containerd.Name, src)
+	labels := portsLabel(containerd.PortEntry{HostPort: port, ContainerPort: 80, Protocol: "tcp", HostIP: "127.0.0.1"})
+	labels[containerd.LabelNetworks] = `["bridge"]`
+	if err := c.RunContainer("default", id, labels, loopbacknattest.NetnsPath(task)); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.RemoveContainer("default", id) }()
+
+	comment := loopbacknat.OwnerComment(containerd.Name)
+	rulesOnce := func() (bool, string) {
+		rules := testenv.NatRules(t, guest)
+		ok := strings.Count(rules, comment) == 2 &&
+			strings.Count(rules, fmt.Sprintf("-d %s/32 -i garst0 -p tcp -m tcp --dport %d", guestIP, port)) == 1 &&
+			strings.Count(rules, fmt.Sprintf("-d %s/32 -i garup0 -p tcp -m tcp --dport %d", upstreamIP, port)) == 1
+		return ok, rules
+	}
+	answers := func(when string) {
+		t.Helper()
+		at := func(addr string) string { return fmt.Sprintf("%s:%d", addr, port) }
+		if _, err := loopbacknattest.Get(loopbacknattest.NetnsPath(host), at(guestIP)); err != nil {
+			t.Errorf("%s: through the tunnel: %v", when, err)
+		}
+		if _, err := loopbacknattest.Get(loopbacknattest.NetnsPath(other), at(upstreamIP)); err != nil {
+			t.Errorf("%s: through the second entry: %v", when, err)
+		}
+	}
+	testenv.Eventually(t, 30*time.Second, "one rule per entry", rulesOnce)
+	answers("before the restart")
+
+	c.Stop()
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// The source is back once it reports a container made after the
+	// restart.
+	later := uniqueID(fmt.Sprintf("rst-later-%d", n))
+	if err := c.RunContainer("default", later, portsLabel(containerd.PortEntry{HostPort: port + 100, ContainerPort: 80, Protocol: "tcp", HostIP: "0.0.0.0"}), ""); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.RemoveContainer("default", later) }()
+	testenv.Eventually(t, 30*time.Second, "the source back after the restart", func() (bool, string) {
+		for _, m := range router.Desired() {
+			if m.ID == containerd.ID("default", later) {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprint(router.Desired())
+	})
+	if ok, rules := rulesOnce(); !ok {
+		t.Errorf("after the restart the rules are not one per entry:\n%s", rules)
+	}
+	answers("after the restart")
 }

@@ -2,6 +2,7 @@ package docker_test
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"github.com/guestagent/guestagent/core/sourcetest"
 	"github.com/guestagent/guestagent/internal/loopbacknattest"
 	"github.com/guestagent/guestagent/internal/testenv"
+	"github.com/guestagent/guestagent/registry"
 	"github.com/guestagent/guestagent/sources/docker"
 	"github.com/guestagent/guestagent/sources/internal/loopbacknat"
 )
@@ -119,7 +121,8 @@ func waitRule(t *testing.T, ns, rule string) {
 // TestLoopbackPortSurvivesADockerdRestart: a container published on
 // 127.0.0.1 that outlives a dockerd restart (live restore; and one with a
 // restart policy, which a restarted dockerd starts again) answers through
-// the tunnel before and after the restart. A restarted dockerd deletes and
+// the tunnel and through a second entry (wsl-proxy's upstream) before and
+// after the restart. A restarted dockerd deletes and
 // appends its own PREROUTING jump to DOCKER again, behind whatever rules
 // were there, and flushes DOCKER, so rules that only work in front of the
 // engine's, or that the restart removed, cut the port off.
@@ -127,41 +130,56 @@ func TestLoopbackPortSurvivesADockerdRestart(t *testing.T) {
 	d := requireEngine(t)
 	n := seq.Add(1)
 	const (
-		guestIP = "198.18.242.2"
-		hostIP  = "198.18.242.1"
+		guestIP    = "198.18.242.2"
+		hostIP     = "198.18.242.1"
+		upstreamIP = "198.18.245.1" // the guest's end of a second entry (wsl-proxy's upstream)
+		defaultIP  = "198.18.245.2" // where that entry's peer connects from
 	)
-	tunnel := fmt.Sprintf("gatun%d", n)
-	host := testenv.Netns(t)
+	tunnel, upstream := fmt.Sprintf("gatun%d", n), fmt.Sprintf("gaup%d", n)
+	host, other := testenv.Netns(t), testenv.Netns(t)
 	loopbacknattest.Link(t, loopbacknattest.End{Netns: d.Netns, Iface: tunnel, Addr: guestIP + "/24"},
 		loopbacknattest.End{Netns: host, Iface: "eth0", Addr: hostIP + "/24"})
+	loopbacknattest.Link(t, loopbacknattest.End{Netns: d.Netns, Iface: upstream, Addr: upstreamIP + "/24"},
+		loopbacknattest.End{Netns: other, Iface: "eth0", Addr: defaultIP + "/24"})
 	testenv.RunIn(t, host, "ip", "route", "add", "198.18.0.0/16", "via", guestIP)
+	testenv.RunIn(t, other, "ip", "route", "add", "198.18.0.0/16", "via", upstreamIP)
 
-	s := newSourceNAT(t, loopbacknat.Options{Enabled: true, Iptables: wrapper, Interface: tunnel, GuestIP: guestIP})
+	s, err := docker.New(docker.Config{Host: d.Host,
+		LoopbackNAT: loopbacknat.Options{Enabled: true, Iptables: wrapper, Interface: tunnel, GuestIP: guestIP},
+		Entries:     []registry.Entry{{Interface: upstream, Addr: netip.MustParseAddr(upstreamIP)}},
+		Backoff:     core.Backoff{Initial: 50 * time.Millisecond, Max: 500 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	r := sourcetest.Start(t, docker.Name, s)
 	live, always := 18400+int(n), 18500+int(n)
 	liveID := run(t, d, "-p", fmt.Sprintf("127.0.0.1:%d:80", live))
 	defer func() { _, _ = d.Docker("rm", "-f", liveID) }()
 	alwaysID := run(t, d, "--restart=always", "-p", fmt.Sprintf("127.0.0.1:%d:80", always))
 	defer func() { _, _ = d.Docker("rm", "-f", alwaysID) }()
-	hostNS := loopbacknattest.NetnsPath(host)
 	answers := func(when string) {
 		t.Helper()
 		for _, c := range []struct {
 			id   string
 			port int
 		}{{liveID, live}, {alwaysID, always}} {
-			addr := fmt.Sprintf("%s:%d", guestIP, c.port)
-			var body string
-			testenv.Eventually(t, 30*time.Second, when+": "+addr+" through the tunnel", func() (bool, string) {
-				var err error
-				body, err = loopbacknattest.Get(hostNS, addr)
-				if err != nil {
-					return false, err.Error()
+			for _, path := range []struct{ what, from, to string }{
+				{"through the tunnel", host, guestIP},
+				{"through the second entry", other, upstreamIP},
+			} {
+				addr := fmt.Sprintf("%s:%d", path.to, c.port)
+				var body string
+				testenv.Eventually(t, 30*time.Second, when+": "+addr+" "+path.what, func() (bool, string) {
+					var err error
+					body, err = loopbacknattest.Get(loopbacknattest.NetnsPath(path.from), addr)
+					if err != nil {
+						return false, err.Error()
+					}
+					return true, ""
+				})
+				if body != c.id[:12] {
+					t.Errorf("%s: %s answered %q %s, want the container's hostname %q", when, addr, body, path.what, c.id[:12])
 				}
-				return true, ""
-			})
-			if body != c.id[:12] {
-				t.Errorf("%s: %s answered %q, want the container's hostname %q", when, addr, body, c.id[:12])
 			}
 		}
 	}
