@@ -179,7 +179,7 @@ fuzz-short: ## run every fuzz target for 3s each (part of make test)
 # latency per source, a burst of containers, idle cost of the agent, and the
 # agent's own ceiling).
 BENCH_MICRO := ^Benchmark(Scan|Parse)
-BENCH_MACRO := ^Benchmark(DeliveryLatency|Burst|Idle|CPU|Ceiling|ForeignFlood)
+BENCH_MACRO := ^Benchmark(DeliveryLatency|Burst|Idle|CPU|Ceiling|ForeignFlood|Relay)
 
 bench: engines ## run the benchmarks against the real engines and print a table of their figures (also in bin/bench.txt)
 	@mkdir -p $(BIN)

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +18,7 @@ import (
 	"time"
 
 	"github.com/guestagent/guestagent/core/sourcetest"
+	"github.com/guestagent/guestagent/internal/loopbacknattest"
 	"github.com/guestagent/guestagent/internal/testenv"
 	"github.com/guestagent/guestagent/sources/sockets"
 )
@@ -308,4 +311,82 @@ func BenchmarkForeignFlood(b *testing.B) {
 		b.ReportMetric(quietDumps, "woken-dumps-quiet")
 		b.ReportMetric(floodDumps, "woken-dumps-flood")
 	}
+}
+
+// BenchmarkRelay measures a TCP connection through the relay beside one
+// that needs none, from a second namespace (the host side) to the guest
+// namespace's relay address: a server on 127.0.0.1:P reached through the
+// relay on RELAY:P, and the same server on 0.0.0.0:Q reached directly on
+// RELAY:Q. Each of 300 connections per path dials, sends 64 bytes and
+// reads their echo, then closes (p50 and p99 of that); then one connection
+// per path echoes 64 MiB (throughput of what comes back).
+func BenchmarkRelay(b *testing.B) {
+	const conns, bulk = 300, 64 << 20
+	r := newRelayRig(b)
+	router, _ := run(b, r.relaySource(b, sockets.Config{RelayAddr: relayAddr}))
+	relayed, direct := r.nextPort(), r.nextPort()
+	r.h.do(b, "serve tcp 127.0.0.1:%d", relayed)
+	r.h.do(b, "serve tcp 0.0.0.0:%d", direct)
+	waitHas(b, router, fmt.Sprintf("tcp/127.0.0.1:%d", relayed))
+	dial := func(port int) net.Conn {
+		c, err := loopbacknattest.DialNetworkFrom(r.host, "tcp4", fmt.Sprintf("%s:%d", relayAddr, port))
+		if err != nil {
+			b.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(time.Minute))
+		return c
+	}
+	roundTrip := func(port int) time.Duration {
+		start := time.Now()
+		c := dial(port)
+		defer c.Close()
+		msg := bytes.Repeat([]byte("x"), 64)
+		if _, err := c.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, make([]byte, len(msg))); err != nil {
+			b.Fatal(err)
+		}
+		return time.Since(start)
+	}
+	throughput := func(port int) float64 {
+		c := dial(port)
+		defer c.Close()
+		start := time.Now()
+		done := make(chan error, 1)
+		go func() {
+			_, err := io.CopyN(io.Discard, c, bulk)
+			done <- err
+		}()
+		if _, err := io.CopyN(c, zeros{}, bulk); err != nil {
+			b.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			b.Fatal(err)
+		}
+		return float64(bulk) / (1 << 20) / time.Since(start).Seconds()
+	}
+	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+	for b.Loop() {
+		for _, path := range []struct {
+			name string
+			port int
+		}{{"relay", relayed}, {"direct", direct}} {
+			lat := make([]time.Duration, conns)
+			for i := range lat {
+				lat[i] = roundTrip(path.port)
+			}
+			b.ReportMetric(ms(sourcetest.Percentile(lat, 0.50)), path.name+"-p50-ms")
+			b.ReportMetric(ms(sourcetest.Percentile(lat, 0.99)), path.name+"-p99-ms")
+			b.ReportMetric(throughput(path.port), path.name+"-MiB/s")
+		}
+	}
+}
+
+// zeros reads as an endless run of zero bytes.
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
 }

@@ -39,7 +39,7 @@ type relayRig struct {
 	hostName string // its name
 }
 
-func newRelayRig(t *testing.T) *relayRig {
+func newRelayRig(t testing.TB) *relayRig {
 	t.Helper()
 	r := newRig(t)
 	host := testenv.Netns(t)
@@ -49,7 +49,7 @@ func newRelayRig(t *testing.T) *relayRig {
 	return &relayRig{rig: r, host: loopbacknattest.NetnsPath(host), hostName: host}
 }
 
-func (r *relayRig) relaySource(t *testing.T, cfg sockets.Config) core.Source {
+func (r *relayRig) relaySource(t testing.TB, cfg sockets.Config) core.Source {
 	t.Helper()
 	cfg.Netns, cfg.Interval, cfg.Settle = r.netnsPath(), 20*time.Millisecond, 50*time.Millisecond
 	s, err := sockets.New(cfg)

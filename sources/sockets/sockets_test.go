@@ -137,7 +137,7 @@ func (e *recorder) first() string {
 
 // run runs src until t ends and returns the Router that holds its reports
 // and the record of them.
-func run(t *testing.T, src core.Source) (*core.Router, *recorder) {
+func run(t testing.TB, src core.Source) (*core.Router, *recorder) {
 	t.Helper()
 	router := core.NewRouter(core.RouterConfig{})
 	rec := &recorder{out: router.Emitter(sockets.Name)}
@@ -173,7 +173,7 @@ func waitIDs(t *testing.T, r *core.Router, want ...string) {
 	})
 }
 
-func waitHas(t *testing.T, r *core.Router, id string) {
+func waitHas(t testing.TB, r *core.Router, id string) {
 	t.Helper()
 	testenv.Eventually(t, waitTimeout, "mapping "+id, func() (bool, string) {
 		got := ids(r)
