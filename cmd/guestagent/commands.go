@@ -228,19 +228,21 @@ type statusJSON struct {
 }
 
 // statusForJSON fills st's empty lists, at every depth, for statusJSON.
+// It changes copies of the lists it fills inside, never st's own, so that
+// a status shared among readers may be given.
 func statusForJSON(st core.Status) statusJSON {
-	st.Ports = orEmpty(st.Ports)
+	st.Ports = slices.Clone(orEmpty(st.Ports))
 	for i := range st.Ports {
 		st.Ports[i].Claims = orEmpty(st.Ports[i].Claims)
 		st.Ports[i].Sinks = orEmpty(st.Ports[i].Sinks)
 	}
-	st.Mappings = orEmpty(st.Mappings)
+	st.Mappings = slices.Clone(orEmpty(st.Mappings))
 	for i := range st.Mappings {
 		st.Mappings[i].Ports = orEmpty(st.Mappings[i].Ports)
 	}
 	st.Refused = orEmpty(st.Refused)
 	st.Sinks = orEmpty(st.Sinks)
-	st.Notes = orEmpty(st.Notes)
+	st.Notes = slices.Clone(orEmpty(st.Notes))
 	for i := range st.Notes {
 		st.Notes[i].Ports = orEmpty(st.Notes[i].Ports)
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -495,5 +496,36 @@ func TestHelpWrapsAtTheTerminalWidth(t *testing.T) {
 		if len(l) > 80 {
 			t.Errorf("a line of %d columns on an 80-column terminal:\n%s", len(l), l)
 		}
+	}
+}
+
+// TestStatusEndpointListsAreNeverNull reads GET /status of an agent with
+// one port exposed and one refused: no list at any depth is null there
+// either; and
+// filling the lists leaves the status it was given as it was (readers
+// share one).
+func TestStatusEndpointListsAreNeverNull(t *testing.T) {
+	addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	stop, _ := startAgent(t, isolated(t, []string{"--sources=static", "--staticFile=" + writeStatic(t), "--sinks=stdout", "--statusAddr=" + addr})...)
+	defer stop()
+	statusUp(t, addr)
+	res, err := http.Get("http://" + addr + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	body, _ := io.ReadAll(res.Body)
+	var v any
+	if err := json.Unmarshal(body, &v); err != nil {
+		t.Fatalf("%v:\n%s", err, body)
+	}
+	if nulls := nullsIn(v, ""); len(nulls) > 0 {
+		t.Errorf("GET /status has nulls at %q:\n%s", nulls, body)
+	}
+
+	shared := core.Status{Ports: []core.PortStatus{{Protocol: core.TCP, HostPort: 1}}}
+	_ = statusForJSON(shared)
+	if shared.Ports[0].Claims != nil || shared.Ports[0].Sinks != nil {
+		t.Errorf("statusForJSON changed the status it was given: %+v", shared.Ports[0])
 	}
 }
