@@ -91,6 +91,7 @@ type relays struct {
 	owners        map[relayPort][]string // ids behind a port, in order of arrival
 	wg            sync.WaitGroup
 	missingLogged map[int]bool // entries whose address or interface was missing, logged once
+	bound         []int        // by entry: the index of its interface when its relays were opened
 	nsError       bool
 }
 
@@ -125,6 +126,10 @@ func newRelays(cfg Config, entries []relayEntry, log *zap.Logger) *relays {
 			return nil
 		}
 		r.ns = ns
+	}
+	r.bound = make([]int, len(entries))
+	for i, e := range entries {
+		r.bound[i] = r.ifindex(e)
 	}
 	r.log.Info("relaying loopback-only sockets from the relay addresses",
 		zap.Duration("idle", r.idle), zap.Duration("udp_idle", r.udpIdle), zap.Int("max_conns", r.maxConns),

@@ -510,3 +510,39 @@ func TestRelayFloodKeepsOtherClientsAndSaysSaturated(t *testing.T) {
 			strings.Contains(line, fmt.Sprintf("%d of %d", total, total)), line
 	})
 }
+
+// TestRelayFollowsItsInterfaceMadeAgain binds the relay to the guest's
+// link, then deletes the link and makes it again under the same name and
+// address, as a restarted gvproxy makes its tap again: the relays, bound
+// to the old device, are opened again on the new one and answer, over TCP
+// and UDP, without the relayed sockets changing.
+func TestRelayFollowsItsInterfaceMadeAgain(t *testing.T) {
+	r := newRelayRig(t)
+	router, _ := run(t, r.relaySource(t, sockets.Config{RelayAddr: relayAddr, RelayInterface: "guest0"}))
+	tcp, udp := r.nextPort(), r.nextPort()
+	r.h.do(t, "serve tcp 127.0.0.1:%d", tcp)
+	r.h.do(t, "serve udp 127.0.0.1:%d", udp)
+	waitHas(t, router, fmt.Sprintf("tcp/127.0.0.1:%d", tcp))
+	waitHas(t, router, fmt.Sprintf("udp/127.0.0.1:%d", udp))
+	answers := func(when string) {
+		t.Helper()
+		testenv.Eventually(t, waitTimeout, when+": the relay to answer", func() (bool, string) {
+			c, err := loopbacknattest.DialNetworkFrom(r.host, "tcp4", fmt.Sprintf("%s:%d", relayAddr, tcp))
+			if err != nil {
+				return false, err.Error()
+			}
+			c.Close()
+			return true, ""
+		})
+		r.checkTCP(t, tcp)
+		r.checkUDP(t, udp)
+	}
+	answers("at first")
+	for round := range 2 {
+		testenv.RunIn(t, r.ns, "ip", "link", "delete", "guest0")
+		loopbacknattest.Link(t,
+			loopbacknattest.End{Netns: r.ns, Iface: "guest0", Addr: relayAddr + "/24"},
+			loopbacknattest.End{Netns: r.hostName, Iface: "host0", Addr: "198.18.90.1/24"})
+		answers(fmt.Sprintf("after the link was made again (%d)", round+1))
+	}
+}

@@ -45,6 +45,8 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 	defer d.close()
 	relays := newRelays(s.cfg, s.relayAt, s.log)
 	defer relays.close()
+	links := relays.watchLinks()
+	defer links.close()
 	// The status line: how the source watches, and the relays' load when
 	// it changed (at most once a second from the relays' signal; each
 	// dump looks again).
@@ -89,6 +91,9 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 			continue
 		case <-relays.loadChanged():
 			status(false)
+			continue
+		case <-links.C():
+			relays.refresh()
 			continue
 		case <-stopped:
 			s.log.Warn("eBPF wake-ups stopped; reading sockets by the periodic dump alone", zap.Error(wake.Err))
