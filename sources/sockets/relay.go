@@ -22,6 +22,10 @@ const (
 	// DefaultRelayAddr is the guest's address on host-switch's network,
 	// where its traffic arrives in network-tunnel mode.
 	DefaultRelayAddr = "192.168.127.2"
+	// DefaultRelayInterface is the tunnel's interface in the guest
+	// (host-switch's tap), to which the relay's sockets on the relay
+	// address are bound.
+	DefaultRelayInterface = "eth0"
 	// DefaultRelayIdle ends a relayed TCP connection with no traffic
 	// either way for that long.
 	DefaultRelayIdle = 2 * time.Minute

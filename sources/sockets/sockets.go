@@ -69,7 +69,7 @@ func init() {
 			fs.StringVar(&cfg.Wakeups, "socketsWakeups", WakeupsAuto, "eBPF wake-ups when a TCP listener opens or closes: auto (when the kernel allows it, else the periodic dump alone), ebpf (required: fail without it) or off")
 			fs.StringSliceVar(&cfg.Exclude, "socketsExclude", DefaultExclude, "ports and ranges never reported, e.g. 22,10248-10259 (the Kubernetes API port is added)")
 			fs.StringVar(&cfg.RelayAddr, "socketsRelayAddr", DefaultRelayAddr, "address where loopback-only sockets are made reachable by a relay; used in network-tunnel mode, or in any mode when given; empty for none")
-			fs.StringVar(&cfg.RelayInterface, "socketsRelayInterface", "", "interface the relay's sockets on --socketsRelayAddr are bound to, so that only traffic coming in through it reaches them (e.g. eth0); empty for any. When the interface is made again (a restarted gvproxy's tap), the relays are opened again on it")
+			fs.StringVar(&cfg.RelayInterface, "socketsRelayInterface", DefaultRelayInterface, "interface the relay's sockets on --socketsRelayAddr are bound to, so that only traffic coming in through it reaches them (the tunnel's); empty for any. When the interface is made again (a restarted gvproxy's tap), the relays are opened again on it")
 			fs.DurationVar(&cfg.RelayIdle, "socketsRelayIdle", DefaultRelayIdle, "how long a relayed TCP connection may carry nothing before it is closed")
 			fs.DurationVar(&cfg.RelayUDPIdle, "socketsRelayUDPIdle", DefaultRelayUDPIdle, "how long a relayed UDP client may send and receive nothing before its session ends")
 			fs.IntVar(&cfg.RelayMaxConns, "socketsRelayMaxConns", DefaultRelayMaxConns, "TCP connections or UDP sessions one relayed port carries at once")
@@ -125,7 +125,8 @@ type Config struct {
 	// RelayInterface, when set, is the interface the relay's sockets on
 	// RelayAddr are bound to (SO_BINDTODEVICE): only connections and
 	// datagrams that come in through it reach them, not those of the
-	// containers on the guest's bridges. Empty (the default) binds none.
+	// containers on the guest's bridges. Empty binds none; the flag's
+	// default is DefaultRelayInterface.
 	// An interface deleted and made again (the tap of a restarted gvproxy)
 	// is a new device: the source, watching the namespace's links, opens
 	// the relays again on it.
