@@ -1,5 +1,3 @@
-// Package core holds the port-mapping model, the Source and Sink interfaces,
-// and the Router that keeps the desired state and delivers it to sinks.
 package core
 
 import (

@@ -19,8 +19,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// record is the durable list of the ports one sink was sent by this agent
-// and still holds: its proof of ownership. A restarted agent (even one that
+// record is a sink's ownership record: the durable list of the ports the
+// sink was sent by this agent and still holds, its proof of ownership
+// (which sources claim which host ports is the ledger, in claims.go). A restarted agent (even one that
 // was killed) reads it to remove exactly its own leftovers and never
 // touches ports other parties hold. It is written before adds are sent and
 // after changes are acknowledged, so it always covers what the peer may

@@ -5,14 +5,6 @@ import (
 	"slices"
 )
 
-// The ledger is the router's account of who wants which host port. The unit
-// of exposure is the host port (protocol, host address, host port), not the
-// mapping: every port of every admitted mapping is a claim on it. A port is
-// exposed while one claim remains and removed when the last one goes, for
-// every sink. Claims on one address that agree (same backend addresses) are
-// one exposure; claims that disagree are a conflict: the first keeps the
-// port, the others are reported and take over, in order, when it goes.
-
 // portKey is a host port whatever its address.
 type portKey struct {
 	proto Protocol
@@ -71,6 +63,16 @@ func (e exposure) change(remove bool) Change {
 	return Change{Remove: remove, Mapping: Mapping{Key: e.Claim, Ports: []Port{e.Port}, ConnectAddrs: e.ConnectAddrs}}
 }
 
+// ledger holds the claims: the router's account of which sources' mappings
+// claim which host ports (what this agent exposed on each sink is the
+// ownership record, in ownership.go). The unit of exposure is the host port
+// (protocol, host address, host port), not the mapping: every port of every
+// admitted mapping is a claim on it. A port is exposed while one claim
+// remains and removed when the last one goes, for every sink. Claims on one
+// address that agree (same backend addresses) are one exposure; claims that
+// disagree are a conflict: the first keeps the port, the others are
+// reported and take over, in order, when it goes. It is the Router's, under
+// Router.mu.
 type ledger struct {
 	seq    uint64
 	byPort map[portKey][]claim // each list in order of arrival
