@@ -1,6 +1,7 @@
 package core
 
 import (
+	"cmp"
 	"net/netip"
 	"slices"
 )
@@ -109,4 +110,12 @@ func (l *ledger) drop(k Key, p Port) {
 	} else {
 		l.byPort[pk] = cs
 	}
+}
+
+func compareSinkKeys(a, b sinkKey) int {
+	return cmp.Or(cmp.Compare(a.proto, b.proto), cmp.Compare(a.port, b.port), a.ip.Compare(b.ip))
+}
+
+func comparePortKeys(a, b portKey) int {
+	return cmp.Or(cmp.Compare(a.proto, b.proto), cmp.Compare(a.port, b.port))
 }

@@ -476,6 +476,98 @@ func (r *Router) markSynced(source string) {
 	}
 }
 
+// pushAll queues every key the sink holds or should hold; the caller holds
+// r.mu.
+func (r *Router) pushAll(w *sinkWorker) {
+	for _, k := range slices.SortedFunc(maps.Keys(w.acked), compareSinkKeys) {
+		w.dirty.push(k)
+	}
+	for _, pk := range slices.SortedFunc(maps.Keys(r.ledger.byPort), comparePortKeys) {
+		for _, c := range r.ledger.byPort[pk] {
+			if w.takes(c) {
+				w.dirty.push(w.keyOf(c.port))
+			}
+		}
+	}
+}
+
+// pushUnheld queues every key the sink should hold that its peer holds
+// for no one; the caller holds r.mu.
+func (r *Router) pushUnheld(w *sinkWorker) {
+	for _, cs := range r.ledger.byPort {
+		for _, c := range cs {
+			if !w.takes(c) {
+				continue
+			}
+			sk := w.keyOf(c.port)
+			_, ours := w.acked[sk]
+			_, other := w.foreign[sk]
+			if !ours && !other {
+				w.dirty.push(sk)
+			}
+		}
+	}
+}
+
+// nextRetry is when the earliest failing port is due, or, when the retry
+// budget held due ones back, when it allows one more; the caller holds
+// r.mu.
+func (r *Router) nextRetry(w *sinkWorker) time.Time {
+	if w.overBudget {
+		return w.retries.next(r.cfg.RetryRate, r.cfg.RetryBurst)
+	}
+	var next time.Time
+	for _, f := range w.failing {
+		if !f.permanent && !f.idle && (next.IsZero() || f.next.Before(next)) {
+			next = f.next
+		}
+	}
+	return next
+}
+
+// pushDue queues the failing ports whose retry is due, as many as the
+// retry budget allows (which ones, when not all may go, is left to the
+// map's order: every due port has the same chance each time); the caller
+// holds r.mu.
+func (r *Router) pushDue(w *sinkWorker, now time.Time) {
+	avail := -1 // the tokens, counted at the first due port
+	w.overBudget = false
+	for sk, f := range w.failing {
+		if f.idle {
+			if now.Sub(f.at) > keepRefusal {
+				delete(w.failing, sk)
+			}
+			continue
+		}
+		if f.permanent || f.next.After(now) || w.dirty.has(sk) {
+			continue
+		}
+		if avail < 0 {
+			avail = w.retries.take(now, r.cfg.RetryBurst, r.cfg.RetryRate, r.cfg.RetryBurst)
+		}
+		if avail == 0 {
+			w.overBudget = true
+			break
+		}
+		avail--
+		f.granted = true
+		w.dirty.push(sk)
+	}
+	if avail > 0 {
+		w.retries.tokens += float64(avail) // not needed: back in the bucket
+	}
+}
+
+// delivered reports a port the sink took to the Delivered hook, timed from
+// when a source's change first queued it; the caller holds r.mu.
+func (r *Router) delivered(w *sinkWorker, sk sinkKey, e exposure, remove bool) {
+	at, ok := w.queuedAt[sk]
+	delete(w.queuedAt, sk)
+	if ok && r.cfg.Delivered != nil {
+		r.cfg.Delivered(w.name, e.Claim.Source, remove, time.Since(at))
+	}
+}
+
 // drain removes every port each sink holds from this agent, and only
 // those; workers have stopped.
 func (r *Router) drain() {
@@ -512,82 +604,4 @@ func (r *Router) drain() {
 		})
 	}
 	wg.Wait()
-}
-
-type emitter struct {
-	r      *Router
-	source string
-}
-
-// Interface guards: sources may note what they saw and say how they watch.
-var (
-	_ Noter     = (*emitter)(nil)
-	_ Describer = (*emitter)(nil)
-)
-
-func (e *emitter) Describe(how string) {
-	e.r.mu.Lock()
-	defer e.r.mu.Unlock()
-	if e.r.watching[e.source] == how {
-		return
-	}
-	e.r.watching[e.source] = how
-	e.r.notify()
-}
-
-func (e *emitter) Set(m Mapping) {
-	m.Source = e.source
-	e.r.mu.Lock()
-	defer e.r.mu.Unlock()
-	delete(e.r.notes, m.Key)
-	e.r.set(m)
-}
-
-func (e *emitter) Delete(id string) {
-	e.r.mu.Lock()
-	defer e.r.mu.Unlock()
-	delete(e.r.notes, Key{Source: e.source, ID: id})
-	e.r.remove(Key{Source: e.source, ID: id})
-}
-
-func (e *emitter) Note(n Note) {
-	n.Key.Source = e.source
-	e.r.mu.Lock()
-	defer e.r.mu.Unlock()
-	if len(n.Ports) == 0 {
-		delete(e.r.notes, n.Key)
-	} else {
-		n.Ports = slices.Clone(n.Ports)
-		e.r.notes[n.Key] = n
-	}
-	e.r.notify()
-}
-
-func (e *emitter) Snapshot(ms []Mapping) {
-	keep := make(map[string]struct{}, len(ms))
-	for _, m := range ms {
-		keep[m.ID] = struct{}{}
-	}
-	e.r.mu.Lock()
-	defer e.r.mu.Unlock()
-	for _, k := range slices.SortedFunc(maps.Keys(e.r.desired), compareKeys) {
-		if _, ok := keep[k.ID]; k.Source == e.source && !ok {
-			e.r.remove(k)
-		}
-	}
-	for k := range e.r.notes {
-		if _, ok := keep[k.ID]; k.Source == e.source && !ok {
-			delete(e.r.notes, k)
-		}
-	}
-	for k := range e.r.refused {
-		if _, ok := keep[k.ID]; k.Source == e.source && !ok {
-			delete(e.r.refused, k)
-		}
-	}
-	for _, m := range ms {
-		m.Source = e.source
-		e.r.set(m)
-	}
-	e.r.markSynced(e.source)
 }

@@ -1,7 +1,6 @@
 package core
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -16,7 +15,7 @@ import (
 // change is recorded and delivered in steps and status stays fresh.
 const batchSize = 256
 
-// sinkWorker delivers the ledger to one sink, port by port. Fields marked
+// sinkWorker delivers the claims to one sink, port by port. Fields marked
 // "mu" are guarded by Router.mu; the others belong to the run goroutine
 // (and to drain, once run has returned).
 type sinkWorker struct {
@@ -49,38 +48,6 @@ type sinkWorker struct {
 
 	down      bool       // the last failure was ErrPeerDown
 	recordOps []recordOp // reused between writes of the record
-}
-
-// retryBudget is a token bucket: retries of refused ports spend one token
-// each; tokens come back at a steady rate up to a burst.
-type retryBudget struct {
-	tokens float64
-	at     time.Time // when tokens was counted; zero: full
-}
-
-// take returns how many of n retries may go now (at most the tokens left),
-// and spends them.
-func (b *retryBudget) take(now time.Time, n int, rate float64, burst int) int {
-	if b.at.IsZero() {
-		b.tokens = float64(burst)
-	} else {
-		b.tokens = min(float64(burst), b.tokens+now.Sub(b.at).Seconds()*rate)
-	}
-	b.at = now
-	n = min(n, int(b.tokens))
-	b.tokens -= float64(n)
-	return n
-}
-
-// next is when the bucket holds a second's worth of tokens again (a
-// burst's, when that is less): a worker held back by the budget wakes
-// once a second, not once a token.
-func (b *retryBudget) next(rate float64, burst int) time.Time {
-	want := min(max(rate, 1), float64(burst))
-	if b.at.IsZero() || b.tokens >= want {
-		return b.at
-	}
-	return b.at.Add(time.Duration((want - b.tokens) / rate * float64(time.Second)))
 }
 
 // foreignHold is a port the peer holds for another party.
@@ -175,40 +142,6 @@ func (w *sinkWorker) loadRecord() {
 	if len(es) > 0 {
 		w.log.Info("ownership record read", zap.Int("ports", len(es)), zap.String("path", w.record.path))
 	}
-}
-
-// want returns the claim the sink should hold for sk: the earliest one it
-// takes.
-func (r *Router) want(w *sinkWorker, sk sinkKey) (claim, bool) {
-	for _, c := range r.ledger.byPort[portKey{sk.proto, sk.port}] {
-		if (w.keying == ByPort || hostAddr(c.port) == sk.ip) && w.takes(c) {
-			return c, true
-		}
-	}
-	return claim{}, false
-}
-
-// pushAll queues every key the sink holds or should hold; the caller holds
-// r.mu.
-func (r *Router) pushAll(w *sinkWorker) {
-	for _, k := range slices.SortedFunc(maps.Keys(w.acked), compareSinkKeys) {
-		w.dirty.push(k)
-	}
-	for _, pk := range slices.SortedFunc(maps.Keys(r.ledger.byPort), comparePortKeys) {
-		for _, c := range r.ledger.byPort[pk] {
-			if w.takes(c) {
-				w.dirty.push(w.keyOf(c.port))
-			}
-		}
-	}
-}
-
-func compareSinkKeys(a, b sinkKey) int {
-	return cmp.Or(cmp.Compare(a.proto, b.proto), cmp.Compare(a.port, b.port), a.ip.Compare(b.ip))
-}
-
-func comparePortKeys(a, b portKey) int {
-	return cmp.Or(cmp.Compare(a.proto, b.proto), cmp.Compare(a.port, b.port))
 }
 
 func (w *sinkWorker) run(ctx context.Context, r *Router, syncGo <-chan struct{}) {
@@ -342,55 +275,6 @@ func (w *sinkWorker) wait(ctx context.Context, r *Router, next time.Time, syncGo
 	return false
 }
 
-// nextRetry is when the earliest failing port is due, or, when the retry
-// budget held due ones back, when it allows one more; the caller holds
-// r.mu.
-func (r *Router) nextRetry(w *sinkWorker) time.Time {
-	if w.overBudget {
-		return w.retries.next(r.cfg.RetryRate, r.cfg.RetryBurst)
-	}
-	var next time.Time
-	for _, f := range w.failing {
-		if !f.permanent && !f.idle && (next.IsZero() || f.next.Before(next)) {
-			next = f.next
-		}
-	}
-	return next
-}
-
-// pushDue queues the failing ports whose retry is due, as many as the
-// retry budget allows (which ones, when not all may go, is left to the
-// map's order: every due port has the same chance each time); the caller
-// holds r.mu.
-func (r *Router) pushDue(w *sinkWorker, now time.Time) {
-	avail := -1 // the tokens, counted at the first due port
-	w.overBudget = false
-	for sk, f := range w.failing {
-		if f.idle {
-			if now.Sub(f.at) > keepRefusal {
-				delete(w.failing, sk)
-			}
-			continue
-		}
-		if f.permanent || f.next.After(now) || w.dirty.has(sk) {
-			continue
-		}
-		if avail < 0 {
-			avail = w.retries.take(now, r.cfg.RetryBurst, r.cfg.RetryRate, r.cfg.RetryBurst)
-		}
-		if avail == 0 {
-			w.overBudget = true
-			break
-		}
-		avail--
-		f.granted = true
-		w.dirty.push(sk)
-	}
-	if avail > 0 {
-		w.retries.tokens += float64(avail) // not needed: back in the bucket
-	}
-}
-
 // noteError records err as the sink's last error; the caller holds r.mu.
 func (w *sinkWorker) noteError(err error) {
 	w.stats.LastError = err.Error()
@@ -459,108 +343,13 @@ func (w *sinkWorker) reconcile(ctx context.Context, r *Router) error {
 	}
 	// Queue only what may need a change: wanted ports the peer does not
 	// hold for anyone, and held ones a run before this left.
-	for _, cs := range r.ledger.byPort {
-		for _, c := range cs {
-			if !w.takes(c) {
-				continue
-			}
-			sk := w.keyOf(c.port)
-			_, ours := w.acked[sk]
-			_, other := w.foreign[sk]
-			if !ours && !other {
-				w.dirty.push(sk)
-			}
-		}
-	}
+	r.pushUnheld(w)
 	for sk := range w.inherited {
 		w.dirty.push(sk)
 	}
 	w.stats.Syncs++
 	r.notify()
 	return nil
-}
-
-// step is what one key needs: a remove, an add, or both (in that order).
-type step struct {
-	key         sinkKey
-	remove, add *exposure
-}
-
-func (s step) sameAs(o step) bool {
-	same := func(a, b *exposure) bool {
-		return (a == nil) == (b == nil) && (a == nil || a.same(*b) && a.Claim == b.Claim && a.Port == b.Port)
-	}
-	return s.key == o.key && same(s.remove, o.remove) && same(s.add, o.add)
-}
-
-// plan decides what sk needs; the caller holds r.mu.
-func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
-	c, wanted := r.want(w, sk)
-	a, had := w.acked[sk]
-	if f := w.failing[sk]; f != nil && !f.permanent {
-		if !wanted && !had {
-			// The port went while refused. Its refusal is kept a while,
-			// so that a port that comes straight back (a source that
-			// loses and finds it again) is a retry, not a first attempt.
-			f.idle = true
-			delete(w.forced, sk)
-			delete(w.queuedAt, sk)
-			return step{}, false
-		}
-		f.idle = false
-		if f.next.After(now) {
-			return step{}, false // its retry timer brings it back
-		}
-		// A retry, whoever queued it (a reconcile queues every port the
-		// peer lacks), is let through by the budget.
-		if !f.granted {
-			if w.retries.take(now, 1, r.cfg.RetryRate, r.cfg.RetryBurst) == 0 {
-				w.overBudget = true
-				return step{}, false
-			}
-			f.granted = true
-		}
-	}
-	st := step{key: sk}
-	switch {
-	case wanted && had:
-		if w.synced {
-			delete(w.inherited, sk) // a source reports it: it is simply held now
-		}
-		e := c.exposure()
-		if a.same(e) {
-			if !w.forced[sk] {
-				delete(w.failing, sk)
-				delete(w.queuedAt, sk)
-				return step{}, false
-			}
-		} else {
-			st.remove = &a
-		}
-		st.add = &e
-	case wanted:
-		if _, other := w.foreign[sk]; other {
-			delete(w.failing, sk)
-			delete(w.queuedAt, sk)
-			return step{}, false
-		}
-		e := c.exposure()
-		if f := w.failing[sk]; f != nil && f.permanent && f.exp.same(e) {
-			return step{}, false // refused for good until the port changes
-		}
-		st.add = &e
-	case had:
-		if _, waiting := r.unsynced[a.Claim.Source]; waiting && w.inherited[sk] && !w.synced {
-			return step{}, false // its source may still report it
-		}
-		st.remove = &a
-	default:
-		delete(w.failing, sk)
-		delete(w.forced, sk)
-		delete(w.queuedAt, sk)
-		return step{}, false
-	}
-	return st, true
 }
 
 // deliverBatch plans and sends up to batchSize keys. It returns an error
@@ -713,16 +502,6 @@ func (w *sinkWorker) execute(ctx context.Context, r *Router, st step) error {
 		w.fail(r, st.key, *st.add, err)
 	}
 	return nil
-}
-
-// delivered reports a port the sink took to the Delivered hook, timed from
-// when a source's change first queued it; the caller holds r.mu.
-func (r *Router) delivered(w *sinkWorker, sk sinkKey, e exposure, remove bool) {
-	at, ok := w.queuedAt[sk]
-	delete(w.queuedAt, sk)
-	if ok && r.cfg.Delivered != nil {
-		r.cfg.Delivered(w.name, e.Claim.Source, remove, time.Since(at))
-	}
 }
 
 // fail schedules a retry of sk on its own backoff; the caller holds r.mu.
