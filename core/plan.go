@@ -26,72 +26,176 @@ func (r *Router) want(w *sinkWorker, sk sinkKey) (claim, bool) {
 	return claim{}, false
 }
 
-// plan decides what sk needs; the caller holds r.mu.
-func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
-	c, wanted := r.want(w, sk)
-	a, had := w.acked[sk]
-	if f := w.failing[sk]; f != nil && !f.permanent {
-		if !wanted && !had {
-			// The port went while refused. Its refusal is kept a while,
-			// so that a port that comes straight back (a source that
-			// loses and finds it again) is a retry, not a first attempt.
-			f.idle = true
-			delete(w.forced, sk)
-			delete(w.queuedAt, sk)
-			return step{}, false
+// planInput is what planStep knows of one key of one sink: the state the
+// router and the sink's worker keep for it, gathered under Router.mu.
+type planInput struct {
+	key sinkKey
+	now time.Time
+
+	want   exposure // what the sink should hold, when wanted
+	wanted bool     // a claim the sink takes wants the key
+	acked  exposure // what the peer holds from this agent, when held
+	held   bool     // the peer holds the key from this agent
+
+	failure   *portFailure // the peer's refusal of the key, nil when none; planStep only reads it
+	foreign   bool         // the peer holds the key for another party
+	forced    bool         // to be added again although held (the peer lost it)
+	inherited bool         // held since a previous run and not yet seen in this one
+	synced    bool         // the worker's first full reconcile ran
+	unsynced  bool         // the source of acked's claim has yet to send its first snapshot
+
+	budget budgetAnswer // what the retry budget said of a retry that is due
+}
+
+// budgetAnswer is what the retry budget said of a key's due retry.
+type budgetAnswer int
+
+const (
+	budgetUnasked budgetAnswer = iota // not asked: planStep asks for it with askBudget
+	budgetGranted                     // a token was taken for the retry
+	budgetDenied                      // no token was left
+)
+
+// planEffects are the changes of state that come with a planned step,
+// for the caller of planStep to apply.
+type planEffects struct {
+	// askBudget: the key is a due retry that the budget has not let
+	// through yet; take a token and plan it again with the answer.
+	askBudget bool
+	// overBudget: the budget held the retry back.
+	overBudget bool
+	// grant: a token was taken for the failure's retry (its granted).
+	grant bool
+	// idle and unidle set the failure's idle: the port went while refused
+	// (its refusal is kept a while, so that a port that comes straight
+	// back is a retry, not a first attempt), or it is wanted again.
+	idle, unidle bool
+
+	dropFailure   bool // delete the key's failure
+	dropForced    bool // delete the key's forced
+	dropQueuedAt  bool // delete the time a source's change queued the key
+	dropInherited bool // the key is simply held now: a source reports it
+}
+
+// needed reports whether s sends anything.
+func (s step) needed() bool { return s.remove != nil || s.add != nil }
+
+// planStep decides what a key needs from what in says of it, and the
+// changes of state that come with the decision. It changes nothing.
+func planStep(in planInput) (step, planEffects) {
+	var eff planEffects
+	if f := in.failure; f != nil && !f.permanent {
+		if !in.wanted && !in.held {
+			return step{}, planEffects{idle: true, dropForced: true, dropQueuedAt: true}
 		}
-		f.idle = false
-		if f.next.After(now) {
-			return step{}, false // its retry timer brings it back
+		eff.unidle = true
+		if f.next.After(in.now) {
+			return step{}, eff // its retry timer brings it back
 		}
 		// A retry, whoever queued it (a reconcile queues every port the
 		// peer lacks), is let through by the budget.
 		if !f.granted {
-			if w.retries.take(now, 1, r.cfg.RetryRate, r.cfg.RetryBurst) == 0 {
-				w.overBudget = true
-				return step{}, false
+			switch in.budget {
+			case budgetUnasked:
+				eff.askBudget = true
+				return step{}, eff
+			case budgetDenied:
+				eff.overBudget = true
+				return step{}, eff
 			}
-			f.granted = true
+			eff.grant = true
 		}
 	}
-	st := step{key: sk}
+	st := step{key: in.key}
 	switch {
-	case wanted && had:
-		if w.synced {
-			delete(w.inherited, sk) // a source reports it: it is simply held now
-		}
-		e := c.exposure()
+	case in.wanted && in.held:
+		eff.dropInherited = in.synced
+		e, a := in.want, in.acked
 		if a.same(e) {
-			if !w.forced[sk] {
-				delete(w.failing, sk)
-				delete(w.queuedAt, sk)
-				return step{}, false
+			if !in.forced {
+				eff.dropFailure, eff.dropQueuedAt = true, true
+				return step{}, eff
 			}
 		} else {
 			st.remove = &a
 		}
 		st.add = &e
-	case wanted:
-		if _, other := w.foreign[sk]; other {
-			delete(w.failing, sk)
-			delete(w.queuedAt, sk)
-			return step{}, false
+	case in.wanted:
+		if in.foreign {
+			eff.dropFailure, eff.dropQueuedAt = true, true
+			return step{}, eff
 		}
-		e := c.exposure()
-		if f := w.failing[sk]; f != nil && f.permanent && f.exp.same(e) {
-			return step{}, false // refused for good until the port changes
+		if f := in.failure; f != nil && f.permanent && f.exp.same(in.want) {
+			return step{}, eff // refused for good until the port changes
 		}
+		e := in.want
 		st.add = &e
-	case had:
-		if _, waiting := r.unsynced[a.Claim.Source]; waiting && w.inherited[sk] && !w.synced {
-			return step{}, false // its source may still report it
+	case in.held:
+		if in.unsynced && in.inherited && !in.synced {
+			return step{}, eff // its source may still report it
 		}
+		a := in.acked
 		st.remove = &a
 	default:
-		delete(w.failing, sk)
-		delete(w.forced, sk)
-		delete(w.queuedAt, sk)
-		return step{}, false
+		eff.dropFailure, eff.dropForced, eff.dropQueuedAt = true, true, true
+		return step{}, eff
 	}
-	return st, true
+	return st, eff
+}
+
+// plan decides what sk needs with planStep and applies the changes of
+// state that come with it, asking the retry budget for a token when
+// planStep does; the caller holds r.mu.
+func (r *Router) plan(w *sinkWorker, sk sinkKey, now time.Time) (step, bool) {
+	in := planInput{
+		key:       sk,
+		now:       now,
+		failure:   w.failing[sk],
+		forced:    w.forced[sk],
+		inherited: w.inherited[sk],
+		synced:    w.synced,
+	}
+	var c claim
+	if c, in.wanted = r.want(w, sk); in.wanted {
+		in.want = c.exposure()
+	}
+	if in.acked, in.held = w.acked[sk]; in.held {
+		_, in.unsynced = r.unsynced[in.acked.Claim.Source]
+	}
+	_, in.foreign = w.foreign[sk]
+	st, eff := planStep(in)
+	if eff.askBudget {
+		in.budget = budgetDenied
+		if w.retries.take(now, 1, r.cfg.RetryRate, r.cfg.RetryBurst) > 0 {
+			in.budget = budgetGranted
+		}
+		st, eff = planStep(in)
+	}
+	if f := in.failure; f != nil {
+		switch {
+		case eff.idle:
+			f.idle = true
+		case eff.unidle:
+			f.idle = false
+		}
+		if eff.grant {
+			f.granted = true
+		}
+	}
+	if eff.overBudget {
+		w.overBudget = true
+	}
+	if eff.dropFailure {
+		delete(w.failing, sk)
+	}
+	if eff.dropForced {
+		delete(w.forced, sk)
+	}
+	if eff.dropQueuedAt {
+		delete(w.queuedAt, sk)
+	}
+	if eff.dropInherited {
+		delete(w.inherited, sk)
+	}
+	return st, st.needed()
 }
