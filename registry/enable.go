@@ -83,31 +83,25 @@ func (b *Bound) bindEnables(sources []SourcePlugin) error {
 	return nil
 }
 
-// EnabledSources returns the sources the enable flags turn on in mode, in
-// flag order, given which flags the command line set (fs.Changed). skipped
-// are those on by default only, left out of this build; a source asked for
-// by its flag but left out is in names, so building it fails with a clear
-// error.
-func (b *Bound) EnabledSources(mode core.Mode, changed func(flag string) bool) (names, skipped []string) {
+// EnabledSources returns the sources the enable flags turn on in mode,
+// given which flags the command line set (fs.Changed). A source this build
+// leaves out is in it when its flag is given true, so that building it
+// fails with a clear error.
+func (b *Bound) EnabledSources(mode core.Mode, changed func(flag string) bool) []string {
+	var names []string
 	for _, e := range b.enables {
-		given := changed(e.Flag)
 		on := *e.on
 		switch {
-		case e.absent:
 		case e.ImpliedBy != "":
 			on = on && b.flagOn(e.ImpliedBy)
-		case e.Modes != nil && !given:
+		case e.Modes != nil && !changed(e.Flag):
 			on = slices.Contains(e.Modes, mode)
 		}
-		switch {
-		case !on:
-		case !given && !b.hasSource(e.source):
-			skipped = append(skipped, e.source)
-		default:
+		if on {
 			names = append(names, e.source)
 		}
 	}
-	return names, skipped
+	return names
 }
 
 // K8sAPI reports whether the enable flag of a source that declares K8sAPI
@@ -141,11 +135,6 @@ func (b *Bound) flagOn(source string) bool {
 		}
 	}
 	return false
-}
-
-func (b *Bound) hasSource(name string) bool {
-	_, ok := b.sources[name]
-	return ok
 }
 
 // GuestAddrFlags returns the flags of the bound plugins that take this

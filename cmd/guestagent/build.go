@@ -41,13 +41,7 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 		WSLIntegration:         cfg.wslIntegration,
 	}}
 
-	sourceNames, skipped := bound.EnabledSources(mode, cfg.changed)
-	for _, n := range skipped {
-		// On by default, but this build leaves the plugin out
-		// (make build PLUGINS=...); asked for by its flag, it is an error.
-		log.Info("source on by default is not in this build", zap.String("source", n))
-	}
-	sourceNames = dedupe(append(sourceNames, cfg.sources...))
+	sourceNames := dedupe(append(bound.EnabledSources(mode, cfg.changed), cfg.sources...))
 	if len(sourceNames) == 0 {
 		return nil, fmt.Errorf("no source enabled: use %s or --sources NAME", strings.Join(bound.EnableFlags(), ", "))
 	}
