@@ -3,6 +3,11 @@
 // plugins add themselves to, with their own flags, from an init function,
 // and that the command binds (cmd/guestagent/plugins.go blank-imports every
 // plugin).
+//
+// What the command needs to know of a plugin, it reads here, not from a
+// list of names: a source's Rancher Desktop-compatible enable flag and when
+// it is on by default (Enable), the flags that take the guest's address
+// (GuestAddrFlags), and when --sinks=auto selects a sink (Auto).
 package registry
 
 import (
