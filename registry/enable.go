@@ -66,16 +66,18 @@ func (b *Bound) bindEnables(sources []SourcePlugin) error {
 			if implier < 0 {
 				// A build without the implying source has no flag to turn
 				// this one on: it stays off.
-				if _, known := rancherDesktopFlags[e.ImpliedBy]; !known || have[e.ImpliedBy] {
-					return fmt.Errorf("source %s: --%s is implied by source %q, which has no enable flag in this build", p.Name, e.Flag, e.ImpliedBy)
+				if have[e.ImpliedBy] {
+					return fmt.Errorf("source %s: --%s is implied by source %q, which has no enable flag", p.Name, e.Flag, e.ImpliedBy)
+				}
+				if _, known := rancherDesktopFlags[e.ImpliedBy]; !known {
+					return fmt.Errorf("source %s: --%s is implied by source %q, which is not registered", p.Name, e.Flag, e.ImpliedBy)
 				}
 			}
 		}
 		b.enables = append(b.enables, &enabler{Enable: *e, source: p.Name, on: b.Enabling.Bool(e.Flag, e.ImpliedBy != "", e.Usage)})
 	}
 	for _, flag := range slices.Sorted(maps.Keys(rancherDesktopFlags)) {
-		if b.Enabling.Lookup(flag) == nil {
-			src := rancherDesktopFlags[flag]
+		if src := rancherDesktopFlags[flag]; b.Enabling.Lookup(flag) == nil && !have[src] {
 			b.enables = append(b.enables, &enabler{Enable: Enable{Flag: flag}, source: src, absent: true,
 				on: b.Enabling.Bool(flag, false, fmt.Sprintf("enable source %s, which this build leaves out (true is an error)", src))})
 		}
