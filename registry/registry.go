@@ -85,6 +85,10 @@ type SourcePlugin struct {
 	Name string
 	// Summary is one line for --help.
 	Summary string
+	// Noun says what one of its mappings is, before the mapping's ID, in
+	// what 'guestagent explain' prints: "Docker container" gives "Docker
+	// container 4f1c…". Empty: "ID of source NAME".
+	Noun string
 	// Setup defines the plugin's flags on fs and returns the factory, which
 	// copies them (and what it needs of Env) into the plugin's Config after
 	// parsing and calls its New. Flags are prefixed with the plugin name,

@@ -73,6 +73,7 @@ func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "containers' ports from the containerd API and nerdctl's port data",
+		Noun:    "containerd container",
 		Enable: &registry.Enable{Flag: "containerd",
 			Usage: "watch the containerd API for /tasks/start, /containers/update and /tasks/exit"},
 		GuestAddrFlags: []string{Name + "NATGuestIP"},

@@ -44,6 +44,7 @@ func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "containers' published ports from the Docker (moby) API",
+		Noun:    "Docker container",
 		Enable: &registry.Enable{Flag: "docker",
 			Usage: "watch the Docker (moby) API for container start/stop/die and their published ports"},
 		GuestAddrFlags: []string{Name + "NATGuestIP"},

@@ -63,6 +63,7 @@ func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "service ports in kube-proxy's and CNI's NAT rules (iptables and nftables), with listeners",
+		Noun:    "NAT rule",
 		Enable: &registry.Enable{Flag: "iptables", ImpliedBy: "kubernetes",
 			Usage: "with --kubernetes: scan kube-proxy's NAT rules for service ports and open their listeners"},
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
