@@ -68,6 +68,11 @@ func TestTapInterfaceIPSetsEveryGuestAddress(t *testing.T) {
 			t.Errorf("--%s = %s, want %s", name, got, want)
 		}
 	}
+	// Set for it, the relay's address still counts as not given: the
+	// sockets source relays it in network-tunnel mode only.
+	if fs.Changed("socketsRelayAddr") {
+		t.Error("--tap-interface-ip marked --socketsRelayAddr as given")
+	}
 }
 
 func runCLI(t *testing.T, args ...string) (int, string, string) {
