@@ -21,35 +21,61 @@ type Group struct {
 // Bound holds every registered plugin with its flags defined on one flag
 // set, ready to build the plugins a command line selects.
 type Bound struct {
-	Groups  []Group
-	sources map[string]SourceFactory
-	sinks   map[string]SinkFactory
+	Groups []Group
+	// Enabling holds the sources' Rancher Desktop-compatible enable flags
+	// (see Enable), also defined on the bound flag set.
+	Enabling    *pflag.FlagSet
+	sources     map[string]SourceFactory
+	sinks       map[string]SinkFactory
+	sinkPlugins []SinkPlugin
+	enables     []*enabler
+	guestAddr   []string
 }
 
 // Bind defines the flags of every plugin in r on fs and returns the
-// plugins' factories. Each call gets fresh flag variables, so tests can bind
-// several flag sets independently.
+// plugins' factories, and the sources' enable flags. Each call gets fresh
+// flag variables, so tests can bind several flag sets independently. It
+// refuses a flag name taken twice, a declared guest address flag the
+// plugin lacks, and an enable flag implied by a source that has none.
 func (r *Registry) Bind(fs *pflag.FlagSet) (*Bound, error) {
 	b := &Bound{sources: map[string]SourceFactory{}, sinks: map[string]SinkFactory{}}
-	for _, p := range r.Sources() {
+	sources := r.Sources()
+	for _, p := range sources {
 		g := Group{Kind: "source", Name: p.Name, Summary: p.Summary, Flags: pflag.NewFlagSet(p.Name, pflag.ContinueOnError)}
 		b.sources[p.Name] = p.Setup(g.Flags)
-		if err := b.merge(fs, g); err != nil {
+		if err := checkGuestAddr(g.Kind, p.Name, p.GuestAddrFlags, g.Flags); err != nil {
 			return nil, err
 		}
+		if err := merge(fs, g); err != nil {
+			return nil, err
+		}
+		b.Groups = append(b.Groups, g)
+		b.guestAddr = append(b.guestAddr, p.GuestAddrFlags...)
 	}
 	for _, p := range r.Sinks() {
 		g := Group{Kind: "sink", Name: p.Name, Summary: p.Summary, Flags: pflag.NewFlagSet(p.Name, pflag.ContinueOnError)}
 		b.sinks[p.Name] = p.Setup(g.Flags)
-		if err := b.merge(fs, g); err != nil {
+		if err := checkGuestAddr(g.Kind, p.Name, p.GuestAddrFlags, g.Flags); err != nil {
 			return nil, err
 		}
+		if err := merge(fs, g); err != nil {
+			return nil, err
+		}
+		b.Groups = append(b.Groups, g)
+		b.guestAddr = append(b.guestAddr, p.GuestAddrFlags...)
+		b.sinkPlugins = append(b.sinkPlugins, p)
+	}
+	if err := b.bindEnables(sources); err != nil {
+		return nil, err
+	}
+	if err := merge(fs, Group{Kind: "source", Name: "enable flags", Flags: b.Enabling}); err != nil {
+		return nil, err
 	}
 	return b, nil
 }
 
 // merge adds g's flags to fs, refusing a name that is already taken.
-func (b *Bound) merge(fs *pflag.FlagSet, g Group) error {
+func merge(fs *pflag.FlagSet, g Group) error {
 	var err error
 	g.Flags.VisitAll(func(f *pflag.Flag) {
 		if err == nil && fs.Lookup(f.Name) != nil {
@@ -60,7 +86,6 @@ func (b *Bound) merge(fs *pflag.FlagSet, g Group) error {
 		return err
 	}
 	fs.AddFlagSet(g.Flags)
-	b.Groups = append(b.Groups, g)
 	return nil
 }
 

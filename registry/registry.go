@@ -3,6 +3,11 @@
 // plugins add themselves to, with their own flags, from an init function,
 // and that the command binds (cmd/guestagent/plugins.go blank-imports every
 // plugin).
+//
+// What the command needs to know of a plugin, it reads here, not from a
+// list of names: a source's Rancher Desktop-compatible enable flag and when
+// it is on by default (Enable), the flags that take the guest's address
+// (GuestAddrFlags), and when --sinks=auto selects a sink (Auto).
 package registry
 
 import (
@@ -37,6 +42,9 @@ type Options struct {
 	K8sServiceListenerAddr netip.Addr
 	// K8sAPIPort is the Kubernetes API server port.
 	K8sAPIPort uint16
+	// WSLIntegration is on while other WSL distributions should reach the
+	// ports too (--wslIntegration).
+	WSLIntegration bool
 	// Entries are where the selected sinks' peers bring the host side's
 	// traffic into the guest besides the tunnel (whose interface and
 	// address the sources' own flags name): sources that make
@@ -77,11 +85,23 @@ type SourcePlugin struct {
 	Name string
 	// Summary is one line for --help.
 	Summary string
+	// Noun says what one of its mappings is, before the mapping's ID, in
+	// what 'guestagent explain' prints: "Docker container" gives "Docker
+	// container 4f1c…". Empty: "ID of source NAME".
+	Noun string
 	// Setup defines the plugin's flags on fs and returns the factory, which
 	// copies them (and what it needs of Env) into the plugin's Config after
 	// parsing and calls its New. Flags are prefixed with the plugin name,
 	// except the Rancher Desktop-compatible ones.
 	Setup func(fs *pflag.FlagSet) SourceFactory
+	// Enable, when set, is the source's Rancher Desktop-compatible enable
+	// flag and its defaults; without it the source is on only by
+	// --sources.
+	Enable *Enable
+	// GuestAddrFlags name the flags of Setup that take this guest's
+	// address on the virtual network: --tap-interface-ip sets those not
+	// given.
+	GuestAddrFlags []string
 }
 
 // SinkPlugin describes a sink plugin, as SourcePlugin does a source.
@@ -89,6 +109,15 @@ type SinkPlugin struct {
 	Name    string
 	Summary string
 	Setup   func(fs *pflag.FlagSet) SinkFactory
+	// GuestAddrFlags are as for SourcePlugin.
+	GuestAddrFlags []string
+	// Auto says whether --sinks=auto (the default) selects the sink with
+	// these settings (their Mode, mostly); nil: never.
+	Auto func(Options) bool
+	// HostPorts is set by sinks that expose ports on the host: the static
+	// Kubernetes API mapping, which only a peer inside the VM's network
+	// wants, is kept away from them.
+	HostPorts bool
 }
 
 // Registry holds plugins by name. Its methods are safe for concurrent use.
@@ -117,12 +146,26 @@ func RegisterSink(p SinkPlugin) { Default.RegisterSink(p) }
 func Bind(fs *pflag.FlagSet) (*Bound, error) { return Default.Bind(fs) }
 
 // RegisterSource adds a source plugin. It panics on an empty or duplicate
-// name or a missing Setup: both are mistakes in the plugin's code, caught
-// the first time the binary runs.
+// name, a missing Setup, or an enable flag without a name or taken by
+// another source: all are mistakes in the plugin's code, caught the first
+// time the binary runs.
 func (r *Registry) RegisterSource(p SourcePlugin) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	check("source", p.Name, p.Setup == nil, r.sources)
+	if e := p.Enable; e != nil {
+		if e.Flag == "" {
+			panic(fmt.Sprintf("registry: source plugin %q has an enable flag without a name", p.Name))
+		}
+		for _, q := range r.sources {
+			if q.Enable != nil && q.Enable.Flag == e.Flag {
+				panic(fmt.Sprintf("registry: enable flag --%s of source plugin %q is taken by %q", e.Flag, p.Name, q.Name))
+			}
+		}
+		if rd, ok := rancherDesktopFlags[e.Flag]; ok && rd != p.Name {
+			panic(fmt.Sprintf("registry: enable flag --%s of source plugin %q is Rancher Desktop's flag for %q", e.Flag, p.Name, rd))
+		}
+	}
 	r.sources[p.Name] = p
 }
 

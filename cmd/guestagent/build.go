@@ -14,9 +14,6 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/registry"
-	"github.com/guestagent/guestagent/sinks/hostswitch"
-	"github.com/guestagent/guestagent/sinks/vtunnel"
-	"github.com/guestagent/guestagent/sinks/wslproxy"
 )
 
 // k8sAPISource is the name under which the static Kubernetes API mapping is
@@ -41,38 +38,17 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 		Mode:                   mode,
 		K8sServiceListenerAddr: listener,
 		K8sAPIPort:             uint16(cfg.k8sAPIPort),
+		WSLIntegration:         cfg.wslIntegration,
 	}}
-	kubernetes := *cfg.enabled["kubernetes"]
 
-	var sourceNames []string
-	for _, s := range sourceFlags {
-		on := *cfg.enabled[s.plugin]
-		switch s.plugin {
-		case "iptables":
-			on = on && kubernetes
-		case "sockets":
-			if !cfg.given[s.plugin] {
-				on = mode == core.ModeTunnel
-			}
-		}
-		if on && !cfg.given[s.plugin] && !slices.Contains(bound.SourceNames(), s.plugin) {
-			// On by default, but this build leaves the plugin out
-			// (make build PLUGINS=...); asked for by name, it is an error.
-			log.Info("source on by default is not in this build", zap.String("source", s.plugin))
-			on = false
-		}
-		if on {
-			sourceNames = append(sourceNames, s.plugin)
-		}
-	}
-	sourceNames = dedupe(append(sourceNames, cfg.sources...))
+	sourceNames := dedupe(append(bound.EnabledSources(mode, cfg.changed), cfg.sources...))
 	if len(sourceNames) == 0 {
-		return nil, errors.New("no source enabled: use --docker, --containerd, --kubernetes, --sockets or --sources NAME")
+		return nil, fmt.Errorf("no source enabled: use %s or --sources NAME", strings.Join(bound.EnableFlags(), ", "))
 	}
 	var sinkNames []string
 	for _, n := range cfg.sinks {
 		if n == "auto" {
-			sinkNames = append(sinkNames, modeSinks(mode, cfg.wslIntegration)...)
+			sinkNames = append(sinkNames, bound.AutoSinks(env.Options)...)
 		} else {
 			sinkNames = append(sinkNames, n)
 		}
@@ -111,11 +87,11 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 		}
 		router.AddSource(n, src)
 	}
-	if kubernetes {
+	if bound.K8sAPI() {
 		router.AddSource(k8sAPISource, k8sAPIMapping(uint16(cfg.k8sAPIPort)))
 	}
 	for i, n := range sinkNames {
-		router.AddSink(n, sinks[i], acceptFor(n))
+		router.AddSink(n, sinks[i], acceptFor(bound, n))
 	}
 	log.Info("configuration",
 		zap.Stringer("mode", mode),
@@ -132,24 +108,11 @@ func drainTimeout(on bool) time.Duration {
 	return 0
 }
 
-// modeSinks returns the names of the sinks a networking mode delivers to;
-// wsl adds the copy to wsl-proxy that WSL integration needs.
-func modeSinks(m core.Mode, wsl bool) []string {
-	switch {
-	case m == core.ModePrivileged:
-		return []string{vtunnel.Name}
-	case wsl:
-		return []string{hostswitch.Name, wslproxy.Name}
-	default:
-		return []string{hostswitch.Name}
-	}
-}
-
 // acceptFor keeps the static Kubernetes API mapping away from the sinks
-// that expose ports on the host: only wsl-proxy (and the debugging sinks)
-// want it.
-func acceptFor(sink string) func(core.Key) bool {
-	if sink == hostswitch.Name || sink == vtunnel.Name {
+// that expose ports on the host (registry.SinkPlugin.HostPorts): only
+// wsl-proxy (and the debugging sinks) want it.
+func acceptFor(b *registry.Bound, sink string) func(core.Key) bool {
+	if b.HostPorts(sink) {
 		return func(k core.Key) bool { return k.Source != k8sAPISource }
 	}
 	return nil

@@ -20,6 +20,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/guestagent/guestagent/core"
+	"github.com/guestagent/guestagent/registry"
 )
 
 // The commands: version, and those that talk to a running agent over its
@@ -615,18 +616,15 @@ func explain(st core.Status, proto core.Protocol, port uint16) explanation {
 
 // who names what claimed a port: "Docker container 4f1c…", "NAT rule
 // tcp/30080".
+// The noun of each source is its registration's (registry.SourcePlugin.Noun).
 func who(k core.Key) string {
-	nouns := map[string]string{
-		"docker":     "Docker container",
-		"containerd": "containerd container",
-		"kubernetes": "Kubernetes service",
-		"iptables":   "NAT rule",
-		"static":     "static file entry",
-		"sockets":    "listening socket",
-		k8sAPISource: "Kubernetes API mapping",
+	if k.Source == k8sAPISource {
+		return "Kubernetes API mapping " + k.ID
 	}
-	if n, ok := nouns[k.Source]; ok {
-		return n + " " + k.ID
+	for _, p := range registry.Default.Sources() {
+		if p.Name == k.Source && p.Noun != "" {
+			return p.Noun + " " + k.ID
+		}
 	}
 	return fmt.Sprintf("%s of source %s", k.ID, k.Source)
 }

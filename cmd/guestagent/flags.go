@@ -6,45 +6,31 @@ import (
 	"strings"
 
 	"github.com/spf13/pflag"
+
+	"github.com/guestagent/guestagent/registry"
 )
-
-// sourceFlag is one of the Rancher Desktop-compatible boolean flags that
-// enable a source.
-type sourceFlag struct {
-	flag, plugin, usage string
-	def                 bool
-}
-
-var sourceFlags = []sourceFlag{
-	{"docker", "docker", "watch the Docker (moby) API for container start/stop/die and their published ports", false},
-	{"containerd", "containerd", "watch the containerd API for /tasks/start, /containers/update and /tasks/exit", false},
-	{"kubernetes", "kubernetes", "watch Kubernetes services of type NodePort and LoadBalancer", false},
-	{"iptables", "iptables", "with --kubernetes: scan kube-proxy's NAT rules for service ports and open their listeners", true},
-	{"sockets", "sockets", "expose the listening sockets of the agent's network namespace (host-network containers and pods, plain processes); default: on in network-tunnel mode (--adminInstall), off otherwise", false},
-}
 
 // config is the parsed command line.
 type config struct {
-	debug, showVersion      bool
-	sources, sinks          []string
-	adminInstall, privSvc   bool
-	wslIntegration          bool
-	k8sListener             string
-	k8sAPIPort              int
-	unexposeOnExit          bool
-	statusAddr              string
-	statusAllowRemote       bool
-	pprof                   bool
-	controlSocket           string
-	stateDir                string
-	tapIP                   string
-	enabled                 map[string]*bool // by plugin name
-	given                   map[string]bool  // by plugin name: its enabling flag was on the command line
-	general, mode, enabling *pflag.FlagSet
+	debug, showVersion    bool
+	sources, sinks        []string
+	adminInstall, privSvc bool
+	wslIntegration        bool
+	k8sListener           string
+	k8sAPIPort            int
+	unexposeOnExit        bool
+	statusAddr            string
+	statusAllowRemote     bool
+	pprof                 bool
+	controlSocket         string
+	stateDir              string
+	tapIP                 string
+	changed               func(flag string) bool // whether the command line set the flag
+	general, mode         *pflag.FlagSet
 }
 
 func defineFlags(fs *pflag.FlagSet) *config {
-	c := &config{enabled: map[string]*bool{}}
+	c := &config{changed: fs.Changed}
 	c.general = pflag.NewFlagSet("general", pflag.ContinueOnError)
 	c.general.BoolVar(&c.debug, "debug", false, "debug logging")
 	c.general.BoolVar(&c.showVersion, "version", false, "print the version and exit")
@@ -63,36 +49,23 @@ func defineFlags(fs *pflag.FlagSet) *config {
 	c.mode.BoolVar(&c.wslIntegration, "wslIntegration", true, "also send mappings to wsl-proxy so other WSL distributions reach them (not in privileged-service mode)")
 	c.mode.StringVar(&c.k8sListener, "k8sServiceListenerAddr", "127.0.0.1", "IP to bind Kubernetes services on the host: 0.0.0.0 or 127.0.0.1")
 	c.mode.IntVar(&c.k8sAPIPort, "k8sAPIPort", 6443, "Kubernetes API port announced to wsl-proxy so other distributions can use kubectl")
-	c.mode.StringVar(&c.tapIP, "tap-interface-ip", "", "this guest's address on the virtual network, for every plugin that needs it (--hostSwitchGuestIP and the loopback NAT guest addresses, unless given); the name Rancher Desktop's agent uses")
-
-	c.enabling = pflag.NewFlagSet("sources", pflag.ContinueOnError)
-	for _, s := range sourceFlags {
-		c.enabled[s.plugin] = c.enabling.Bool(s.flag, s.def, s.usage)
-	}
+	c.mode.StringVar(&c.tapIP, "tap-interface-ip", "", "this guest's address on the virtual network, for every plugin that needs it: it sets each plugin's guest address flag not given (--hostSwitchGuestIP, the loopback NAT guest addresses, the sockets relay's address); the name Rancher Desktop's agent uses")
 	fs.AddFlagSet(c.general)
 	fs.AddFlagSet(c.mode)
-	fs.AddFlagSet(c.enabling)
 	return c
 }
 
-// guestIPFlags are the flags --tap-interface-ip sets.
-var guestIPFlags = []string{"hostSwitchGuestIP", "dockerNATGuestIP", "containerdNATGuestIP"}
-
-// applyGuestIP sets each plugin's guest address flag that was not given to
-// ip, when ip is set.
-func applyGuestIP(fs *pflag.FlagSet, ip string) error {
+// applyGuestIP sets each plugin's guest address flag (as the plugins
+// declare them) that was not given to ip, when ip is set.
+func applyGuestIP(fs *pflag.FlagSet, b *registry.Bound, ip string) error {
 	if ip == "" {
 		return nil
 	}
 	if a, err := netip.ParseAddr(ip); err != nil || !a.Is4() {
 		return fmt.Errorf("--tap-interface-ip %q is not an IPv4 address", ip)
 	}
-	for _, name := range guestIPFlags {
-		if f := fs.Lookup(name); f != nil && !f.Changed {
-			if err := f.Value.Set(ip); err != nil {
-				return fmt.Errorf("--tap-interface-ip: --%s: %w", name, err)
-			}
-		}
+	if err := b.ApplyGuestAddr(fs, ip); err != nil {
+		return fmt.Errorf("--tap-interface-ip: %w", err)
 	}
 	return nil
 }

@@ -61,11 +61,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "guestagent: unexpected arguments %q\n", fs.Args())
 		return 2
 	}
-	cfg.given = map[string]bool{}
-	for _, s := range sourceFlags {
-		cfg.given[s.plugin] = fs.Changed(s.flag)
-	}
-	if err := applyGuestIP(fs, cfg.tapIP); err != nil {
+	if err := applyGuestIP(fs, bound, cfg.tapIP); err != nil {
 		fmt.Fprintln(stderr, "guestagent:", err)
 		return 2
 	}

@@ -48,23 +48,30 @@ func controlSocket(t testing.TB) string {
 func TestTapInterfaceIPSetsEveryGuestAddress(t *testing.T) {
 	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 	cfg := defineFlags(fs)
-	if _, err := registry.Bind(fs); err != nil {
+	b, err := registry.Bind(fs)
+	if err != nil {
 		t.Fatal(err)
 	}
 	if err := fs.Parse(longFlags(fs, []string{"-tap-interface-ip=192.168.127.9", "--dockerNATGuestIP=192.168.127.7"})); err != nil {
 		t.Fatal(err)
 	}
-	if err := applyGuestIP(fs, cfg.tapIP); err != nil {
+	if err := applyGuestIP(fs, b, cfg.tapIP); err != nil {
 		t.Fatal(err)
 	}
 	for name, want := range map[string]string{
 		"hostSwitchGuestIP":    "192.168.127.9",
 		"containerdNATGuestIP": "192.168.127.9",
+		"socketsRelayAddr":     "192.168.127.9",
 		"dockerNATGuestIP":     "192.168.127.7", // given on its own: kept
 	} {
 		if got := fs.Lookup(name).Value.String(); got != want {
 			t.Errorf("--%s = %s, want %s", name, got, want)
 		}
+	}
+	// Set for it, the relay's address still counts as not given: the
+	// sockets source relays it in network-tunnel mode only.
+	if fs.Changed("socketsRelayAddr") {
+		t.Error("--tap-interface-ip marked --socketsRelayAddr as given")
 	}
 }
 
@@ -255,14 +262,27 @@ func TestRunEndToEnd(t *testing.T) {
 	}
 }
 
+// defaultBound binds the plugins of this build to a flag set of their own.
+func defaultBound(t *testing.T) *registry.Bound {
+	t.Helper()
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	defineFlags(fs)
+	b, err := registry.Bind(fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
 func TestK8sAPIMappingOnlyForWSLProxy(t *testing.T) {
-	if acceptFor(hostswitch.Name)(core.Key{Source: k8sAPISource}) || acceptFor(vtunnel.Name)(core.Key{Source: k8sAPISource}) {
+	b := defaultBound(t)
+	if acceptFor(b, hostswitch.Name)(core.Key{Source: k8sAPISource}) || acceptFor(b, vtunnel.Name)(core.Key{Source: k8sAPISource}) {
 		t.Error("host-exposing sinks must not get the Kubernetes API mapping")
 	}
-	if !acceptFor(hostswitch.Name)(core.Key{Source: "docker"}) {
+	if !acceptFor(b, hostswitch.Name)(core.Key{Source: "docker"}) {
 		t.Error("host-switch must get other mappings")
 	}
-	if acceptFor(wslproxy.Name) != nil {
+	if acceptFor(b, wslproxy.Name) != nil {
 		t.Error("wsl-proxy must get everything")
 	}
 	r := core.NewRouter(core.RouterConfig{})
@@ -329,6 +349,7 @@ func TestSignalShutdown(t *testing.T) {
 }
 
 func TestModeSinks(t *testing.T) {
+	b := defaultBound(t)
 	for _, tt := range []struct {
 		mode core.Mode
 		wsl  bool
@@ -339,8 +360,8 @@ func TestModeSinks(t *testing.T) {
 		{core.ModeTunnel, true, []string{hostswitch.Name, wslproxy.Name}},
 		{core.ModePrivileged, true, []string{vtunnel.Name}},
 	} {
-		if got := modeSinks(tt.mode, tt.wsl); !slices.Equal(got, tt.want) {
-			t.Errorf("modeSinks(%v, %v) = %v, want %v", tt.mode, tt.wsl, got, tt.want)
+		if got := b.AutoSinks(registry.Options{Mode: tt.mode, WSLIntegration: tt.wsl}); !slices.Equal(got, tt.want) {
+			t.Errorf("auto sinks in %v (WSL integration %v) = %v, want %v", tt.mode, tt.wsl, got, tt.want)
 		}
 	}
 }

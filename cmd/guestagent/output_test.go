@@ -20,6 +20,7 @@ import (
 
 	"github.com/guestagent/guestagent/core"
 	"github.com/guestagent/guestagent/internal/testenv"
+	"github.com/guestagent/guestagent/registry"
 )
 
 // testAgent runs the agent in process (non-admin mode, the static source
@@ -381,7 +382,7 @@ func TestHelpSaysEachDefaultOnce(t *testing.T) {
 }
 
 // TestHelpNamesTheSinksOfEachMode checks that the networking modes of the
-// help name the sinks that modeSinks picks in each, the default mode's
+// help name the sinks that --sinks=auto picks in each, the default mode's
 // host-switch and wsl-proxy included.
 func TestHelpNamesTheSinksOfEachMode(t *testing.T) {
 	help := strings.Join(strings.Fields(helpOf(t, "--help")), " ")
@@ -392,7 +393,8 @@ func TestHelpNamesTheSinksOfEachMode(t *testing.T) {
 	modesText := help[i:]
 	_, neither, _ := strings.Cut(modesText, "with neither,")
 	neither, _, _ = strings.Cut(neither, ";")
-	for _, s := range modeSinks(core.ModeLocal, false) {
+	b := defaultBound(t)
+	for _, s := range b.AutoSinks(registry.Options{Mode: core.ModeLocal}) {
 		if !strings.Contains(neither, s) {
 			t.Errorf("the default mode's text %q lacks %s", neither, s)
 		}
@@ -400,7 +402,7 @@ func TestHelpNamesTheSinksOfEachMode(t *testing.T) {
 	if !strings.Contains(neither, "localhost") || !strings.Contains(modesText, "wsl-proxy gets the ports too while --wslIntegration is on (the default)") {
 		t.Errorf("modes paragraph: %s", modesText)
 	}
-	if got := modeSinks(core.ModeLocal, true); !reflect.DeepEqual(got, []string{"host-switch", "wsl-proxy"}) {
+	if got := b.AutoSinks(registry.Options{Mode: core.ModeLocal, WSLIntegration: true}); !reflect.DeepEqual(got, []string{"host-switch", "wsl-proxy"}) {
 		t.Errorf("the default mode's sinks are %q; the help says host-switch and wsl-proxy", got)
 	}
 }

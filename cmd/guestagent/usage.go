@@ -158,7 +158,7 @@ func usage(w io.Writer, c *config, b *registry.Bound) {
 	}
 	section("General", c.general)
 	section("Networking mode", c.mode)
-	section("Sources, enabled by Rancher Desktop-compatible flags (a source missing from this build is an error)", c.enabling)
+	section("Sources, enabled by Rancher Desktop-compatible flags (each source declares its own; the flag of a source missing from this build takes only false)", b.Enabling)
 	fmt.Fprintln(w, "\n"+wrapText("Plugins in this build (enable sources with --sources NAME, sinks with --sinks NAME):", 0, 2, width))
 	for _, g := range b.Groups {
 		fmt.Fprintf(w, "\n%s\n", wrapText(fmt.Sprintf("%s %q: %s", g.Kind, g.Name, g.Summary), 0, 2, width))

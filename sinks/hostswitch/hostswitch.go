@@ -48,6 +48,10 @@ func init() {
 	registry.RegisterSink(registry.SinkPlugin{
 		Name:    Name,
 		Summary: "expose ports through host-switch's forwarder HTTP API",
+		// Every mode but the privileged service's goes through host-switch.
+		Auto:           func(o registry.Options) bool { return o.Mode != core.ModePrivileged },
+		HostPorts:      true,
+		GuestAddrFlags: []string{"hostSwitchGuestIP"},
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.BaseURL, "hostSwitchURL", DefaultBaseURL, "base URL of host-switch's forwarder API")

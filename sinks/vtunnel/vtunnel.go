@@ -44,8 +44,10 @@ const DefaultCheckInterval = 5 * time.Second
 
 func init() {
 	registry.RegisterSink(registry.SinkPlugin{
-		Name:    Name,
-		Summary: "send mappings to the vtunnel peer, which carries them over AF_VSOCK to the privileged host service",
+		Name:      Name,
+		Summary:   "send mappings to the vtunnel peer, which carries them over AF_VSOCK to the privileged host service",
+		Auto:      func(o registry.Options) bool { return o.Mode == core.ModePrivileged },
+		HostPorts: true,
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.Addr, "vtunnelAddr", DefaultAddr, "vtunnel peer address: HOST:PORT (TCP) or vsock://CID:PORT")

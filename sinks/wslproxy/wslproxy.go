@@ -65,6 +65,8 @@ func init() {
 	registry.RegisterSink(registry.SinkPlugin{
 		Name:    Name,
 		Summary: "send mappings to wsl-proxy so other WSL distributions reach the ports",
+		// With WSL integration, in every mode but the privileged service's.
+		Auto: func(o registry.Options) bool { return o.WSLIntegration && o.Mode != core.ModePrivileged },
 		Setup: func(fs *pflag.FlagSet) registry.SinkFactory {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.Socket, "wslProxySocket", DefaultSocket, "wsl-proxy's unix socket")

@@ -73,6 +73,10 @@ func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "containers' ports from the containerd API and nerdctl's port data",
+		Noun:    "containerd container",
+		Enable: &registry.Enable{Flag: "containerd",
+			Usage: "watch the containerd API for /tasks/start, /containers/update and /tasks/exit"},
+		GuestAddrFlags: []string{Name + "NATGuestIP"},
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.Socket, "containerdSock", DefaultSocket, "containerd socket path")

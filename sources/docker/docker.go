@@ -44,6 +44,10 @@ func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "containers' published ports from the Docker (moby) API",
+		Noun:    "Docker container",
+		Enable: &registry.Enable{Flag: "docker",
+			Usage: "watch the Docker (moby) API for container start/stop/die and their published ports"},
+		GuestAddrFlags: []string{Name + "NATGuestIP"},
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.Host, "dockerHost", defaultHost(), "Docker API address (default from DOCKER_HOST, else the standard socket)")

@@ -63,6 +63,9 @@ func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "service ports in kube-proxy's and CNI's NAT rules (iptables and nftables), with listeners",
+		Noun:    "NAT rule",
+		Enable: &registry.Enable{Flag: "iptables", ImpliedBy: "kubernetes",
+			Usage: "with --kubernetes: scan kube-proxy's NAT rules for service ports and open their listeners"},
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			cmds := fs.StringSlice("iptablesCommands", nil, "iptables commands run per scan as CMD -t nat -S CHAIN in --iptablesNetns, in place of the legacy back-end's iptables-legacy-save and ip6tables-legacy-save (run by default where the namespace has a legacy nat table); iptables-nft rules are read over netlink either way")
 			every := fs.Duration("iptablesScanInterval", defaultInterval, "time between two periodic scans, or 20 times what a scan takes if longer; while nftables change notifications work they read kube-proxy's maps and dump iptables-nft's chains only every 10 intervals (or 20 times what that takes), as each change to the chains and maps read triggers a scan 20 ms later (paced to at most about a tenth of a core) and iptables-nft's rule changes are taken from the notifications")

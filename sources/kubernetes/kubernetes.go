@@ -43,6 +43,9 @@ func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "NodePort and LoadBalancer services from the Kubernetes API",
+		Noun:    "Kubernetes service",
+		Enable: &registry.Enable{Flag: "kubernetes", K8sAPI: true,
+			Usage: "watch Kubernetes services of type NodePort and LoadBalancer"},
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.Path, "kubeconfig", DefaultKubeconfig, "kubeconfig of the cluster (waited for if it does not exist yet; re-read when it changes)")

@@ -60,6 +60,10 @@ func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "listening TCP and bound UDP sockets of the network namespace, read through sock_diag",
+		Noun:    "listening socket",
+		Enable: &registry.Enable{Flag: "sockets", Modes: []core.Mode{core.ModeTunnel},
+			Usage: "expose the listening sockets of the agent's network namespace (host-network containers and pods, plain processes); default: on in network-tunnel mode (--adminInstall), off otherwise"},
+		GuestAddrFlags: []string{"socketsRelayAddr"},
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
 			fs.StringVar(&cfg.Netns, "socketsNetns", "", "network namespace (path) whose sockets are reported; empty for the agent's own")

@@ -43,6 +43,7 @@ func init() {
 	registry.RegisterSource(registry.SourcePlugin{
 		Name:    Name,
 		Summary: "mappings read from a JSON file, re-read when it changes",
+		Noun:    "static file entry",
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			var cfg Config
 			registry.NonEmptyStringVar(fs, &cfg.File, "staticFile", DefaultFile, "JSON file of static mappings (see README)")
