@@ -387,7 +387,10 @@ func eventLine(ev watchEvent, wide bool) string {
 		parts = append(parts, ev.State)
 	}
 	if len(ev.Claims) > 0 {
-		claims := ev.Claims
+		claims := make([]string, len(ev.Claims))
+		for i, c := range ev.Claims {
+			claims[i] = c.Key.String()
+		}
 		if !wide {
 			claims = shortClaims(claims)
 		}

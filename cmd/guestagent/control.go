@@ -259,10 +259,11 @@ type watchEvent struct {
 	// The host address, spelt as in the status's ports: "protocol",
 	// "hostIP" and "hostPort"; none for the events of a sink alone.
 	*PortAddr
-	Sink   string   `json:"sink,omitempty"`
-	State  string   `json:"state,omitempty"`
-	Claims []string `json:"claims,omitempty"`
-	Error  string   `json:"error,omitempty"`
+	Sink  string `json:"sink,omitempty"`
+	State string `json:"state,omitempty"`
+	// Claims are the port's claims, each as in the status's ports.
+	Claims []core.ClaimStatus `json:"claims,omitempty"`
+	Error  string             `json:"error,omitempty"`
 }
 
 // PortAddr is a claimed host address, with the JSON fields of a port of
@@ -320,13 +321,9 @@ func refusedPort(f core.Refusal) *PortAddr {
 	return &PortAddr{Protocol: f.Port.Protocol, HostIP: f.Port.HostIP, HostPort: f.Port.HostPort}
 }
 
-func claimNames(ps core.PortStatus) []string {
-	out := make([]string, 0, len(ps.Claims))
-	for _, c := range ps.Claims {
-		out = append(out, c.Key.String())
-	}
-	return out
-}
+// claimsOf are the claims of ps for a watch event: a copy, as the status
+// is shared among readers.
+func claimsOf(ps core.PortStatus) []core.ClaimStatus { return slices.Clone(ps.Claims) }
 
 // currentEvents describes st as the first lines of a watch stream.
 func currentEvents(st core.Status, now time.Time) []watchEvent {
@@ -334,11 +331,11 @@ func currentEvents(st core.Status, now time.Time) []watchEvent {
 	for _, ps := range st.Ports {
 		p := portOf(ps)
 		for _, at := range ps.Sinks {
-			out = append(out, watchEvent{Time: now, Event: evCurrent, PortAddr: &p, Sink: at.Sink, State: at.State, Claims: claimNames(ps), Error: at.Error})
+			out = append(out, watchEvent{Time: now, Event: evCurrent, PortAddr: &p, Sink: at.Sink, State: at.State, Claims: claimsOf(ps), Error: at.Error})
 		}
 	}
 	for _, f := range st.Refused {
-		out = append(out, watchEvent{Time: now, Event: evCurrent, PortAddr: refusedPort(f), State: evRefused, Claims: []string{f.Key.String()}, Error: f.Reason})
+		out = append(out, watchEvent{Time: now, Event: evCurrent, PortAddr: refusedPort(f), State: evRefused, Claims: []core.ClaimStatus{{Key: f.Key, ContainerPort: f.Port.ContainerPort}}, Error: f.Reason})
 	}
 	for _, s := range st.Sinks {
 		if s.PeerDown {
@@ -400,7 +397,7 @@ func diffEvents(old, cur core.Status, now time.Time) []watchEvent {
 			default:
 				continue
 			}
-			out = append(out, watchEvent{Time: now, Event: ev, PortAddr: &k.port, Sink: k.sink, State: at.State, Claims: claimNames(ps), Error: at.Error})
+			out = append(out, watchEvent{Time: now, Event: ev, PortAddr: &k.port, Sink: k.sink, State: at.State, Claims: claimsOf(ps), Error: at.Error})
 		}
 	}
 	for _, k := range slices.SortedFunc(maps.Keys(before), func(a, b portAt) int {
@@ -416,7 +413,7 @@ func diffEvents(old, cur core.Status, now time.Time) []watchEvent {
 	}
 	for _, f := range cur.Refused {
 		if !was[f.Key.String()+" "+f.Port.String()] {
-			out = append(out, watchEvent{Time: now, Event: evRefused, PortAddr: refusedPort(f), Claims: []string{f.Key.String()}, Error: f.Reason})
+			out = append(out, watchEvent{Time: now, Event: evRefused, PortAddr: refusedPort(f), Claims: []core.ClaimStatus{{Key: f.Key, ContainerPort: f.Port.ContainerPort}}, Error: f.Reason})
 		}
 	}
 	down := map[string]bool{}

@@ -254,7 +254,8 @@ func TestStatusJSONEmptyListsAreEmpty(t *testing.T) {
 var portFields = []string{"protocol", "hostIP", "hostPort"}
 
 // TestWatchAndStatusSpellAPortAlike reads the same port from status -o
-// json and from watch -o json: the fields, and their JSON, are the same.
+// json and from watch -o json: the fields, and their JSON, are the same,
+// its claims included.
 func TestWatchAndStatusSpellAPortAlike(t *testing.T) {
 	cmd, sock := testAgentAt(t, oneWebPort)
 	exposedOnce(t, cmd)
@@ -318,6 +319,12 @@ func TestWatchAndStatusSpellAPortAlike(t *testing.T) {
 	_ = json.Unmarshal(raw, &b)
 	if a != b || a.String() != "tcp 127.0.0.1:18080" {
 		t.Errorf("status port %v, watch port %v", a, b)
+	}
+	// A port's claims are the same JSON in both (but for the spaces).
+	var inStatus, inWatch bytes.Buffer
+	if json.Compact(&inStatus, st.Ports[0]["claims"]) != nil || json.Compact(&inWatch, exposed["claims"]) != nil ||
+		inStatus.Len() == 0 || inStatus.String() != inWatch.String() {
+		t.Errorf("claims are %s in status, %s in watch", st.Ports[0]["claims"], exposed["claims"])
 	}
 }
 
