@@ -254,3 +254,22 @@ func TestPlanAppliesEffectsAndSpendsOneTokenPerRetry(t *testing.T) {
 		t.Error("gone while refused: still has the time it was queued")
 	}
 }
+
+// TestRetryBudgetCountsTimeOnce takes tokens with times that go back and
+// forth, as a batch planned before a later count does: the tokens given
+// out never exceed the burst and the rate over the time that passed.
+func TestRetryBudgetCountsTimeOnce(t *testing.T) {
+	var b retryBudget
+	start := time.Now()
+	const rate, burst = 10.0, 5
+	got := b.take(start, 100, rate, burst)
+	for i := 1; i <= 100; i++ {
+		later := start.Add(time.Duration(i) * 100 * time.Millisecond)
+		got += b.take(later, 100, rate, burst)
+		got += b.take(later.Add(-50*time.Millisecond), 100, rate, burst) // an older now
+	}
+	// 10 s at 10 a second, and the burst.
+	if limit := burst + int(rate*10); got > limit {
+		t.Errorf("gave out %d tokens, want at most %d", got, limit)
+	}
+}

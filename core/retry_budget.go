@@ -12,12 +12,17 @@ type retryBudget struct {
 // take returns how many of n retries may go now (at most the tokens left),
 // and spends them.
 func (b *retryBudget) take(now time.Time, n int, rate float64, burst int) int {
-	if b.at.IsZero() {
+	switch {
+	case b.at.IsZero():
 		b.tokens = float64(burst)
-	} else {
+		b.at = now
+	case now.After(b.at):
+		// A now older than the last count (a batch's, planned before a
+		// later pushDue counted) adds nothing and moves nothing back:
+		// moving back would count that time's tokens twice.
 		b.tokens = min(float64(burst), b.tokens+now.Sub(b.at).Seconds()*rate)
+		b.at = now
 	}
-	b.at = now
 	n = min(n, int(b.tokens))
 	b.tokens -= float64(n)
 	return n
