@@ -18,6 +18,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 
@@ -31,6 +32,10 @@ type Env struct {
 	Options Options
 	// Stdout is the agent's standard output (nil means os.Stdout).
 	Stdout io.Writer
+	// Metrics adds a collector of the plugin's own figures to the agent's
+	// /metrics (nil when there is none to add to). Metric names start with
+	// guestagent_ and the plugin's name.
+	Metrics func(prometheus.Collector)
 }
 
 // Options are the agent-wide settings that plugins may read.

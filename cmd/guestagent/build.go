@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/guestagent/guestagent/core"
@@ -34,7 +35,11 @@ func build(cfg *config, bound *registry.Bound, log *zap.Logger, stdout io.Writer
 	if cfg.k8sAPIPort < 1 || cfg.k8sAPIPort > 65535 {
 		return nil, fmt.Errorf("--k8sAPIPort %d is out of range 1-65535", cfg.k8sAPIPort)
 	}
-	env := registry.Env{Log: log, Stdout: stdout, Options: registry.Options{
+	var addMetrics func(prometheus.Collector)
+	if m != nil {
+		addMetrics = m.add
+	}
+	env := registry.Env{Log: log, Stdout: stdout, Metrics: addMetrics, Options: registry.Options{
 		Mode:                   mode,
 		K8sServiceListenerAddr: listener,
 		K8sAPIPort:             uint16(cfg.k8sAPIPort),

@@ -2,10 +2,13 @@ package main
 
 import (
 	"context"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
@@ -29,7 +32,11 @@ func probeRegistry() *registry.Registry {
 		GuestAddrFlags: []string{"probeAddr"},
 		Setup: func(fs *pflag.FlagSet) registry.SourceFactory {
 			fs.String("probeAddr", "192.168.127.2", "the guest's address")
-			return func(registry.Env) (core.Source, error) {
+			return func(env registry.Env) (core.Source, error) {
+				if env.Metrics != nil {
+					env.Metrics(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "guestagent_probe_answer", Help: "A figure of the probe's own."},
+						func() float64 { return 42 }))
+				}
 				return core.SourceFunc(func(ctx context.Context, _ core.Emitter) error { <-ctx.Done(); return nil }), nil
 			}
 		},
@@ -44,9 +51,30 @@ func probeRegistry() *registry.Registry {
 	return r
 }
 
+// TestPluginMetricsReachTheEndpoint builds the agent with a source that
+// adds a collector of its own: /metrics serves its figure.
+func TestPluginMetricsReachTheEndpoint(t *testing.T) {
+	m := newMetrics()
+	if _, _, err := buildProbeWith(t, m, "--probe"); err != nil {
+		t.Fatal(err)
+	}
+	rec := httptest.NewRecorder()
+	statusHandler(&snapshots{r: core.NewRouter(core.RouterConfig{})}, m, zap.NewNop()).
+		ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	if !strings.Contains(rec.Body.String(), "guestagent_probe_answer 42") {
+		t.Errorf("/metrics lacks the plugin's figure:\n%s", rec.Body.String())
+	}
+}
+
 // buildProbe parses args against probeRegistry and builds the agent,
 // returning the sources and sinks of its configuration line.
 func buildProbe(t *testing.T, args ...string) (sources, sinks []string, err error) {
+	t.Helper()
+	return buildProbeWith(t, newMetrics(), args...)
+}
+
+// buildProbeWith is buildProbe with the metrics m.
+func buildProbeWith(t *testing.T, m *metrics, args ...string) (sources, sinks []string, err error) {
 	t.Helper()
 	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 	cfg := defineFlags(fs)
@@ -61,7 +89,7 @@ func buildProbe(t *testing.T, args ...string) (sources, sinks []string, err erro
 		t.Fatal(err)
 	}
 	logs, obs := observer.New(zap.InfoLevel)
-	if _, err := build(cfg, b, zap.New(logs), nil, newMetrics()); err != nil {
+	if _, err := build(cfg, b, zap.New(logs), nil, m); err != nil {
 		return nil, nil, err
 	}
 	for _, e := range obs.FilterMessage("configuration").All() {

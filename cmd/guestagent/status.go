@@ -17,7 +17,11 @@ import (
 // status gives at each scrape.
 type metrics struct {
 	latency *prometheus.HistogramVec
+	plugins []prometheus.Collector // the plugins' own (registry.Env.Metrics)
 }
+
+// add is registry.Env.Metrics: it keeps c for every server's /metrics.
+func (m *metrics) add(c prometheus.Collector) { m.plugins = append(m.plugins, c) }
 
 func newMetrics() *metrics {
 	return &metrics{latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
@@ -122,6 +126,7 @@ func statusHandler(snap *snapshots, m *metrics, log *zap.Logger) http.Handler {
 	reg.MustRegister(routerCollector{snap})
 	if m != nil {
 		reg.MustRegister(m.latency)
+		reg.MustRegister(m.plugins...)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /watch", watchHandler(snap, maxWatches, log))

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
@@ -428,7 +429,8 @@ func TestRelayFloodKeepsOtherClientsAndSaysSaturated(t *testing.T) {
 	r := newRelayRig(t)
 	const other = "198.18.90.3" // a second client address of the host namespace
 	testenv.RunIn(t, r.hostName, "ip", "addr", "add", other+"/24", "dev", "host0")
-	router, rec := run(t, r.relaySource(t, sockets.Config{RelayAddr: relayAddr, RelayMaxPerClient: perClient, RelayMaxTotal: total}))
+	src := r.relaySource(t, sockets.Config{RelayAddr: relayAddr, RelayMaxPerClient: perClient, RelayMaxTotal: total})
+	router, rec := run(t, src)
 	u, p := r.nextPort(), r.nextPort()
 	r.h.do(t, "serve udp 127.0.0.1:%d", u)
 	r.h.do(t, "serve tcp 127.0.0.1:%d", p)
@@ -509,6 +511,22 @@ func TestRelayFloodKeepsOtherClientsAndSaysSaturated(t *testing.T) {
 		return strings.Contains(line, "(saturated)") && strings.Contains(line, "refused at a limit") &&
 			strings.Contains(line, fmt.Sprintf("%d of %d", total, total)), line
 	})
+	// And the metrics say so too.
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(sockets.RelayCollector(src.(*sockets.Source)))
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range families {
+		m := f.GetMetric()[0]
+		got[f.GetName()] = m.GetGauge().GetValue() + m.GetCounter().GetValue()
+	}
+	if got["guestagent_sockets_relay_active"] != total || got["guestagent_sockets_relay_max"] != total ||
+		got["guestagent_sockets_relay_saturated"] != 1 || got["guestagent_sockets_relay_refused_total"] < 1 {
+		t.Errorf("relay metrics %v, want %d of %d active, saturated, refusals counted", got, total, total)
+	}
 }
 
 // TestRelayFollowsItsInterfaceMadeAgain binds the relay to the guest's

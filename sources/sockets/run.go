@@ -45,6 +45,8 @@ func (s *Source) Run(ctx context.Context, out core.Emitter) error {
 	defer d.close()
 	relays := newRelays(s.cfg, s.relayAt, s.log)
 	defer relays.close()
+	s.live.Store(relays)
+	defer s.live.Store(nil)
 	links := relays.watchLinks()
 	defer links.close()
 	// The status line: how the source watches, and the relays' load when

@@ -37,6 +37,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -86,7 +87,11 @@ func init() {
 				c.RelayInTunnelModeOnly = !fs.Changed("socketsRelayAddr")
 				c.Entries = env.Options.Entries
 				c.Log = env.Log
-				return New(c)
+				s, err := New(c)
+				if err == nil && env.Metrics != nil {
+					env.Metrics(RelayCollector(s))
+				}
+				return s, err
 			}
 		},
 	})
@@ -177,8 +182,9 @@ type Source struct {
 	log     *zap.Logger
 	exclude []PortRange
 	self    int
-	relayAt []relayEntry     // none: no relay
-	onDump  func(woken bool) // tests: called before each dump
+	relayAt []relayEntry           // none: no relay
+	onDump  func(woken bool)       // tests: called before each dump
+	live    atomic.Pointer[relays] // the running Run's relays, for RelayCollector
 }
 
 // New checks cfg and returns a Source.
