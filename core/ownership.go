@@ -292,10 +292,11 @@ func readRecordFile(path string) ([]byte, error) {
 	}
 	f := os.NewFile(uintptr(fd), path)
 	defer f.Close()
-	if err := trusted(f, path, false); err != nil {
+	size, err := trusted(f, path, false)
+	if err != nil {
 		return nil, err
 	}
-	if st, err := f.Stat(); err == nil && st.Size() > maxRecordBytes {
+	if size > maxRecordBytes {
 		return nil, fmt.Errorf("ownership record %s is larger than %d MiB", path, maxRecordBytes>>20)
 	}
 	b, err := io.ReadAll(io.LimitReader(f, maxRecordBytes+1))
@@ -309,11 +310,12 @@ func readRecordFile(path string) ([]byte, error) {
 }
 
 // trusted checks that f (at path) is a regular file (a directory when
-// dir), owned by the agent's user and writable by no other.
-func trusted(f *os.File, path string, dir bool) error {
+// dir), owned by the agent's user and writable by no other, and returns
+// its size.
+func trusted(f *os.File, path string, dir bool) (int64, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+		return 0, fmt.Errorf("%s: %w", path, err)
 	}
 	kind := uint32(unix.S_IFREG)
 	if dir {
@@ -321,15 +323,15 @@ func trusted(f *os.File, path string, dir bool) error {
 	}
 	switch {
 	case st.Mode&unix.S_IFMT != kind && dir:
-		return fmt.Errorf("%s is not a directory", path)
+		return 0, fmt.Errorf("%s is not a directory", path)
 	case st.Mode&unix.S_IFMT != kind:
-		return fmt.Errorf("ownership record %s is not a regular file", path)
+		return 0, fmt.Errorf("ownership record %s is not a regular file", path)
 	case int(st.Uid) != os.Geteuid():
-		return fmt.Errorf("%s is owned by uid %d, not by the agent's (%d)", path, st.Uid, os.Geteuid())
+		return 0, fmt.Errorf("%s is owned by uid %d, not by the agent's (%d)", path, st.Uid, os.Geteuid())
 	case st.Mode&0o022 != 0:
-		return fmt.Errorf("%s is writable by group or others (mode %04o)", path, st.Mode&0o7777)
+		return 0, fmt.Errorf("%s is writable by group or others (mode %04o)", path, st.Mode&0o7777)
 	}
-	return nil
+	return st.Size, nil
 }
 
 // prepareStateDir makes dir, the directory of the records, when it is
@@ -349,7 +351,8 @@ func prepareStateDir(dir string) error {
 	}
 	f := os.NewFile(uintptr(fd), dir)
 	defer f.Close()
-	return trusted(f, dir, true)
+	_, err = trusted(f, dir, true)
+	return err
 }
 
 // removeTemps removes the temporary files of writes a killed agent left.

@@ -226,13 +226,12 @@ func Valid(b Binding) bool {
 func (m *Manager) Set(owner string, bs []Binding) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	err := m.set(owner, bs)
-	return errors.Join(err, m.flush())
+	m.set(owner, bs)
+	return m.flush()
 }
 
-func (m *Manager) set(owner string, bs []Binding) error {
-	return m.setKnown(owner, bs, nil)
-}
+// set adds to the batch the changes that make owner's rules those of bs.
+func (m *Manager) set(owner string, bs []Binding) { m.setKnown(owner, bs, nil) }
 
 // setKnown is set when the rules in present (by String) are known to be
 // in the table and every other rule is known to be missing unless an
@@ -246,7 +245,7 @@ func (m *Manager) set(owner string, bs []Binding) error {
 // iptables reads the whole nat table on every run, so a check (-C)
 // before each append or delete would double what every container's
 // start and stop costs.
-func (m *Manager) setKnown(owner string, bs []Binding, present map[string]bool) error {
+func (m *Manager) setKnown(owner string, bs []Binding, present map[string]bool) {
 	bs = slices.DeleteFunc(slices.Clone(bs), func(b Binding) bool { return !Valid(b) })
 	old := m.owners[owner]
 	for _, b := range old {
@@ -274,7 +273,6 @@ func (m *Manager) setKnown(owner string, bs []Binding, present map[string]bool) 
 	} else {
 		m.owners[owner] = bs
 	}
-	return nil
 }
 
 // ruleOp is one change of a batch: an append of r, or its delete.
@@ -459,13 +457,9 @@ func (m *Manager) Sync(all map[string][]Binding) error {
 	clear(m.refs)
 	m.ops = m.ops[:0]
 	for owner, bs := range all {
-		var err error
 		if present != nil {
-			err = m.setKnown(owner, bs, present)
-		} else {
-			err = m.setUnknown(owner, bs)
-		}
-		if err != nil {
+			m.setKnown(owner, bs, present)
+		} else if err := m.setUnknown(owner, bs); err != nil {
 			errs = append(errs, err)
 		}
 	}

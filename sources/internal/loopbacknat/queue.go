@@ -45,7 +45,7 @@ func (m *Manager) RunQueue(ctx context.Context) {
 			stale := gen != m.gen
 			m.qmu.Unlock()
 			if !stale {
-				_ = m.set(owner, bs) // errors come from flush
+				m.set(owner, bs) // errors come from flush
 			}
 			n++
 		}
