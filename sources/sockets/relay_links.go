@@ -1,10 +1,12 @@
 package sockets
 
 import (
+	"bytes"
 	"errors"
 	"net"
 	"net/netip"
 	"os"
+	"syscall"
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
@@ -14,8 +16,9 @@ import (
 // change: a tap that is made again (a restarted gvproxy's) is a new
 // device, which the relays bound to its name no longer hear, and an
 // address that comes (back) lets relays that could not listen start. It
-// reads a route netlink socket subscribed to link and address changes;
-// it costs nothing while nothing changes.
+// reads a route netlink socket subscribed to link and address changes,
+// and passes on only those of the entries' interfaces and addresses; it
+// costs nothing while nothing changes.
 type linkWatch struct {
 	f       *os.File
 	changed chan struct{}
@@ -52,11 +55,14 @@ func (r *relays) watchLinks() *linkWatch {
 		defer close(w.done)
 		buf := make([]byte, 64<<10)
 		for {
-			if _, err := w.f.Read(buf); err != nil {
-				if errors.Is(err, os.ErrClosed) {
-					return
-				}
+			n, err := w.f.Read(buf)
+			switch {
+			case errors.Is(err, os.ErrClosed):
+				return
+			case err != nil:
 				// ENOBUFS: changes were lost; look anyway.
+			case !concernsEntries(r.entries, buf[:n]):
+				continue // another link's (a container's veth, say)
 			}
 			select {
 			case w.changed <- struct{}{}:
@@ -134,4 +140,45 @@ func (r *relays) refresh() {
 			r.log.Info("relay interface is a new device; relays opened again on it", zap.String("iface", e.iface), zap.Int("ifindex", idx))
 		}
 	}
+}
+
+// concernsEntries reports whether the route netlink messages in b tell of
+// a link named as one of entries' interfaces or of an address one of them
+// listens on: the changes a relay may have to follow. Every container's
+// start and stop changes links and addresses of the namespace too; those
+// cost the reader a parse and nothing more. Messages that do not parse
+// count as relevant.
+func concernsEntries(entries []relayEntry, b []byte) bool {
+	msgs, err := syscall.ParseNetlinkMessage(b)
+	if err != nil || len(msgs) == 0 && len(b) > 0 {
+		return true
+	}
+	for i := range msgs {
+		m := &msgs[i]
+		switch m.Header.Type {
+		case unix.RTM_NEWLINK, unix.RTM_DELLINK, unix.RTM_NEWADDR, unix.RTM_DELADDR:
+		default:
+			continue
+		}
+		attrs, err := syscall.ParseNetlinkRouteAttr(m)
+		if err != nil {
+			return true
+		}
+		link := m.Header.Type == unix.RTM_NEWLINK || m.Header.Type == unix.RTM_DELLINK
+		for _, a := range attrs {
+			for _, e := range entries {
+				switch {
+				case link && a.Attr.Type == unix.IFLA_IFNAME:
+					if e.iface != "" && string(bytes.TrimRight(a.Value, "\x00")) == e.iface {
+						return true
+					}
+				case !link && (a.Attr.Type == unix.IFA_LOCAL || a.Attr.Type == unix.IFA_ADDRESS):
+					if ip, ok := netip.AddrFromSlice(a.Value); ok && ip.Unmap() == e.addr.Unmap() {
+						return true
+					}
+				}
+			}
+		}
+	}
+	return false
 }
